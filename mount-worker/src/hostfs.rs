@@ -1,0 +1,385 @@
+//! HostFs: every system call the worker makes on host files.
+//!
+//! All access is relative to descriptors: a node is an `O_PATH` descriptor,
+//! children are reached with `*at` calls on their parent's descriptor and a
+//! single name component (never a joined string path), and operations that
+//! have no `*at` form on an `O_PATH` descriptor go through the descriptor's
+//! `/proc/self/fd/N` magic link, which the kernel resolves to exactly that
+//! inode. Names are never followed as symlinks on the host (`O_NOFOLLOW`).
+//!
+//! Functions return `io::Result` carrying the host's errno unchanged, so the
+//! caller of the FUSE request sees the errno the host file system chose.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// `struct stat` of a host file.
+pub type Stat = libc::stat;
+
+/// Converts a libc return value into `io::Result`, taking errno on -1.
+fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
+    if ret == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A single path component as a C string. Names with NUL or `/` cannot come
+/// from the kernel; refusing them here keeps every `*at` call single-level.
+pub fn component(name: &OsStr) -> io::Result<CString> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `/proc/self/fd/N` for a descriptor: the kernel resolves it to the inode
+/// itself, whatever name it has now.
+fn proc_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+}
+
+const EMPTY: &CStr = c"";
+
+/// Opens `name` in `dir` as an `O_PATH` descriptor without following a
+/// symlink in its place.
+pub fn open_node(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+}
+
+/// `openat(2)` with `O_CLOEXEC` added.
+pub fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: valid descriptor and NUL-terminated name; the result is a new fd we own.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: openat returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the inode behind `node` (an `O_PATH` descriptor) for I/O with `flags`.
+pub fn reopen(node: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
+    let path = proc_path(node);
+    // SAFETY: as in open_at.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// An `O_PATH` descriptor of the inode behind any open descriptor.
+pub fn path_fd_of(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let path = proc_path(fd);
+    // SAFETY: as in open_at.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `stat` of the inode behind a descriptor (never following a symlink).
+pub fn stat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
+    // SAFETY: st is a valid out-pointer; AT_EMPTY_PATH makes the call act on fd.
+    cvt(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded and filled st.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `mkdirat(2)`.
+pub fn mkdir(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd and name.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+/// `mknodat(2)`.
+pub fn mknod(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: valid fd and name.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+/// `symlinkat(2)`.
+pub fn symlink(target: &OsStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let target =
+        CString::new(target.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings and fd.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+/// Makes a new hard link `newdir/newname` to the inode behind `node`.
+pub fn link(node: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &CStr) -> io::Result<()> {
+    // SAFETY: valid fds and names; AT_EMPTY_PATH links the inode of `node`
+    // itself (the worker holds CAP_DAC_READ_SEARCH for this).
+    cvt(unsafe {
+        libc::linkat(
+            node.as_raw_fd(),
+            EMPTY.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// `unlinkat(2)`; `dir_flag` removes a directory.
+pub fn unlink(dir: BorrowedFd<'_>, name: &CStr, remove_dir: bool) -> io::Result<()> {
+    let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid fd and name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+/// `renameat2(2)` with the caller's flags (RENAME_NOREPLACE, RENAME_EXCHANGE, ...).
+pub fn rename(
+    olddir: BorrowedFd<'_>,
+    oldname: &CStr,
+    newdir: BorrowedFd<'_>,
+    newname: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: valid fds and names.
+    cvt(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// Target of the symlink behind `node`.
+pub fn readlink(node: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buf is valid for buf.len() bytes.
+    let n = cvt(unsafe {
+        libc::readlinkat(
+            node.as_raw_fd(),
+            EMPTY.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Changes owner and/or group of the inode behind `node` (not following symlinks).
+pub fn chown(node: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: valid fd; -1 (u32::MAX) leaves an id unchanged.
+    cvt(unsafe {
+        libc::fchownat(
+            node.as_raw_fd(),
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// Changes the mode of the inode behind `node`.
+pub fn chmod(node: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let path = proc_path(node);
+    // SAFETY: valid path.
+    cvt(unsafe { libc::chmod(path.as_ptr(), mode) }).map(drop)
+}
+
+/// Sets atime and mtime (`UTIME_OMIT` / `UTIME_NOW` allowed in either).
+pub fn utimens(node: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: valid fd; times points to two timespecs. AT_EMPTY_PATH acts on
+    // the inode of `node`, a symlink included.
+    cvt(unsafe {
+        libc::utimensat(
+            node.as_raw_fd(),
+            EMPTY.as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `fstatvfs` of the file system holding `node`.
+pub fn statvfs(node: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: valid fd and out-pointer.
+    cvt(unsafe { libc::fstatvfs(node.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: filled on success.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Size of an xattr value or list when the caller asked with size 0.
+pub enum XattrReply {
+    /// The caller asked only for the size.
+    Size(usize),
+    /// The value (or the NUL-separated name list).
+    Data(Vec<u8>),
+}
+
+/// Runs a get/list xattr call the POSIX way: size 0 asks for the size,
+/// otherwise a buffer of `size` is filled (ERANGE if too small).
+fn xattr_buf(size: u32, f: impl Fn(*mut libc::c_void, usize) -> isize) -> io::Result<XattrReply> {
+    if size == 0 {
+        return Ok(XattrReply::Size(cvt(f(std::ptr::null_mut(), 0))? as usize));
+    }
+    let mut buf = vec![0u8; size as usize];
+    let n = cvt(f(buf.as_mut_ptr().cast(), buf.len()))?;
+    buf.truncate(n as usize);
+    Ok(XattrReply::Data(buf))
+}
+
+/// `getxattr` on the inode behind `node`.
+pub fn getxattr(node: BorrowedFd<'_>, name: &OsStr, size: u32) -> io::Result<XattrReply> {
+    let path = proc_path(node);
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings; the buffer pointer/len pair comes from xattr_buf.
+    xattr_buf(size, |b, l| unsafe {
+        libc::getxattr(path.as_ptr(), name.as_ptr(), b, l)
+    })
+}
+
+/// `listxattr` on the inode behind `node`.
+pub fn listxattr(node: BorrowedFd<'_>, size: u32) -> io::Result<XattrReply> {
+    let path = proc_path(node);
+    // SAFETY: as in getxattr.
+    xattr_buf(size, |b, l| unsafe {
+        libc::listxattr(path.as_ptr(), b.cast(), l)
+    })
+}
+
+/// `setxattr` on the inode behind `node`.
+pub fn setxattr(node: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let path = proc_path(node);
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings and value slice.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// `removexattr` on the inode behind `node`.
+pub fn removexattr(node: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let path = proc_path(node);
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+/// `fallocate(2)` on an open file.
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) }).map(drop)
+}
+
+/// `lseek(2)` (the kernel forwards only SEEK_DATA and SEEK_HOLE).
+pub fn lseek(file: &File, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::lseek(file.as_raw_fd(), offset, whence) })
+}
+
+/// `copy_file_range(2)` between two open files at explicit offsets.
+pub fn copy_file_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+) -> io::Result<usize> {
+    let mut off_in = src_off as i64;
+    let mut off_out = dst_off as i64;
+    // SAFETY: valid fds and offset pointers.
+    let n = cvt(unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            dst.as_raw_fd(),
+            &mut off_out,
+            len as usize,
+            0,
+        )
+    })?;
+    Ok(n as usize)
+}
+
+/// One entry of a host directory as `getdents64` returns it.
+pub struct DirEntry {
+    /// Host inode number.
+    pub ino: u64,
+    /// Opaque position of the entry after this one.
+    pub next_offset: u64,
+    /// `DT_*` type.
+    pub d_type: u8,
+    /// The name, without NUL.
+    pub name: Vec<u8>,
+}
+
+/// Reads the entries of an open directory from `offset` (0 = start, else a
+/// `next_offset` returned earlier). An empty result means the end.
+pub fn read_dir(dir: &File, offset: u64) -> io::Result<Vec<DirEntry>> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::lseek(dir.as_raw_fd(), offset as i64, libc::SEEK_SET) })?;
+    let mut buf = vec![0u8; 32 * 1024];
+    // SAFETY: buf is valid for its length.
+    let n = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    })? as usize;
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < n {
+        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+        let rec = &buf[pos..n];
+        let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap());
+        let off = u64::from_ne_bytes(rec[8..16].try_into().unwrap());
+        let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap()) as usize;
+        let d_type = rec[18];
+        let name_bytes = &rec[19..reclen];
+        let len = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(name_bytes.len());
+        out.push(DirEntry {
+            ino,
+            next_offset: off,
+            d_type,
+            name: name_bytes[..len].to_vec(),
+        });
+        pos += reclen;
+    }
+    Ok(out)
+}

@@ -1,0 +1,15 @@
+//! The AgentFS mount worker: one process per mount, serving a host directory
+//! through FUSE.
+//!
+//! A request travels `/dev/fuse` -> fuser's session threads ->
+//! [`fuse_adapter::Adapter`] (decode/encode only) -> [`core::FsCore`] (nodes,
+//! handles, semantics) -> [`hostfs`] (the system calls on the host). See
+//! ARCHITECTURE.md at the top of the repository for the full map.
+
+pub mod core;
+pub mod error;
+pub mod fuse_adapter;
+pub mod hostfs;
+pub mod mount;
+pub mod state;
+pub mod worker;

@@ -1,0 +1,194 @@
+//! Mounting and unmounting the FUSE file system, and clearing stale mounts.
+//!
+//! The worker mounts with mount(2) itself (it runs as root) rather than
+//! through fusermount3, so that the standalone path and the supervisor path
+//! (`--fuse-fd`) both end in the same place: a /dev/fuse descriptor that the
+//! session serves.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+
+use crate::error::StartupError;
+
+/// File system type shown in /proc/mounts: `fuse.agentfs`.
+pub const FSTYPE: &str = "fuse.agentfs";
+
+/// Makes `path` absolute and lexically normal without touching its last
+/// component (which may be a dead mount that fails every stat with ENOTCONN).
+pub fn absolute(path: &Path) -> io::Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    let Some(name) = out.file_name().map(|n| n.to_owned()) else {
+        return Ok(out);
+    };
+    let parent = out.parent().unwrap_or(Path::new("/"));
+    Ok(fs::canonicalize(parent)?.join(name))
+}
+
+/// A FUSE mount listed in /proc/self/mountinfo.
+struct FuseMount {
+    fstype: String,
+    dev: u64,
+}
+
+/// FUSE mounts stacked at exactly `path`, oldest first.
+fn fuse_mounts_at(path: &Path) -> io::Result<Vec<FuseMount>> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let want = path.to_string_lossy();
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let (major, minor) = f.get(2)?.split_once(':')?;
+            let mp = unescape(f.get(4)?);
+            let fstype = f.get(sep + 1)?;
+            if mp != want || !fstype.starts_with("fuse") {
+                return None;
+            }
+            Some(FuseMount {
+                fstype: fstype.to_string(),
+                dev: nix::sys::stat::makedev(major.parse().ok()?, minor.parse().ok()?),
+            })
+        })
+        .collect())
+}
+
+/// Device number of the topmost FUSE mount at `mountpoint`, read from
+/// mountinfo (a stat would send a request to the mount itself).
+pub fn device_of(mountpoint: &Path) -> io::Result<u64> {
+    fuse_mounts_at(mountpoint)?
+        .last()
+        .map(|m| m.dev)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// Decodes the octal escapes of /proc/self/mountinfo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Clears what a dead worker left at `mountpoint` (a FUSE mount whose server
+/// is gone answers ENOTCONN), and refuses to stack on a live FUSE mount.
+pub fn clear_stale(mountpoint: &Path) -> Result<(), StartupError> {
+    loop {
+        let mounts = fuse_mounts_at(mountpoint).map_err(StartupError::Proc)?;
+        let Some(FuseMount { fstype, .. }) = mounts.last() else {
+            return Ok(());
+        };
+        match fs::metadata(mountpoint) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
+                tracing::warn!(
+                    "detaching stale {fstype} mount at {} left by a worker that died",
+                    mountpoint.display()
+                );
+                nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|e| {
+                    StartupError::StaleMount(mountpoint.to_owned(), io::Error::from(e))
+                })?;
+            }
+            _ => {
+                return Err(StartupError::MountpointBusy(
+                    mountpoint.to_owned(),
+                    fstype.clone(),
+                ));
+            }
+        }
+    }
+}
+
+/// Opens /dev/fuse and mounts it at `mountpoint`; returns the connection.
+pub fn mount(mountpoint: &Path, allow_other: bool) -> Result<OwnedFd, StartupError> {
+    let dev = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(StartupError::DevFuse)?;
+    let fd: OwnedFd = dev.into();
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+        fd.as_raw_fd()
+    );
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    nix::mount::mount(
+        Some("agentfs"),
+        mountpoint,
+        Some(FSTYPE),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| StartupError::Mount(mountpoint.to_owned(), io::Error::from(e)))?;
+    Ok(fd)
+}
+
+/// Detaches the mount at `mountpoint`. Open files keep working until closed;
+/// new opens no longer reach this mount.
+pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+    match nix::mount::umount2(mountpoint, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => {
+            tracing::info!(
+                "{} is busy; detaching it lazily, the worker serves open files until they close",
+                mountpoint.display()
+            );
+            nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Aborts the FUSE connection of the mount whose device number is `dev`,
+/// failing every pending and future request with ENOTCONN.
+pub fn abort_connection(dev: u64) -> io::Result<()> {
+    let minor = nix::sys::stat::minor(dev);
+    fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_octal() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/tab\\011x\\134"), "/tab\tx\\");
+    }
+
+    #[test]
+    fn absolute_normalizes_without_resolving_last() {
+        let p = absolute(Path::new("/tmp/./x/../does-not-exist")).unwrap();
+        assert_eq!(p, fs::canonicalize("/tmp").unwrap().join("does-not-exist"));
+    }
+}

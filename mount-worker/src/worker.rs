@@ -1,0 +1,214 @@
+//! Start-up and life cycle of one worker: checks, mount, session, signals.
+
+use std::fs::{self, File};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fuser::{Config, Session, SessionACL};
+
+use crate::core::FsCore;
+use crate::error::StartupError;
+use crate::fuse_adapter::{Adapter, Tuning};
+use crate::mount;
+use crate::state::StateDir;
+
+/// What one worker serves and how.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The host directory to serve.
+    pub source: PathBuf,
+    /// Where the file system appears (may equal `source`).
+    pub mountpoint: PathBuf,
+    /// The mount's state directory.
+    pub state_dir: PathBuf,
+    /// Let users other than root use the mount.
+    pub allow_other: bool,
+    /// Serve an already-mounted /dev/fuse descriptor instead of mounting.
+    pub fuse_fd: Option<i32>,
+    /// Session threads.
+    pub threads: usize,
+    /// Kernel tuning.
+    pub tuning: Tuning,
+}
+
+/// Who unmounts at the end: the worker when it mounted itself; nobody when
+/// it serves a descriptor it was given (the supervisor owns that mount).
+enum Ownership {
+    Mounted { dev: u64 },
+    Given,
+}
+
+/// Runs the worker until the mount goes away or a signal stops it.
+pub fn run(opts: &Options) -> Result<(), StartupError> {
+    let mountpoint = mount::absolute(&opts.mountpoint)
+        .map_err(|e| StartupError::Mountpoint(opts.mountpoint.clone(), e))?;
+    if opts.fuse_fd.is_none() {
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 {
+            return Err(StartupError::NotRoot(euid));
+        }
+        // Before opening the source: it may be the mountpoint, with a dead
+        // mount on top that answers ENOTCONN.
+        mount::clear_stale(&mountpoint)?;
+        match fs::metadata(&mountpoint) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StartupError::Mountpoint(
+                    mountpoint,
+                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                ));
+            }
+            Err(e) => return Err(StartupError::Mountpoint(mountpoint, e)),
+        }
+    }
+    let source = open_source(&opts.source)?;
+    let state = StateDir::open(&opts.state_dir)?;
+    tracing::info!(state_dir = %state.path().display(), "state directory locked");
+    let core =
+        FsCore::new(source.as_fd()).map_err(|e| StartupError::Source(opts.source.clone(), e))?;
+    drop(source);
+    // Modes arrive with the caller's umask already applied by the kernel.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+
+    let (fd, ownership) = match opts.fuse_fd {
+        Some(n) => (given_fuse_fd(n)?, Ownership::Given),
+        None => {
+            let fd = mount::mount(&mountpoint, opts.allow_other)?;
+            let dev = mount::device_of(&mountpoint).map_err(StartupError::Proc)?;
+            (fd, Ownership::Mounted { dev })
+        }
+    };
+    // From here on a failure must not leave the mount behind.
+    let guard = UnmountGuard {
+        mountpoint: mountpoint.clone(),
+        dev: match ownership {
+            Ownership::Mounted { dev } => Some(dev),
+            Ownership::Given => None,
+        },
+    };
+
+    let acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let mut config = Config::default();
+    config.acl = acl;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = Session::from_fd(Adapter::new(core, opts.tuning.clone()), fd, acl, config)
+        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    tracing::info!(
+        source = %opts.source.display(),
+        mountpoint = %mountpoint.display(),
+        threads = opts.threads,
+        "serving"
+    );
+    spawn_signal_handler(mountpoint.clone(), guard.dev)
+        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let result = session.run();
+    drop(guard);
+    match result {
+        Ok(()) => {
+            tracing::info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
+            Ok(())
+        }
+        Err(e) => Err(StartupError::Session(mountpoint, e)),
+    }
+}
+
+fn open_source(path: &Path) -> Result<File, StartupError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| StartupError::Source(path.to_owned(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| StartupError::Source(path.to_owned(), e))?;
+    if !meta.is_dir() {
+        return Err(StartupError::SourceNotDir(path.to_owned()));
+    }
+    Ok(file)
+}
+
+/// Takes ownership of descriptor `n`, checking that it is /dev/fuse.
+fn given_fuse_fd(n: i32) -> Result<OwnedFd, StartupError> {
+    let bad = |why: String| StartupError::FuseFd(n, why);
+    if n < 0 {
+        return Err(bad("negative descriptor".into()));
+    }
+    let st = nix::sys::stat::fstat(
+        // SAFETY: only borrowed for fstat; validity is what we are checking.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
+    )
+    .map_err(|e| bad(e.desc().to_owned()))?;
+    let is_fuse = (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
+        && nix::sys::stat::major(st.st_rdev) == 10
+        && nix::sys::stat::minor(st.st_rdev) == 229;
+    if !is_fuse {
+        return Err(bad(
+            "it is not the /dev/fuse character device (10:229)".into()
+        ));
+    }
+    // SAFETY: the descriptor is open (fstat succeeded) and was handed to this
+    // process to own; nothing else in the process uses it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Unmounts on drop, but only the mount this worker made (matched by device
+/// number), never whatever else may sit at the same path afterwards.
+struct UnmountGuard {
+    mountpoint: PathBuf,
+    dev: Option<u64>,
+}
+
+impl Drop for UnmountGuard {
+    fn drop(&mut self) {
+        if let Some(dev) = self.dev {
+            if mount::device_of(&self.mountpoint).ok() == Some(dev) {
+                if let Err(e) = mount::unmount(&self.mountpoint) {
+                    tracing::error!("cannot unmount {}: {e}", self.mountpoint.display());
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM/SIGINT: the first unmounts (the session then ends once open files
+/// are closed); a second one aborts the connection so the worker exits now.
+/// A worker serving a given descriptor just exits: the mount is not its own.
+fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let Some(dev) = dev else {
+                    tracing::info!(signal = sig, "stopping; the mount stays with its owner");
+                    std::process::exit(0);
+                };
+                if stopping.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(signal = sig, "second signal: aborting the FUSE connection");
+                    let _ = mount::abort_connection(dev);
+                    continue;
+                }
+                tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "unmounting");
+                if mount::device_of(&mountpoint).ok() == Some(dev) {
+                    if let Err(e) = mount::unmount(&mountpoint) {
+                        tracing::error!(
+                            "cannot unmount {}: {e}; aborting the connection",
+                            mountpoint.display()
+                        );
+                        let _ = mount::abort_connection(dev);
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
