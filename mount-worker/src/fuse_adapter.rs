@@ -145,14 +145,14 @@ fn time(t: TimeOrNow) -> Time {
         TimeOrNow::Now => Time::Now,
         TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
             Ok(d) => Time::At(d.as_secs() as i64, d.subsec_nanos()),
-            Err(e) => {
-                let d = e.duration();
-                if d.subsec_nanos() == 0 {
-                    Time::At(-(d.as_secs() as i64), 0)
-                } else {
-                    Time::At(-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
-                }
-            }
+            // fuser 0.18 decodes a kernel time (-s, ns) as EPOCH - (s + ns),
+            // not EPOCH - s + ns (see its time.rs); undo exactly that so
+            // pre-1970 times keep their nanoseconds. Guarded by the
+            // `chmod_chown_and_times_with_nanoseconds` test.
+            Err(e) => Time::At(
+                -(e.duration().as_secs() as i64),
+                e.duration().subsec_nanos(),
+            ),
         },
     }
 }

@@ -66,7 +66,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     }
     let source = open_source(&opts.source)?;
     let state = StateDir::open(&opts.state_dir)?;
-    tracing::info!(state_dir = %state.path().display(), "state directory locked");
+    tracing::debug!(state_dir = %state.path().display(), "state directory locked");
     let core =
         FsCore::new(source.as_fd()).map_err(|e| StartupError::Source(opts.source.clone(), e))?;
     drop(source);

@@ -1,0 +1,296 @@
+//! Shared support for the integration tests: a real FUSE mount of a
+//! temporary source directory, served by the real `agentfs-mount-worker`
+//! binary, that is always unmounted when the guard is dropped (also when the
+//! test panics).
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the worker binary built by cargo for these tests.
+pub const WORKER: &str = env!("CARGO_BIN_EXE_agentfs-mount-worker");
+
+/// A running worker and its mount. Dropping it unmounts and reaps the worker.
+pub struct Mount {
+    dir: tempfile::TempDir,
+    source: PathBuf,
+    mountpoint: PathBuf,
+    state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// Mounts a fresh, empty source directory at a separate mountpoint.
+    pub fn new() -> Mount {
+        Mount::builder().start()
+    }
+
+    /// Starts describing a mount; see [`MountBuilder`].
+    pub fn builder() -> MountBuilder {
+        MountBuilder::default()
+    }
+
+    /// The mountpoint: where the tests act.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The host directory being served.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The worker's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Process id of the worker.
+    pub fn worker_pid(&self) -> u32 {
+        self.child.as_ref().expect("worker running").id()
+    }
+
+    /// Stops the worker with SIGTERM and checks that it unmounted and exited
+    /// 0. The directories stay until the guard is dropped.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("worker running");
+        signal(child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(20))
+            .expect("worker did not exit within 20 s of SIGTERM");
+        assert!(
+            !is_mounted(&self.mountpoint),
+            "worker exited but left {} mounted",
+            self.mountpoint.display()
+        );
+        assert!(status.success(), "worker exited with {status}");
+    }
+
+    /// Kills the worker with SIGKILL, leaving its mount stale (the guard still
+    /// cleans it up on drop).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a new worker on the same directories (after [`Mount::kill`]).
+    pub fn restart(&mut self, extra_args: &[&str]) {
+        assert!(self.child.is_none(), "restart needs a stopped worker");
+        self.child = Some(spawn_worker(
+            &self.source,
+            &self.mountpoint,
+            &self.state_dir,
+            extra_args,
+        ));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
+                signal(child.id(), libc::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        // Last resort: never leave a mount behind, even a stale one.
+        for _ in 0..5 {
+            if !is_mounted(&self.mountpoint) {
+                break;
+            }
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mountpoint)
+                .stderr(Stdio::null())
+                .status();
+            if is_mounted(&self.mountpoint) {
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// Fills a source directory before the worker starts.
+type Populate = Box<dyn FnOnce(&Path)>;
+
+/// How to start a [`Mount`].
+#[derive(Default)]
+pub struct MountBuilder {
+    over_source: bool,
+    args: Vec<String>,
+    populate: Option<Populate>,
+}
+
+impl MountBuilder {
+    /// Mounts over the source directory itself (mountpoint == source).
+    pub fn over_source(mut self) -> Self {
+        self.over_source = true;
+        self
+    }
+
+    /// Extra worker arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_owned());
+        self
+    }
+
+    /// Fills the source directory before the mount starts.
+    pub fn populate(mut self, f: impl FnOnce(&Path) + 'static) -> Self {
+        self.populate = Some(Box::new(f));
+        self
+    }
+
+    /// Creates the directories, starts the worker and waits for the mount.
+    pub fn start(self) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("agentfs-test-")
+            .tempdir()
+            .expect("tempdir");
+        // Tests run as root but exercise unprivileged users too: let them in.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let source = dir.path().join("source");
+        let state_dir = dir.path().join("state");
+        fs::create_dir(&source).unwrap();
+        fs::set_permissions(&source, fs::Permissions::from_mode(0o777)).unwrap();
+        let mountpoint = if self.over_source {
+            source.clone()
+        } else {
+            let m = dir.path().join("mnt");
+            fs::create_dir(&m).unwrap();
+            m
+        };
+        if let Some(f) = self.populate {
+            f(&source);
+        }
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let child = spawn_worker(&source, &mountpoint, &state_dir, &args);
+        Mount {
+            dir,
+            source,
+            mountpoint,
+            state_dir,
+            child: Some(child),
+        }
+    }
+}
+
+fn spawn_worker(source: &Path, mountpoint: &Path, state_dir: &Path, extra: &[&str]) -> Child {
+    let mut child = Command::new(WORKER)
+        .arg("--source")
+        .arg(source)
+        .arg("--mountpoint")
+        .arg(mountpoint)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--allow-other")
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn agentfs-mount-worker");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Mounted, and answering (a stale mount left by a killed worker
+        // fails with ENOTCONN until the new worker has replaced it).
+        if is_agentfs_mounted(mountpoint) && fs::metadata(mountpoint).is_ok() {
+            // Forward the worker's log to the test's stderr from now on.
+            let mut err = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    eprint!("{}", String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            panic!("worker exited with {status} before mounting:\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker did not mount within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Mount entries (mountpoint, fstype) of this mount namespace.
+pub fn mounts() -> Vec<(PathBuf, String)> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some((PathBuf::from(unescape(f[4])), f.get(sep + 1)?.to_string()))
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// True if any FUSE mount sits at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    mounts()
+        .iter()
+        .any(|(p, t)| p == path && t.starts_with("fuse"))
+}
+
+/// True if an AgentFS mount sits at `path`.
+pub fn is_agentfs_mounted(path: &Path) -> bool {
+    mounts()
+        .iter()
+        .any(|(p, t)| p == path && t == "fuse.agentfs")
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command as the given uid/gid (via `setpriv`), returning its output.
+pub fn run_as(uid: u32, gid: u32, cwd: &Path, cmd: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .args(["sh", "-c", cmd])
+        .current_dir(cwd)
+        .output()
+        .expect("setpriv")
+}

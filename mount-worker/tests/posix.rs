@@ -1,0 +1,762 @@
+//! One test per operation on the main view of a real mount: the result, the
+//! host file behind it, and the errno of each failure.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use common::Mount;
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// errno of an io::Error.
+fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().expect("an OS error")
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+#[test]
+fn read_write_and_source_in_place() {
+    let m = Mount::builder()
+        .populate(|s| fs::write(s.join("pre.txt"), b"before mount").unwrap())
+        .start();
+    let p = m.path();
+    assert_eq!(fs::read(p.join("pre.txt")).unwrap(), b"before mount");
+    fs::write(p.join("new.txt"), b"written through the mount").unwrap();
+    assert_eq!(
+        fs::read(m.source().join("new.txt")).unwrap(),
+        b"written through the mount"
+    );
+    // Overwrite in the middle, extend, read back at offsets.
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p.join("new.txt"))
+        .unwrap();
+    f.seek(SeekFrom::Start(8)).unwrap();
+    f.write_all(b"THROUGH").unwrap();
+    f.seek(SeekFrom::Start(100)).unwrap();
+    f.write_all(b"end").unwrap();
+    drop(f);
+    let data = fs::read(p.join("new.txt")).unwrap();
+    assert_eq!(data.len(), 103);
+    assert_eq!(&data[..15], b"written THROUGH");
+    assert!(data[25..100].iter().all(|&b| b == 0), "hole reads as zeros");
+    // Large write crosses many FUSE requests.
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(p.join("big"), &big).unwrap();
+    assert_eq!(fs::read(p.join("big")).unwrap(), big);
+    assert_eq!(fs::read(m.source().join("big")).unwrap(), big);
+}
+
+#[test]
+fn append_and_truncate() {
+    let m = Mount::new();
+    let p = m.path().join("f");
+    fs::write(&p, b"abc").unwrap();
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b"def").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"abcdef");
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(2).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"ab");
+    f.set_len(10).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 10);
+    // O_TRUNC on open.
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+}
+
+#[test]
+fn create_exclusive_and_errors() {
+    let m = Mount::new();
+    let p = m.path().join("x");
+    File::create(&p).unwrap();
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap_err();
+    assert_eq!(errno(e), libc::EEXIST);
+    let e = File::open(m.path().join("missing")).unwrap_err();
+    assert_eq!(errno(e), libc::ENOENT);
+    let e = File::create(m.path().join("x/under-a-file")).unwrap_err();
+    assert_eq!(errno(e), libc::ENOTDIR);
+    let long = "n".repeat(256);
+    let e = File::create(m.path().join(long)).unwrap_err();
+    assert_eq!(errno(e), libc::ENAMETOOLONG);
+}
+
+#[test]
+fn directories_and_readdir_types() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::create_dir(p.join("d")).unwrap();
+    fs::write(p.join("d/f"), b"").unwrap();
+    std::os::unix::fs::symlink("f", p.join("d/l")).unwrap();
+    fs::create_dir(p.join("d/sub")).unwrap();
+    nix::unistd::mkfifo(
+        &p.join("d/fifo"),
+        nix::sys::stat::Mode::from_bits(0o644).unwrap(),
+    )
+    .unwrap();
+
+    let mut seen: Vec<(String, &str)> = fs::read_dir(p.join("d"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            let kind = if t.is_dir() {
+                "dir"
+            } else if t.is_symlink() {
+                "symlink"
+            } else if t.is_fifo() {
+                "fifo"
+            } else {
+                "file"
+            };
+            (e.file_name().to_string_lossy().into_owned(), kind)
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("f".into(), "file"),
+            ("fifo".into(), "fifo"),
+            ("l".into(), "symlink"),
+            ("sub".into(), "dir")
+        ]
+    );
+    // "." and ".." are listed too (read_dir hides them; use readdir(3)).
+    let dir = nix::dir::Dir::open(
+        &p.join("d"),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    let mut names: Vec<String> = dir
+        .into_iter()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".", "..", "f", "fifo", "l", "sub"]);
+
+    assert_eq!(
+        errno(fs::remove_dir(p.join("d")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(fs::create_dir(p.join("d")).unwrap_err()),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(fs::remove_dir(p.join("d/f")).unwrap_err()),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno(fs::remove_file(p.join("d/sub")).unwrap_err()),
+        libc::EISDIR
+    );
+    fs::remove_dir(p.join("d/sub")).unwrap();
+    assert!(!m.source().join("d/sub").exists());
+}
+
+#[test]
+fn large_directory_listing_is_complete() {
+    let m = Mount::new();
+    let d = m.path().join("many");
+    fs::create_dir(&d).unwrap();
+    for i in 0..3000 {
+        File::create(d.join(format!("entry-with-a-longish-name-{i:05}"))).unwrap();
+    }
+    let mut n: Vec<_> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    n.sort();
+    n.dedup();
+    assert_eq!(n.len(), 3000);
+}
+
+#[test]
+fn symlinks() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::write(p.join("target"), b"t").unwrap();
+    std::os::unix::fs::symlink("target", p.join("l")).unwrap();
+    assert_eq!(fs::read_link(p.join("l")).unwrap(), Path::new("target"));
+    assert_eq!(fs::read(p.join("l")).unwrap(), b"t");
+    assert!(
+        fs::symlink_metadata(p.join("l"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // Dangling and absolute targets are stored verbatim, never resolved by the worker.
+    std::os::unix::fs::symlink("/etc/passwd-nonexistent", p.join("abs")).unwrap();
+    assert_eq!(
+        fs::read_link(m.source().join("abs")).unwrap(),
+        Path::new("/etc/passwd-nonexistent")
+    );
+    // O_NOFOLLOW on a symlink: ELOOP.
+    let e = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p.join("l"))
+        .unwrap_err();
+    assert_eq!(errno(e), libc::ELOOP);
+    // Symlink loop.
+    std::os::unix::fs::symlink("loop2", p.join("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", p.join("loop2")).unwrap();
+    assert_eq!(errno(File::open(p.join("loop1")).unwrap_err()), libc::ELOOP);
+}
+
+#[test]
+fn hard_links_share_inode_and_count() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::write(p.join("a"), b"x").unwrap();
+    fs::hard_link(p.join("a"), p.join("b")).unwrap();
+    let (a, b) = (
+        fs::metadata(p.join("a")).unwrap(),
+        fs::metadata(p.join("b")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    // st_ino is the host's inode number: stable across remounts.
+    assert_eq!(a.ino(), fs::metadata(m.source().join("a")).unwrap().ino());
+    fs::write(p.join("b"), b"changed").unwrap();
+    assert_eq!(fs::read(p.join("a")).unwrap(), b"changed");
+    fs::remove_file(p.join("a")).unwrap();
+    assert_eq!(fs::metadata(p.join("b")).unwrap().nlink(), 1);
+    assert_eq!(
+        errno(fs::hard_link(p.join("b"), p.join("b")).unwrap_err()),
+        libc::EEXIST
+    );
+    fs::create_dir(p.join("dir")).unwrap();
+    assert_eq!(
+        errno(fs::hard_link(p.join("dir"), p.join("dir2")).unwrap_err()),
+        libc::EPERM
+    );
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
+    let (f, t) = (c(from), c(to));
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(last_errno()) }
+}
+
+#[test]
+fn rename_plain_noreplace_exchange() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::write(p.join("a"), b"A").unwrap();
+    fs::write(p.join("b"), b"B").unwrap();
+    fs::create_dir(p.join("d")).unwrap();
+    // Plain rename replaces, also across directories.
+    fs::rename(p.join("a"), p.join("d/a2")).unwrap();
+    assert_eq!(fs::read(m.source().join("d/a2")).unwrap(), b"A");
+    fs::rename(p.join("d/a2"), p.join("b")).unwrap();
+    assert_eq!(fs::read(p.join("b")).unwrap(), b"A");
+    fs::write(p.join("c"), b"C").unwrap();
+    assert_eq!(
+        renameat2(&p.join("c"), &p.join("b"), libc::RENAME_NOREPLACE),
+        Err(libc::EEXIST)
+    );
+    renameat2(&p.join("c"), &p.join("fresh"), libc::RENAME_NOREPLACE).unwrap();
+    renameat2(&p.join("fresh"), &p.join("b"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(p.join("b")).unwrap(), b"C");
+    assert_eq!(fs::read(p.join("fresh")).unwrap(), b"A");
+    assert_eq!(
+        renameat2(&p.join("nope"), &p.join("b"), libc::RENAME_EXCHANGE),
+        Err(libc::ENOENT)
+    );
+    // A directory onto a non-empty directory; a directory into itself.
+    fs::create_dir(p.join("e")).unwrap();
+    fs::write(p.join("e/x"), b"").unwrap();
+    assert_eq!(
+        errno(fs::rename(p.join("d"), p.join("e")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(fs::rename(p.join("d"), p.join("d/inside")).unwrap_err()),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(fs::rename(p.join("d"), p.join("b")).unwrap_err()),
+        libc::ENOTDIR
+    );
+}
+
+#[test]
+fn open_file_survives_rename_and_unlink() {
+    let m = Mount::new();
+    let p = m.path();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p.join("f"))
+        .unwrap();
+    f.write_all(b"data").unwrap();
+    fs::rename(p.join("f"), p.join("g")).unwrap();
+    fs::remove_file(p.join("g")).unwrap();
+    f.write_all(b"+more").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "data+more");
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+}
+
+#[test]
+fn chmod_chown_and_times_with_nanoseconds() {
+    let m = Mount::new();
+    let p = m.path().join("f");
+    fs::write(&p, b"").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o4751)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o4751);
+    assert_eq!(
+        fs::metadata(m.source().join("f")).unwrap().mode() & 0o7777,
+        0o4751
+    );
+    std::os::unix::fs::chown(&p, Some(1234), Some(5678)).unwrap();
+    let md = fs::metadata(&p).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 987_654_321,
+        },
+    ];
+    let cp = c(&p);
+    // SAFETY: valid path and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    let md = fs::metadata(&p).unwrap();
+    assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
+    // Before the epoch.
+    let old = [
+        libc::timespec {
+            tv_sec: -100,
+            tv_nsec: 5,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), old.as_ptr(), 0) },
+        0
+    );
+    for md in [
+        fs::metadata(m.source().join("f")).unwrap(),
+        fs::metadata(&p).unwrap(),
+    ] {
+        assert_eq!((md.atime(), md.atime_nsec()), (-100, 5));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
+    }
+}
+
+#[test]
+fn permissions_follow_the_host_rules() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::create_dir(p.join("open")).unwrap();
+    fs::set_permissions(p.join("open"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::create_dir(p.join("closed")).unwrap();
+    fs::set_permissions(p.join("closed"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(p.join("secret"), b"s").unwrap();
+    fs::write(p.join("closed/f"), b"f").unwrap();
+    fs::set_permissions(p.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A file created by an unprivileged user is theirs, on the host too.
+    let out = common::run_as(
+        65534,
+        65534,
+        p,
+        "umask 022; echo hi > open/mine && cat open/mine",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = fs::metadata(m.source().join("open/mine")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (65534, 65534, 0o644)
+    );
+    let out = common::run_as(
+        65534,
+        65534,
+        p,
+        "mkdir open/d && ln -s x open/s && mkfifo open/p",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in ["open/d", "open/s", "open/p"] {
+        let md = fs::symlink_metadata(m.source().join(n)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (65534, 65534), "{n}");
+    }
+    // ... and what they may not do fails with EACCES/EPERM.
+    for (cmd, what) in [
+        ("touch closed/x", "create in a 0755 root directory"),
+        ("cat secret", "read a 0600 root file"),
+        ("chmod 777 secret", "chmod a file of another user"),
+        ("rm -f closed/f", "unlink in a 0755 root directory"),
+    ] {
+        let out = common::run_as(65534, 65534, p, cmd);
+        assert!(!out.status.success(), "nobody could {what}");
+    }
+    // Set-group-id directories pass their group on.
+    fs::create_dir(p.join("sgid")).unwrap();
+    std::os::unix::fs::chown(p.join("sgid"), None, Some(4242)).unwrap();
+    fs::set_permissions(p.join("sgid"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let out = common::run_as(65534, 65534, p, "touch sgid/f && mkdir sgid/d");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::metadata(m.source().join("sgid/f")).unwrap().gid(), 4242);
+    let d = fs::metadata(m.source().join("sgid/d")).unwrap();
+    assert_eq!(d.gid(), 4242);
+    assert_ne!(
+        d.mode() & libc::S_ISGID,
+        0,
+        "subdirectory inherits set-group-id"
+    );
+}
+
+#[test]
+fn xattrs() {
+    let m = Mount::new();
+    let p = m.path().join("f");
+    fs::write(&p, b"").unwrap();
+    let (cp, name) = (c(&p), CString::new("user.agentfs.test").unwrap());
+    let val = b"value-\x00-binary";
+    // SAFETY: valid strings and buffers throughout.
+    unsafe {
+        assert_eq!(
+            libc::setxattr(
+                cp.as_ptr(),
+                name.as_ptr(),
+                val.as_ptr().cast(),
+                val.len(),
+                libc::XATTR_CREATE
+            ),
+            0
+        );
+        assert_eq!(
+            libc::setxattr(
+                cp.as_ptr(),
+                name.as_ptr(),
+                val.as_ptr().cast(),
+                val.len(),
+                libc::XATTR_CREATE
+            ),
+            -1
+        );
+        assert_eq!(last_errno(), libc::EEXIST);
+        assert_eq!(
+            libc::getxattr(cp.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+            val.len() as isize
+        );
+        let mut buf = [0u8; 64];
+        let n = libc::getxattr(
+            cp.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
+        assert_eq!(&buf[..n as usize], val);
+        assert_eq!(
+            libc::getxattr(cp.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 2),
+            -1
+        );
+        assert_eq!(last_errno(), libc::ERANGE);
+        let n = libc::listxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        assert!(
+            buf[..n as usize]
+                .split(|&b| b == 0)
+                .any(|s| s == b"user.agentfs.test")
+        );
+        assert_eq!(libc::removexattr(cp.as_ptr(), name.as_ptr()), 0);
+        assert_eq!(
+            libc::getxattr(
+                cp.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len()
+            ),
+            -1
+        );
+        assert_eq!(last_errno(), libc::ENODATA);
+        assert_eq!(libc::removexattr(cp.as_ptr(), name.as_ptr()), -1);
+        assert_eq!(last_errno(), libc::ENODATA);
+        let xr = CString::new("user.x").unwrap();
+        assert_eq!(
+            libc::setxattr(
+                cp.as_ptr(),
+                xr.as_ptr(),
+                val.as_ptr().cast(),
+                1,
+                libc::XATTR_REPLACE
+            ),
+            -1
+        );
+        assert_eq!(last_errno(), libc::ENODATA);
+    }
+}
+
+#[test]
+fn mmap_shared_write_reaches_host() {
+    let m = Mount::new();
+    let p = m.path().join("mapped");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(8192).unwrap();
+    // SAFETY: mapping a file we own for its length; unmapped below.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        let s = std::slice::from_raw_parts_mut(addr as *mut u8, 8192);
+        s[0..5].copy_from_slice(b"hello");
+        s[4096..4101].copy_from_slice(b"world");
+        assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
+        assert_eq!(libc::munmap(addr, 8192), 0);
+    }
+    drop(f);
+    let host = fs::read(m.source().join("mapped")).unwrap();
+    assert_eq!(&host[0..5], b"hello");
+    assert_eq!(&host[4096..4101], b"world");
+}
+
+#[test]
+fn fallocate_punch_hole_and_seek_data() {
+    let m = Mount::new();
+    let p = m.path().join("f");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    // SAFETY: valid fd.
+    unsafe {
+        assert_eq!(libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20), 0);
+    }
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    assert!(fs::metadata(m.source().join("f")).unwrap().blocks() >= 2048);
+    (&f).write_all(&vec![7u8; 1 << 20]).unwrap();
+    // SAFETY: valid fd.
+    unsafe {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(libc::fallocate(f.as_raw_fd(), mode, 0, 512 * 1024), 0);
+        assert_eq!(libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA), 512 * 1024);
+        assert_eq!(libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE), 0);
+    }
+    let data = fs::read(&p).unwrap();
+    assert!(data[..512 * 1024].iter().all(|&b| b == 0));
+    assert!(data[512 * 1024..].iter().all(|&b| b == 7));
+}
+
+#[test]
+fn copy_file_range_between_files() {
+    let m = Mount::new();
+    let src: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    fs::write(m.path().join("src"), &src).unwrap();
+    let a = File::open(m.path().join("src")).unwrap();
+    let b = File::create(m.path().join("dst")).unwrap();
+    let (mut off_in, mut off_out) = (1000i64, 0i64);
+    let mut left = 200_000usize;
+    while left > 0 {
+        // SAFETY: valid fds and offsets.
+        let n = unsafe {
+            libc::copy_file_range(
+                a.as_raw_fd(),
+                &mut off_in,
+                b.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            n > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
+        left -= n as usize;
+    }
+    drop(b);
+    assert_eq!(
+        fs::read(m.source().join("dst")).unwrap(),
+        &src[1000..201_000]
+    );
+}
+
+#[test]
+fn fcntl_and_flock_locks_conflict_between_processes() {
+    let m = Mount::new();
+    let p = m.path().join("lockfile");
+    fs::write(&p, b"").unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: valid fd and struct.
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &lock) },
+        0
+    );
+    let script = format!(
+        "flock -n {p} true; echo flock=$?; python3 -c \"import fcntl,os; f=os.open('{p}', os.O_RDWR)\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB); print('fcntl=0')\nexcept OSError as e: print('fcntl=%d' % e.errno)\"",
+        p = p.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("flock=0"),
+        "flock is independent of fcntl locks: {s}"
+    );
+    assert!(
+        s.contains(&format!("fcntl={}", libc::EAGAIN))
+            || s.contains(&format!("fcntl={}", libc::EACCES)),
+        "fcntl lock must conflict: {s}"
+    );
+    // flock conflicts with flock.
+    // SAFETY: valid fd.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let out = std::process::Command::new("flock")
+        .args(["-n"])
+        .arg(&p)
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(
+        !out.success(),
+        "second flock must fail while the first is held"
+    );
+}
+
+#[test]
+fn device_nodes_and_sockets() {
+    let m = Mount::new();
+    let p = m.path();
+    nix::sys::stat::mknod(
+        &p.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits(0o666).unwrap(),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let md = fs::metadata(m.source().join("null")).unwrap();
+    assert!(md.file_type().is_char_device());
+    assert_eq!(md.rdev(), nix::sys::stat::makedev(1, 3));
+    fs::write(p.join("null"), b"discarded").unwrap();
+    let l = std::os::unix::net::UnixListener::bind(p.join("sock")).unwrap();
+    assert!(
+        fs::metadata(p.join("sock"))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    drop(l);
+}
+
+#[test]
+fn statfs_reports_the_host() {
+    let m = Mount::new();
+    let a = nix::sys::statvfs::statvfs(m.path()).unwrap();
+    let b = nix::sys::statvfs::statvfs(m.source()).unwrap();
+    assert_eq!(a.blocks(), b.blocks());
+    assert_eq!(a.name_max(), 255);
+}
+
+#[test]
+fn fsync_and_fdatasync_succeed() {
+    let m = Mount::new();
+    let mut f = File::create(m.path().join("f")).unwrap();
+    f.write_all(b"durable").unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    File::open(m.path()).unwrap().sync_all().unwrap();
+}
+
+#[test]
+fn sqlite_basic_transaction() {
+    let m = Mount::new();
+    let db = m.path().join("t.db");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("create table t(x); begin; insert into t values(1),(2),(3); commit; select sum(x) from t; pragma integrity_check;")
+        .output()
+        .expect("sqlite3 (apt-get install sqlite3)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "6\nok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing AgentFS needs on Debian 12.
+# Idempotent: only what is missing is installed. Needs root.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps.sh: run as root (it uses apt-get and mounts FUSE file systems)" >&2
+  exit 1
+fi
+
+# Runtime: fuse3 (fusermount3, /etc/fuse.conf). Tests: sqlite3 (concurrent
+# writers), attr/acl (xattr tools), util-linux (setpriv, unshare, flock),
+# python3 (fcntl lock probes).
+apt_pkgs=(fuse3 sqlite3 attr acl util-linux python3 ca-certificates)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps.sh: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps.sh: cargo not found; install Rust 1.85 or newer with rustup (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+
+# Real POSIX test suites from crates.io (pinned: the expected-results file
+# is written against these versions).
+command -v pjdfstest >/dev/null 2>&1 || cargo install --locked --quiet pjdfstest --version 0.2.2
+command -v fsx >/dev/null 2>&1 || cargo install --locked --quiet fsx --version 0.3.2
+
+[ -e /dev/fuse ] || { echo "install-deps.sh: /dev/fuse is missing; load the module with 'modprobe fuse'" >&2; exit 1; }
