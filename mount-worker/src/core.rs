@@ -54,6 +54,8 @@ pub struct Caller {
     pub uid: u32,
     /// Effective gid of the calling thread.
     pub gid: u32,
+    /// The caller's umask, applied to the modes of new files.
+    pub umask: u32,
 }
 
 /// A name resolved to a node, with the node's attributes.
@@ -339,7 +341,7 @@ impl FsCore {
     ) -> io::Result<Entry> {
         let dir = self.node(parent)?;
         let name = hostfs::component(name)?;
-        make(dir.as_fd(), &name)?;
+        hostfs::with_umask(caller.umask, || make(dir.as_fd(), &name))?;
         let fd = hostfs::open_node(dir.as_fd(), &name)?;
         self.give_to_caller(&fd, &dir, caller, mode)?;
         self.register(fd)
@@ -457,7 +459,10 @@ impl FsCore {
         let cname = hostfs::component(name)?;
         let flags =
             host_open_flags(flags) | (flags & libc::O_EXCL) | libc::O_CREAT | libc::O_NOFOLLOW;
-        let file: File = hostfs::open_at(dir.as_fd(), &cname, flags, mode)?.into();
+        let file: File = hostfs::with_umask(caller.umask, || {
+            hostfs::open_at(dir.as_fd(), &cname, flags, mode)
+        })?
+        .into();
         let fd = hostfs::path_fd_of(file.as_fd())?;
         self.give_to_caller(&fd, &dir, caller, Some(mode))?;
         let entry = self.register(fd)?;

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -49,10 +49,11 @@ fn err(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn caller(req: &Request) -> Caller {
+fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask,
     }
 }
 
@@ -163,6 +164,14 @@ impl Filesystem for Adapter {
             tracing::info!("kernel limits max_write to {max}");
             let _ = config.set_max_write(max);
         }
+        // The kernel enforces POSIX ACLs (read through getxattr, cached) and,
+        // with DONT_MASK, leaves the umask to us, so that the host applies a
+        // directory's default ACL instead of the umask, as a local file
+        // system does.
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        if let Err(missing) = config.add_capabilities(acl) {
+            tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are not enforced");
+        }
         Ok(())
     }
 
@@ -235,13 +244,14 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
-            self.core.mknod(node(parent), name, mode, rdev, caller(req)),
+            self.core
+                .mknod(node(parent), name, mode, rdev, caller(req, umask)),
         );
     }
 
@@ -251,12 +261,13 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(
             reply,
-            self.core.mkdir(node(parent), name, mode, caller(req)),
+            self.core
+                .mkdir(node(parent), name, mode, caller(req, umask)),
         );
     }
 
@@ -279,7 +290,7 @@ impl Filesystem for Adapter {
         reply_entry(
             reply,
             self.core
-                .symlink(node(parent), link_name, target.as_os_str(), caller(req)),
+                .symlink(node(parent), link_name, target.as_os_str(), caller(req, 0)),
         );
     }
 
@@ -324,13 +335,13 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         match self
             .core
-            .create(node(parent), name, mode, flags, caller(req))
+            .create(node(parent), name, mode, flags, caller(req, umask))
         {
             Ok((e, fh)) => reply.created(
                 &TTL,

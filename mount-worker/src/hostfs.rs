@@ -46,6 +46,26 @@ fn proc_path(fd: BorrowedFd<'_>) -> CString {
 
 const EMPTY: &CStr = c"";
 
+thread_local! {
+    static PRIVATE_FS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (which creates a host file) with the caller's umask. The umask
+/// is per process, so the calling thread first takes a private copy of the
+/// process's fs attributes (`unshare(CLONE_FS)`); other threads are never
+/// affected. The host then masks the mode exactly as for the caller: with
+/// the umask, or, in a directory with a default ACL, with that ACL.
+pub fn with_umask<T>(umask: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    if !PRIVATE_FS.get() {
+        // SAFETY: unshare(CLONE_FS) only affects the calling thread.
+        cvt(unsafe { libc::unshare(libc::CLONE_FS) })?;
+        PRIVATE_FS.set(true);
+    }
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(umask & 0o777) };
+    f()
+}
+
 /// Opens `name` in `dir` as an `O_PATH` descriptor without following a
 /// symlink in its place.
 pub fn open_node(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {

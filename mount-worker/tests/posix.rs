@@ -760,3 +760,96 @@ fn sqlite_basic_transaction() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn umask_applies_to_new_files() {
+    let m = Mount::new();
+    let out = common::run_as(
+        0,
+        0,
+        m.path(),
+        "umask 027; touch f; mkdir d; mkfifo p; umask 0; touch g",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |n: &str| fs::metadata(m.source().join(n)).unwrap().mode() & 0o777;
+    assert_eq!(
+        (mode("f"), mode("d"), mode("p"), mode("g")),
+        (0o640, 0o750, 0o640, 0o666)
+    );
+}
+
+#[test]
+fn posix_acls_are_enforced_and_inherited() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::write(p.join("private"), b"acl").unwrap();
+    fs::set_permissions(p.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    let denied = common::run_as(65534, 65534, p, "cat private");
+    assert!(
+        !denied.status.success(),
+        "0600 root file must not be readable by nobody"
+    );
+    let st = std::process::Command::new("setfacl")
+        .args(["-m", "u:nobody:r"])
+        .arg(p.join("private"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let allowed = common::run_as(65534, 65534, p, "cat private");
+    assert_eq!(
+        String::from_utf8_lossy(&allowed.stdout),
+        "acl",
+        "an ACL entry grants read: {}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    // Default ACLs are inherited by new files instead of the umask.
+    fs::create_dir(p.join("shared")).unwrap();
+    let st = std::process::Command::new("setfacl")
+        .args(["-d", "-m", "u:nobody:rwx"])
+        .arg(p.join("shared"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = common::run_as(
+        0,
+        0,
+        p,
+        "umask 077; touch shared/new; getfacl -p shared/new",
+    );
+    let acl = String::from_utf8_lossy(&out.stdout);
+    // As on a local file system: the entry is inherited, the mask comes from
+    // the mode (0666), and the umask is not applied.
+    assert!(
+        acl.contains("user:nobody:rwx\t#effective:rw-") && acl.contains("mask::rw-"),
+        "inherited ACL: {acl}"
+    );
+    let on_host = std::process::Command::new("getfacl")
+        .arg("-p")
+        .arg(m.source().join("shared/new"))
+        .output()
+        .unwrap();
+    let host_acl = String::from_utf8_lossy(&on_host.stdout);
+    assert!(host_acl.contains("mask::rw-"), "{host_acl}");
+}
+
+#[test]
+fn o_tmpfile_is_reported_unsupported() {
+    let m = Mount::new();
+    let cp = c(m.path());
+    // SAFETY: valid path; the fd is closed if the call ever succeeds.
+    let fd = unsafe { libc::open(cp.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+    let e = last_errno();
+    if fd >= 0 {
+        // SAFETY: fd was just returned by open.
+        unsafe { libc::close(fd) };
+    }
+    assert_eq!(
+        (fd, e),
+        (-1, libc::EOPNOTSUPP),
+        "specs/semantics.md documents EOPNOTSUPP"
+    );
+}
