@@ -32,4 +32,8 @@ fi
 command -v pjdfstest >/dev/null 2>&1 || cargo install --locked --quiet pjdfstest --version 0.2.2
 command -v fsx >/dev/null 2>&1 || cargo install --locked --quiet fsx --version 0.3.2
 
+# pjdfstest switches to the users of [dummy_auth] in tests/pjdfstest/pjdfstest.toml:
+# nobody:nogroup (Debian has them) and tests:tests.
+id tests >/dev/null 2>&1 || useradd --system --user-group --no-create-home --home-dir / --shell /usr/sbin/nologin tests
+
 [ -e /dev/fuse ] || { echo "install-deps.sh: /dev/fuse is missing; load the module with 'modprobe fuse'" >&2; exit 1; }

@@ -16,6 +16,8 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use std::sync::Arc;
+
 use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, Time};
 use crate::hostfs::{Stat, XattrReply};
 
@@ -34,14 +36,22 @@ pub struct Tuning {
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
 pub struct Adapter {
-    core: FsCore,
+    core: Arc<FsCore>,
     tuning: Tuning,
 }
 
 impl Adapter {
     /// Serves `core` with the given kernel tuning.
-    pub fn new(core: FsCore, tuning: Tuning) -> Adapter {
+    pub fn new(core: Arc<FsCore>, tuning: Tuning) -> Adapter {
         Adapter { core, tuning }
+    }
+
+    fn attr_ttl(&self, node: NodeId) -> Duration {
+        if self.core.attr_cacheable(node) {
+            TTL
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -121,7 +131,10 @@ fn attr(id: NodeId, st: &Stat) -> FileAttr {
 
 fn reply_entry(reply: ReplyEntry, r: io::Result<Entry>) {
     match r {
-        Ok(e) => reply.entry(&TTL, &attr(e.node, &e.stat), Generation(e.generation)),
+        Ok(e) => {
+            let ttl = if e.cacheable { TTL } else { Duration::ZERO };
+            reply.entry(&ttl, &attr(e.node, &e.stat), Generation(e.generation))
+        }
         Err(e) => reply.error(err(e)),
     }
 }
@@ -191,7 +204,7 @@ impl Filesystem for Adapter {
         reply: ReplyAttr,
     ) {
         match self.core.getattr(node(ino)) {
-            Ok(st) => reply.attr(&TTL, &attr(node(ino), &st)),
+            Ok(st) => reply.attr(&self.attr_ttl(node(ino)), &attr(node(ino), &st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -374,7 +387,7 @@ impl Filesystem for Adapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
         data: &[u8],
@@ -383,7 +396,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(FileHandle(fh.0), offset, data) {
+        match self.core.write(node(ino), FileHandle(fh.0), offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
         }
@@ -447,7 +460,7 @@ impl Filesystem for Adapter {
                 INodeNo(e.ino),
                 e.next_offset,
                 dirent_type(e.d_type),
-                OsStr::from_bytes(&e.name),
+                OsStr::from_bytes(e.name),
             )
         });
         match r {
@@ -479,8 +492,8 @@ impl Filesystem for Adapter {
         reply_empty(reply, self.core.fsyncdir(DirHandle(fh.0), datasync));
     }
 
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        match self.core.statfs(node(ino)) {
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -523,7 +536,7 @@ impl Filesystem for Adapter {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
         length: u64,
@@ -532,7 +545,8 @@ impl Filesystem for Adapter {
     ) {
         reply_empty(
             reply,
-            self.core.fallocate(FileHandle(fh.0), offset, length, mode),
+            self.core
+                .fallocate(node(ino), FileHandle(fh.0), offset, length, mode),
         );
     }
 
@@ -557,7 +571,7 @@ impl Filesystem for Adapter {
         _ino_in: INodeNo,
         fh_in: fuser::FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: fuser::FileHandle,
         offset_out: u64,
         len: u64,
@@ -567,6 +581,7 @@ impl Filesystem for Adapter {
         match self.core.copy_file_range(
             FileHandle(fh_in.0),
             offset_in,
+            node(ino_out),
             FileHandle(fh_out.0),
             offset_out,
             len,

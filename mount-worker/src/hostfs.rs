@@ -403,3 +403,146 @@ pub fn read_dir(dir: &File, offset: u64) -> io::Result<Vec<DirEntry>> {
     }
     Ok(out)
 }
+
+/// Largest file handle the kernel hands out (MAX_HANDLE_SZ).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for any handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// A host file handle: names an inode for as long as it exists, whatever
+/// its path, and never a later inode that reuses its number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostHandle {
+    handle_type: i32,
+    bytes: Vec<u8>,
+}
+
+impl HostHandle {
+    /// Hex of the type then the bytes: a file name that names this inode.
+    pub fn to_hex(&self) -> String {
+        format!(
+            "{:08x}{}",
+            self.handle_type as u32,
+            crate::hex::encode(&self.bytes)
+        )
+    }
+
+    /// Parses [`HostHandle::to_hex`].
+    pub fn from_hex(s: &str) -> Option<HostHandle> {
+        let handle_type = u32::from_str_radix(s.get(..8)?, 16).ok()? as i32;
+        let bytes = crate::hex::decode(&s[8..])?;
+        (bytes.len() <= MAX_HANDLE_SZ).then_some(HostHandle { handle_type, bytes })
+    }
+}
+
+/// The file handle of the inode behind `node`.
+pub fn handle_of(node: BorrowedFd<'_>) -> io::Result<HostHandle> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id = 0;
+    // SAFETY: raw has room for MAX_HANDLE_SZ bytes, as handle_bytes says.
+    cvt(unsafe {
+        libc::name_to_handle_at(
+            node.as_raw_fd(),
+            EMPTY.as_ptr(),
+            (&mut raw as *mut RawHandle).cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    Ok(HostHandle {
+        handle_type: raw.handle_type,
+        bytes: raw.f_handle[..raw.handle_bytes as usize].to_vec(),
+    })
+}
+
+/// Opens the inode named by `handle` on the file system of `any` as `O_PATH`.
+/// ESTALE once the inode is gone.
+pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<OwnedFd> {
+    let mut raw = RawHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: raw is a valid file_handle; the result is a fresh fd.
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(
+            any.as_raw_fd(),
+            (&mut raw as *mut RawHandle).cast(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Copies all of `src` into `dst` (a new, empty file): FICLONE where the
+/// host supports it (no data copied), `copy_file_range` otherwise.
+pub fn clone_or_copy(src: &File, dst: &File) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: valid fds; FICLONE takes the source fd as its argument.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let len = src.metadata()?.len();
+    let mut off = 0u64;
+    while off < len {
+        let n = copy_file_range(src, off, dst, off, len - off)?;
+        if n == 0 {
+            break;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Names and values of every xattr of the inode behind `node`.
+pub fn all_xattrs(node: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let names = match listxattr(node, 0)? {
+        XattrReply::Size(0) => return Ok(Vec::new()),
+        XattrReply::Size(n) => match listxattr(node, n as u32)? {
+            XattrReply::Data(d) => d,
+            XattrReply::Size(_) => unreachable!("a sized call returns data"),
+        },
+        XattrReply::Data(d) => d,
+    };
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let os = OsStr::from_bytes(name);
+        let size = match getxattr(node, os, 0)? {
+            XattrReply::Size(n) => n,
+            XattrReply::Data(_) => unreachable!("a size-0 call returns a size"),
+        };
+        let value = match getxattr(node, os, size.max(1) as u32)? {
+            XattrReply::Data(d) => d,
+            XattrReply::Size(_) => Vec::new(),
+        };
+        out.push((name.to_vec(), value));
+    }
+    Ok(out)
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, short only at end of file.
+pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -6,10 +6,15 @@
 //! handles, semantics) -> [`hostfs`] (the system calls on the host). See
 //! ARCHITECTURE.md at the top of the repository for the full map.
 
+pub mod control;
 pub mod core;
 pub mod error;
 pub mod fuse_adapter;
+pub mod hex;
 pub mod hostfs;
 pub mod mount;
+pub mod preserve;
+pub mod snapshot;
+pub mod snapview;
 pub mod state;
 pub mod worker;

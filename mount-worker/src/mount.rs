@@ -98,6 +98,22 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What a FUSE mount's server answers to a request that no kernel cache can
+/// answer (`statfs`). `None`: no answer within the timeout (a hung server).
+fn probe(mountpoint: &Path) -> Option<io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = mountpoint.to_owned();
+    // A hung server blocks the caller: probe from a thread we can abandon.
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            nix::sys::statfs::statfs(&path)
+                .map(drop)
+                .map_err(io::Error::from),
+        );
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
+}
+
 /// Clears what a dead worker left at `mountpoint` (a FUSE mount whose server
 /// is gone answers ENOTCONN), and refuses to stack on a live FUSE mount.
 pub fn clear_stale(mountpoint: &Path) -> Result<(), StartupError> {
@@ -106,8 +122,10 @@ pub fn clear_stale(mountpoint: &Path) -> Result<(), StartupError> {
         let Some(FuseMount { fstype, .. }) = mounts.last() else {
             return Ok(());
         };
-        match fs::metadata(mountpoint) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
+        match probe(mountpoint) {
+            Some(Err(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) =>
+            {
                 tracing::warn!(
                     "detaching stale {fstype} mount at {} left by a worker that died",
                     mountpoint.display()

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use fuser::{Config, Session, SessionACL};
 
+use crate::control;
 use crate::core::FsCore;
 use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
@@ -67,10 +68,12 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let source = open_source(&opts.source)?;
     let state = StateDir::open(&opts.state_dir)?;
     tracing::debug!(state_dir = %state.path().display(), "state directory locked");
-    let core =
-        FsCore::new(source.as_fd()).map_err(|e| StartupError::Source(opts.source.clone(), e))?;
+    let core = FsCore::new(source.as_fd(), state.path())
+        .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
+    let core = Arc::new(core);
     drop(source);
-    // Modes arrive with the caller's umask already applied by the kernel.
+    // The caller's umask is applied per creating thread (hostfs::with_umask);
+    // the worker's own must not mask on top of it.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
     let (fd, ownership) = match opts.fuse_fd {
@@ -99,6 +102,8 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     config.acl = acl;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    let _control = control::serve(state.path(), core.clone())
+        .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let session = Session::from_fd(Adapter::new(core, opts.tuning.clone()), fd, acl, config)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(

@@ -215,6 +215,13 @@ fn symlinks() {
         fs::read_link(m.source().join("abs")).unwrap(),
         Path::new("/etc/passwd-nonexistent")
     );
+    // O_NOFOLLOW on a regular file opens it (SQLite opens databases so).
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p.join("target"));
+    assert!(f.is_ok(), "O_NOFOLLOW on a regular file: {f:?}");
     // O_NOFOLLOW on a symlink: ELOOP.
     let e = OpenOptions::new()
         .read(true)

@@ -202,8 +202,9 @@ fn spawn_worker(source: &Path, mountpoint: &Path, state_dir: &Path, extra: &[&st
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // Mounted, and answering (a stale mount left by a killed worker
-        // fails with ENOTCONN until the new worker has replaced it).
-        if is_agentfs_mounted(mountpoint) && fs::metadata(mountpoint).is_ok() {
+        // fails with ENOTCONN until the new worker has replaced it; statfs,
+        // unlike stat, is never answered from the kernel's cache).
+        if is_agentfs_mounted(mountpoint) && nix::sys::statfs::statfs(mountpoint).is_ok() {
             // Forward the worker's log to the test's stderr from now on.
             let mut err = child.stderr.take().unwrap();
             std::thread::spawn(move || {

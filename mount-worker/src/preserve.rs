@@ -1,0 +1,337 @@
+//! Pre-images of main's inodes: what a snapshot of main needs of an inode
+//! that main has changed since.
+//!
+//! Main is the live source, so a snapshot of main cannot be a frozen layer.
+//! Instead, before main first changes an inode after the newest snapshot
+//! (epoch `s`), the inode's current state is stored here tagged `s`. A
+//! snapshot taken at epoch `e` shows an inode as its pre-image with the
+//! smallest tag >= `e`, or as the live inode when there is none (it has not
+//! changed since). See specs/design-branches.md.
+//!
+//! Layout: `<state>/preserved/<handle-hex>/<tag>/` holding `meta.json` and,
+//! for a regular file, `data` (its content), for a directory, `entries.json`
+//! (name -> handle). A pre-image is built in `.tmp-<tag>`, fsync'd and
+//! renamed into place before the change it protects is made.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hex;
+use crate::hostfs::{self, HostHandle, Stat};
+
+/// Metadata of a preserved inode (its `stat` and xattrs at the time).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    /// Host inode number (the object's identity inside a snapshot view).
+    pub ino: u64,
+    /// `st_mode`, type bits included.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: i64,
+    /// Link count.
+    pub nlink: u64,
+    /// Device number of a device node.
+    pub rdev: u64,
+    /// Allocated 512-byte blocks.
+    pub blocks: i64,
+    /// Access time (seconds, nanoseconds).
+    pub atime: (i64, i64),
+    /// Modification time.
+    pub mtime: (i64, i64),
+    /// Status change time.
+    pub ctime: (i64, i64),
+    /// xattrs as hex (name, value).
+    pub xattrs: Vec<(String, String)>,
+    /// Target of a symlink, hex.
+    pub target: Option<String>,
+}
+
+impl Meta {
+    fn of(node: BorrowedFd<'_>, st: &Stat) -> io::Result<Meta> {
+        let kind = st.st_mode & libc::S_IFMT;
+        // xattrs of symlinks, FIFOs and devices are read through their
+        // /proc magic link like any other; unsupported ones are simply none.
+        let xattrs = match hostfs::all_xattrs(node) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENXIO)
+                ) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Meta {
+            ino: st.st_ino,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size,
+            nlink: st.st_nlink,
+            rdev: st.st_rdev,
+            blocks: st.st_blocks,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+            xattrs: xattrs
+                .iter()
+                .map(|(n, v)| (hex::encode(n), hex::encode(v)))
+                .collect(),
+            target: if kind == libc::S_IFLNK {
+                Some(hex::encode(&hostfs::readlink(node)?))
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The preserved attributes as a `stat`.
+    pub fn stat(&self) -> Stat {
+        // SAFETY: an all-zero `struct stat` is a valid value.
+        let mut st: Stat = unsafe { std::mem::zeroed() };
+        st.st_ino = self.ino;
+        st.st_mode = self.mode;
+        st.st_uid = self.uid;
+        st.st_gid = self.gid;
+        st.st_size = self.size;
+        st.st_nlink = self.nlink;
+        st.st_rdev = self.rdev;
+        st.st_blocks = self.blocks;
+        st.st_blksize = 4096;
+        (st.st_atime, st.st_atime_nsec) = self.atime;
+        (st.st_mtime, st.st_mtime_nsec) = self.mtime;
+        (st.st_ctime, st.st_ctime_nsec) = self.ctime;
+        st
+    }
+
+    /// The preserved xattrs, decoded.
+    pub fn xattr_list(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.xattrs
+            .iter()
+            .filter_map(|(n, v)| Some((hex::decode(n)?, hex::decode(v)?)))
+            .collect()
+    }
+}
+
+/// One entry of a preserved directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntryRec {
+    /// The name, hex (names need not be UTF-8).
+    pub name: String,
+    /// Handle of the inode it named.
+    pub handle: String,
+    /// Host inode number.
+    pub ino: u64,
+    /// `DT_*` type.
+    pub d_type: u8,
+}
+
+/// A stored pre-image.
+#[derive(Clone, Debug)]
+pub struct PreImage {
+    /// Its directory (`preserved/<handle>/<tag>`).
+    pub dir: PathBuf,
+    /// The inode's attributes at the time.
+    pub meta: Meta,
+}
+
+impl PreImage {
+    /// The preserved content of a regular file.
+    pub fn open_data(&self) -> io::Result<File> {
+        File::open(self.dir.join("data"))
+    }
+
+    /// The preserved entries of a directory.
+    pub fn entries(&self) -> io::Result<Vec<EntryRec>> {
+        let text = fs::read(self.dir.join("entries.json"))?;
+        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The pre-image store of one state directory.
+pub struct PreImageStore {
+    root: PathBuf,
+    /// Tags on disk per handle, ascending (loaded on first use of a handle).
+    tags: Mutex<HashMap<HostHandle, Vec<u64>>>,
+    /// Serializes preservation: rare, and two threads must never build the
+    /// same pre-image at once.
+    writing: Mutex<()>,
+}
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+impl PreImageStore {
+    /// Opens (creating) `<state>/preserved` and removes half-built
+    /// pre-images a crash may have left.
+    pub fn open(state: &Path) -> io::Result<PreImageStore> {
+        let root = state.join("preserved");
+        fs::create_dir_all(&root)?;
+        for h in fs::read_dir(&root)? {
+            let h = h?.path();
+            for t in fs::read_dir(&h)? {
+                let t = t?;
+                if t.file_name().as_bytes().starts_with(b".tmp-") {
+                    fs::remove_dir_all(t.path())?;
+                }
+            }
+        }
+        Ok(PreImageStore {
+            root,
+            tags: Mutex::default(),
+            writing: Mutex::default(),
+        })
+    }
+
+    fn tags_of(&self, h: &HostHandle) -> io::Result<Vec<u64>> {
+        if let Some(t) = self.tags.lock().unwrap().get(h) {
+            return Ok(t.clone());
+        }
+        let mut tags = Vec::new();
+        match fs::read_dir(self.root.join(h.to_hex())) {
+            Ok(rd) => {
+                for e in rd {
+                    if let Some(t) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                        tags.push(t);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        tags.sort_unstable();
+        self.tags.lock().unwrap().insert(h.clone(), tags.clone());
+        Ok(tags)
+    }
+
+    /// The pre-image a snapshot at `epoch` shows for `h`, if main changed
+    /// the inode since.
+    pub fn find(&self, h: &HostHandle, epoch: u64) -> io::Result<Option<PreImage>> {
+        let Some(&tag) = self.tags_of(h)?.iter().find(|&&t| t >= epoch) else {
+            return Ok(None);
+        };
+        let dir = self.root.join(h.to_hex()).join(tag.to_string());
+        let meta = fs::read(dir.join("meta.json"))?;
+        let meta = serde_json::from_slice(&meta)
+            .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+        Ok(Some(PreImage { dir, meta }))
+    }
+
+    /// Stores the current state of the inode behind `node` tagged `tag`,
+    /// unless a pre-image with a tag >= `tag` exists already. Durable (fsync)
+    /// before it returns, so the change that follows can never outrun it.
+    pub fn preserve(&self, node: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
+        let h = hostfs::handle_of(node)?;
+        if self.tags_of(&h)?.last().is_some_and(|&t| t >= tag) {
+            return Ok(());
+        }
+        let _w = self.writing.lock().unwrap();
+        if self.tags_of(&h)?.last().is_some_and(|&t| t >= tag) {
+            return Ok(());
+        }
+        let st = hostfs::stat(node)?;
+        let hdir = self.root.join(h.to_hex());
+        fs::create_dir_all(&hdir)?;
+        let tmp = hdir.join(format!(".tmp-{tag}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp)?;
+        let meta = Meta::of(node, &st)?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {
+                let src = hostfs::reopen(node, libc::O_RDONLY)?;
+                let dst = File::create(tmp.join("data"))?;
+                hostfs::clone_or_copy(&src, &dst)?;
+                dst.sync_all()?;
+            }
+            libc::S_IFDIR => {
+                let entries = list_dir(node)?;
+                let mut f = File::create(tmp.join("entries.json"))?;
+                f.write_all(&serde_json::to_vec(&entries).expect("serializes"))?;
+                f.sync_all()?;
+            }
+            _ => {}
+        }
+        let mut f = File::create(tmp.join("meta.json"))?;
+        f.write_all(&serde_json::to_vec(&meta).expect("serializes"))?;
+        f.sync_all()?;
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, hdir.join(tag.to_string()))?;
+        File::open(&hdir)?.sync_all()?;
+        File::open(&self.root)?.sync_all()?;
+        let mut tags = self.tags.lock().unwrap();
+        let t = tags.entry(h).or_default();
+        t.push(tag);
+        t.sort_unstable();
+        Ok(())
+    }
+
+    /// Removes every pre-image no live snapshot needs. A pre-image tagged
+    /// `t`, whose previous tag for the same inode is `p` (0 if none), serves
+    /// exactly the snapshots with `p < epoch <= t`.
+    pub fn collect_garbage(&self, live_epochs: &[u64]) -> io::Result<usize> {
+        let _w = self.writing.lock().unwrap();
+        let mut removed = 0;
+        for h in fs::read_dir(&self.root)? {
+            let hdir = h?.path();
+            let mut tags: Vec<u64> = fs::read_dir(&hdir)?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            tags.sort_unstable();
+            let mut prev = 0;
+            for &t in &tags {
+                if !live_epochs.iter().any(|&e| prev < e && e <= t) {
+                    fs::remove_dir_all(hdir.join(t.to_string()))?;
+                    removed += 1;
+                }
+                prev = t;
+            }
+            if fs::read_dir(&hdir)?.next().is_none() {
+                fs::remove_dir(&hdir)?;
+            }
+        }
+        self.tags.lock().unwrap().clear();
+        Ok(removed)
+    }
+}
+
+/// The entries of a live directory, each with the handle of its inode.
+fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<EntryRec>> {
+    let d = hostfs::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let batch = hostfs::read_dir(&d, offset)?;
+        if batch.is_empty() {
+            return Ok(out);
+        }
+        for e in &batch {
+            offset = e.next_offset;
+            if e.name == b"." || e.name == b".." {
+                continue;
+            }
+            let name = hostfs::component(OsStr::from_bytes(&e.name))?;
+            let child = hostfs::open_node(dir, &name)?;
+            out.push(EntryRec {
+                name: hex::encode(&e.name),
+                handle: hostfs::handle_of(child.as_fd())?.to_hex(),
+                ino: e.ino,
+                d_type: e.d_type,
+            });
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Objects of a snapshot view: an inode of main as it was at the
+//! snapshot's epoch, read from its pre-image if main changed it since, else
+//! from the live inode (opened by file handle). Read-only by construction:
+//! nothing here writes.
+//!
+//! A read of a live inode is checked again after it completes: if a
+//! pre-image appeared meanwhile, main has started changing the inode, so
+//! the read is redone from the pre-image. Pre-images are made durable before
+//! the change they protect begins, so a read that found none afterwards
+//! cannot have seen the change.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
+
+use crate::hex;
+use crate::hostfs::{self, HostHandle, Stat, XattrReply};
+use crate::preserve::{PreImage, PreImageStore};
+use crate::snapshot::SnapshotId;
+
+/// An inode as one snapshot shows it.
+pub struct SnapObj {
+    /// The snapshot.
+    pub snap: SnapshotId,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The inode.
+    pub handle: HostHandle,
+    /// Its host inode number.
+    pub ino: u64,
+    /// The pre-image, once main has changed the inode (final once set: the
+    /// first pre-image at or after the epoch never changes).
+    pre: OnceLock<PreImage>,
+}
+
+/// Where an object's state comes from right now.
+pub enum Source<'a> {
+    /// Main changed it: its pre-image.
+    Pre(&'a PreImage),
+    /// Unchanged since the snapshot: the live inode.
+    Live(OwnedFd),
+}
+
+/// A child found by name in a snapshot directory.
+pub struct Found {
+    /// Its handle.
+    pub handle: HostHandle,
+    /// Its host inode number.
+    pub ino: u64,
+}
+
+/// One listed entry of a snapshot directory (`.` and `..` excluded).
+pub struct Listed {
+    /// Host inode number.
+    pub ino: u64,
+    /// `DT_*`.
+    pub d_type: u8,
+    /// Name.
+    pub name: Vec<u8>,
+}
+
+fn gone(what: &str) -> io::Error {
+    tracing::error!("snapshot object lost: {what}");
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl SnapObj {
+    /// An object of snapshot `snap` taken at `epoch`.
+    pub fn new(snap: SnapshotId, epoch: u64, handle: HostHandle, ino: u64) -> SnapObj {
+        SnapObj {
+            snap,
+            epoch,
+            handle,
+            ino,
+            pre: OnceLock::new(),
+        }
+    }
+
+    fn pre(&self, store: &PreImageStore) -> io::Result<Option<&PreImage>> {
+        if let Some(p) = self.pre.get() {
+            return Ok(Some(p));
+        }
+        Ok(store
+            .find(&self.handle, self.epoch)?
+            .map(|p| self.pre.get_or_init(|| p)))
+    }
+
+    /// Runs `read` on the object's current source, redoing it from the
+    /// pre-image if one appeared while it read the live inode.
+    pub fn read<T>(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        read: impl Fn(Source<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        if let Some(p) = self.pre(store)? {
+            return read(Source::Pre(p));
+        }
+        let live = match hostfs::open_handle(mount_fd, &self.handle) {
+            Ok(fd) => fd,
+            // Gone from main: it must have been preserved before it went.
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                return match self.pre(store)? {
+                    Some(p) => read(Source::Pre(p)),
+                    None => Err(gone(&format!(
+                        "inode {} of snapshot {}",
+                        self.ino, self.snap.0
+                    ))),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let value = read(Source::Live(live))?;
+        match self.pre(store)? {
+            Some(p) => read(Source::Pre(p)),
+            None => Ok(value),
+        }
+    }
+
+    /// Attributes as of the snapshot.
+    pub fn stat(&self, store: &PreImageStore, mount_fd: BorrowedFd<'_>) -> io::Result<Stat> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => Ok(p.meta.stat()),
+            Source::Live(fd) => hostfs::stat(fd.as_fd()),
+        })
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, store: &PreImageStore, mount_fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => p
+                .meta
+                .target
+                .as_deref()
+                .and_then(hex::decode)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)),
+            Source::Live(fd) => hostfs::readlink(fd.as_fd()),
+        })
+    }
+
+    /// Resolves `name` in this directory.
+    pub fn lookup(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> io::Result<Found> {
+        let cname = hostfs::component(name)?;
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => {
+                let want = hex::encode(name.as_bytes());
+                let e = p
+                    .entries()?
+                    .into_iter()
+                    .find(|e| e.name == want)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+                let handle = HostHandle::from_hex(&e.handle)
+                    .ok_or_else(|| gone(&format!("bad handle in {}", p.dir.display())))?;
+                Ok(Found { handle, ino: e.ino })
+            }
+            Source::Live(fd) => {
+                let child = hostfs::open_node(fd.as_fd(), &cname)?;
+                Ok(Found {
+                    handle: hostfs::handle_of(child.as_fd())?,
+                    ino: hostfs::stat(child.as_fd())?.st_ino,
+                })
+            }
+        })
+    }
+
+    /// All entries of this directory.
+    pub fn list(&self, store: &PreImageStore, mount_fd: BorrowedFd<'_>) -> io::Result<Vec<Listed>> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => Ok(p
+                .entries()?
+                .into_iter()
+                .filter_map(|e| {
+                    Some(Listed {
+                        ino: e.ino,
+                        d_type: e.d_type,
+                        name: hex::decode(&e.name)?,
+                    })
+                })
+                .collect()),
+            Source::Live(fd) => {
+                let dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let mut out = Vec::new();
+                let mut offset = 0;
+                loop {
+                    let batch = hostfs::read_dir(&dir, offset)?;
+                    if batch.is_empty() {
+                        return Ok(out);
+                    }
+                    for e in batch {
+                        offset = e.next_offset;
+                        if e.name != b"." && e.name != b".." {
+                            out.push(Listed {
+                                ino: e.ino,
+                                d_type: e.d_type,
+                                name: e.name,
+                            });
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Opens the content for reading: the preserved copy (`true`) or the
+    /// live file (`false`, whose reads must go through
+    /// [`SnapObj::read_live`]).
+    pub fn open(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+    ) -> io::Result<(File, bool)> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => Ok((p.open_data()?, true)),
+            Source::Live(fd) => Ok((hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?, false)),
+        })
+    }
+
+    /// Reads from the live file opened by [`SnapObj::open`], switching to
+    /// the pre-image once main has started to change the file.
+    pub fn read_live(
+        &self,
+        store: &PreImageStore,
+        live: &File,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let n = hostfs::read_full(live, buf, offset)?;
+        match self.pre(store)? {
+            Some(p) => hostfs::read_full(&p.open_data()?, buf, offset),
+            None => Ok(n),
+        }
+    }
+
+    /// An xattr value (size 0: its size).
+    pub fn getxattr(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        name: &OsStr,
+        size: u32,
+    ) -> io::Result<XattrReply> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => {
+                let v = p
+                    .meta
+                    .xattr_list()
+                    .into_iter()
+                    .find(|(n, _)| n == name.as_bytes())
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODATA))?;
+                sized(v, size)
+            }
+            Source::Live(fd) => hostfs::getxattr(fd.as_fd(), name, size),
+        })
+    }
+
+    /// The xattr names (size 0: the list's size).
+    pub fn listxattr(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        size: u32,
+    ) -> io::Result<XattrReply> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => {
+                let mut names = Vec::new();
+                for (n, _) in p.meta.xattr_list() {
+                    names.extend_from_slice(&n);
+                    names.push(0);
+                }
+                sized(names, size)
+            }
+            Source::Live(fd) => hostfs::listxattr(fd.as_fd(), size),
+        })
+    }
+}
+
+/// The xattr reply convention: size 0 asks for the size; ERANGE if short.
+fn sized(v: Vec<u8>, size: u32) -> io::Result<XattrReply> {
+    if size == 0 {
+        Ok(XattrReply::Size(v.len()))
+    } else if v.len() > size as usize {
+        Err(io::Error::from_raw_os_error(libc::ERANGE))
+    } else {
+        Ok(XattrReply::Data(v))
+    }
+}

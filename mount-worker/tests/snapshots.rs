@@ -1,0 +1,354 @@
+//! Snapshots of main on real mounts: taken through the control channel,
+//! read at `.agentfs/snapshots/<name>/`, never changed by anything main does
+//! afterwards (also through descriptors and maps opened before), read-only,
+//! durable across a worker kill, and deleted with their space.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use agentfs_mount_worker::control::{self, ErrorKind, Request};
+use common::Mount;
+
+fn create(m: &Mount, name: &str) -> serde_json::Value {
+    control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some(name.into()),
+        },
+    )
+    .expect("snapshot-create")
+}
+
+fn snap(m: &Mount, name: &str) -> PathBuf {
+    m.path().join(".agentfs/snapshots").join(name)
+}
+
+/// Every object of a tree: kind, mode, owner, size, mtime, content hash,
+/// link target and xattrs, by relative path.
+fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            let xattrs = if md.file_type().is_symlink() {
+                String::new()
+            } else {
+                let out = std::process::Command::new("getfattr")
+                    .args(["-d", "-m", "-", "--absolute-names"])
+                    .arg(&p)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let body = if md.is_dir() {
+                stack.push(p.clone());
+                String::from("dir")
+            } else if md.file_type().is_symlink() {
+                format!("link {}", fs::read_link(&p).unwrap().display())
+            } else {
+                let data = fs::read(&p).unwrap();
+                format!(
+                    "file len={} sum={}",
+                    data.len(),
+                    data.iter()
+                        .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64))
+                )
+            };
+            // Directories' mtimes change when main's entries change; they are
+            // part of the snapshot too.
+            out.insert(
+                rel,
+                format!(
+                    "{body} mode={:o} uid={} gid={} mtime={}.{} nlink={} xattrs=[{xattrs}]",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    md.mtime(),
+                    md.mtime_nsec(),
+                    md.nlink()
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn populate(s: &Path) {
+    fs::create_dir_all(s.join("dir/sub")).unwrap();
+    fs::write(s.join("a.txt"), b"alpha").unwrap();
+    fs::write(s.join("dir/b.txt"), vec![b'b'; 10_000]).unwrap();
+    fs::write(s.join("dir/sub/c.txt"), b"charlie").unwrap();
+    fs::write(s.join("mapped"), vec![0u8; 8192]).unwrap();
+    fs::write(s.join("victim"), b"to be deleted").unwrap();
+    fs::write(s.join("moved"), b"to be renamed").unwrap();
+    std::os::unix::fs::symlink("a.txt", s.join("link")).unwrap();
+    fs::create_dir(s.join("emptydir")).unwrap();
+}
+
+#[test]
+fn snapshot_never_changes_whatever_main_does() {
+    let m = Mount::builder().populate(populate).start();
+    let p = m.path();
+    std::process::Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "before"])
+        .arg(p.join("a.txt"))
+        .status()
+        .unwrap();
+    // Opened before the snapshot: a descriptor and a shared map.
+    let mut old_fd = OpenOptions::new()
+        .write(true)
+        .open(p.join("dir/b.txt"))
+        .unwrap();
+    let mapped = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p.join("mapped"))
+        .unwrap();
+    // SAFETY: mapping a file we hold open, unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mapped.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+
+    let created = create(&m, "s1");
+    assert_eq!(created["name"], "s1");
+    let before = tree(&snap(&m, "s1"));
+    assert_eq!(before.len(), 10, "{before:#?}");
+    assert_eq!(fs::read(snap(&m, "s1").join("a.txt")).unwrap(), b"alpha");
+
+    // Every kind of change in main.
+    old_fd.write_all(b"CHANGED THROUGH AN OLD FD").unwrap();
+    drop(old_fd);
+    // SAFETY: addr maps 8192 bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b"mmap!".as_ptr(), addr as *mut u8, 5);
+        assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
+        libc::munmap(addr, 8192);
+    }
+    fs::write(p.join("a.txt"), b"overwritten").unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(p.join("dir/sub/c.txt"))
+        .unwrap()
+        .set_len(2)
+        .unwrap();
+    fs::set_permissions(p.join("dir/sub/c.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    std::process::Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "after"])
+        .arg(p.join("a.txt"))
+        .status()
+        .unwrap();
+    fs::rename(p.join("moved"), p.join("dir/moved-here")).unwrap();
+    fs::remove_file(p.join("victim")).unwrap();
+    fs::remove_dir(p.join("emptydir")).unwrap();
+    fs::write(p.join("dir/new.txt"), b"new").unwrap();
+    fs::hard_link(p.join("a.txt"), p.join("a-link")).unwrap();
+    std::os::unix::fs::chown(p.join("a.txt"), Some(1000), Some(1000)).unwrap();
+    fs::remove_file(p.join("link")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", p.join("link")).unwrap();
+
+    assert_eq!(tree(&snap(&m, "s1")), before, "the snapshot changed");
+    // Main has every change, in the source itself.
+    assert_eq!(fs::read(m.source().join("a.txt")).unwrap(), b"overwritten");
+    assert!(!m.source().join("victim").exists());
+    assert_eq!(&fs::read(m.source().join("mapped")).unwrap()[..5], b"mmap!");
+    assert_eq!(
+        fs::read_to_string(snap(&m, "s1").join("victim")).unwrap(),
+        "to be deleted"
+    );
+}
+
+#[test]
+fn snapshots_are_read_only() {
+    let m = Mount::builder().populate(populate).start();
+    create(&m, "ro");
+    let s = snap(&m, "ro");
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS), "{what}");
+    };
+    erofs(
+        OpenOptions::new()
+            .write(true)
+            .open(s.join("a.txt"))
+            .map(drop),
+        "open for writing",
+    );
+    erofs(File::create(s.join("new")).map(drop), "create");
+    erofs(fs::remove_file(s.join("a.txt")), "unlink");
+    erofs(fs::create_dir(s.join("d")), "mkdir");
+    erofs(fs::rename(s.join("a.txt"), s.join("b")), "rename");
+    erofs(
+        fs::set_permissions(s.join("a.txt"), fs::Permissions::from_mode(0o777)),
+        "chmod",
+    );
+    erofs(fs::hard_link(s.join("a.txt"), s.join("l")), "link");
+    let st = std::process::Command::new("setfattr")
+        .args(["-n", "user.x", "-v", "1"])
+        .arg(s.join("a.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&st.stderr).contains("Read-only"),
+        "setxattr"
+    );
+    erofs(
+        fs::create_dir(m.path().join(".agentfs/snapshots/new")),
+        "mkdir in .agentfs",
+    );
+}
+
+#[test]
+fn agentfs_is_hidden_but_resolves() {
+    let m = Mount::builder().populate(populate).start();
+    let names: Vec<_> = fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(!names.iter().any(|n| n == ".agentfs"), "{names:?}");
+    assert!(m.path().join(".agentfs").is_dir());
+    let mut inside: Vec<_> = fs::read_dir(m.path().join(".agentfs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    inside.sort();
+    assert_eq!(inside, ["branches", "snapshots"]);
+    assert_eq!(
+        fs::read_dir(m.path().join(".agentfs/snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+    create(&m, "one");
+    create(&m, "two");
+    let mut listed: Vec<_> = fs::read_dir(m.path().join(".agentfs/snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["one", "two"]);
+    // The same path in main and in a snapshot are different inodes.
+    let main_ino = fs::metadata(m.path().join("a.txt")).unwrap().ino();
+    let snap_ino = fs::metadata(snap(&m, "one").join("a.txt")).unwrap().ino();
+    assert_ne!(main_ino, snap_ino);
+    assert_eq!(
+        snap_ino & ((1 << 44) - 1),
+        main_ino,
+        "same host inode, another view"
+    );
+}
+
+#[test]
+fn each_snapshot_keeps_its_own_moment() {
+    let m = Mount::builder().populate(populate).start();
+    let f = m.path().join("a.txt");
+    create(&m, "v1");
+    fs::write(&f, b"second").unwrap();
+    create(&m, "v2");
+    fs::write(&f, b"third").unwrap();
+    fs::write(&f, b"fourth").unwrap();
+    create(&m, "v3");
+    fs::remove_file(&f).unwrap();
+    assert_eq!(fs::read(snap(&m, "v1").join("a.txt")).unwrap(), b"alpha");
+    assert_eq!(fs::read(snap(&m, "v2").join("a.txt")).unwrap(), b"second");
+    assert_eq!(fs::read(snap(&m, "v3").join("a.txt")).unwrap(), b"fourth");
+    assert!(!f.exists());
+}
+
+#[test]
+fn snapshots_survive_kill_9_and_restart() {
+    let mut m = Mount::builder().populate(populate).start();
+    create(&m, "durable");
+    fs::write(m.path().join("a.txt"), b"after the snapshot").unwrap();
+    fs::remove_dir_all(m.path().join("dir")).unwrap();
+    let before = tree(&snap(&m, "durable"));
+    m.kill();
+    m.restart(&[]);
+    assert_eq!(tree(&snap(&m, "durable")), before);
+    let list = control::call(m.state_dir(), &Request::SnapshotList {}).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(
+        fs::read(m.path().join("a.txt")).unwrap(),
+        b"after the snapshot"
+    );
+}
+
+#[test]
+fn delete_frees_preimages_and_errors_name_the_snapshot() {
+    let m = Mount::builder().populate(populate).start();
+    create(&m, "old");
+    fs::write(m.path().join("a.txt"), b"1").unwrap();
+    create(&m, "new");
+    fs::write(m.path().join("dir/b.txt"), b"2").unwrap();
+    let preserved = m.state_dir().join("preserved");
+    let count = || fs::read_dir(&preserved).unwrap().count();
+    assert!(count() >= 2);
+    // Duplicate, unknown and invalid names.
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some("old".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    assert!(e.message.contains("\"old\""), "{}", e.message);
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotDelete {
+            snapshot: "nope".into(),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("nope"), "{}", e.message);
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some("a/b".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+
+    control::call(
+        m.state_dir(),
+        &Request::SnapshotDelete {
+            snapshot: "old".into(),
+        },
+    )
+    .unwrap();
+    control::call(
+        m.state_dir(),
+        &Request::SnapshotDelete {
+            snapshot: "new".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(count(), 0, "no snapshot left, so no pre-image either");
+    assert!(!snap(&m, "old").exists());
+    // Main is untouched by all of it.
+    assert_eq!(fs::read(m.path().join("a.txt")).unwrap(), b"1");
+}
