@@ -19,7 +19,7 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 scripts/install-deps.sh
-cargo build --release --quiet -p agentfs-mount-worker
+cargo build --release --quiet -p agentfs-mount-worker --bins
 mkdir -p "$demo/project/src" "$demo/mnt"
 [ -f "$demo/project/README" ] || {
   echo "A demo project served by AgentFS." > "$demo/project/README"
@@ -40,5 +40,8 @@ Try:
   ls -la $demo/mnt; cat $demo/mnt/src/main.rs
   echo change >> $demo/mnt/README; cat $demo/project/README   # written in place
   findmnt $demo/mnt
+Snapshots:
+  sudo target/release/agentfs-workerctl --state-dir $demo/state snapshot-create --name clean
+  echo edited > $demo/mnt/src/main.rs; cat $demo/mnt/.agentfs/snapshots/clean/src/main.rs
 Stop it with: sudo scripts/demo.sh stop
 MSG
