@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Time to create a snapshot of main on trees of 1 000, 100 000 and
+# 1 000 000 files (contract 2.2: the same at every size). A benchmark, not a
+# test: it prints a table, it asserts nothing. Needs root; leaves nothing
+# mounted. Usage: sudo bench/snapshot-create.sh [SIZES...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sizes=("${@:-1000 100000 1000000}")
+[ "$#" -gt 0 ] || sizes=(1000 100000 1000000)
+cargo build --release --quiet -p agentfs-mount-worker --bins
+bin=target/release
+work=$(mktemp -d /var/tmp/agentfs-bench-XXXXXX)
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  grep -q " $work/mnt " /proc/self/mounts && fusermount3 -u -z "$work/mnt"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "| files | snapshot-create (ms, median of 5) | worker RSS after (MiB) |"
+echo "|---|---|---|"
+for n in "${sizes[@]}"; do
+  rm -rf "$work/src" "$work/state"; mkdir -p "$work/src" "$work/mnt"
+  # n files in directories of 1000.
+  python3 - "$work/src" "$n" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    d = os.path.join(root, "d%05d" % (i // 1000))
+    if i % 1000 == 0:
+        os.mkdir(d)
+    os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
+PY
+  "$bin/agentfs-mount-worker" --source "$work/src" --mountpoint "$work/mnt" --state-dir "$work/state" 2>/dev/null &
+  pid=$!
+  for _ in $(seq 100); do grep -q " $work/mnt fuse.agentfs " /proc/self/mounts && break; sleep 0.05; done
+  times=()
+  for i in 1 2 3 4 5; do
+    t0=$(date +%s%N)
+    "$bin/agentfs-workerctl" --state-dir "$work/state" snapshot-create --name "s$i" >/dev/null
+    t1=$(date +%s%N)
+    times+=($(( (t1 - t0) / 1000 )))
+  done
+  median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+  rss=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$pid/status")
+  printf '| %d | %d.%03d | %s |\n' "$n" $((median / 1000)) $((median % 1000)) "$rss"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+done
+echo
+echo "Measured end to end (client start, socket, catalog write with fsync), on $(uname -r), $(nproc) cores."
