@@ -6,6 +6,7 @@
 //! handles, semantics) -> [`hostfs`] (the system calls on the host). See
 //! ARCHITECTURE.md at the top of the repository for the full map.
 
+pub mod check;
 pub mod control;
 pub mod core;
 pub mod error;

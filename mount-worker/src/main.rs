@@ -11,16 +11,22 @@ use clap::Parser;
 ///
 /// Stays in the foreground; SIGTERM or SIGINT unmounts and exits, as does
 /// `fusermount3 -u MOUNTPOINT`. Logs go to stderr (RUST_LOG sets the level).
+/// With --check, verifies a state directory instead and changes nothing.
 #[derive(Parser, Debug)]
 #[command(name = "agentfs-mount-worker", version)]
 struct Cli {
+    /// Verify the state directory (read-only) and exit: 0 if it is
+    /// consistent, 1 if it is damaged. Garbage left by a crash is listed but
+    /// is not damage.
+    #[arg(long)]
+    check: bool,
     /// The host directory to serve (its files are read and written in place).
-    #[arg(long, value_name = "DIR")]
-    source: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "check")]
+    source: Option<PathBuf>,
     /// Where to mount; may be the source itself, which is then served through
     /// a descriptor opened before mounting.
-    #[arg(long, value_name = "DIR")]
-    mountpoint: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "check")]
+    mountpoint: Option<PathBuf>,
     /// The mount's state directory (created 0700 if missing; one worker at a time).
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
@@ -48,9 +54,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if cli.check {
+        return check(&cli.state_dir);
+    }
     let opts = Options {
-        source: cli.source,
-        mountpoint: cli.mountpoint,
+        source: cli.source.expect("required by clap"),
+        mountpoint: cli.mountpoint.expect("required by clap"),
         state_dir: cli.state_dir,
         allow_other: cli.allow_other,
         fuse_fd: cli.fuse_fd,
@@ -63,6 +72,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentfs-mount-worker: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(state_dir: &std::path::Path) -> ExitCode {
+    match agentfs_mount_worker::check::check(state_dir) {
+        Ok(r) => {
+            for g in &r.garbage {
+                println!("garbage: {g}");
+            }
+            for p in &r.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "{}: {} snapshots, {} pre-images, {} problems, {} garbage",
+                state_dir.display(),
+                r.snapshots,
+                r.preimages,
+                r.problems.len(),
+                r.garbage.len()
+            );
+            if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "agentfs-mount-worker: error: cannot check {}: {e}",
+                state_dir.display()
+            );
             ExitCode::FAILURE
         }
     }

@@ -352,3 +352,127 @@ fn delete_frees_preimages_and_errors_name_the_snapshot() {
     // Main is untouched by all of it.
     assert_eq!(fs::read(m.path().join("a.txt")).unwrap(), b"1");
 }
+
+#[test]
+fn kill_9_mid_workload_loses_nothing_acknowledged() {
+    let mut m = Mount::builder().populate(populate).start();
+    create(&m, "base");
+    let before = tree(&snap(&m, "base"));
+    let acked = m.source().parent().unwrap().join("acked.log");
+    // Each step: write, fsync, rename into place, fsync the directory; only
+    // then is the step logged (outside the mount) as acknowledged.
+    let script = r#"
+import os, sys
+mnt, log = sys.argv[1], open(sys.argv[2], "a")
+d = os.open(mnt, os.O_RDONLY)
+for i in range(1000000):
+    tmp, final = os.path.join(mnt, "w%d.tmp" % i), os.path.join(mnt, "w%d" % i)
+    with open(tmp, "wb") as f:
+        f.write(b"payload %d\n" % i * 100)
+        f.flush(); os.fsync(f.fileno())
+    os.rename(tmp, final)
+    os.fsync(d)
+    with open(os.path.join(mnt, "a.txt"), "ab") as f:
+        f.write(b"%d\n" % i)
+    log.write("%d\n" % i); log.flush(); os.fsync(log.fileno())
+"#;
+    let mut writer = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(m.path())
+        .arg(&acked)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for i in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        create(&m, &format!("mid{i}"));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    m.kill();
+    let _ = writer.wait();
+    m.restart(&[]);
+
+    let check = std::process::Command::new(common::WORKER)
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(m.state_dir())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "state check failed:\n{report}");
+    assert!(report.contains("6 snapshots"), "{report}");
+
+    assert_eq!(tree(&snap(&m, "base")), before, "the snapshot changed");
+    let acked: Vec<usize> = fs::read_to_string(&acked)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(acked.len() > 10, "the workload ran ({} steps)", acked.len());
+    for i in &acked {
+        let data = fs::read(m.source().join(format!("w{i}"))).unwrap_or_default();
+        assert_eq!(
+            data,
+            format!("payload {i}\n").repeat(100).into_bytes(),
+            "acknowledged write w{i}"
+        );
+    }
+    // Each mid-workload snapshot is a consistent prefix of the workload.
+    for i in 0..5 {
+        let s = snap(&m, &format!("mid{i}"));
+        let log = fs::read_to_string(s.join("a.txt")).unwrap();
+        let n = log.lines().filter(|l| l.parse::<usize>().is_ok()).count();
+        for k in 0..n {
+            assert!(
+                s.join(format!("w{k}")).exists(),
+                "mid{i} shows step {k} in a.txt but not w{k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_tool_reports_damage_and_changes_nothing() {
+    let mut m = Mount::builder().populate(populate).start();
+    create(&m, "s");
+    fs::write(m.path().join("a.txt"), b"changed").unwrap();
+    m.stop();
+    let run = || {
+        let out = std::process::Command::new(common::WORKER)
+            .args(["--check", "--state-dir"])
+            .arg(m.state_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, report) = run();
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("1 snapshots") && report.contains("0 problems"),
+        "{report}"
+    );
+    // Damage a preserved file's content: named, exit 1, and left as it was.
+    let data = fs::read_dir(m.state_dir().join("preserved"))
+        .unwrap()
+        .flat_map(|h| fs::read_dir(h.unwrap().path()).unwrap())
+        .map(|t| t.unwrap().path().join("data"))
+        .find(|p| p.exists())
+        .expect("a.txt was preserved");
+    fs::write(&data, b"x").unwrap();
+    let (ok, report) = run();
+    assert!(
+        !ok && report.contains("problem:") && report.contains("/data: 1 bytes"),
+        "{report}"
+    );
+    assert_eq!(
+        fs::read(&data).unwrap(),
+        b"x",
+        "the check must not repair or change"
+    );
+    fs::write(m.state_dir().join("catalog.json"), b"{ not json").unwrap();
+    let (ok, report) = run();
+    assert!(!ok && report.contains("catalog.json"), "{report}");
+}
