@@ -9,13 +9,15 @@ scripts/install-deps.sh
 # timeout below, a crash), leave no mount behind. Only mounts made by the
 # tests (their temporary directories) are touched.
 cleanup() {
-  grep ' fuse.agentfs ' /proc/self/mounts | awk '{print $2}' | while read -r mp; do
+  local status=$? mp
+  for mp in $(awk '$3 == "fuse.agentfs" {print $2}' /proc/self/mounts); do
     case "$mp" in
       */agentfs-test-*|*/agentfs-life-*|*/agentfs-pjd-*|*/agentfs-fsx-*|*/agentfs-sqlite-*)
         echo "test.sh: removing leftover mount $mp" >&2
         fusermount3 -u -z "$mp" 2>/dev/null || umount -l "$mp" || true ;;
     esac
   done
+  exit "$status"
 }
 trap cleanup EXIT
 

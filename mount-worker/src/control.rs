@@ -149,6 +149,17 @@ impl Drop for ControlServer {
     }
 }
 
+/// Runs `f` with a short path to `<state_dir>/control`: socket addresses are
+/// limited to 108 bytes, state directories are not, and a path through the
+/// directory's descriptor in /proc always fits.
+fn with_socket_path<T>(state_dir: &Path, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    let dir = fs::File::open(state_dir)?;
+    f(&PathBuf::from(format!(
+        "/proc/self/fd/{}/{SOCKET}",
+        dir.as_raw_fd()
+    )))
+}
+
 /// Binds `<state_dir>/control` and serves it on background threads.
 pub fn serve(state_dir: &Path, handler: Arc<dyn Handler>) -> io::Result<ControlServer> {
     let path = state_dir.join(SOCKET);
@@ -158,7 +169,7 @@ pub fn serve(state_dir: &Path, handler: Arc<dyn Handler>) -> io::Result<ControlS
             fs::remove_file(&path)?;
         }
     }
-    let listener = UnixListener::bind(&path)?;
+    let listener = with_socket_path(state_dir, |p| UnixListener::bind(p))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
     std::thread::Builder::new()
         .name("control".into())
@@ -219,12 +230,24 @@ fn refuse(out: &mut UnixStream, e: ControlError) -> io::Result<()> {
     )
 }
 
+/// Sends a last error and closes: first the reply, then, so that a client
+/// still sending gets the reply rather than EPIPE, up to one more line of
+/// its input is read and dropped (for at most a second).
+fn refuse_and_close(conn: &UnixStream, e: ControlError) -> io::Result<()> {
+    let mut out = conn.try_clone()?;
+    refuse(&mut out, e)?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let _ = io::copy(&mut conn.take(MAX_LINE + 1), &mut io::sink());
+    Ok(())
+}
+
 fn serve_connection(conn: UnixStream, handler: &dyn Handler) -> io::Result<()> {
     let mut out = conn.try_clone()?;
     let uid = peer_uid(&conn)?;
     if uid != 0 {
-        return refuse(
-            &mut out,
+        return refuse_and_close(
+            &conn,
             ControlError::new(
                 ErrorKind::AccessDenied,
                 format!(
@@ -233,7 +256,7 @@ fn serve_connection(conn: UnixStream, handler: &dyn Handler) -> io::Result<()> {
             ),
         );
     }
-    let mut reader = BufReader::new(conn);
+    let mut reader = BufReader::new(conn.try_clone()?);
     loop {
         let mut line = Vec::new();
         let n = (&mut reader)
@@ -243,8 +266,8 @@ fn serve_connection(conn: UnixStream, handler: &dyn Handler) -> io::Result<()> {
             return Ok(());
         }
         if line.last() != Some(&b'\n') && n as u64 > MAX_LINE {
-            return refuse(
-                &mut out,
+            return refuse_and_close(
+                &conn,
                 ControlError::new(
                     ErrorKind::InvalidArgument,
                     format!("request longer than {MAX_LINE} bytes; closing the connection"),
@@ -280,7 +303,7 @@ fn serve_connection(conn: UnixStream, handler: &dyn Handler) -> io::Result<()> {
 /// Sends one request to the worker of `state_dir` and returns its result.
 pub fn call(state_dir: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
     let path = state_dir.join(SOCKET);
-    let mut conn = UnixStream::connect(&path).map_err(|e| {
+    let mut conn = with_socket_path(state_dir, |p| UnixStream::connect(p)).map_err(|e| {
         ControlError::new(
             ErrorKind::Io,
             format!(
@@ -329,7 +352,7 @@ mod tests {
     }
 
     fn raw(state: &Path, text: &[u8]) -> String {
-        let mut c = UnixStream::connect(state.join(SOCKET)).unwrap();
+        let mut c = with_socket_path(state, |p| UnixStream::connect(p)).unwrap();
         // The server may close before reading everything (overlong lines):
         // what counts is the reply it sent.
         let _ = c.write_all(text);
@@ -367,6 +390,15 @@ mod tests {
         for l in &lines[2..] {
             assert!(l.contains("invalid-argument"), "{l}");
         }
+    }
+
+    #[test]
+    fn long_state_directory_paths_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("x".repeat(100)).join("y".repeat(100));
+        fs::create_dir_all(&deep).unwrap();
+        let _server = serve(&deep, Arc::new(Echo)).unwrap();
+        assert!(call(&deep, &Request::SnapshotList {}).is_ok());
     }
 
     #[test]
