@@ -486,24 +486,18 @@ pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<Owned
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Copies all of `src` into `dst` (a new, empty file): FICLONE where the
-/// host supports it (no data copied), `copy_file_range` otherwise.
+/// Copies all of `src` into `dst` (both freshly opened, at offset 0):
+/// FICLONE where the host supports it (no data copied), else std's copy,
+/// which uses copy_file_range and falls back to sendfile and plain reads
+/// and writes across file systems (the state directory is often on another
+/// one than the source, where copy_file_range fails with EXDEV).
 pub fn clone_or_copy(src: &File, dst: &File) -> io::Result<()> {
     const FICLONE: libc::c_ulong = 0x4004_9409;
     // SAFETY: valid fds; FICLONE takes the source fd as its argument.
     if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
         return Ok(());
     }
-    let len = src.metadata()?.len();
-    let mut off = 0u64;
-    while off < len {
-        let n = copy_file_range(src, off, dst, off, len - off)?;
-        if n == 0 {
-            break;
-        }
-        off += n as u64;
-    }
-    Ok(())
+    io::copy(&mut &*src, &mut &*dst).map(drop)
 }
 
 /// Names and values of every xattr of the inode behind `node`.

@@ -249,34 +249,21 @@ impl PreImageStore {
         fs::create_dir_all(&hdir)?;
         let tmp = hdir.join(format!(".tmp-{tag}"));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir(&tmp)?;
-        let meta = Meta::of(node, &st)?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => {
-                let src = hostfs::reopen(node, libc::O_RDONLY)?;
-                let dst = File::create(tmp.join("data"))?;
-                hostfs::clone_or_copy(&src, &dst)?;
-                dst.sync_all()?;
-            }
-            libc::S_IFDIR => {
-                let entries = list_dir(node)?;
-                let mut f = File::create(tmp.join("entries.json"))?;
-                f.write_all(&serde_json::to_vec(&entries).expect("serializes"))?;
-                f.sync_all()?;
-            }
-            _ => {}
+        if let Err(e) = write_preimage(&tmp, node, &st) {
+            // ENOSPC, EIO...: the change is refused; leave nothing behind.
+            let _ = fs::remove_dir_all(&tmp);
+            let _ = fs::remove_dir(&hdir);
+            return Err(e);
         }
-        let mut f = File::create(tmp.join("meta.json"))?;
-        f.write_all(&serde_json::to_vec(&meta).expect("serializes"))?;
-        f.sync_all()?;
-        File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, hdir.join(tag.to_string()))?;
+        {
+            let mut tags = self.tags.lock().unwrap();
+            let t = tags.entry(h).or_default();
+            t.push(tag);
+            t.sort_unstable();
+        }
         File::open(&hdir)?.sync_all()?;
         File::open(&self.root)?.sync_all()?;
-        let mut tags = self.tags.lock().unwrap();
-        let t = tags.entry(h).or_default();
-        t.push(tag);
-        t.sort_unstable();
         Ok(())
     }
 
@@ -307,6 +294,32 @@ impl PreImageStore {
         self.tags.lock().unwrap().clear();
         Ok(removed)
     }
+}
+
+/// Writes the pre-image of the inode behind `node` into the new directory
+/// `tmp`, every file fsync'd.
+fn write_preimage(tmp: &Path, node: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
+    fs::create_dir(tmp)?;
+    let meta = Meta::of(node, st)?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {
+            let src = hostfs::reopen(node, libc::O_RDONLY)?;
+            let dst = File::create(tmp.join("data"))?;
+            hostfs::clone_or_copy(&src, &dst)?;
+            dst.sync_all()?;
+        }
+        libc::S_IFDIR => {
+            let entries = list_dir(node)?;
+            let mut f = File::create(tmp.join("entries.json"))?;
+            f.write_all(&serde_json::to_vec(&entries).expect("serializes"))?;
+            f.sync_all()?;
+        }
+        _ => {}
+    }
+    let mut f = File::create(tmp.join("meta.json"))?;
+    f.write_all(&serde_json::to_vec(&meta).expect("serializes"))?;
+    f.sync_all()?;
+    File::open(tmp)?.sync_all()
 }
 
 /// The entries of a live directory, each with the handle of its inode.

@@ -92,14 +92,18 @@ impl Catalog {
     /// one: temporary file, fsync, rename, fsync of the directory.
     pub fn save(&self, state: &Path) -> Result<(), CatalogError> {
         let tmp = state.join("catalog.json.tmp");
-        let io = |e| CatalogError::Io(tmp.clone(), e);
-        let mut f = File::create(&tmp).map_err(io)?;
-        let text = serde_json::to_vec_pretty(self).expect("catalog serializes");
-        f.write_all(&text).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::rename(&tmp, state.join(CATALOG)).map_err(io)?;
-        File::open(state).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(self).expect("catalog serializes"))?;
+            f.sync_all()?;
+            fs::rename(&tmp, state.join(CATALOG))?;
+            File::open(state)?.sync_all()
+        };
+        write().map_err(|e| {
+            // ENOSPC or EIO: the old catalog stands; leave no half-written copy.
+            let _ = fs::remove_file(&tmp);
+            CatalogError::Io(tmp.clone(), e)
+        })
     }
 
     /// The snapshot called `key` (a name, or an id as decimal).

@@ -476,3 +476,79 @@ fn check_tool_reports_damage_and_changes_nothing() {
     let (ok, report) = run();
     assert!(!ok && report.contains("catalog.json"), "{report}");
 }
+
+#[test]
+fn full_state_directory_refuses_the_change_and_damages_nothing() {
+    let m = Mount::builder()
+        .state_on_tmpfs("1m")
+        .populate(|s| {
+            fs::write(s.join("big"), vec![7u8; 3 << 20]).unwrap();
+            fs::write(s.join("small"), b"small").unwrap();
+        })
+        .start();
+    let p = m.path();
+    create(&m, "s");
+    // Preserving "big" (3 MiB) cannot fit in 1 MiB: the write fails with
+    // ENOSPC, and neither main nor the snapshot changes.
+    let e = OpenOptions::new()
+        .write(true)
+        .open(p.join("big"))
+        .and_then(|mut f| f.write_all(b"x"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(
+        fs::read(m.source().join("big")).unwrap(),
+        vec![7u8; 3 << 20]
+    );
+    assert_eq!(
+        fs::read(snap(&m, "s").join("big")).unwrap(),
+        vec![7u8; 3 << 20]
+    );
+    // Changes whose pre-images fit still work.
+    fs::write(p.join("small"), b"changed").unwrap();
+    assert_eq!(fs::read(snap(&m, "s").join("small")).unwrap(), b"small");
+    // A snapshot cannot be recorded on a full disk either: no-space, and the
+    // catalog stays as it was.
+    let filler = m.state_dir().join("filler");
+    let _ = fs::write(&filler, vec![0u8; 2 << 20]);
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some("t".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoSpace, "{}", e.message);
+    fs::remove_file(&filler).unwrap();
+    let check = std::process::Command::new(common::WORKER)
+        .args(["--check", "--state-dir"])
+        .arg(m.state_dir())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && report.contains("0 garbage"),
+        "{report}"
+    );
+    // Space freed: everything works again.
+    create(&m, "t");
+    control::call(
+        m.state_dir(),
+        &Request::SnapshotDelete {
+            snapshot: "s".into(),
+        },
+    )
+    .unwrap();
+    control::call(
+        m.state_dir(),
+        &Request::SnapshotDelete {
+            snapshot: "t".into(),
+        },
+    )
+    .unwrap();
+    let mut f = OpenOptions::new().write(true).open(p.join("big")).unwrap();
+    f.write_all(b"x").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.source().join("big")).unwrap()[0], b'x');
+}

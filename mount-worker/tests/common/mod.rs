@@ -20,6 +20,8 @@ pub struct Mount {
     source: PathBuf,
     mountpoint: PathBuf,
     state_dir: PathBuf,
+    /// The state directory is a tmpfs of this test's (unmounted on drop).
+    state_tmpfs: bool,
     child: Option<Child>,
 }
 
@@ -113,7 +115,9 @@ impl Drop for Mount {
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        let _ = &self.dir;
+        if self.state_tmpfs {
+            let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -124,6 +128,7 @@ type Populate = Box<dyn FnOnce(&Path)>;
 #[derive(Default)]
 pub struct MountBuilder {
     over_source: bool,
+    state_tmpfs_size: Option<String>,
     args: Vec<String>,
     populate: Option<Populate>,
 }
@@ -132,6 +137,12 @@ impl MountBuilder {
     /// Mounts over the source directory itself (mountpoint == source).
     pub fn over_source(mut self) -> Self {
         self.over_source = true;
+        self
+    }
+
+    /// Puts the state directory on a tmpfs of `size` (e.g. "1m"), to fill it.
+    pub fn state_on_tmpfs(mut self, size: &str) -> Self {
+        self.state_tmpfs_size = Some(size.to_owned());
         self
     }
 
@@ -169,6 +180,18 @@ impl MountBuilder {
         if let Some(f) = self.populate {
             f(&source);
         }
+        if let Some(size) = &self.state_tmpfs_size {
+            fs::create_dir(&state_dir).unwrap();
+            let opts = format!("size={size},mode=0700");
+            nix::mount::mount(
+                Some("agentfs-test-state"),
+                &state_dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+            .unwrap();
+        }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let child = spawn_worker(&source, &mountpoint, &state_dir, &args);
         Mount {
@@ -176,6 +199,7 @@ impl MountBuilder {
             source,
             mountpoint,
             state_dir,
+            state_tmpfs: self.state_tmpfs_size.is_some(),
             child: Some(child),
         }
     }
