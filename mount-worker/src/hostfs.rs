@@ -526,6 +526,24 @@ pub fn all_xattrs(node: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
+/// Every entry of an open directory except `.` and `..`.
+pub fn read_dir_all(dir: &File) -> io::Result<Vec<DirEntry>> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let batch = read_dir(dir, offset)?;
+        let Some(last) = batch.last() else {
+            return Ok(out);
+        };
+        offset = last.next_offset;
+        out.extend(
+            batch
+                .into_iter()
+                .filter(|e| e.name != b"." && e.name != b".."),
+        );
+    }
+}
+
 /// Reads up to `buf.len()` bytes at `offset`, short only at end of file.
 pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;

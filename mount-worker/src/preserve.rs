@@ -325,26 +325,17 @@ fn write_preimage(tmp: &Path, node: BorrowedFd<'_>, st: &Stat) -> io::Result<()>
 /// The entries of a live directory, each with the handle of its inode.
 fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<EntryRec>> {
     let d = hostfs::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let batch = hostfs::read_dir(&d, offset)?;
-        if batch.is_empty() {
-            return Ok(out);
-        }
-        for e in &batch {
-            offset = e.next_offset;
-            if e.name == b"." || e.name == b".." {
-                continue;
-            }
+    hostfs::read_dir_all(&d)?
+        .into_iter()
+        .map(|e| {
             let name = hostfs::component(OsStr::from_bytes(&e.name))?;
             let child = hostfs::open_node(dir, &name)?;
-            out.push(EntryRec {
+            Ok(EntryRec {
                 name: hex::encode(&e.name),
                 handle: hostfs::handle_of(child.as_fd())?.to_hex(),
                 ino: e.ino,
                 d_type: e.d_type,
-            });
-        }
-    }
+            })
+        })
+        .collect()
 }

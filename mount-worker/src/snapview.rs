@@ -187,24 +187,14 @@ impl SnapObj {
                 .collect()),
             Source::Live(fd) => {
                 let dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-                let mut out = Vec::new();
-                let mut offset = 0;
-                loop {
-                    let batch = hostfs::read_dir(&dir, offset)?;
-                    if batch.is_empty() {
-                        return Ok(out);
-                    }
-                    for e in batch {
-                        offset = e.next_offset;
-                        if e.name != b"." && e.name != b".." {
-                            out.push(Listed {
-                                ino: e.ino,
-                                d_type: e.d_type,
-                                name: e.name,
-                            });
-                        }
-                    }
-                }
+                Ok(hostfs::read_dir_all(&dir)?
+                    .into_iter()
+                    .map(|e| Listed {
+                        ino: e.ino,
+                        d_type: e.d_type,
+                        name: e.name,
+                    })
+                    .collect())
             }
         })
     }

@@ -197,29 +197,9 @@ fn check_config_takes_effect(bin: &Path, dir: &Path) {
 /// with the install command when it is missing.
 fn fsx_binary() -> PathBuf {
     let install = format!("cargo install fsx --version {FSX_VERSION} --locked");
-    let bin = if let Some(p) = std::env::var_os("FSX") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "$FSX names {}, which is not a file",
-            p.display()
-        );
-        p
-    } else {
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        if let Some(home) = std::env::var_os("CARGO_HOME") {
-            dirs.push(PathBuf::from(home).join("bin"));
-        }
-        if let Some(home) = std::env::var_os("HOME") {
-            dirs.push(PathBuf::from(home).join(".cargo/bin"));
-        }
-        dirs.into_iter()
-            .map(|d| d.join("fsx"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| panic!("fsx not found (not on PATH, not in ~/.cargo/bin, $FSX unset); install it with `{install}`"))
-    };
+    let bin = common::find_program("FSX", "fsx").unwrap_or_else(|| {
+        panic!("fsx not found (not on PATH, not in ~/.cargo/bin, $FSX unset); install it with `{install}`")
+    });
     let out = Command::new(&bin)
         .arg("--version")
         .output()

@@ -47,6 +47,19 @@ fn scratch() -> tempfile::TempDir {
     d
 }
 
+/// A scratch directory with `src/` and `mnt/` made and `state` named.
+fn scratch_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let d = scratch();
+    let (src, mnt, state) = (
+        d.path().join("src"),
+        d.path().join("mnt"),
+        d.path().join("state"),
+    );
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    (d, src, mnt, state)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -119,14 +132,7 @@ fn refuses_to_run_unprivileged() {
 
 #[test]
 fn refuses_without_dev_fuse() {
-    let d = scratch();
-    let (src, mnt, state) = (
-        d.path().join("src"),
-        d.path().join("mnt"),
-        d.path().join("state"),
-    );
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_d, src, mnt, state) = scratch_dirs();
     // A private mount namespace whose /dev has no fuse node.
     let script = format!(
         "mount -t tmpfs none /dev && exec {WORKER} --source {} --mountpoint {} --state-dir {}",
@@ -239,15 +245,10 @@ fn kill_9_leaves_a_stale_mount_that_the_next_start_clears() {
 
 /// (relative path -> (kind, mode, content hash or link target)) of a tree.
 fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+    common::walk(root)
+        .into_iter()
+        .map(|(rel, p, md)| {
             let v = if md.is_dir() {
-                stack.push(p.clone());
                 format!("dir {:o}", md.mode() & 0o7777)
             } else if md.file_type().is_symlink() {
                 format!("link {}", fs::read_link(&p).unwrap().display())
@@ -260,10 +261,9 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
                     .to_owned();
                 format!("file {:o} {sum}", md.mode() & 0o7777)
             };
-            out.insert(rel, v);
-        }
-    }
-    out
+            (rel, v)
+        })
+        .collect()
 }
 
 /// The same edits, applied to any directory.
@@ -316,14 +316,7 @@ fn mount_over_the_source_itself() {
 
 #[test]
 fn serves_a_given_fuse_descriptor_and_leaves_the_mount_to_its_owner() {
-    let d = scratch();
-    let (src, mnt, state) = (
-        d.path().join("src"),
-        d.path().join("mnt"),
-        d.path().join("state"),
-    );
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_d, src, mnt, state) = scratch_dirs();
     fs::write(src.join("hello"), b"from the source").unwrap();
     // Play the supervisor: mount, then hand the descriptor over as fd 3.
     let dev = fs::OpenOptions::new()

@@ -156,7 +156,7 @@ fn check_pjdfstest(dir: &Path, expected_file: &Path, label: &str) -> String {
 /// install command when it is missing: a missing tool must fail, not skip.
 fn pjdfstest_binary() -> PathBuf {
     let install = format!("cargo install pjdfstest --version {PJDFSTEST_VERSION} --locked");
-    let bin = find_program("PJDFSTEST", "pjdfstest").unwrap_or_else(|| {
+    let bin = common::find_program("PJDFSTEST", "pjdfstest").unwrap_or_else(|| {
         panic!("pjdfstest not found (not on PATH, not in ~/.cargo/bin, $PJDFSTEST unset); install it with `{install}`")
     });
     let out = Command::new(&bin)
@@ -172,30 +172,6 @@ fn pjdfstest_binary() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-/// Looks for a program: `$env_var`, then `PATH`, then `~/.cargo/bin` (where
-/// `cargo install` puts it, not always on the PATH of a CI shell).
-fn find_program(env_var: &str, name: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env_var) {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "${env_var} names {}, which is not a file",
-            p.display()
-        );
-        return Some(p);
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// Makes sure the `[dummy_auth]` users of the config exist: `nobody` (group

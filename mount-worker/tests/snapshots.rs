@@ -33,13 +33,9 @@ fn snap(m: &Mount, name: &str) -> PathBuf {
 /// Every object of a tree: kind, mode, owner, size, mtime, content hash,
 /// link target and xattrs, by relative path.
 fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+    common::walk(root)
+        .into_iter()
+        .map(|(rel, p, md)| {
             let xattrs = if md.file_type().is_symlink() {
                 String::new()
             } else {
@@ -55,36 +51,30 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
                     .join(",")
             };
             let body = if md.is_dir() {
-                stack.push(p.clone());
                 String::from("dir")
             } else if md.file_type().is_symlink() {
                 format!("link {}", fs::read_link(&p).unwrap().display())
             } else {
                 let data = fs::read(&p).unwrap();
-                format!(
-                    "file len={} sum={}",
-                    data.len(),
-                    data.iter()
-                        .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64))
-                )
+                let sum = data
+                    .iter()
+                    .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+                format!("file len={} sum={sum}", data.len())
             };
             // Directories' mtimes change when main's entries change; they are
             // part of the snapshot too.
-            out.insert(
-                rel,
-                format!(
-                    "{body} mode={:o} uid={} gid={} mtime={}.{} nlink={} xattrs=[{xattrs}]",
-                    md.mode(),
-                    md.uid(),
-                    md.gid(),
-                    md.mtime(),
-                    md.mtime_nsec(),
-                    md.nlink()
-                ),
+            let v = format!(
+                "{body} mode={:o} uid={} gid={} mtime={}.{} nlink={} xattrs=[{xattrs}]",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.mtime(),
+                md.mtime_nsec(),
+                md.nlink()
             );
-        }
-    }
-    out
+            (rel, v)
+        })
+        .collect()
 }
 
 fn populate(s: &Path) {

@@ -319,3 +319,45 @@ pub fn run_as(uid: u32, gid: u32, cwd: &Path, cmd: &str) -> std::process::Output
         .output()
         .expect("setpriv")
 }
+
+/// Looks for a program: `$env_var`, then `PATH`, then `~/.cargo/bin` (where
+/// `cargo install` puts it, not always on the PATH of a CI shell).
+pub fn find_program(env_var: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "${env_var} names {}, which is not a file",
+            p.display()
+        );
+        return Some(p);
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Every object below `root` (not `root` itself), depth first, as
+/// (path relative to root, absolute path, metadata without following links).
+pub fn walk(root: &Path) -> Vec<(PathBuf, PathBuf, fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push((p.strip_prefix(root).unwrap().to_path_buf(), p, md));
+        }
+    }
+    out
+}
