@@ -860,3 +860,31 @@ fn o_tmpfile_is_reported_unsupported() {
         "specs/semantics.md documents EOPNOTSUPP"
     );
 }
+
+#[test]
+fn xattrs_of_a_symlink_stay_on_the_symlink() {
+    let m = Mount::new();
+    let p = m.path();
+    fs::write(p.join("target"), b"t").unwrap();
+    std::os::unix::fs::symlink("target", p.join("link")).unwrap();
+    // trusted.* is allowed on symlinks (for root); user.* is not.
+    let st = std::process::Command::new("setfattr")
+        .args(["-h", "-n", "trusted.agentfs", "-v", "onlink"])
+        .arg(p.join("link"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let get = |path: &Path, nofollow: bool| {
+        let mut c = std::process::Command::new("getfattr");
+        if nofollow {
+            c.arg("-h");
+        }
+        let out = c.args(["-d", "-m", "trusted"]).arg(path).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get(&m.source().join("link"), true).contains("onlink"));
+    assert!(
+        !get(&m.source().join("target"), false).contains("onlink"),
+        "the target must not get the symlink's xattr"
+    );
+}
