@@ -22,7 +22,7 @@
 //! registration of an id gets a fresh generation.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -558,6 +558,18 @@ impl FsCore {
         Ok(())
     }
 
+    /// A main directory and a name in it, for a change. `.agentfs` in the
+    /// mount root is the control directory, not a name of the source: it
+    /// cannot be changed (EROFS), whatever the source holds under that name.
+    fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Obj>, CString)> {
+        let obj = self.obj(parent)?;
+        obj.main_fd()?;
+        if parent == NodeId::ROOT && name.as_bytes() == AGENTFS_NAME {
+            return Err(errno(libc::EROFS));
+        }
+        Ok((obj, hostfs::component(name)?))
+    }
+
     /// Runs `make` (which creates `name` in `parent` on the host), then
     /// registers the new node as the caller's.
     fn make_node(
@@ -568,9 +580,8 @@ impl FsCore {
         mode: Option<u32>,
         make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
     ) -> io::Result<Entry> {
-        let obj = self.obj(parent)?;
+        let (obj, name) = self.main_entry(parent, name)?;
         let dir = obj.main_fd()?;
-        let name = hostfs::component(name)?;
         let _change = self.before_change(&[dir])?;
         hostfs::with_umask(caller.umask, || make(dir, &name))?;
         let fd = hostfs::open_node(dir, &name)?;
@@ -619,9 +630,8 @@ impl FsCore {
     /// Removes a name (a directory if `dir`), preserving the directory and
     /// the inode it named for the snapshots that still show them.
     fn remove(&self, parent: NodeId, name: &OsStr, dir: bool) -> io::Result<()> {
-        let obj = self.obj(parent)?;
+        let (obj, name) = self.main_entry(parent, name)?;
         let pfd = obj.main_fd()?;
-        let name = hostfs::component(name)?;
         let victim = hostfs::open_node(pfd, &name)?;
         let _change = self.before_change(&[pfd, victim.as_fd()])?;
         hostfs::unlink(pfd, &name, dir)
@@ -646,9 +656,9 @@ impl FsCore {
         newname: &OsStr,
         flags: u32,
     ) -> io::Result<()> {
-        let (old, new) = (self.obj(parent)?, self.obj(newparent)?);
+        let (old, oname) = self.main_entry(parent, name)?;
+        let (new, nname) = self.main_entry(newparent, newname)?;
         let (ofd, nfd) = (old.main_fd()?, new.main_fd()?);
-        let (oname, nname) = (hostfs::component(name)?, hostfs::component(newname)?);
         // Both names' inodes change (ctime, or they go away).
         let moved = hostfs::open_node(ofd, &oname)?;
         let replaced = match hostfs::open_node(nfd, &nname) {
@@ -664,9 +674,9 @@ impl FsCore {
 
     /// Makes a hard link to `node` as `newparent/newname`.
     pub fn link(&self, node: NodeId, newparent: NodeId, newname: &OsStr) -> io::Result<Entry> {
-        let (obj, dobj) = (self.obj(node)?, self.obj(newparent)?);
+        let obj = self.obj(node)?;
+        let (dobj, name) = self.main_entry(newparent, newname)?;
         let (fd, dir) = (obj.main_fd()?, dobj.main_fd()?);
-        let name = hostfs::component(newname)?;
         let _change = self.before_change(&[fd, dir])?;
         hostfs::link(fd, dir, &name)?;
         self.register_main(hostfs::open_node(dir, &name)?)
@@ -724,9 +734,8 @@ impl FsCore {
         flags: i32,
         caller: Caller,
     ) -> io::Result<(Entry, FileHandle)> {
-        let obj = self.obj(parent)?;
+        let (obj, cname) = self.main_entry(parent, name)?;
         let dir = obj.main_fd()?;
-        let cname = hostfs::component(name)?;
         let flags =
             host_open_flags(flags) | (flags & libc::O_EXCL) | libc::O_CREAT | libc::O_NOFOLLOW;
         let _change = self.before_change(&[dir])?;

@@ -542,3 +542,51 @@ fn full_state_directory_refuses_the_change_and_damages_nothing() {
     drop(f);
     assert_eq!(fs::read(m.source().join("big")).unwrap()[0], b'x');
 }
+
+#[test]
+fn the_control_directory_name_cannot_be_changed_in_the_root() {
+    // A source that has its own `.agentfs`: hidden by the control directory,
+    // and no operation through the mount may reach it.
+    let m = Mount::builder()
+        .populate(|s| fs::write(s.join(".agentfs"), b"the source's own").unwrap())
+        .start();
+    let p = m.path();
+    assert!(p.join(".agentfs/snapshots").is_dir());
+    // The kernel sees a directory there and refuses some calls itself
+    // (EISDIR, EEXIST); those that reach the worker are refused with EROFS.
+    let fails = |r: std::io::Result<()>, errno: i32, what: &str| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(errno), "{what}");
+    };
+    fails(fs::remove_file(p.join(".agentfs")), libc::EISDIR, "unlink");
+    fails(fs::remove_dir(p.join(".agentfs")), libc::EROFS, "rmdir");
+    fs::write(p.join("x"), b"x").unwrap();
+    fails(
+        fs::rename(p.join("x"), p.join(".agentfs")),
+        libc::EISDIR,
+        "rename onto",
+    );
+    fails(
+        fs::rename(p.join(".agentfs"), p.join("y")),
+        libc::EROFS,
+        "rename from",
+    );
+    fails(
+        fs::hard_link(p.join("x"), p.join(".agentfs")),
+        libc::EEXIST,
+        "link",
+    );
+    fs::create_dir(p.join("d")).unwrap();
+    fails(
+        fs::rename(p.join("d"), p.join(".agentfs")),
+        libc::EROFS,
+        "rename a directory onto",
+    );
+    assert_eq!(
+        fs::read(m.source().join(".agentfs")).unwrap(),
+        b"the source's own"
+    );
+    // Below the root, `.agentfs` is an ordinary name.
+    fs::create_dir(p.join("sub")).unwrap();
+    fs::write(p.join("sub/.agentfs"), b"ordinary").unwrap();
+    fs::remove_file(p.join("sub/.agentfs")).unwrap();
+}
