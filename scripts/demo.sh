@@ -40,8 +40,12 @@ Try:
   ls -la $demo/mnt; cat $demo/mnt/src/main.rs
   echo change >> $demo/mnt/README; cat $demo/project/README   # written in place
   findmnt $demo/mnt
-Snapshots:
-  sudo target/release/agentfs-workerctl --state-dir $demo/state snapshot-create --name clean
+Snapshots and branches:
+  ctl="$PWD/target/release/agentfs-workerctl --state-dir $demo/state"
+  \$ctl snapshot-create --name clean
   echo edited > $demo/mnt/src/main.rs; cat $demo/mnt/.agentfs/snapshots/clean/src/main.rs
+  \$ctl branch-create --snapshot clean --name try-a
+  bash -c "\$ctl branch-bind --branch try-a --pid \\\$\\\$; echo agent >> $demo/mnt/README; cat $demo/mnt/README"
+  cat $demo/mnt/README    # main: untouched by the agent's write
 Stop it with: sudo scripts/demo.sh stop
 MSG

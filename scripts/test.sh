@@ -12,7 +12,7 @@ cleanup() {
   local status=$? mp
   for mp in $(awk '$3 == "fuse.agentfs" {print $2}' /proc/self/mounts); do
     case "$mp" in
-      */agentfs-test-*|*/agentfs-life-*|*/agentfs-pjd-*|*/agentfs-fsx-*|*/agentfs-sqlite-*)
+      */aft-*|*/agentfs-life-*|*/agentfs-pjd-*|*/agentfs-fsx-*|*/agentfs-sqlite-*)
         echo "test.sh: removing leftover mount $mp" >&2
         fusermount3 -u -z "$mp" 2>/dev/null || umount -l "$mp" || true ;;
     esac

@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::control::validate_name;
 use crate::hostfs::HostHandle;
 use crate::preserve::{EntryRec, Meta};
-use crate::snapshot::Catalog;
+use crate::snapshot::{Catalog, LayerId, SnapshotId};
 
 /// What a check found.
 #[derive(Debug, Default)]
@@ -24,6 +24,10 @@ pub struct Report {
     pub snapshots: usize,
     /// Pre-images checked.
     pub preimages: usize,
+    /// Branches checked.
+    pub branches: usize,
+    /// Layer directories checked.
+    pub layers: usize,
 }
 
 /// Checks the state directory `state`.
@@ -66,6 +70,36 @@ pub fn check(state: &Path) -> io::Result<Report> {
             }
             live_epochs.push(s.epoch);
         }
+        for b in &c.branches {
+            r.branches += 1;
+            let what = format!("branch {:?} (id {})", b.name, b.id.0);
+            if let Err(e) = validate_name("branch", &b.name) {
+                r.problems.push(format!("{what}: {}", e.message));
+            }
+            if !ids.insert(SnapshotId(b.id.0)) || b.id.0 >= c.next_id || b.id.0 == 0 {
+                r.problems.push(format!(
+                    "{what}: id is duplicated or not below next_id {}",
+                    c.next_id
+                ));
+            }
+            if b.layers.is_empty() {
+                r.problems.push(format!("{what}: has no layer"));
+            }
+            if b.epoch == 0 || b.epoch >= c.main_epoch {
+                r.problems.push(format!(
+                    "{what}: epoch {} is not below main's epoch {}",
+                    b.epoch, c.main_epoch
+                ));
+            }
+            live_epochs.push(b.epoch);
+        }
+        if let Some(bad) = c.bindings.iter().find(|x| c.branch(x.branch).is_none()) {
+            r.problems.push(format!(
+                "a binding names branch id {}, which does not exist",
+                bad.branch.0
+            ));
+        }
+        check_layers(state, c, &mut r)?;
     }
     let preserved = state.join("preserved");
     let rd = match fs::read_dir(&preserved) {
@@ -103,14 +137,62 @@ pub fn check(state: &Path) -> io::Result<Report> {
             let mut prev = 0;
             for t in tags {
                 if !live_epochs.iter().any(|&e| prev < e && e <= t) {
-                    r.garbage
-                        .push(format!("preserved/{hname}/{t}: no snapshot needs it"));
+                    r.garbage.push(format!(
+                        "preserved/{hname}/{t}: no snapshot or branch needs it"
+                    ));
                 }
                 prev = t;
             }
         }
     }
     Ok(r)
+}
+
+/// Every layer a view uses is a directory with `tree/` and `work/`; layers
+/// nobody uses and files left in `work/` are garbage.
+fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
+    let in_use = c.layers_in_use();
+    for l in &in_use {
+        r.layers += 1;
+        if l.0 >= c.next_layer {
+            r.problems.push(format!(
+                "layer {}: id not below next_layer {}",
+                l.0, c.next_layer
+            ));
+        }
+        let dir = state.join("layers").join(l.0.to_string());
+        for sub in ["tree", "work"] {
+            if !dir.join(sub).is_dir() {
+                r.problems.push(format!(
+                    "layers/{}/{sub}: missing (a view uses layer {})",
+                    l.0, l.0
+                ));
+            }
+        }
+        if let Ok(rd) = fs::read_dir(dir.join("work")) {
+            for e in rd {
+                r.garbage.push(format!(
+                    "layers/{}/work/{}: a copy-up interrupted by a crash",
+                    l.0,
+                    e?.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    let rd = match fs::read_dir(state.join("layers")) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let used = name.parse().is_ok_and(|id| in_use.contains(&LayerId(id)));
+        if !used {
+            r.garbage
+                .push(format!("layers/{name}: no snapshot or branch uses it"));
+        }
+    }
+    Ok(())
 }
 
 fn check_preimage(dir: &Path, what: &str, r: &mut Report) {

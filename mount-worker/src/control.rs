@@ -96,6 +96,52 @@ pub enum Request {
         /// Its name or id.
         snapshot: String,
     },
+    /// Create a branch from a snapshot.
+    BranchCreate {
+        /// The snapshot (name or id) the branch starts from.
+        snapshot: String,
+        /// The branch's name; `branch-<id>` when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// List the branches.
+    BranchList {},
+    /// Delete a branch and give back its space.
+    BranchDelete {
+        /// Its name or id.
+        branch: String,
+        /// Delete even if processes are bound to it or files are open in it.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Send a process, its threads and the children it forks from now on
+    /// to a branch.
+    BindPid {
+        /// The branch (name or id).
+        branch: String,
+        /// The process (a thread id names its process).
+        pid: i32,
+    },
+    /// Send every process of a cgroup v2 subtree to a branch.
+    BindCgroup {
+        /// The branch (name or id).
+        branch: String,
+        /// The cgroup, as in `/proc/PID/cgroup` (`/agents/a1`) or as its
+        /// directory under `/sys/fs/cgroup`.
+        cgroup: String,
+    },
+    /// Remove a pid binding.
+    UnbindPid {
+        /// The bound process.
+        pid: i32,
+    },
+    /// Remove a cgroup binding.
+    UnbindCgroup {
+        /// The bound cgroup, spelled as when it was bound (either form).
+        cgroup: String,
+    },
+    /// List the bindings.
+    BindingList {},
 }
 
 /// The reply line.

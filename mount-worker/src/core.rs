@@ -33,10 +33,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::hostfs::{self, Stat, XattrReply};
+use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
-use crate::snapshot::{Catalog, Snapshot, SnapshotId};
+use crate::snapshot::{Branch, Catalog, LayerId, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
 
 /// A FUSE node id. `NodeId::ROOT` is the mount root.
@@ -145,7 +147,9 @@ pub struct DirEntry<'a> {
 /// What a node is.
 enum Obj {
     Main(OwnedFd),
-    Snap(Box<SnapObj>),
+    Snap(Arc<SnapObj>),
+    /// An object of a branch or of a snapshot of a branch.
+    Layer(Arc<LayerObj>),
     Virtual,
 }
 
@@ -164,6 +168,7 @@ impl Obj {
 enum NodeKey {
     Host(u64, u64),
     Snap(SnapshotId, u64),
+    Layer(u32, u64),
     Virtual(u64),
 }
 
@@ -205,7 +210,66 @@ enum OpenFile {
     /// A snapshot file opened from its pre-image: plain reads.
     SnapPre(File),
     /// A snapshot file opened live: reads re-checked by its object.
-    SnapLive(Arc<Obj>, File),
+    SnapLive(Arc<SnapObj>, File),
+    /// A file of a branch or of a snapshot of a branch.
+    Layer {
+        obj: Arc<LayerObj>,
+        /// The caller's open flags.
+        flags: i32,
+        file: RwLock<LayerFile>,
+    },
+}
+
+/// The host file behind an open file of a layered view, and what it was
+/// opened from: a writer reopens in the top layer after the layer it
+/// wrote froze (a snapshot of the branch was taken), a reader reopens
+/// after the object was copied up (so it sees the writes made since).
+struct LayerFile {
+    generation: u64,
+    copies: u64,
+    file: ReadFile,
+}
+
+impl OpenFile {
+    fn writable(&self) -> bool {
+        match self {
+            OpenFile::Main(_) => true,
+            OpenFile::Layer { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY,
+            _ => false,
+        }
+    }
+}
+
+/// What a change holds until it is done, so that no snapshot falls inside.
+enum ChangeGuard<'a> {
+    Main {
+        _held: RwLockReadGuard<'a, Option<u64>>,
+    },
+    Layer {
+        _held: RwLockReadGuard<'a, Layers>,
+    },
+}
+
+/// A host inode to change: borrowed from a main node, or a branch's copy.
+enum HostFd<'a> {
+    Main(BorrowedFd<'a>),
+    Upper(Arc<OwnedFd>),
+}
+
+impl HostFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            HostFd::Main(fd) => *fd,
+            HostFd::Upper(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// A branch or snapshot-of-branch view that is open.
+struct OpenView {
+    view: Arc<LayerView>,
+    /// Its root node.
+    root: NodeId,
 }
 
 /// An open directory stream.
@@ -240,6 +304,9 @@ pub struct FsCore {
     /// preservation to its end; taking a snapshot holds it for writing, so
     /// a snapshot never falls between a change's check and the change.
     latest: RwLock<Option<u64>>,
+    /// The open layered views by view number.
+    views: RwLock<HashMap<u32, OpenView>>,
+    bindings: Bindings,
     started: SystemTime,
 }
 
@@ -273,7 +340,8 @@ impl FsCore {
         }
         let root = table.by_id[&NodeId::ROOT.0].obj.clone();
         let handle_dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok(FsCore {
+        let bindings = Bindings::new(catalog.bindings.clone());
+        let core = FsCore {
             handle_dir,
             nodes: Mutex::new(table),
             source_dev: st.st_dev,
@@ -287,8 +355,214 @@ impl FsCore {
             latest: RwLock::new(catalog.latest_epoch()),
             catalog: Mutex::new(catalog),
             store,
+            views: RwLock::default(),
+            bindings,
             started: SystemTime::now(),
-        })
+        };
+        core.open_layers()?;
+        Ok(core)
+    }
+
+    fn cx(&self) -> Ctx<'_> {
+        Ctx {
+            store: &self.store,
+            mount_fd: self.mount_fd(),
+        }
+    }
+
+    fn layer_dir(&self, id: LayerId) -> PathBuf {
+        self.state.join("layers").join(id.0.to_string())
+    }
+
+    fn open_tree(&self, id: LayerId) -> io::Result<Arc<OwnedFd>> {
+        hostfs::open_dir_path(&self.layer_dir(id).join("tree")).map(Arc::new)
+    }
+
+    /// Main's root as the bottom of a view at `epoch`.
+    fn base_root(&self, snap: SnapshotId, epoch: u64) -> io::Result<SnapObj> {
+        let root = self.root_fd();
+        Ok(SnapObj::new(
+            snap,
+            epoch,
+            hostfs::handle_of(root)?,
+            hostfs::stat(root)?.st_ino,
+        ))
+    }
+
+    /// The topmost part of a view's root with these layers: what a new
+    /// layer's root copies its attributes from.
+    fn root_part(&self, layers: &[LayerId], snap: SnapshotId, epoch: u64) -> io::Result<Part> {
+        match layers.first() {
+            Some(&l) => Ok(Part::Layer(self.open_tree(l)?)),
+            None => Ok(Part::Base(Arc::new(self.base_root(snap, epoch)?))),
+        }
+    }
+
+    /// Opens the views of every branch and snapshot of a branch, and clears
+    /// what a crash may have left in the layer directories.
+    fn open_layers(&self) -> io::Result<()> {
+        let catalog = self.catalog.lock().unwrap().clone();
+        let in_use = catalog.layers_in_use();
+        let layers = self.state.join("layers");
+        std::fs::create_dir_all(&layers)?;
+        for e in std::fs::read_dir(&layers)? {
+            let e = e?;
+            let id = e
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse().ok())
+                .map(LayerId);
+            match id {
+                Some(id) if in_use.contains(&id) => {
+                    let work = hostfs::open_dir_path(&e.path().join("work"))?;
+                    let w = hostfs::reopen(work.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                    for t in hostfs::read_dir_all(&w)? {
+                        layered::remove_tree(
+                            work.as_fd(),
+                            &hostfs::component(OsStr::from_bytes(&t.name))?,
+                        )?;
+                    }
+                }
+                // Made by a branch-create or left by a deletion that a
+                // crash interrupted: no view uses it.
+                _ => std::fs::remove_dir_all(e.path())?,
+            }
+        }
+        for b in &catalog.branches {
+            self.open_branch_view(b)?;
+        }
+        for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
+            self.open_view(s.id.0, None, &s.layers, s.id, s.epoch)?;
+        }
+        Ok(())
+    }
+
+    fn open_branch_view(&self, b: &Branch) -> io::Result<()> {
+        let (top, frozen) = b.layers.split_first().expect("a branch has a layer");
+        self.open_view(b.id.0, Some(*top), frozen, b.snapshot, b.epoch)
+    }
+
+    /// Opens a layered view and registers its root node.
+    fn open_view(
+        &self,
+        number: u32,
+        top: Option<LayerId>,
+        frozen: &[LayerId],
+        snap: SnapshotId,
+        epoch: u64,
+    ) -> io::Result<()> {
+        let top = match top {
+            Some(id) => Some(Top {
+                tree: self.open_tree(id)?,
+                work: hostfs::open_dir_path(&self.layer_dir(id).join("work"))?,
+            }),
+            None => None,
+        };
+        let mut lowers = frozen
+            .iter()
+            .map(|&l| self.open_tree(l).map(Part::Layer))
+            .collect::<io::Result<Vec<_>>>()?;
+        let base = self.base_root(snap, epoch)?;
+        let root_ino = base.ino;
+        lowers.push(Part::Base(Arc::new(base)));
+        let view = Arc::new(LayerView::new(number, top));
+        let root = LayerObj::root(view.clone(), root_ino, lowers);
+        let id = NodeId::in_view(number as u64, root_ino);
+        self.nodes.lock().unwrap().insert(
+            id.0,
+            Obj::Layer(Arc::new(root)),
+            NodeKey::Layer(number, root_ino),
+            0,
+            PERMANENT,
+        );
+        self.views
+            .write()
+            .unwrap()
+            .insert(number, OpenView { view, root: id });
+        Ok(())
+    }
+
+    /// Forgets a view that was deleted: its nodes answer ESTALE from now on.
+    fn close_view(&self, number: u32) {
+        if let Some(v) = self.views.write().unwrap().remove(&number) {
+            let mut t = self.nodes.lock().unwrap();
+            if let Some(n) = t.by_id.remove(&v.root.0) {
+                t.by_key.remove(&n.key);
+            }
+        }
+    }
+
+    /// Creates the directories of a new layer, its tree root looking like
+    /// `root` (the root of the view it goes on top of).
+    fn create_layer(&self, id: LayerId, root: &Part) -> io::Result<()> {
+        let dir = self.layer_dir(id);
+        let made = (|| {
+            std::fs::create_dir_all(dir.join("work"))?;
+            std::fs::create_dir(dir.join("tree"))?;
+            let tree = self.open_tree(id)?;
+            root.copy_meta(self.cx(), tree.as_fd())?;
+            hostfs::sync_dir(tree.as_fd())?;
+            File::open(&dir)?.sync_all()?;
+            File::open(self.state.join("layers"))?.sync_all()
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        made
+    }
+
+    /// The layers of a layered node's view; ESTALE once the view is deleted.
+    fn layers_of<'a>(&self, o: &'a LayerObj) -> io::Result<RwLockReadGuard<'a, Layers>> {
+        if !self.views.read().unwrap().contains_key(&o.view.number) {
+            return Err(errno(libc::ESTALE));
+        }
+        Ok(o.view.layers.read().unwrap())
+    }
+
+    /// Registers an object of a layered view.
+    fn register_layer(&self, obj: LayerObj, layers: &Layers) -> io::Result<Entry> {
+        let stat = obj.stat(self.cx(), layers)?;
+        let view = obj.view.number;
+        let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
+        Ok(self.register(
+            NodeKey::Layer(view, obj.id),
+            id,
+            || Obj::Layer(Arc::new(obj)),
+            stat,
+        ))
+    }
+
+    /// The live object with `obj`'s identity if the kernel holds one, else
+    /// `obj` itself.
+    fn live_layer_obj(&self, obj: LayerObj) -> Arc<LayerObj> {
+        let t = self.nodes.lock().unwrap();
+        let key = NodeKey::Layer(obj.view.number, obj.id);
+        match t
+            .by_key
+            .get(&key)
+            .and_then(|id| t.by_id.get(id))
+            .map(|n| &*n.obj)
+        {
+            Some(Obj::Layer(live)) => live.clone(),
+            _ => Arc::new(obj),
+        }
+    }
+
+    /// The node where a request from thread `pid` on `node` goes: the mount
+    /// root is the root of the caller's branch; every other node is itself.
+    pub fn route(&self, node: NodeId, pid: u32) -> NodeId {
+        if node != NodeId::ROOT || pid == 0 {
+            return node;
+        }
+        match self.bindings.resolve(pid) {
+            Some(b) => self
+                .views
+                .read()
+                .unwrap()
+                .get(&b.0)
+                .map_or(node, |v| v.root),
+            None => node,
+        }
     }
 
     fn root_fd(&self) -> BorrowedFd<'_> {
@@ -363,7 +637,7 @@ impl FsCore {
         Ok(self.register(
             NodeKey::Snap(obj.snap, obj.ino),
             id,
-            || Obj::Snap(Box::new(obj)),
+            || Obj::Snap(Arc::new(obj)),
             stat,
         ))
     }
@@ -406,6 +680,25 @@ impl FsCore {
                 let found = dir.lookup(&self.store, self.mount_fd(), name)?;
                 self.register_snap(SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino))
             }
+            (_, Obj::Layer(dir)) => {
+                if dir.is_root() && name.as_bytes() == AGENTFS_NAME {
+                    return Ok(self.virtual_entry(NodeId::AGENTFS));
+                }
+                let layers = self.layers_of(dir)?;
+                self.register_layer(dir.lookup(self.cx(), &layers, name)?, &layers)
+            }
+            (NodeId::BRANCHES, Obj::Virtual) => {
+                let b = self
+                    .catalog
+                    .lock()
+                    .unwrap()
+                    .branches
+                    .iter()
+                    .find(|b| b.name.as_bytes() == name.as_bytes())
+                    .map(|b| b.id.0)
+                    .ok_or_else(|| errno(libc::ENOENT))?;
+                self.view_root_entry(b)
+            }
             (NodeId::AGENTFS, Obj::Virtual) => match name.as_bytes() {
                 b"snapshots" => Ok(self.virtual_entry(NodeId::SNAPSHOTS)),
                 b"branches" => Ok(self.virtual_entry(NodeId::BRANCHES)),
@@ -421,6 +714,9 @@ impl FsCore {
                     .find(|s| s.name.as_bytes() == name.as_bytes())
                     .cloned()
                     .ok_or_else(|| errno(libc::ENOENT))?;
+                if snap.branch.is_some() {
+                    return self.view_root_entry(snap.id.0);
+                }
                 let root = self.root_fd();
                 let obj = SnapObj::new(
                     snap.id,
@@ -434,6 +730,26 @@ impl FsCore {
             }
             _ => Err(errno(libc::ENOENT)),
         }
+    }
+
+    /// The entry of a layered view's root (a permanent node), never cached:
+    /// the name may go away with the view.
+    fn view_root_entry(&self, number: u32) -> io::Result<Entry> {
+        let root = self
+            .views
+            .read()
+            .unwrap()
+            .get(&number)
+            .map(|v| v.root)
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let mut e = Entry {
+            node: root,
+            generation: 0,
+            stat: self.getattr(root)?,
+            cacheable: false,
+        };
+        e.stat.st_ino = root.0;
+        Ok(e)
     }
 
     /// The kernel dropped `n` lookups of `node`.
@@ -455,14 +771,20 @@ impl FsCore {
         match &*self.obj(node)? {
             Obj::Main(fd) => hostfs::stat(fd.as_fd()),
             Obj::Snap(s) => s.stat(&self.store, self.mount_fd()),
+            Obj::Layer(o) => {
+                let mut st = o.stat(self.cx(), &*self.layers_of(o)?)?;
+                st.st_ino = o.id;
+                Ok(st)
+            }
             Obj::Virtual => Ok(self.virtual_stat(node)),
         }
     }
 
     /// Whether the kernel may cache a node's attributes: not for the
     /// virtual directories, whose listings change with the catalog.
+    /// Nor for the mount root, whose attributes depend on the caller.
     pub fn attr_cacheable(&self, node: NodeId) -> bool {
-        node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE
+        node != NodeId::ROOT && (node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE)
     }
 
     /// Stores pre-images of the inodes behind `fds` if a snapshot of main
@@ -480,12 +802,31 @@ impl FsCore {
         Ok(latest)
     }
 
+    /// The host inode to change for `obj`, with the guard to hold until
+    /// the change is done: main's own inode after preserving it for the
+    /// snapshots, or a branch's copy in its top layer (copied up first).
+    /// EROFS for snapshots and virtual directories.
+    fn writable<'a>(&'a self, obj: &'a Obj) -> io::Result<(ChangeGuard<'a>, HostFd<'a>)> {
+        match obj {
+            Obj::Main(fd) => {
+                let g = self.before_change(&[fd.as_fd()])?;
+                Ok((ChangeGuard::Main { _held: g }, HostFd::Main(fd.as_fd())))
+            }
+            Obj::Layer(o) => {
+                let layers = self.layers_of(o)?;
+                let u = o.upper(self.cx(), &layers)?;
+                Ok((ChangeGuard::Layer { _held: layers }, HostFd::Upper(u)))
+            }
+            _ => Err(errno(libc::EROFS)),
+        }
+    }
+
     /// Applies a `setattr`: owner first (a chown clears set-id bits, so an
     /// explicit mode must come after it), then mode, size and times.
     pub fn setattr(&self, node: NodeId, fh: Option<FileHandle>, attr: SetAttr) -> io::Result<Stat> {
         let obj = self.obj(node)?;
-        let fd = obj.main_fd()?;
-        let _change = self.before_change(&[fd])?;
+        let (_change, fd) = self.writable(&obj)?;
+        let fd = fd.as_fd();
         if attr.uid.is_some() || attr.gid.is_some() {
             hostfs::chown(fd, attr.uid, attr.gid)?;
         }
@@ -515,7 +856,11 @@ impl FsCore {
             };
             hostfs::utimens(fd, &[ts(attr.atime), ts(attr.mtime)])?;
         }
-        hostfs::stat(fd)
+        let mut st = hostfs::stat(fd)?;
+        if let Obj::Layer(o) = &*obj {
+            st.st_ino = o.id;
+        }
+        Ok(st)
     }
 
     /// Target of a symlink.
@@ -523,6 +868,7 @@ impl FsCore {
         match &*self.obj(node)? {
             Obj::Main(fd) => hostfs::readlink(fd.as_fd()),
             Obj::Snap(s) => s.readlink(&self.store, self.mount_fd()),
+            Obj::Layer(o) => o.readlink(self.cx(), &*self.layers_of(o)?),
             Obj::Virtual => Err(errno(libc::EINVAL)),
         }
     }
@@ -558,20 +904,32 @@ impl FsCore {
         Ok(())
     }
 
-    /// A main directory and a name in it, for a change. `.agentfs` in the
-    /// mount root is the control directory, not a name of the source: it
-    /// cannot be changed (EROFS), whatever the source holds under that name.
-    fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Obj>, CString)> {
+    /// A directory and a name in it, for a change. `.agentfs` in the root
+    /// of a view is the control directory, not a name of the tree: it
+    /// cannot be changed (EROFS), whatever the tree holds under that name.
+    fn dir_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<Arc<Obj>> {
         let obj = self.obj(parent)?;
-        obj.main_fd()?;
-        if parent == NodeId::ROOT && name.as_bytes() == AGENTFS_NAME {
+        let is_root = match &*obj {
+            Obj::Main(_) => parent == NodeId::ROOT,
+            Obj::Layer(o) => o.is_root(),
+            _ => return Err(errno(libc::EROFS)),
+        };
+        if is_root && name.as_bytes() == AGENTFS_NAME {
             return Err(errno(libc::EROFS));
         }
+        Ok(obj)
+    }
+
+    /// A main directory and a name in it, for a change.
+    fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Obj>, CString)> {
+        let obj = self.dir_entry(parent, name)?;
+        obj.main_fd()?;
         Ok((obj, hostfs::component(name)?))
     }
 
-    /// Runs `make` (which creates `name` in `parent` on the host), then
-    /// registers the new node as the caller's.
+    /// Runs `make` (which creates a name in a directory on the host, with
+    /// the caller's umask), gives the new node to the caller and registers
+    /// it. In a branch, the name is made in the directory's top-layer copy.
     fn make_node(
         &self,
         parent: NodeId,
@@ -580,13 +938,29 @@ impl FsCore {
         mode: Option<u32>,
         make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
     ) -> io::Result<Entry> {
-        let (obj, name) = self.main_entry(parent, name)?;
-        let dir = obj.main_fd()?;
-        let _change = self.before_change(&[dir])?;
-        hostfs::with_umask(caller.umask, || make(dir, &name))?;
-        let fd = hostfs::open_node(dir, &name)?;
-        self.give_to_caller(&fd, dir, caller, mode)?;
-        self.register_main(fd)
+        let make = |d: BorrowedFd<'_>, n: &CStr| hostfs::with_umask(caller.umask, || make(d, n));
+        let obj = self.dir_entry(parent, name)?;
+        match &*obj {
+            Obj::Layer(dir) => {
+                let layers = self.layers_of(dir)?;
+                let new = dir.create(self.cx(), &layers, name, make)?;
+                let (fd, pu) = (new.upper_now(&layers), dir.upper_now(&layers));
+                let (Some(fd), Some(pu)) = (fd, pu) else {
+                    unreachable!("made in the top layer")
+                };
+                self.give_to_caller(&fd, pu.as_fd(), caller, mode)?;
+                self.register_layer(new, &layers)
+            }
+            _ => {
+                let dir = obj.main_fd()?;
+                let name = hostfs::component(name)?;
+                let _change = self.before_change(&[dir])?;
+                make(dir, &name)?;
+                let fd = hostfs::open_node(dir, &name)?;
+                self.give_to_caller(&fd, dir, caller, mode)?;
+                self.register_main(fd)
+            }
+        }
     }
 
     /// Creates a file node (regular, FIFO, socket or device).
@@ -630,6 +1004,9 @@ impl FsCore {
     /// Removes a name (a directory if `dir`), preserving the directory and
     /// the inode it named for the snapshots that still show them.
     fn remove(&self, parent: NodeId, name: &OsStr, dir: bool) -> io::Result<()> {
+        if let Obj::Layer(d) = &*self.dir_entry(parent, name)? {
+            return d.remove(self.cx(), &*self.layers_of(d)?, name, dir);
+        }
         let (obj, name) = self.main_entry(parent, name)?;
         let pfd = obj.main_fd()?;
         let victim = hostfs::open_node(pfd, &name)?;
@@ -656,6 +1033,21 @@ impl FsCore {
         newname: &OsStr,
         flags: u32,
     ) -> io::Result<()> {
+        let (old, new) = (
+            self.dir_entry(parent, name)?,
+            self.dir_entry(newparent, newname)?,
+        );
+        match (&*old, &*new) {
+            (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
+                let layers = self.layers_of(o)?;
+                return o.rename(self.cx(), &layers, name, n, newname, flags, |obj| {
+                    self.live_layer_obj(obj)
+                });
+            }
+            // Between views (only reachable through .agentfs paths).
+            (Obj::Layer(_), _) | (_, Obj::Layer(_)) => return Err(errno(libc::EXDEV)),
+            _ => {}
+        }
         let (old, oname) = self.main_entry(parent, name)?;
         let (new, nname) = self.main_entry(newparent, newname)?;
         let (ofd, nfd) = (old.main_fd()?, new.main_fd()?);
@@ -675,6 +1067,16 @@ impl FsCore {
     /// Makes a hard link to `node` as `newparent/newname`.
     pub fn link(&self, node: NodeId, newparent: NodeId, newname: &OsStr) -> io::Result<Entry> {
         let obj = self.obj(node)?;
+        let dir = self.dir_entry(newparent, newname)?;
+        match (&*obj, &*dir) {
+            (Obj::Layer(o), Obj::Layer(d)) if Arc::ptr_eq(&o.view, &d.view) => {
+                let layers = self.layers_of(o)?;
+                let new = o.link(self.cx(), &layers, d, newname)?;
+                return self.register_layer(new, &layers);
+            }
+            (Obj::Layer(_), _) | (_, Obj::Layer(_)) => return Err(errno(libc::EXDEV)),
+            _ => {}
+        }
         let (dobj, name) = self.main_entry(newparent, newname)?;
         let (fd, dir) = (obj.main_fd()?, dobj.main_fd()?);
         let _change = self.before_change(&[fd, dir])?;
@@ -697,13 +1099,79 @@ impl FsCore {
             .ok_or_else(|| errno(libc::EBADF))
     }
 
-    /// An open file of main: the only kind that may be written.
-    fn main_file(&self, fh: FileHandle) -> io::Result<Arc<OpenFile>> {
-        let f = self.file(fh)?;
-        match *f {
-            OpenFile::Main(_) => Ok(f),
-            _ => Err(errno(libc::EBADF)),
+    /// Runs `f` on the host file behind `fh` for a change of `node`:
+    /// main's file after preserving it for the snapshots, a branch's file
+    /// in its top layer (reopened there if the layer it was opened in has
+    /// frozen since). EBADF for files not open for writing.
+    fn change_file<T>(
+        &self,
+        node: NodeId,
+        fh: FileHandle,
+        f: impl FnOnce(&File) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let file = self.file(fh)?;
+        if !file.writable() {
+            return Err(errno(libc::EBADF));
         }
+        match &*file {
+            OpenFile::Main(host) => {
+                let obj = self.obj(node)?;
+                let _change = self.before_change(&[obj.main_fd()?])?;
+                f(host)
+            }
+            OpenFile::Layer { obj, flags, file } => {
+                let layers = self.layers_of(obj)?;
+                let current = self.layer_file(obj, *flags, file, &layers)?;
+                f(current.file.file())
+            }
+            _ => unreachable!("only main and layer files are writable"),
+        }
+    }
+
+    /// The open file of a layered object, reopened if needed (see
+    /// [`LayerFile`]).
+    fn layer_file<'a>(
+        &self,
+        obj: &Arc<LayerObj>,
+        flags: i32,
+        file: &'a RwLock<LayerFile>,
+        layers: &Layers,
+    ) -> io::Result<RwLockReadGuard<'a, LayerFile>> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let stale = |f: &LayerFile| {
+            if writable {
+                f.generation != layers.generation
+            } else {
+                f.copies != obj.copies()
+            }
+        };
+        if stale(&file.read().unwrap()) {
+            let mut f = file.write().unwrap();
+            if stale(&f) {
+                *f = self.open_layer_file(obj, flags, layers)?;
+            }
+        }
+        Ok(file.read().unwrap())
+    }
+
+    fn open_layer_file(
+        &self,
+        obj: &Arc<LayerObj>,
+        flags: i32,
+        layers: &Layers,
+    ) -> io::Result<LayerFile> {
+        let copies = obj.copies();
+        let file = if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            let u = obj.upper(self.cx(), layers)?;
+            ReadFile::Plain(hostfs::reopen(u.as_fd(), host_open_flags(flags))?)
+        } else {
+            obj.open_read(self.cx(), layers)?.0
+        };
+        Ok(LayerFile {
+            generation: layers.generation,
+            copies,
+            file,
+        })
     }
 
     /// Opens a regular file with the caller's open flags.
@@ -717,7 +1185,20 @@ impl FsCore {
                 }
                 match s.open(&self.store, self.mount_fd())? {
                     (f, true) => OpenFile::SnapPre(f),
-                    (f, false) => OpenFile::SnapLive(obj.clone(), f),
+                    (f, false) => OpenFile::SnapLive(s.clone(), f),
+                }
+            }
+            Obj::Layer(o) => {
+                let layers = self.layers_of(o)?;
+                // O_TRUNC was done by the kernel through setattr already
+                // (atomic_o_trunc is not negotiated); a reopen must not
+                // truncate again.
+                let flags = flags & !libc::O_TRUNC;
+                let file = self.open_layer_file(o, flags, &layers)?;
+                OpenFile::Layer {
+                    obj: o.clone(),
+                    flags,
+                    file: RwLock::new(file),
                 }
             }
             Obj::Virtual => return Err(errno(libc::EISDIR)),
@@ -734,6 +1215,20 @@ impl FsCore {
         flags: i32,
         caller: Caller,
     ) -> io::Result<(Entry, FileHandle)> {
+        if let Obj::Layer(_) = &*self.dir_entry(parent, name)? {
+            // Made like any node, then opened in the top layer: O_EXCL
+            // holds because the name is made with mknod, which fails if it
+            // exists.
+            let entry = self.mknod(parent, name, libc::S_IFREG | (mode & 0o7777), 0, caller)?;
+            let flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
+            return match self.open(entry.node, flags) {
+                Ok(fh) => Ok((entry, fh)),
+                Err(e) => {
+                    self.forget(entry.node, 1);
+                    Err(e)
+                }
+            };
+        }
         let (obj, cname) = self.main_entry(parent, name)?;
         let dir = obj.main_fd()?;
         let flags =
@@ -753,10 +1248,12 @@ impl FsCore {
         let mut buf = vec![0u8; size as usize];
         let n = match &*file {
             OpenFile::Main(f) | OpenFile::SnapPre(f) => hostfs::read_full(f, &mut buf, offset)?,
-            OpenFile::SnapLive(obj, f) => match &**obj {
-                Obj::Snap(s) => s.read_live(&self.store, f, &mut buf, offset)?,
-                _ => unreachable!("live snapshot files belong to snapshot nodes"),
-            },
+            OpenFile::SnapLive(s, f) => s.read_live(&self.store, f, &mut buf, offset)?,
+            OpenFile::Layer { obj, flags, file } => {
+                let layers = self.layers_of(obj)?;
+                let current = self.layer_file(obj, *flags, file, &layers)?;
+                current.file.read(self.cx(), &mut buf, offset)?
+            }
         };
         buf.truncate(n);
         Ok(buf)
@@ -771,25 +1268,7 @@ impl FsCore {
         offset: u64,
         data: &[u8],
     ) -> io::Result<usize> {
-        let file = self.main_file(fh)?;
-        let OpenFile::Main(f) = &*file else {
-            unreachable!()
-        };
-        let obj = self.obj(node)?;
-        let _change = self.before_change(&[obj.main_fd()?])?;
-        let mut done = 0;
-        while done < data.len() {
-            match f.write_at(&data[done..], offset + done as u64) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if done > 0 => {
-                    tracing::debug!("short write after {done} bytes: {e}");
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
+        self.change_file(node, fh, |f| write_all_at(f, data, offset))
     }
 
     /// Closes a file handle.
@@ -797,11 +1276,26 @@ impl FsCore {
         self.files.write().unwrap().remove(&fh.0);
     }
 
-    /// Flushes a file to the host disk (nothing to do for snapshots).
+    /// Flushes a file to the host disk (nothing to do for read-only files).
     pub fn fsync(&self, fh: FileHandle, datasync: bool) -> io::Result<()> {
-        match &*self.file(fh)? {
-            OpenFile::Main(f) if datasync => f.sync_data(),
-            OpenFile::Main(f) => f.sync_all(),
+        let file = self.file(fh)?;
+        let sync = |f: &File| {
+            if datasync {
+                f.sync_data()
+            } else {
+                f.sync_all()
+            }
+        };
+        match &*file {
+            OpenFile::Main(f) => sync(f),
+            OpenFile::Layer {
+                obj,
+                flags,
+                file: lf,
+            } if file.writable() => {
+                let layers = self.layers_of(obj)?;
+                sync(self.layer_file(obj, *flags, lf, &layers)?.file.file())
+            }
             _ => Ok(()),
         }
     }
@@ -815,13 +1309,7 @@ impl FsCore {
         len: u64,
         mode: i32,
     ) -> io::Result<()> {
-        let file = self.main_file(fh)?;
-        let OpenFile::Main(f) = &*file else {
-            unreachable!()
-        };
-        let obj = self.obj(node)?;
-        let _change = self.before_change(&[obj.main_fd()?])?;
-        hostfs::fallocate(f, mode, offset, len)
+        self.change_file(node, fh, |f| hostfs::fallocate(f, mode, offset, len))
     }
 
     /// SEEK_DATA / SEEK_HOLE.
@@ -830,10 +1318,15 @@ impl FsCore {
             OpenFile::Main(f) | OpenFile::SnapPre(f) | OpenFile::SnapLive(_, f) => {
                 hostfs::lseek(f, offset, whence)
             }
+            OpenFile::Layer { obj, flags, file } => {
+                let layers = self.layers_of(obj)?;
+                let current = self.layer_file(obj, *flags, file, &layers)?;
+                hostfs::lseek(current.file.file(), offset, whence)
+            }
         }
     }
 
-    /// Copies a range between two open files on the host (into main only).
+    /// Copies a range between two open files on the host.
     pub fn copy_file_range(
         &self,
         src: FileHandle,
@@ -843,19 +1336,17 @@ impl FsCore {
         dst_off: u64,
         len: u64,
     ) -> io::Result<usize> {
-        let (sf, df) = (self.file(src)?, self.main_file(dst)?);
-        let OpenFile::Main(d) = &*df else {
-            unreachable!()
-        };
+        let sf = self.file(src)?;
         let s = match &*sf {
             OpenFile::Main(f) | OpenFile::SnapPre(f) => f,
-            // A live snapshot file may change under the copy: let the
-            // kernel fall back to read + write, which re-checks.
-            OpenFile::SnapLive(..) => return Err(errno(libc::EXDEV)),
+            // A live snapshot file may change under the copy, and a layered
+            // file may be reopened: let the kernel fall back to read +
+            // write, which re-check.
+            OpenFile::SnapLive(..) | OpenFile::Layer { .. } => return Err(errno(libc::EXDEV)),
         };
-        let obj = self.obj(dst_node)?;
-        let _change = self.before_change(&[obj.main_fd()?])?;
-        hostfs::copy_file_range(s, src_off, d, dst_off, len)
+        self.change_file(dst_node, dst, |d| {
+            hostfs::copy_file_range(s, src_off, d, dst_off, len)
+        })
     }
 
     /// Opens a directory stream.
@@ -877,6 +1368,18 @@ impl FsCore {
                         .collect(),
                 )
             }
+            (_, Obj::Layer(o)) => {
+                let layers = self.layers_of(o)?;
+                let view = o.view.number as u64;
+                let hide = o.is_root();
+                DirStream::Listed(
+                    o.list(self.cx(), &layers)?
+                        .into_iter()
+                        .filter(|e| !(hide && e.name == AGENTFS_NAME))
+                        .map(|e| (NodeId::in_view(view, e.id).0, e.d_type, e.name))
+                        .collect(),
+                )
+            }
             (NodeId::AGENTFS, Obj::Virtual) => DirStream::Listed(vec![
                 (NodeId::BRANCHES.0, libc::DT_DIR, b"branches".to_vec()),
                 (NodeId::SNAPSHOTS.0, libc::DT_DIR, b"snapshots".to_vec()),
@@ -890,11 +1393,27 @@ impl FsCore {
                         .snapshots
                         .iter()
                         .map(|s| {
+                            // A snapshot of a branch has the same root id.
                             (
                                 NodeId::in_view(s.id.0 as u64, root_ino).0,
                                 libc::DT_DIR,
                                 s.name.clone().into_bytes(),
                             )
+                        })
+                        .collect(),
+                )
+            }
+            (NodeId::BRANCHES, Obj::Virtual) => {
+                let views = self.views.read().unwrap();
+                DirStream::Listed(
+                    self.catalog
+                        .lock()
+                        .unwrap()
+                        .branches
+                        .iter()
+                        .filter_map(|b| {
+                            let root = views.get(&b.id.0)?.root;
+                            Some((root.0, libc::DT_DIR, b.name.clone().into_bytes()))
                         })
                         .collect(),
                 )
@@ -1001,6 +1520,15 @@ impl FsCore {
         match &*self.obj(node)? {
             Obj::Main(fd) => hostfs::getxattr(fd.as_fd(), name, size),
             Obj::Snap(s) => s.getxattr(&self.store, self.mount_fd(), name, size),
+            Obj::Layer(o) => {
+                let all = o.xattrs(self.cx(), &*self.layers_of(o)?)?;
+                let v = all
+                    .into_iter()
+                    .find(|(n, _)| n == name.as_bytes())
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| errno(libc::ENODATA))?;
+                XattrReply::sized(v, size)
+            }
             Obj::Virtual => Err(errno(libc::ENODATA)),
         }
     }
@@ -1010,6 +1538,14 @@ impl FsCore {
         match &*self.obj(node)? {
             Obj::Main(fd) => hostfs::listxattr(fd.as_fd(), size),
             Obj::Snap(s) => s.listxattr(&self.store, self.mount_fd(), size),
+            Obj::Layer(o) => {
+                let mut names = Vec::new();
+                for (n, _) in o.xattrs(self.cx(), &*self.layers_of(o)?)? {
+                    names.extend_from_slice(&n);
+                    names.push(0);
+                }
+                XattrReply::sized(names, size)
+            }
             Obj::Virtual => Ok(XattrReply::Size(0)),
         }
     }
@@ -1017,17 +1553,17 @@ impl FsCore {
     /// Sets an extended attribute.
     pub fn setxattr(&self, node: NodeId, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
         let obj = self.obj(node)?;
-        let fd = obj.main_fd()?;
-        let _change = self.before_change(&[fd])?;
-        hostfs::setxattr(fd, name, value, flags)
+        refuse_reserved(&obj, name)?;
+        let (_change, fd) = self.writable(&obj)?;
+        hostfs::setxattr(fd.as_fd(), name, value, flags)
     }
 
     /// Removes an extended attribute.
     pub fn removexattr(&self, node: NodeId, name: &OsStr) -> io::Result<()> {
         let obj = self.obj(node)?;
-        let fd = obj.main_fd()?;
-        let _change = self.before_change(&[fd])?;
-        hostfs::removexattr(fd, name)
+        refuse_reserved(&obj, name)?;
+        let (_change, fd) = self.writable(&obj)?;
+        hostfs::removexattr(fd.as_fd(), name)
     }
 
     /// Takes a snapshot of main (O(1): one catalog write). `name` defaults
@@ -1037,16 +1573,7 @@ impl FsCore {
         // must not fall between a change's preservation check and the change.
         let mut latest = self.latest.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
-        let name = name.unwrap_or_else(|| format!("snap-{}", catalog.next_id));
-        validate_name("snapshot", &name)?;
-        if catalog.find(&name).is_some() {
-            return Err(ControlError::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "a snapshot named {name:?} exists already; choose another name or delete it first"
-                ),
-            ));
-        }
+        let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let snap = next.add(name);
         next.save(&self.state).map_err(|e| catalog_error(&e))?;
@@ -1056,40 +1583,236 @@ impl FsCore {
         Ok(snap)
     }
 
+    /// Takes a snapshot of a branch (O(1)): the branch's top layer freezes
+    /// and becomes the snapshot's; the branch goes on in a new empty layer.
+    pub fn snapshot_branch(
+        &self,
+        key: &str,
+        name: Option<String>,
+    ) -> Result<Snapshot, ControlError> {
+        let b = self.find_branch(key)?;
+        let view = self.open_view_of(b.id.0)?;
+        // Wait for the branch's changes in flight and hold new ones off.
+        let mut layers = view.layers.write().unwrap();
+        let mut catalog = self.catalog.lock().unwrap();
+        let name = snapshot_name(&catalog, name)?;
+        let mut next = catalog.clone();
+        let (snap, layer) = next.add_branch_snapshot(b.id, name);
+        let old_top = Part::Layer(self.open_tree(b.layers[0])?);
+        self.create_layer(layer, &old_top)?;
+        let top = Top {
+            tree: self.open_tree(layer)?,
+            work: hostfs::open_dir_path(&self.layer_dir(layer).join("work"))?,
+        };
+        if let Err(e) = next.save(&self.state) {
+            let _ = std::fs::remove_dir_all(self.layer_dir(layer));
+            return Err(catalog_error(&e));
+        }
+        *catalog = next;
+        layers.top = Some(top);
+        layers.generation += 1;
+        // Lock order: views before catalog (opendir of .agentfs/branches).
+        drop((layers, catalog));
+        self.open_view(snap.id.0, None, &snap.layers, b.snapshot, snap.epoch)?;
+        tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, "snapshot of branch created");
+        Ok(snap)
+    }
+
     /// The live snapshots, oldest first.
     pub fn snapshot_list(&self) -> Vec<Snapshot> {
         self.catalog.lock().unwrap().snapshots.clone()
     }
 
-    /// Deletes a snapshot (by name or id) and gives back the space of the
-    /// pre-images only it needed.
+    /// Deletes a snapshot (by name or id) and gives back the space only it
+    /// needed (pre-images of main, frozen layers).
     pub fn snapshot_delete(&self, key: &str) -> Result<Snapshot, ControlError> {
-        let mut latest = self.latest.write().unwrap();
-        let mut catalog = self.catalog.lock().unwrap();
-        let snap = catalog.find(key).cloned().ok_or_else(|| {
-            ControlError::new(
-                ErrorKind::NotFound,
-                format!("no snapshot named {key:?}; `snapshot-list` shows the snapshots"),
-            )
+        let (snap, _) = self.remove_view(|c| {
+            let s = c.find(key).cloned().ok_or_else(|| {
+                ControlError::new(
+                    ErrorKind::NotFound,
+                    format!("no snapshot named {key:?}; `snapshot-list` shows the snapshots"),
+                )
+            })?;
+            c.snapshots.retain(|x| x.id != s.id);
+            Ok((s.clone(), s.id.0))
         })?;
-        let mut next = catalog.clone();
-        next.snapshots.retain(|s| s.id != snap.id);
-        next.save(&self.state).map_err(|e| catalog_error(&e))?;
-        *catalog = next;
-        *latest = catalog.latest_epoch();
-        let live: Vec<u64> = catalog.snapshots.iter().map(|s| s.epoch).collect();
-        // The record is gone first, so a crash here leaves only garbage
-        // that the next deletion (or the check tool) removes.
-        match self.store.collect_garbage(&live) {
-            Ok(n) => {
-                tracing::info!(snapshot = %snap.name, preimages_removed = n, "snapshot deleted")
-            }
-            Err(e) => {
-                tracing::warn!(snapshot = %snap.name, "snapshot deleted; removing its pre-images failed: {e}")
-            }
-        }
+        tracing::info!(snapshot = %snap.name, "snapshot deleted");
         Ok(snap)
     }
+
+    /// Removes a view from the catalog with `edit` (which returns what it
+    /// removed and its view number), then everything only it used.
+    fn remove_view<T>(
+        &self,
+        edit: impl FnOnce(&mut Catalog) -> Result<(T, u32), ControlError>,
+    ) -> Result<(T, u32), ControlError> {
+        let mut latest = self.latest.write().unwrap();
+        let mut catalog = self.catalog.lock().unwrap();
+        let mut next = catalog.clone();
+        let (removed, number) = edit(&mut next)?;
+        next.save(&self.state).map_err(|e| catalog_error(&e))?;
+        let unused: Vec<LayerId> = catalog
+            .layers_in_use()
+            .difference(&next.layers_in_use())
+            .copied()
+            .collect();
+        *catalog = next;
+        *latest = catalog.latest_epoch();
+        self.close_view(number);
+        // The record is gone first, so a crash from here on leaves only
+        // garbage, which the next start (or deletion) removes.
+        for l in unused {
+            if let Err(e) = std::fs::remove_dir_all(self.layer_dir(l)) {
+                tracing::warn!("removing unused layer {}: {e}", l.0);
+            }
+        }
+        if let Err(e) = self.store.collect_garbage(&catalog.live_epochs()) {
+            tracing::warn!("removing unneeded pre-images: {e}");
+        }
+        Ok((removed, number))
+    }
+
+    fn find_branch(&self, key: &str) -> Result<Branch, ControlError> {
+        self.catalog
+            .lock()
+            .unwrap()
+            .find_branch(key)
+            .cloned()
+            .ok_or_else(|| {
+                ControlError::new(
+                    ErrorKind::NotFound,
+                    format!("no branch named {key:?}; `branch-list` shows the branches"),
+                )
+            })
+    }
+
+    fn open_view_of(&self, number: u32) -> Result<Arc<LayerView>, ControlError> {
+        self.views
+            .read()
+            .unwrap()
+            .get(&number)
+            .map(|v| v.view.clone())
+            .ok_or_else(|| ControlError::new(ErrorKind::Io, format!("view {number} is not open")))
+    }
+
+    /// Creates a branch from a snapshot (O(1): one empty layer and one
+    /// catalog write). `name` defaults to `branch-<id>`.
+    pub fn branch_create(
+        &self,
+        snapshot: &str,
+        name: Option<String>,
+    ) -> Result<Branch, ControlError> {
+        let mut catalog = self.catalog.lock().unwrap();
+        let from = catalog.find(snapshot).cloned().ok_or_else(|| {
+            ControlError::new(
+                ErrorKind::NotFound,
+                format!("no snapshot named {snapshot:?}; `snapshot-list` shows the snapshots"),
+            )
+        })?;
+        let name = name.unwrap_or_else(|| format!("branch-{}", catalog.next_id));
+        validate_name("branch", &name)?;
+        if name == "main" {
+            return Err(ControlError::new(
+                ErrorKind::InvalidArgument,
+                "\"main\" names the source itself; choose another branch name",
+            ));
+        }
+        if catalog.branches.iter().any(|b| b.name == name) {
+            return Err(ControlError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "a branch named {name:?} exists already; choose another name or delete it first"
+                ),
+            ));
+        }
+        let mut next = catalog.clone();
+        let b = next.add_branch(name, &from);
+        let root = self.root_part(&from.layers, from.id, from.epoch)?;
+        self.create_layer(b.layers[0], &root)?;
+        if let Err(e) = next.save(&self.state) {
+            let _ = std::fs::remove_dir_all(self.layer_dir(b.layers[0]));
+            return Err(catalog_error(&e));
+        }
+        *catalog = next;
+        drop(catalog);
+        self.open_branch_view(&b)?;
+        tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, "branch created");
+        Ok(b)
+    }
+
+    /// The branches, oldest first.
+    pub fn branch_list(&self) -> Vec<Branch> {
+        self.catalog.lock().unwrap().branches.clone()
+    }
+
+    /// Deletes a branch and gives back its space. Refused (busy) while
+    /// processes are bound to it or files are open in it, unless `force`.
+    pub fn branch_delete(&self, key: &str, force: bool) -> Result<Branch, ControlError> {
+        let b = self.find_branch(key)?;
+        let bound = self.bindings.bound_to(b.id);
+        let open = self
+            .files
+            .read()
+            .unwrap()
+            .values()
+            .filter(|f| matches!(&***f, OpenFile::Layer { obj, .. } if obj.view.number == b.id.0))
+            .count();
+        if !force && (!bound.is_empty() || open > 0) {
+            let mut users: Vec<String> = bound
+                .iter()
+                .map(|x| match &x.subject {
+                    Subject::Pid { pid, .. } => format!("bound pid {pid}"),
+                    Subject::Cgroup { path } => format!("bound cgroup {path}"),
+                })
+                .collect();
+            if open > 0 {
+                users.push(format!("{open} open file(s)"));
+            }
+            return Err(ControlError::new(
+                ErrorKind::Busy,
+                format!(
+                    "branch {:?} is in use ({}); unbind and close them first, or delete with --force",
+                    b.name,
+                    users.join(", "),
+                ),
+            ));
+        }
+        // Bindings first: a crash in between leaves an unbound branch.
+        self.bindings
+            .unbind_branch(b.id, |list| self.save_bindings(list))?;
+        let (b, _) = self.remove_view(|c| {
+            c.branches.retain(|x| x.id != b.id);
+            Ok((b.clone(), b.id.0))
+        })?;
+        tracing::info!(branch = %b.name, "branch deleted");
+        Ok(b)
+    }
+
+    /// Saves the catalog with new bindings (the bindings' persist step).
+    fn save_bindings(&self, list: &[crate::binding::Binding]) -> Result<(), ControlError> {
+        let mut catalog = self.catalog.lock().unwrap();
+        let mut next = catalog.clone();
+        next.bindings = list.to_vec();
+        next.save(&self.state).map_err(|e| catalog_error(&e))?;
+        *catalog = next;
+        Ok(())
+    }
+}
+
+/// The name for a new snapshot: `name`, validated and unused, or
+/// `snap-<id>`.
+fn snapshot_name(catalog: &Catalog, name: Option<String>) -> Result<String, ControlError> {
+    let name = name.unwrap_or_else(|| format!("snap-{}", catalog.next_id));
+    validate_name("snapshot", &name)?;
+    if catalog.find(&name).is_some() {
+        return Err(ControlError::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "a snapshot named {name:?} exists already; choose another name or delete it first"
+            ),
+        ));
+    }
+    Ok(name)
 }
 
 fn catalog_error(e: &crate::snapshot::CatalogError) -> ControlError {
@@ -1103,6 +1826,32 @@ fn catalog_error(e: &crate::snapshot::CatalogError) -> ControlError {
         kind,
         format!("cannot write the catalog: {e}; nothing was changed"),
     )
+}
+
+/// The layers keep their bookkeeping in `trusted.agentfs.*` xattrs: users
+/// of a branch can neither see nor change them.
+fn refuse_reserved(obj: &Obj, name: &OsStr) -> io::Result<()> {
+    match obj {
+        Obj::Layer(_) if layered::is_reserved_xattr(name.as_bytes()) => Err(errno(libc::EPERM)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `data` at `offset`, short only if an error follows some progress.
+fn write_all_at(f: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match f.write_at(&data[done..], offset + done as u64) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if done > 0 => {
+                tracing::debug!("short write after {done} bytes: {e}");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// The flags to open the host file with, from the caller's open flags.
@@ -1123,18 +1872,37 @@ fn host_open_flags(flags: i32) -> i32 {
 
 impl Handler for FsCore {
     fn handle(&self, req: Request) -> Result<serde_json::Value, ControlError> {
+        let persist = |list: &[crate::binding::Binding]| self.save_bindings(list);
         match req {
             Request::SnapshotCreate {
-                branch: Some(b), ..
-            } => Err(ControlError::new(
-                ErrorKind::NotFound,
-                format!("no branch named {b:?}: only main can be snapshotted until branches exist"),
-            )),
+                branch: Some(b),
+                name,
+            } => Ok(to_json(&self.snapshot_branch(&b, name)?)),
             Request::SnapshotCreate { branch: None, name } => {
                 Ok(to_json(&self.snapshot_create(name)?))
             }
             Request::SnapshotList {} => Ok(to_json(&self.snapshot_list())),
             Request::SnapshotDelete { snapshot } => Ok(to_json(&self.snapshot_delete(&snapshot)?)),
+            Request::BranchCreate { snapshot, name } => {
+                Ok(to_json(&self.branch_create(&snapshot, name)?))
+            }
+            Request::BranchList {} => Ok(to_json(&self.branch_list())),
+            Request::BranchDelete { branch, force } => {
+                Ok(to_json(&self.branch_delete(&branch, force)?))
+            }
+            Request::BindPid { branch, pid } => {
+                let b = self.find_branch(&branch)?;
+                Ok(to_json(&self.bindings.bind_pid(pid, b.id, persist)?))
+            }
+            Request::BindCgroup { branch, cgroup } => {
+                let b = self.find_branch(&branch)?;
+                Ok(to_json(&self.bindings.bind_cgroup(&cgroup, b.id, persist)?))
+            }
+            Request::UnbindPid { pid } => Ok(to_json(&self.bindings.unbind_pid(pid, persist)?)),
+            Request::UnbindCgroup { cgroup } => {
+                Ok(to_json(&self.bindings.unbind_cgroup(&cgroup, persist)?))
+            }
+            Request::BindingList {} => Ok(to_json(&self.bindings.records())),
         }
     }
 }

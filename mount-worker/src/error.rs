@@ -42,6 +42,11 @@ pub enum StartupError {
         "state directory {0} is unusable: {1}; fix its permissions or choose another --state-dir"
     )]
     StateDir(PathBuf, io::Error),
+    /// The state directory's content cannot be served.
+    #[error(
+        "state directory {0} cannot be served: {1}; `agentfs-mount-worker --check --state-dir {0}` lists what is wrong"
+    )]
+    StateContent(PathBuf, io::Error),
     /// Another worker serves the same state directory.
     #[error(
         "state directory {0} is in use by another worker ({1}); stop it first, or choose another --state-dir"

@@ -46,6 +46,12 @@ impl Adapter {
         Adapter { core, tuning }
     }
 
+    /// The node a request on `ino` acts on: the mount root is the root of
+    /// the caller's branch (contract 2.4); every other node is itself.
+    fn at(&self, req: &Request, ino: INodeNo) -> NodeId {
+        self.core.route(node(ino), req.pid())
+    }
+
     fn attr_ttl(&self, node: NodeId) -> Duration {
         if self.core.attr_cacheable(node) {
             TTL
@@ -129,10 +135,21 @@ fn attr(id: NodeId, st: &Stat) -> FileAttr {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: io::Result<Entry>) {
+/// How long the kernel may cache a name in `parent`: never in the mount
+/// root, whose names depend on the caller's binding, so that every path
+/// walk from the root asks again.
+fn entry_ttl(parent: INodeNo, e: &Entry) -> Duration {
+    if e.cacheable && parent != INodeNo(NodeId::ROOT.0) {
+        TTL
+    } else {
+        Duration::ZERO
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
     match r {
         Ok(e) => {
-            let ttl = if e.cacheable { TTL } else { Duration::ZERO };
+            let ttl = entry_ttl(parent, &e);
             reply.entry(&ttl, &attr(e.node, &e.stat), Generation(e.generation))
         }
         Err(e) => reply.error(err(e)),
@@ -188,8 +205,8 @@ impl Filesystem for Adapter {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.core.lookup(node(parent), name));
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, parent, self.core.lookup(self.at(req, parent), name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -198,12 +215,13 @@ impl Filesystem for Adapter {
 
     fn getattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
-        match self.core.getattr(node(ino)) {
+        let at = self.at(req, ino);
+        match self.core.getattr(at) {
             Ok(st) => reply.attr(&self.attr_ttl(node(ino)), &attr(node(ino), &st)),
             Err(e) => reply.error(err(e)),
         }
@@ -211,7 +229,7 @@ impl Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -237,9 +255,9 @@ impl Filesystem for Adapter {
         };
         match self
             .core
-            .setattr(node(ino), fh.map(|f| FileHandle(f.0)), change)
+            .setattr(self.at(req, ino), fh.map(|f| FileHandle(f.0)), change)
         {
-            Ok(st) => reply.attr(&TTL, &attr(node(ino), &st)),
+            Ok(st) => reply.attr(&self.attr_ttl(node(ino)), &attr(node(ino), &st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -261,11 +279,10 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.core
-                .mknod(node(parent), name, mode, rdev, caller(req, umask)),
-        );
+        let r = self
+            .core
+            .mknod(self.at(req, parent), name, mode, rdev, caller(req, umask));
+        reply_entry(reply, parent, r);
     }
 
     fn mkdir(
@@ -277,19 +294,18 @@ impl Filesystem for Adapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.core
-                .mkdir(node(parent), name, mode, caller(req, umask)),
-        );
+        let r = self
+            .core
+            .mkdir(self.at(req, parent), name, mode, caller(req, umask));
+        reply_entry(reply, parent, r);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.unlink(node(parent), name));
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.core.unlink(self.at(req, parent), name));
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.rmdir(node(parent), name));
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.core.rmdir(self.at(req, parent), name));
     }
 
     fn symlink(
@@ -300,16 +316,18 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.core
-                .symlink(node(parent), link_name, target.as_os_str(), caller(req, 0)),
+        let r = self.core.symlink(
+            self.at(req, parent),
+            link_name,
+            target.as_os_str(),
+            caller(req, 0),
         );
+        reply_entry(reply, parent, r);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -317,22 +335,26 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.core
-                .rename(node(parent), name, node(newparent), newname, flags.bits()),
+        let r = self.core.rename(
+            self.at(req, parent),
+            name,
+            self.at(req, newparent),
+            newname,
+            flags.bits(),
         );
+        reply_empty(reply, r);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.core.link(node(ino), node(newparent), newname));
+        let r = self.core.link(node(ino), self.at(req, newparent), newname);
+        reply_entry(reply, newparent, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -354,10 +376,10 @@ impl Filesystem for Adapter {
     ) {
         match self
             .core
-            .create(node(parent), name, mode, flags, caller(req, umask))
+            .create(self.at(req, parent), name, mode, flags, caller(req, umask))
         {
             Ok((e, fh)) => reply.created(
-                &TTL,
+                &entry_ttl(parent, &e),
                 &attr(e.node, &e.stat),
                 Generation(e.generation),
                 fuser::FileHandle(fh.0),
@@ -440,8 +462,8 @@ impl Filesystem for Adapter {
         reply_empty(reply, self.core.fsync(FileHandle(fh.0), datasync));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(node(ino)) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.opendir(self.at(req, ino)) {
             Ok(dh) => reply.opened(fuser::FileHandle(dh.0), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
         }
@@ -510,7 +532,7 @@ impl Filesystem for Adapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -518,19 +540,22 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.setxattr(node(ino), name, value, flags));
+        reply_empty(
+            reply,
+            self.core.setxattr(self.at(req, ino), name, value, flags),
+        );
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.getxattr(node(ino), name, size));
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, self.core.getxattr(self.at(req, ino), name, size));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.listxattr(node(ino), size));
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, self.core.listxattr(self.at(req, ino), size));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.removexattr(node(ino), name));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.core.removexattr(self.at(req, ino), name));
     }
 
     fn fallocate(

@@ -257,6 +257,20 @@ pub enum XattrReply {
     Data(Vec<u8>),
 }
 
+impl XattrReply {
+    /// The reply for a value (or name list) `v` the caller asked for with
+    /// `size`: size 0 asks for the size; ERANGE if it does not fit.
+    pub fn sized(v: Vec<u8>, size: u32) -> io::Result<XattrReply> {
+        if size == 0 {
+            Ok(XattrReply::Size(v.len()))
+        } else if v.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(XattrReply::Data(v))
+        }
+    }
+}
+
 /// Runs a get/list xattr call the POSIX way: size 0 asks for the size,
 /// otherwise a buffer of `size` is filled (ERANGE if too small).
 fn xattr_buf(size: u32, f: impl Fn(*mut libc::c_void, usize) -> isize) -> io::Result<XattrReply> {
@@ -487,6 +501,7 @@ pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<Owned
 }
 
 /// Copies all of `src` into `dst` (both freshly opened, at offset 0):
+/// Makes `dst` a copy of all of `src`.
 /// FICLONE where the host supports it (no data copied), else std's copy,
 /// which uses copy_file_range and falls back to sendfile and plain reads
 /// and writes across file systems (the state directory is often on another
@@ -497,6 +512,9 @@ pub fn clone_or_copy(src: &File, dst: &File) -> io::Result<()> {
     if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
         return Ok(());
     }
+    use std::io::{Seek, SeekFrom};
+    (&*src).seek(SeekFrom::Start(0))?;
+    (&*dst).seek(SeekFrom::Start(0))?;
     io::copy(&mut &*src, &mut &*dst).map(drop)
 }
 
@@ -524,6 +542,41 @@ pub fn all_xattrs(node: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         out.push((name.to_vec(), value));
     }
     Ok(out)
+}
+
+/// Like [`all_xattrs`], but none (not an error) for inodes that cannot
+/// have any: xattrs of symlinks, FIFOs and devices are read through their
+/// /proc magic link like any other, and unsupported ones are simply none.
+pub fn xattrs_if_any(node: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    match all_xattrs(node) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENXIO)
+            ) =>
+        {
+            Ok(Vec::new())
+        }
+        r => r,
+    }
+}
+
+/// `fsync` of a directory given as an `O_PATH` descriptor.
+pub fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?.sync_all()
+}
+
+/// Opens a directory by path as an `O_PATH` descriptor.
+pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    open_at(
+        // SAFETY: AT_FDCWD is a valid "descriptor" for *at calls.
+        unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+        &path,
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+    )
 }
 
 /// Every entry of an open directory except `.` and `..`.

@@ -6,6 +6,7 @@
 //! handles, semantics) -> [`hostfs`] (the system calls on the host). See
 //! ARCHITECTURE.md at the top of the repository for the full map.
 
+pub mod binding;
 pub mod check;
 pub mod control;
 pub mod core;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod fuse_adapter;
 pub mod hex;
 pub mod hostfs;
+pub mod layered;
 pub mod mount;
 pub mod preserve;
 pub mod snapshot;

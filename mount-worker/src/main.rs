@@ -87,9 +87,11 @@ fn check(state_dir: &std::path::Path) -> ExitCode {
                 println!("problem: {p}");
             }
             println!(
-                "{}: {} snapshots, {} pre-images, {} problems, {} garbage",
+                "{}: {} snapshots, {} branches, {} layers, {} pre-images, {} problems, {} garbage",
                 state_dir.display(),
                 r.snapshots,
+                r.branches,
+                r.layers,
                 r.preimages,
                 r.problems.len(),
                 r.garbage.len()

@@ -61,20 +61,7 @@ pub struct Meta {
 impl Meta {
     fn of(node: BorrowedFd<'_>, st: &Stat) -> io::Result<Meta> {
         let kind = st.st_mode & libc::S_IFMT;
-        // xattrs of symlinks, FIFOs and devices are read through their
-        // /proc magic link like any other; unsupported ones are simply none.
-        let xattrs = match hostfs::all_xattrs(node) {
-            Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENXIO)
-                ) =>
-            {
-                Vec::new()
-            }
-            Err(e) => return Err(e),
-        };
+        let xattrs = hostfs::xattrs_if_any(node)?;
         Ok(Meta {
             ino: st.st_ino,
             mode: st.st_mode,

@@ -229,6 +229,37 @@ impl SnapObj {
         }
     }
 
+    /// Every xattr (name, value) as of the snapshot.
+    pub fn xattrs(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.read(store, mount_fd, |src| match src {
+            Source::Pre(p) => Ok(p.meta.xattr_list()),
+            Source::Live(fd) => hostfs::xattrs_if_any(fd.as_fd()),
+        })
+    }
+
+    /// Copies the content of this regular file, as of the snapshot, into
+    /// `dst` (from its start; `dst` is truncated first, so a copy redone
+    /// from the pre-image leaves no trace of the first attempt).
+    pub fn copy_content(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        dst: &File,
+    ) -> io::Result<()> {
+        self.read(store, mount_fd, |src| {
+            let from = match src {
+                Source::Pre(p) => p.open_data()?,
+                Source::Live(fd) => hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?,
+            };
+            dst.set_len(0)?;
+            hostfs::clone_or_copy(&from, dst)
+        })
+    }
+
     /// An xattr value (size 0: its size).
     pub fn getxattr(
         &self,
@@ -246,7 +277,7 @@ impl SnapObj {
                     .find(|(n, _)| n == name.as_bytes())
                     .map(|(_, v)| v)
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODATA))?;
-                sized(v, size)
+                XattrReply::sized(v, size)
             }
             Source::Live(fd) => hostfs::getxattr(fd.as_fd(), name, size),
         })
@@ -266,20 +297,9 @@ impl SnapObj {
                     names.extend_from_slice(&n);
                     names.push(0);
                 }
-                sized(names, size)
+                XattrReply::sized(names, size)
             }
             Source::Live(fd) => hostfs::listxattr(fd.as_fd(), size),
         })
-    }
-}
-
-/// The xattr reply convention: size 0 asks for the size; ERANGE if short.
-fn sized(v: Vec<u8>, size: u32) -> io::Result<XattrReply> {
-    if size == 0 {
-        Ok(XattrReply::Size(v.len()))
-    } else if v.len() > size as usize {
-        Err(io::Error::from_raw_os_error(libc::ERANGE))
-    } else {
-        Ok(XattrReply::Data(v))
     }
 }

@@ -69,7 +69,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let state = StateDir::open(&opts.state_dir)?;
     tracing::debug!(state_dir = %state.path().display(), "state directory locked");
     let core = FsCore::new(source.as_fd(), state.path())
-        .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
+        .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?;
     let core = Arc::new(core);
     drop(source);
     // The caller's umask is applied per creating thread (hostfs::with_umask);

@@ -52,10 +52,58 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 #[test]
 fn pjdfstest_main_view() {
     let mut m = common::Mount::new();
-    let summary = check_pjdfstest(m.path(), Path::new(EXPECTED_MAIN), "main-view");
+    let summary = check_pjdfstest(m.path(), Path::new(EXPECTED_MAIN), "main-view", None);
     println!("{summary}");
     // A clean shutdown is part of the contract: the suite must not leave the
     // worker wedged.
+    m.stop();
+}
+
+/// The whole suite inside a branch, reached by path
+/// (`.agentfs/branches/<name>/`): a branch is a full POSIX file system too,
+/// so the results must be those of main.
+#[test]
+fn pjdfstest_branch_view() {
+    pjdfstest_in_a_branch(false);
+}
+
+/// The whole suite run by a process bound to a branch, at a path under the
+/// mount root that exists only in that branch: every call pjdfstest and the
+/// children it forks make must reach the branch, with main's results.
+#[test]
+fn pjdfstest_bound_to_a_branch() {
+    pjdfstest_in_a_branch(true);
+}
+
+/// Runs the suite in `w/` of a new branch, by its path or, if `bound`,
+/// as a process bound to the branch at `<mountpoint>/w`; main and the
+/// source must stay empty.
+fn pjdfstest_in_a_branch(bound: bool) {
+    let mut m = common::Mount::new();
+    common::snapshot(&m, None, "base");
+    // Short names: socket tests bind(2) names under the directory, and
+    // sun_path holds 108 bytes (the Mount guard's prefix is short too).
+    common::branch(&m, "base", "p");
+    let by_path = common::branch_dir(&m, "p").join("w");
+    fs::create_dir(&by_path).unwrap();
+    let in_main = m.path().join("w");
+    assert!(!in_main.exists(), "`w` exists in the branch only");
+    let bind = |pid: u32| {
+        common::bind_pid(&m, "p", pid);
+    };
+    let (dir, label, bind): (_, _, Option<&dyn Fn(u32)>) = if bound {
+        (&in_main, "bound-branch", Some(&bind))
+    } else {
+        (&by_path, "branch-view", None)
+    };
+    let summary = check_pjdfstest(dir, Path::new(EXPECTED_MAIN), label, bind);
+    println!("{summary}");
+    assert!(!in_main.exists(), "pjdfstest's work reached main");
+    assert_eq!(
+        fs::read_dir(m.source()).unwrap().count(),
+        0,
+        "the branch's files reached the source"
+    );
     m.stop();
 }
 
@@ -80,11 +128,18 @@ struct Expected {
 /// that fail and that are skipped are exactly those listed in
 /// `expected_file` (format: see `tests/pjdfstest/expected.toml`). `label`
 /// names the run in the saved log (`$CARGO_TARGET_TMPDIR/pjdfstest-LABEL.log`).
+/// `bind`, when given, is called with pjdfstest's pid before it starts (to
+/// bind it to a branch); `dir` may then exist only in what it sees.
 ///
 /// Returns a one-line summary with the counts. Panics with the full list of
 /// differences otherwise, and with a clear message when pjdfstest, root or
 /// the dummy users are missing: the check is never skipped silently.
-fn check_pjdfstest(dir: &Path, expected_file: &Path, label: &str) -> String {
+fn check_pjdfstest(
+    dir: &Path,
+    expected_file: &Path,
+    label: &str,
+    bind: Option<&dyn Fn(u32)>,
+) -> String {
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "pjdfstest must run as root: without root it skips the test cases \
@@ -98,11 +153,13 @@ fn check_pjdfstest(dir: &Path, expected_file: &Path, label: &str) -> String {
     )
     .unwrap_or_else(|e| panic!("{}: {e}", expected_file.display()));
 
-    // The EXDEV cases need a directory on another file system.
-    let secondary = secondary_fs_dir(dir);
+    // The EXDEV cases need a directory on another file system. A bound run's
+    // `dir` may not exist for this (unbound) process: its nearest existing
+    // ancestor is on the same file system.
+    let secondary = secondary_fs_dir(dir.ancestors().find(|d| d.exists()).unwrap());
 
     let started = Instant::now();
-    let run = run_pjdfstest(&bin, dir, secondary.path());
+    let run = run_pjdfstest(&bin, dir, secondary.path(), bind);
     let elapsed = started.elapsed();
 
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pjdfstest-{label}.log"));
@@ -257,8 +314,17 @@ struct Run {
 /// Runs the whole suite in `dir` (pjdfstest makes and removes its own
 /// temporary directory there). Kills it after [`RUN_TIMEOUT`] and panics
 /// naming the last test case that completed, since the next one hung.
-fn run_pjdfstest(bin: &Path, dir: &Path, secondary: &Path) -> Run {
-    let mut child = Command::new(bin)
+/// With `bind`, pjdfstest is held until `bind` has been called with its pid.
+fn run_pjdfstest(bin: &Path, dir: &Path, secondary: &Path, bind: Option<&dyn Fn(u32)>) -> Run {
+    let mut cmd = match bind {
+        Some(_) => common::held_command(bin),
+        None => {
+            let mut c = Command::new(bin);
+            c.stdin(Stdio::null());
+            c
+        }
+    };
+    let mut child = cmd
         .arg("-c")
         .arg(CONFIG)
         .arg("-p")
@@ -269,11 +335,14 @@ fn run_pjdfstest(bin: &Path, dir: &Path, secondary: &Path) -> Run {
         .env("NO_COLOR", "1")
         .env_remove("CLICOLOR_FORCE")
         .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    if let Some(bind) = bind {
+        bind(child.id());
+        common::release(&mut child);
+    }
 
     // Read both pipes on threads so a full pipe never stalls pjdfstest and the
     // output seen so far is known when it has to be killed.

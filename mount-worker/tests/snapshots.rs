@@ -5,76 +5,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use agentfs_mount_worker::control::{self, ErrorKind, Request};
-use common::Mount;
+use common::{Mount, tree};
 
 fn create(m: &Mount, name: &str) -> serde_json::Value {
-    control::call(
-        m.state_dir(),
-        &Request::SnapshotCreate {
-            branch: None,
-            name: Some(name.into()),
-        },
-    )
-    .expect("snapshot-create")
+    common::snapshot(m, None, name)
 }
 
 fn snap(m: &Mount, name: &str) -> PathBuf {
-    m.path().join(".agentfs/snapshots").join(name)
-}
-
-/// Every object of a tree: kind, mode, owner, size, mtime, content hash,
-/// link target and xattrs, by relative path.
-fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
-    common::walk(root)
-        .into_iter()
-        .map(|(rel, p, md)| {
-            let xattrs = if md.file_type().is_symlink() {
-                String::new()
-            } else {
-                let out = std::process::Command::new("getfattr")
-                    .args(["-d", "-m", "-", "--absolute-names"])
-                    .arg(&p)
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|l| !l.starts_with('#'))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            let body = if md.is_dir() {
-                String::from("dir")
-            } else if md.file_type().is_symlink() {
-                format!("link {}", fs::read_link(&p).unwrap().display())
-            } else {
-                let data = fs::read(&p).unwrap();
-                let sum = data
-                    .iter()
-                    .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
-                format!("file len={} sum={sum}", data.len())
-            };
-            // Directories' mtimes change when main's entries change; they are
-            // part of the snapshot too.
-            let v = format!(
-                "{body} mode={:o} uid={} gid={} mtime={}.{} nlink={} xattrs=[{xattrs}]",
-                md.mode(),
-                md.uid(),
-                md.gid(),
-                md.mtime(),
-                md.mtime_nsec(),
-                md.nlink()
-            );
-            (rel, v)
-        })
-        .collect()
+    common::snapshot_dir(m, name)
 }
 
 fn populate(s: &Path) {
@@ -103,23 +47,7 @@ fn snapshot_never_changes_whatever_main_does() {
         .write(true)
         .open(p.join("dir/b.txt"))
         .unwrap();
-    let mapped = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p.join("mapped"))
-        .unwrap();
-    // SAFETY: mapping a file we hold open, unmapped below.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            mapped.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(addr, libc::MAP_FAILED);
+    let mapped = common::SharedMap::new(&p.join("mapped"));
 
     let created = create(&m, "s1");
     assert_eq!(created["name"], "s1");
@@ -130,12 +58,8 @@ fn snapshot_never_changes_whatever_main_does() {
     // Every kind of change in main.
     old_fd.write_all(b"CHANGED THROUGH AN OLD FD").unwrap();
     drop(old_fd);
-    // SAFETY: addr maps 8192 bytes.
-    unsafe {
-        std::ptr::copy_nonoverlapping(b"mmap!".as_ptr(), addr as *mut u8, 5);
-        assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
-        libc::munmap(addr, 8192);
-    }
+    mapped.write_and_sync(0, b"mmap!");
+    drop(mapped);
     fs::write(p.join("a.txt"), b"overwritten").unwrap();
     OpenOptions::new()
         .write(true)
@@ -173,38 +97,13 @@ fn snapshot_never_changes_whatever_main_does() {
 fn snapshots_are_read_only() {
     let m = Mount::builder().populate(populate).start();
     create(&m, "ro");
-    let s = snap(&m, "ro");
-    let erofs = |r: std::io::Result<()>, what: &str| {
-        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS), "{what}");
-    };
-    erofs(
-        OpenOptions::new()
-            .write(true)
-            .open(s.join("a.txt"))
-            .map(drop),
-        "open for writing",
-    );
-    erofs(File::create(s.join("new")).map(drop), "create");
-    erofs(fs::remove_file(s.join("a.txt")), "unlink");
-    erofs(fs::create_dir(s.join("d")), "mkdir");
-    erofs(fs::rename(s.join("a.txt"), s.join("b")), "rename");
-    erofs(
-        fs::set_permissions(s.join("a.txt"), fs::Permissions::from_mode(0o777)),
-        "chmod",
-    );
-    erofs(fs::hard_link(s.join("a.txt"), s.join("l")), "link");
-    let st = std::process::Command::new("setfattr")
-        .args(["-n", "user.x", "-v", "1"])
-        .arg(s.join("a.txt"))
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&st.stderr).contains("Read-only"),
-        "setxattr"
-    );
-    erofs(
-        fs::create_dir(m.path().join(".agentfs/snapshots/new")),
-        "mkdir in .agentfs",
+    common::assert_read_only(&snap(&m, "ro"));
+    assert_eq!(
+        fs::create_dir(m.path().join(".agentfs/snapshots/new"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS),
+        "mkdir in .agentfs"
     );
 }
 
@@ -349,30 +248,8 @@ fn kill_9_mid_workload_loses_nothing_acknowledged() {
     create(&m, "base");
     let before = tree(&snap(&m, "base"));
     let acked = m.source().parent().unwrap().join("acked.log");
-    // Each step: write, fsync, rename into place, fsync the directory; only
-    // then is the step logged (outside the mount) as acknowledged.
-    let script = r#"
-import os, sys
-mnt, log = sys.argv[1], open(sys.argv[2], "a")
-d = os.open(mnt, os.O_RDONLY)
-for i in range(1000000):
-    tmp, final = os.path.join(mnt, "w%d.tmp" % i), os.path.join(mnt, "w%d" % i)
-    with open(tmp, "wb") as f:
-        f.write(b"payload %d\n" % i * 100)
-        f.flush(); os.fsync(f.fileno())
-    os.rename(tmp, final)
-    os.fsync(d)
-    with open(os.path.join(mnt, "a.txt"), "ab") as f:
-        f.write(b"%d\n" % i)
-    log.write("%d\n" % i); log.flush(); os.fsync(log.fileno())
-"#;
-    let mut writer = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(m.path())
-        .arg(&acked)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut writer =
+        common::start_acked_workload(std::process::Command::new("python3"), m.path(), &acked);
     for i in 0..5 {
         std::thread::sleep(std::time::Duration::from_millis(150));
         create(&m, &format!("mid{i}"));
@@ -382,42 +259,14 @@ for i in range(1000000):
     let _ = writer.wait();
     m.restart(&[]);
 
-    let check = std::process::Command::new(common::WORKER)
-        .arg("--check")
-        .arg("--state-dir")
-        .arg(m.state_dir())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "state check failed:\n{report}");
+    let report = common::check_state(m.state_dir());
     assert!(report.contains("6 snapshots"), "{report}");
 
     assert_eq!(tree(&snap(&m, "base")), before, "the snapshot changed");
-    let acked: Vec<usize> = fs::read_to_string(&acked)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert!(acked.len() > 10, "the workload ran ({} steps)", acked.len());
-    for i in &acked {
-        let data = fs::read(m.source().join(format!("w{i}"))).unwrap_or_default();
-        assert_eq!(
-            data,
-            format!("payload {i}\n").repeat(100).into_bytes(),
-            "acknowledged write w{i}"
-        );
-    }
+    common::assert_acknowledged(m.source(), &acked);
     // Each mid-workload snapshot is a consistent prefix of the workload.
     for i in 0..5 {
-        let s = snap(&m, &format!("mid{i}"));
-        let log = fs::read_to_string(s.join("a.txt")).unwrap();
-        let n = log.lines().filter(|l| l.parse::<usize>().is_ok()).count();
-        for k in 0..n {
-            assert!(
-                s.join(format!("w{k}")).exists(),
-                "mid{i} shows step {k} in a.txt but not w{k}"
-            );
-        }
+        common::assert_workload_prefix(&snap(&m, &format!("mid{i}")));
     }
 }
 

@@ -8,7 +8,8 @@
 //! locked". Every insert also bumps a counter row through a trigger, in the
 //! same transaction; a reader process checks all along that the two agree,
 //! and the final checks demand exact counts, no lost update and a clean
-//! `PRAGMA integrity_check`.
+//! `PRAGMA integrity_check`. Once on main in each mode, and in WAL mode
+//! in a branch.
 //!
 //! Needs `sqlite3` on the PATH (`apt-get install sqlite3`): fails, never
 //! skips, without it.
@@ -65,6 +66,18 @@ fn sqlite_wal_concurrent_writers() {
 fn sqlite_rollback_journal_concurrent_writers() {
     let mut m = common::Mount::new();
     check_sqlite(m.path(), JournalMode::Delete);
+    m.stop();
+}
+
+/// Contract 2.6: SQLite must work on a branch. WAL mode, the harder one
+/// (shared writable mmap of `-shm`), in a branch reached by path.
+#[test]
+fn sqlite_wal_concurrent_writers_in_a_branch() {
+    let mut m = common::Mount::new();
+    common::snapshot(&m, None, "base");
+    common::branch(&m, "base", "db");
+    check_sqlite(&common::branch_dir(&m, "db"), JournalMode::Wal);
+    assert_eq!(fs::read_dir(m.source()).unwrap().count(), 0, "reached main");
     m.stop();
 }
 

@@ -161,7 +161,7 @@ impl MountBuilder {
     /// Creates the directories, starts the worker and waits for the mount.
     pub fn start(self) -> Mount {
         let dir = tempfile::Builder::new()
-            .prefix("agentfs-test-")
+            .prefix("aft-")
             .tempdir()
             .expect("tempdir");
         // Tests run as root but exercise unprivileged users too: let them in.
@@ -360,4 +360,350 @@ pub fn walk(root: &Path) -> Vec<(PathBuf, PathBuf, fs::Metadata)> {
         }
     }
     out
+}
+
+/// Every object of a tree: kind, mode, owner, size, mtime, nlink, content
+/// hash, link target and xattrs, by relative path. Two calls agree exactly
+/// when nothing in the tree changed.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    tree_with(root, true)
+}
+
+/// [`tree`] without what a copy of the tree made elsewhere cannot share:
+/// times, and the link count of directories (files' link counts stay). For
+/// comparing a view with a reference directory given the same edits.
+pub fn tree_content(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    tree_with(root, false)
+}
+
+fn tree_with(root: &Path, exact: bool) -> std::collections::BTreeMap<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    walk(root)
+        .into_iter()
+        .map(|(rel, p, md)| {
+            let xattrs = if md.file_type().is_symlink() {
+                String::new()
+            } else {
+                let out = Command::new("getfattr")
+                    .args(["-d", "-m", "-", "--absolute-names"])
+                    .arg(&p)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let body = if md.is_dir() {
+                String::from("dir")
+            } else if md.file_type().is_symlink() {
+                format!("link {}", fs::read_link(&p).unwrap().display())
+            } else {
+                let data = fs::read(&p).unwrap();
+                let sum = data
+                    .iter()
+                    .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+                format!("file len={} sum={sum}", data.len())
+            };
+            let mut v = format!(
+                "{body} mode={:o} uid={} gid={} xattrs=[{xattrs}]",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+            );
+            if exact {
+                // Directories' mtimes change when their entries change;
+                // they are part of a snapshot too.
+                v.push_str(&format!(
+                    " mtime={}.{} nlink={}",
+                    md.mtime(),
+                    md.mtime_nsec(),
+                    md.nlink()
+                ));
+            } else if !md.is_dir() {
+                v.push_str(&format!(" nlink={}", md.nlink()));
+            }
+            (rel, v)
+        })
+        .collect()
+}
+
+/// Sets the extended attribute `name` of `path` (following links) to
+/// `value`, asserting success.
+pub fn setxattr(path: &Path, name: &str, value: &str) {
+    let out = Command::new("setfattr")
+        .args(["-n", name, "-v", value])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setfattr {name} on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that every kind of change to a read-only view `dir` (which has
+/// a regular file `a.txt`) fails with EROFS.
+pub fn assert_read_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    let a = dir.join("a.txt");
+    erofs(
+        fs::OpenOptions::new().write(true).open(&a).map(drop),
+        "open for writing",
+    );
+    erofs(fs::File::create(dir.join("new")).map(drop), "create");
+    erofs(fs::remove_file(&a), "unlink");
+    erofs(fs::create_dir(dir.join("d")), "mkdir");
+    erofs(fs::rename(&a, dir.join("b")), "rename");
+    erofs(
+        fs::set_permissions(&a, fs::Permissions::from_mode(0o777)),
+        "chmod",
+    );
+    erofs(fs::hard_link(&a, dir.join("l")), "link");
+    erofs(
+        std::os::unix::fs::symlink("a.txt", dir.join("s")),
+        "symlink",
+    );
+    let st = Command::new("setfattr")
+        .args(["-n", "user.x", "-v", "1"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&st.stderr).contains("Read-only"),
+        "setxattr: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// Sends one control request to the mount's worker.
+pub fn ctl(
+    m: &Mount,
+    req: agentfs_mount_worker::control::Request,
+) -> Result<serde_json::Value, agentfs_mount_worker::control::ControlError> {
+    agentfs_mount_worker::control::call(m.state_dir(), &req)
+}
+
+/// Takes the snapshot `name` of `branch` (main when `None`); returns its record.
+pub fn snapshot(m: &Mount, branch: Option<&str>, name: &str) -> serde_json::Value {
+    ctl(
+        m,
+        agentfs_mount_worker::control::Request::SnapshotCreate {
+            branch: branch.map(str::to_owned),
+            name: Some(name.into()),
+        },
+    )
+    .unwrap_or_else(|e| panic!("snapshot-create {name} of {branch:?}: {e}"))
+}
+
+/// Creates the branch `name` from snapshot `from`; returns its record.
+pub fn branch(m: &Mount, from: &str, name: &str) -> serde_json::Value {
+    ctl(
+        m,
+        agentfs_mount_worker::control::Request::BranchCreate {
+            snapshot: from.into(),
+            name: Some(name.into()),
+        },
+    )
+    .unwrap_or_else(|e| panic!("branch-create {name} from {from}: {e}"))
+}
+
+/// Binds process `pid` to `branch`; returns the binding.
+pub fn bind_pid(m: &Mount, branch: &str, pid: u32) -> serde_json::Value {
+    ctl(
+        m,
+        agentfs_mount_worker::control::Request::BindPid {
+            branch: branch.into(),
+            pid: pid as i32,
+        },
+    )
+    .unwrap_or_else(|e| panic!("bind-pid {pid} to {branch}: {e}"))
+}
+
+/// Where a snapshot is reachable by path.
+pub fn snapshot_dir(m: &Mount, name: &str) -> PathBuf {
+    m.path().join(".agentfs/snapshots").join(name)
+}
+
+/// Where a branch is reachable by path.
+pub fn branch_dir(m: &Mount, name: &str) -> PathBuf {
+    m.path().join(".agentfs/branches").join(name)
+}
+
+/// A command that is held before it starts: `sh` reads a line from its
+/// stdin, then execs `program` with the arguments added to the command (so
+/// the pid stays the same). Spawn it, bind its pid, then [`release`] it: the
+/// program's first instruction already runs bound.
+pub fn held_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("read _ && exec \"$0\" \"$@\"")
+        .arg(program)
+        .stdin(Stdio::piped());
+    c
+}
+
+/// Lets a process started from [`held_command`] run; its stdin is closed.
+pub fn release(child: &mut Child) {
+    use std::io::Write;
+    let mut stdin = child.stdin.take().expect("a held command");
+    stdin
+        .write_all(b"go\n")
+        .expect("releasing the held process");
+}
+
+/// A workload in which every step is acknowledged only after it is durable:
+/// write a file, fsync, rename it into place, fsync the directory; then
+/// append the step number to `a.txt` (not fsync'd) and log the step
+/// (outside the mount) as acknowledged. Arguments: the directory, the log.
+const ACKED_WORKLOAD: &str = r#"
+import os, sys
+mnt, log = sys.argv[1], open(sys.argv[2], "a")
+d = os.open(mnt, os.O_RDONLY)
+for i in range(1000000):
+    tmp, final = os.path.join(mnt, "w%d.tmp" % i), os.path.join(mnt, "w%d" % i)
+    with open(tmp, "wb") as f:
+        f.write(b"payload %d\n" % i * 100)
+        f.flush(); os.fsync(f.fileno())
+    os.rename(tmp, final)
+    os.fsync(d)
+    with open(os.path.join(mnt, "a.txt"), "ab") as f:
+        f.write(b"%d\n" % i)
+    log.write("%d\n" % i); log.flush(); os.fsync(log.fileno())
+"#;
+
+/// Starts [`ACKED_WORKLOAD`] in `dir`, logging to `log`, with `python` (a
+/// `python3` command, perhaps a [`held_command`]).
+pub fn start_acked_workload(mut python: Command, dir: &Path, log: &Path) -> Child {
+    python
+        .args(["-c", ACKED_WORKLOAD])
+        .arg(dir)
+        .arg(log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn python3")
+}
+
+/// Asserts that every step `log` acknowledges is in `dir`, complete, and
+/// that the workload ran long enough to mean something. Returns the count.
+pub fn assert_acknowledged(dir: &Path, log: &Path) -> usize {
+    let acked: Vec<usize> = fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(
+        acked.len() > 10,
+        "the workload in {} ran ({} steps)",
+        dir.display(),
+        acked.len()
+    );
+    for i in &acked {
+        let data = fs::read(dir.join(format!("w{i}"))).unwrap_or_default();
+        assert_eq!(
+            data,
+            format!("payload {i}\n").repeat(100).into_bytes(),
+            "acknowledged write w{i} in {}",
+            dir.display()
+        );
+    }
+    acked.len()
+}
+
+/// Asserts that a snapshot taken during [`ACKED_WORKLOAD`] is a consistent
+/// prefix of it: every step its `a.txt` records has its file.
+pub fn assert_workload_prefix(snapshot: &Path) {
+    let log = fs::read_to_string(snapshot.join("a.txt")).unwrap();
+    let n = log.lines().filter(|l| l.parse::<usize>().is_ok()).count();
+    for k in 0..n {
+        assert!(
+            snapshot.join(format!("w{k}")).exists(),
+            "{} shows step {k} in a.txt but not w{k}",
+            snapshot.display()
+        );
+    }
+}
+
+/// Runs `agentfs-mount-worker --check` on a state directory, asserts that
+/// it found nothing wrong (exit 0), and returns its report.
+pub fn check_state(state_dir: &Path) -> String {
+    let check = Command::new(WORKER)
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(check.status.success(), "state check failed:\n{report}");
+    report
+}
+
+/// A shared, writable memory map of a whole file (opened read-write), for
+/// writes that reach the file system only as dirty pages. Unmapped when
+/// dropped.
+pub struct SharedMap {
+    _file: fs::File,
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SharedMap {
+    /// Maps all of `path` (which must not be empty).
+    pub fn new(path: &Path) -> SharedMap {
+        use std::os::fd::AsRawFd;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: mapping a file we hold open; unmapped in drop.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+        SharedMap {
+            _file: file,
+            addr,
+            len,
+        }
+    }
+
+    /// Stores `data` at `offset` through the map, then msync(MS_SYNC).
+    pub fn write_and_sync(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.len);
+        // SAFETY: the range lies inside the live mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.addr as *mut u8).add(offset),
+                data.len(),
+            );
+            assert_eq!(libc::msync(self.addr, self.len, libc::MS_SYNC), 0);
+        }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: addr and len describe our mapping, not used after this.
+        unsafe {
+            libc::munmap(self.addr, self.len);
+        }
+    }
 }

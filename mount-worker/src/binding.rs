@@ -1,0 +1,647 @@
+//! Bindings: which branch a calling process sees where a path enters the
+//! mount (the mount root). By pid (the process, its threads, and every
+//! descendant forked after the bind) or by cgroup v2 subtree. A request's
+//! pid is a thread id; it is mapped to its process through `/proc`.
+//!
+//! Contract 2.3/2.4, specs/semantics.md "Bindings".
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{ControlError, ErrorKind};
+use crate::snapshot::BranchId;
+
+/// What a binding applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// No deny_unknown_fields here or on Binding: serde cannot combine it with
+// `flatten`; the catalog's own check still refuses unknown top-level keys.
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Subject {
+    /// A process and the descendants it forks after `since`.
+    Pid {
+        /// Its pid (a thread group id).
+        pid: i32,
+        /// Its start time (field 22 of `/proc/PID/stat`, clock ticks after
+        /// boot): a reused pid has another, so it never inherits the binding.
+        start: u64,
+        /// When it was bound, in the same unit: children started before it
+        /// are not bound.
+        since: u64,
+        /// `/proc/sys/kernel/random/boot_id` when bound: pid bindings do not
+        /// survive a reboot (the processes are gone).
+        boot: String,
+    },
+    /// Every process whose cgroup v2 path is `path` or below it.
+    Cgroup {
+        /// Normalised cgroup path: starts with `/`, no trailing `/`.
+        path: String,
+    },
+}
+
+/// One binding, as persisted in the catalog and listed to users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Who is bound.
+    #[serde(flatten)]
+    pub subject: Subject,
+    /// The branch they see.
+    pub branch: BranchId,
+}
+
+/// The bindings of one mount and a cache of resolved callers.
+pub struct Bindings {
+    state: RwLock<State>,
+    /// Answers of [`Bindings::resolve`] per process, valid for one
+    /// generation of the bindings.
+    cache: Mutex<HashMap<i32, Cached>>,
+}
+
+struct State {
+    list: Vec<Binding>,
+    /// Advances with every change of `list` (and of `inherited`).
+    generation: u64,
+    /// Processes that reached a branch through a bound ancestor: they keep
+    /// it when that ancestor exits and they are reparented. In memory only.
+    inherited: HashMap<(i32, u64), Inherited>,
+}
+
+#[derive(Clone, Copy)]
+struct Inherited {
+    branch: BranchId,
+    /// The pid binding it comes from.
+    from: (i32, u64),
+}
+
+#[derive(Clone, Copy)]
+struct Cached {
+    start: u64,
+    generation: u64,
+    answer: Option<BranchId>,
+}
+
+/// Entries above which the caches are emptied (they refill on demand).
+const CACHE_MAX: usize = 65536;
+/// How far up the parent chain a caller is followed.
+const MAX_DEPTH: usize = 128;
+
+/// What `/proc/PID/stat` says about a process.
+struct ProcStat {
+    ppid: i32,
+    start: u64,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted after its closing parenthesis, the last one in the line.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        ppid: f.get(1)?.parse().ok()?,
+        start: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// The process (thread group) of thread `tid`.
+fn tgid_of(tid: i32) -> Option<i32> {
+    let text = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The cgroup v2 path of a process (`0::` line of `/proc/PID/cgroup`).
+fn cgroup_of(pid: i32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end_matches(" (deleted)").to_owned())
+}
+
+/// Now, in the unit of process start times: clock ticks since boot.
+fn now_ticks() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on hybrid systems).
+fn cgroup_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| pre.split(' ').nth(4))?
+        })
+        .map_or_else(|| PathBuf::from("/sys/fs/cgroup"), PathBuf::from)
+}
+
+/// A cgroup as users spell it (`/a/b`, or its directory under the cgroup
+/// file system) in the form of `/proc/PID/cgroup`: `/a/b`, `/` for the root.
+fn normalise_cgroup(cgroup: &str) -> Result<String, ControlError> {
+    let invalid = |why: &str| {
+        ControlError::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid cgroup {cgroup:?}: {why}"),
+        )
+    };
+    let root = cgroup_root();
+    let path = Path::new(cgroup);
+    let rel = path
+        .strip_prefix(&root)
+        .or_else(|_| path.strip_prefix("/sys/fs/cgroup"))
+        .map(|p| format!("/{}", p.display()))
+        .unwrap_or_else(|_| cgroup.to_owned());
+    if !rel.starts_with('/') {
+        return Err(invalid("give an absolute cgroup path, such as /agents/a1"));
+    }
+    let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.iter().any(|c| *c == "." || *c == "..") {
+        return Err(invalid("'.' and '..' are not allowed"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Whether cgroup `path` is `bound` or below it.
+fn cgroup_within(path: &str, bound: &str) -> bool {
+    bound == "/"
+        || path == bound
+        || (path.starts_with(bound) && path.as_bytes().get(bound.len()) == Some(&b'/'))
+}
+
+fn is_live(s: &Subject) -> bool {
+    match s {
+        Subject::Pid { pid, start, .. } => proc_stat(*pid).is_some_and(|p| p.start == *start),
+        Subject::Cgroup { .. } => true,
+    }
+}
+
+fn not_bound(what: String) -> ControlError {
+    ControlError::new(
+        ErrorKind::NotFound,
+        format!("{what} is not bound; `binding-list` shows the bindings"),
+    )
+}
+
+impl Bindings {
+    /// The bindings saved in the catalog, minus pid bindings whose process
+    /// is gone or that were made before the last reboot.
+    pub fn new(saved: Vec<Binding>) -> Bindings {
+        let boot_now = boot_id();
+        let list = saved
+            .into_iter()
+            .filter(|b| match &b.subject {
+                Subject::Pid { boot, .. } => *boot == boot_now && is_live(&b.subject),
+                Subject::Cgroup { .. } => true,
+            })
+            .collect();
+        Bindings {
+            state: RwLock::new(State {
+                list,
+                generation: 0,
+                inherited: HashMap::new(),
+            }),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The current bindings (what the catalog persists and `binding-list`
+    /// shows), dropping pid bindings whose process has exited.
+    pub fn records(&self) -> Vec<Binding> {
+        self.state
+            .read()
+            .unwrap()
+            .list
+            .iter()
+            .filter(|b| is_live(&b.subject))
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces the list with `edit`'s result once `persist` accepted it.
+    fn change<T>(
+        &self,
+        edit: impl FnOnce(&mut Vec<Binding>) -> Result<T, ControlError>,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<T, ControlError> {
+        let mut st = self.state.write().unwrap();
+        let mut next: Vec<Binding> = st
+            .list
+            .iter()
+            .filter(|b| is_live(&b.subject))
+            .cloned()
+            .collect();
+        let out = edit(&mut next)?;
+        persist(&next)?;
+        let kept: Vec<(i32, u64)> = next
+            .iter()
+            .filter_map(|b| match b.subject {
+                Subject::Pid { pid, start, .. } => Some((pid, start)),
+                Subject::Cgroup { .. } => None,
+            })
+            .collect();
+        st.inherited.retain(|_, i| kept.contains(&i.from));
+        st.list = next;
+        st.generation += 1;
+        Ok(out)
+    }
+
+    /// Binds process `pid` (a thread id names its process) to `branch`,
+    /// replacing an existing binding of that process. `persist` is called
+    /// with the new list before it takes effect; its error aborts the bind.
+    pub fn bind_pid(
+        &self,
+        pid: i32,
+        branch: BranchId,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<Binding, ControlError> {
+        if pid <= 0 {
+            return Err(ControlError::new(
+                ErrorKind::InvalidArgument,
+                format!("invalid pid {pid}: pids are positive"),
+            ));
+        }
+        let gone = || {
+            ControlError::new(
+                ErrorKind::NotFound,
+                format!("no process with pid {pid}; is it still running?"),
+            )
+        };
+        let tgid = tgid_of(pid).ok_or_else(gone)?;
+        let start = proc_stat(tgid).ok_or_else(gone)?.start;
+        let binding = Binding {
+            subject: Subject::Pid {
+                pid: tgid,
+                start,
+                since: now_ticks(),
+                boot: boot_id(),
+            },
+            branch,
+        };
+        let b = binding.clone();
+        self.change(
+            move |list| {
+                list.retain(|x| !matches!(x.subject, Subject::Pid { pid: p, .. } if p == tgid));
+                list.push(b);
+                Ok(())
+            },
+            persist,
+        )?;
+        Ok(binding)
+    }
+
+    /// Binds a cgroup v2 subtree to `branch` (replacing an existing binding
+    /// of the same cgroup).
+    pub fn bind_cgroup(
+        &self,
+        cgroup: &str,
+        branch: BranchId,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<Binding, ControlError> {
+        let path = normalise_cgroup(cgroup)?;
+        let dir = cgroup_root().join(path.trim_start_matches('/'));
+        if !dir.is_dir() {
+            return Err(ControlError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no cgroup {path} ({} is not a directory); create it first",
+                    dir.display()
+                ),
+            ));
+        }
+        let binding = Binding {
+            subject: Subject::Cgroup { path: path.clone() },
+            branch,
+        };
+        let b = binding.clone();
+        self.change(
+            move |list| {
+                list.retain(|x| !matches!(&x.subject, Subject::Cgroup { path: p } if *p == path));
+                list.push(b);
+                Ok(())
+            },
+            persist,
+        )?;
+        Ok(binding)
+    }
+
+    /// Removes the binding of process `pid`.
+    pub fn unbind_pid(
+        &self,
+        pid: i32,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<Binding, ControlError> {
+        let tgid = tgid_of(pid).unwrap_or(pid);
+        self.change(
+            |list| {
+                let i = list
+                    .iter()
+                    .position(|x| matches!(x.subject, Subject::Pid { pid: p, .. } if p == tgid))
+                    .ok_or_else(|| not_bound(format!("pid {pid}")))?;
+                Ok(list.remove(i))
+            },
+            persist,
+        )
+    }
+
+    /// Removes the binding of a cgroup.
+    pub fn unbind_cgroup(
+        &self,
+        cgroup: &str,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<Binding, ControlError> {
+        let path = normalise_cgroup(cgroup)?;
+        self.change(
+            |list| {
+                let i = list
+                    .iter()
+                    .position(|x| matches!(&x.subject, Subject::Cgroup { path: p } if *p == path))
+                    .ok_or_else(|| not_bound(format!("cgroup {path}")))?;
+                Ok(list.remove(i))
+            },
+            persist,
+        )
+    }
+
+    /// Removes every binding to `branch` (it is being deleted).
+    pub fn unbind_branch(
+        &self,
+        branch: BranchId,
+        persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
+    ) -> Result<Vec<Binding>, ControlError> {
+        self.change(
+            |list| {
+                let (gone, kept) = list.drain(..).partition(|x| x.branch == branch);
+                *list = kept;
+                Ok(gone)
+            },
+            persist,
+        )
+    }
+
+    /// The live bindings to `branch`.
+    pub fn bound_to(&self, branch: BranchId) -> Vec<Binding> {
+        let mut out = self.records();
+        out.retain(|b| b.branch == branch);
+        out
+    }
+
+    /// The branch the thread `tid` (a FUSE request's pid) sees at the mount
+    /// root; `None` is main. Precedence: a pid binding of the process, then
+    /// of its nearest bound ancestor (if the process started after that
+    /// bind), then the longest bound cgroup prefix, then main.
+    pub fn resolve(&self, tid: u32) -> Option<BranchId> {
+        let st = self.state.read().unwrap();
+        // Nothing bound: no /proc reads on the way into main.
+        if st.list.is_empty() {
+            return None;
+        }
+        let tgid = tgid_of(i32::try_from(tid).ok()?)?;
+        let me = proc_stat(tgid)?;
+        if let Some(c) = self.cache.lock().unwrap().get(&tgid) {
+            if c.start == me.start && c.generation == st.generation {
+                return c.answer;
+            }
+        }
+        let (answer, via) = resolve_in(&st, tgid, &me);
+        let generation = st.generation;
+        drop(st);
+        if let Some(from) = via {
+            let mut st = self.state.write().unwrap();
+            if st.inherited.len() >= CACHE_MAX {
+                st.inherited.clear();
+            }
+            let branch = answer.expect("inherited from a bound ancestor");
+            st.inherited
+                .insert((tgid, me.start), Inherited { branch, from });
+        }
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            tgid,
+            Cached {
+                start: me.start,
+                generation,
+                answer,
+            },
+        );
+        answer
+    }
+}
+
+/// The branch of process `tgid`, and the pid binding it inherits it from
+/// if that is how it was found.
+fn resolve_in(st: &State, tgid: i32, me: &ProcStat) -> (Option<BranchId>, Option<(i32, u64)>) {
+    let pid_binding = |pid: i32, start: u64| {
+        st.list.iter().find_map(|b| match b.subject {
+            Subject::Pid {
+                pid: p,
+                start: s,
+                since,
+                ..
+            } if p == pid && s == start => Some((b.branch, since)),
+            _ => None,
+        })
+    };
+    if let Some((branch, _)) = pid_binding(tgid, me.start) {
+        return (Some(branch), None);
+    }
+    if let Some(i) = st.inherited.get(&(tgid, me.start)) {
+        return (Some(i.branch), None);
+    }
+    // The nearest bound ancestor, if the process below it on the chain
+    // was started after the bind (children forked before it are not bound).
+    let (mut below_start, mut cur) = (me.start, me.ppid);
+    for _ in 0..MAX_DEPTH {
+        if cur <= 1 {
+            break;
+        }
+        let Some(p) = proc_stat(cur) else { break };
+        if let Some((branch, since)) = pid_binding(cur, p.start) {
+            if below_start >= since {
+                return (Some(branch), Some((cur, p.start)));
+            }
+            break;
+        }
+        if let Some(i) = st.inherited.get(&(cur, p.start)) {
+            return (Some(i.branch), Some(i.from));
+        }
+        (below_start, cur) = (p.start, p.ppid);
+    }
+    let Some(cg) = cgroup_of(tgid) else {
+        return (None, None);
+    };
+    let best = st
+        .list
+        .iter()
+        .filter_map(|b| match &b.subject {
+            Subject::Cgroup { path } if cgroup_within(&cg, path) => Some((path.len(), b.branch)),
+            _ => None,
+        })
+        .max_by_key(|(len, _)| *len);
+    (best.map(|(_, b)| b), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    fn ok(_: &[Binding]) -> Result<(), ControlError> {
+        Ok(())
+    }
+
+    /// A `sleep` child, killed and reaped on drop.
+    struct Sleeper(Child);
+
+    impl Sleeper {
+        fn start() -> Sleeper {
+            Sleeper(Command::new("sleep").arg("30").spawn().unwrap())
+        }
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn cgroup_paths_are_normalised_and_matched_by_component() {
+        assert_eq!(normalise_cgroup("/a/b/").unwrap(), "/a/b");
+        assert_eq!(normalise_cgroup("/").unwrap(), "/");
+        let under_root = format!("{}/x/y", cgroup_root().display());
+        assert_eq!(normalise_cgroup(&under_root).unwrap(), "/x/y");
+        for bad in ["a/b", "/a/../b", "/./a"] {
+            let e = normalise_cgroup(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{bad}");
+            assert!(e.message.contains(bad), "{}", e.message);
+        }
+        assert!(cgroup_within("/a/b", "/a"));
+        assert!(cgroup_within("/a", "/a"));
+        assert!(cgroup_within("/a", "/"));
+        assert!(!cgroup_within("/ab", "/a"));
+    }
+
+    #[test]
+    fn a_pid_binding_covers_threads_and_later_children_only() {
+        let before = Sleeper::start();
+        std::thread::sleep(Duration::from_millis(50));
+        let b = Bindings::new(Vec::new());
+        let me = std::process::id() as i32;
+        b.bind_pid(me, BranchId(7), ok).unwrap();
+        assert_eq!(b.resolve(me as u32), Some(BranchId(7)));
+        // Another thread of this process, while it runs.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            done_rx.recv().ok();
+        });
+        let tid = tid_rx.recv().unwrap() as u32;
+        assert_ne!(tid, me as u32);
+        assert_eq!(b.resolve(tid), Some(BranchId(7)));
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let after = Sleeper::start();
+        assert_eq!(b.resolve(after.pid()), Some(BranchId(7)));
+        assert_eq!(b.resolve(before.pid()), None, "forked before the bind");
+        assert_eq!(b.bound_to(BranchId(7)).len(), 1);
+        b.unbind_pid(me, ok).unwrap();
+        assert_eq!(b.resolve(me as u32), None);
+        assert_eq!(
+            b.resolve(after.pid()),
+            None,
+            "inheritance ends with the bind"
+        );
+        let e = b.unbind_pid(me, ok).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains(&me.to_string()), "{}", e.message);
+    }
+
+    #[test]
+    fn dead_and_reused_pids_are_not_bound() {
+        let b = Bindings::new(Vec::new());
+        let mut s = Sleeper::start();
+        let pid = s.pid() as i32;
+        b.bind_pid(pid, BranchId(3), ok).unwrap();
+        assert_eq!(b.records().len(), 1);
+        s.0.kill().unwrap();
+        s.0.wait().unwrap();
+        assert!(b.records().is_empty(), "the process exited");
+        let e = b.bind_pid(pid, BranchId(3), ok).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains(&pid.to_string()));
+        // A saved binding whose start time is not the live process's (the
+        // pid was reused) is dropped when loaded.
+        let live = Sleeper::start();
+        let fake = Binding {
+            subject: Subject::Pid {
+                pid: live.pid() as i32,
+                start: 1,
+                since: 0,
+                boot: boot_id(),
+            },
+            branch: BranchId(3),
+        };
+        let b = Bindings::new(vec![fake]);
+        assert!(b.records().is_empty());
+        assert_eq!(b.resolve(live.pid()), None);
+    }
+
+    #[test]
+    fn a_failed_persist_changes_nothing() {
+        let b = Bindings::new(Vec::new());
+        let me = std::process::id() as i32;
+        let e = b
+            .bind_pid(me, BranchId(2), |_| {
+                Err(ControlError::new(ErrorKind::NoSpace, "full"))
+            })
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoSpace);
+        assert!(b.records().is_empty());
+        assert_eq!(b.resolve(me as u32), None);
+    }
+
+    #[test]
+    fn cgroup_bindings_need_an_existing_cgroup() {
+        let b = Bindings::new(Vec::new());
+        let e = b
+            .bind_cgroup("/agentfs-no-such-cgroup", BranchId(1), ok)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains("/agentfs-no-such-cgroup"));
+        b.bind_cgroup("/", BranchId(1), ok).unwrap();
+        // Every process is in the root's subtree.
+        assert_eq!(b.resolve(std::process::id()), Some(BranchId(1)));
+        b.unbind_cgroup("/", ok).unwrap();
+        assert_eq!(b.resolve(std::process::id()), None);
+    }
+}

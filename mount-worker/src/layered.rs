@@ -1,0 +1,948 @@
+//! Layered views: branches and snapshots of branches.
+//!
+//! A view is a stack of layer directories (`<state>/layers/<id>/tree`)
+//! over main as it was at an epoch (a snapshot-of-main view, see
+//! [`crate::snapview`]). A branch's top layer takes its changes; the layers
+//! below it are frozen and never written again (snapshots share them).
+//! Names are resolved top-down with the overlayfs rules: a whiteout (a
+//! character device 0/0) hides a name of the layers below, an opaque
+//! directory (xattr `trusted.agentfs.opaque`) hides everything below it,
+//! and only directories merge.
+//!
+//! Changing an object first copies it up into the top layer (built in
+//! `work/`, fsync'd, then renamed into place, so a crash leaves either no
+//! copy or a whole one). The copy keeps the object's id in the xattr
+//! `trusted.agentfs.id`, so `st_ino` does not change at copy-up. Objects
+//! created in a layer are identified by their inode number there, tagged
+//! with [`NATIVE`] so they never collide with main's inode numbers.
+//!
+//! When a branch is snapshotted its top layer freezes and a new one starts
+//! ([`Layers::generation`] advances); objects notice on their next use and treat
+//! their old top copy as a lower part ([`LayerObj::current`]).
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::hostfs::{self, Stat, XattrReply};
+use crate::preserve::PreImageStore;
+use crate::snapview::SnapObj;
+
+/// Ids of objects created in a layer: their inode number there with this
+/// bit set (main's inode numbers stay below it).
+pub const NATIVE: u64 = 1 << 43;
+/// Where a copied-up object keeps its id.
+const ID_XATTR: &str = "trusted.agentfs.id";
+/// Marks a directory that hides the layers below it.
+const OPAQUE_XATTR: &str = "trusted.agentfs.opaque";
+/// Marks a user's character device 0/0, which is otherwise a whiteout.
+const DEVICE_XATTR: &str = "trusted.agentfs.device";
+/// The xattr names reserved for the layers' own bookkeeping: hidden from
+/// users and refused to them.
+pub const RESERVED_XATTR_PREFIX: &[u8] = b"trusted.agentfs.";
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// A character device 0/0, the form of a whiteout (the one `RENAME_WHITEOUT`
+/// makes); a user's own 0/0 device carries [`DEVICE_XATTR`] instead.
+fn looks_like_whiteout(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+fn is_whiteout(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<bool> {
+    if !looks_like_whiteout(st) {
+        return Ok(false);
+    }
+    match hostfs::getxattr(fd, OsStr::new(DEVICE_XATTR), 0) {
+        Ok(_) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks a new object as a user's device if it could pass for a whiteout.
+fn mark_device(fd: BorrowedFd<'_>) -> io::Result<()> {
+    if looks_like_whiteout(&hostfs::stat(fd)?) {
+        hostfs::setxattr(fd, OsStr::new(DEVICE_XATTR), b"y", 0)?;
+    }
+    Ok(())
+}
+
+/// Whether a user may see or change an xattr of this name.
+pub fn is_reserved_xattr(name: &[u8]) -> bool {
+    name.starts_with(RESERVED_XATTR_PREFIX)
+}
+
+/// What reading the bottom of a view (main at an epoch) needs.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    /// The pre-images of main.
+    pub store: &'a PreImageStore,
+    /// A descriptor on the source's file system, for `open_by_handle_at`.
+    pub mount_fd: BorrowedFd<'a>,
+}
+
+/// The writable top layer of a branch.
+pub struct Top {
+    /// Root of its tree.
+    pub tree: Arc<OwnedFd>,
+    /// Its staging directory for copy-ups and atomic replacements.
+    pub work: OwnedFd,
+}
+
+/// The layers of a view at one moment.
+pub struct Layers {
+    /// Advances each time the top layer freezes.
+    pub generation: u64,
+    /// The layer taking changes (branches only).
+    pub top: Option<Top>,
+}
+
+/// One branch or snapshot of a branch.
+pub struct LayerView {
+    /// Its view number in node ids.
+    pub number: u32,
+    /// Its layers. Every change holds this for reading from its copy-up
+    /// to its end; freezing the top layer holds it for writing.
+    pub layers: RwLock<Layers>,
+    /// Serializes copy-ups: two threads must never copy one object at once.
+    copy_up: Mutex<()>,
+    next_tmp: AtomicU64,
+}
+
+impl LayerView {
+    /// A view with the given layers.
+    pub fn new(number: u32, top: Option<Top>) -> LayerView {
+        LayerView {
+            number,
+            layers: RwLock::new(Layers { generation: 0, top }),
+            copy_up: Mutex::new(()),
+            next_tmp: AtomicU64::new(0),
+        }
+    }
+
+    fn tmp_name(&self) -> CString {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("tmp-{}-{n}", std::process::id())).expect("no NUL")
+    }
+}
+
+/// An object in one layer below the top, or at the bottom.
+#[derive(Clone)]
+pub enum Part {
+    /// In a layer directory.
+    Layer(Arc<OwnedFd>),
+    /// Main at the view's epoch.
+    Base(Arc<SnapObj>),
+}
+
+/// What a name is in one part.
+enum Child {
+    Missing,
+    Whiteout,
+    Found { part: Part, st: Stat, opaque: bool },
+}
+
+/// A file opened for reading from a part.
+pub enum ReadFile {
+    /// Read directly.
+    Plain(File),
+    /// A live file of main at the bottom: reads are re-checked.
+    BaseLive(Arc<SnapObj>, File),
+}
+
+impl ReadFile {
+    /// Reads up to `buf.len()` bytes at `offset`.
+    pub fn read(&self, cx: Ctx<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self {
+            ReadFile::Plain(f) => hostfs::read_full(f, buf, offset),
+            ReadFile::BaseLive(s, f) => s.read_live(cx.store, f, buf, offset),
+        }
+    }
+
+    /// The open file (for lseek and copies).
+    pub fn file(&self) -> &File {
+        match self {
+            ReadFile::Plain(f) | ReadFile::BaseLive(_, f) => f,
+        }
+    }
+}
+
+/// One entry of a merged directory listing.
+pub struct Listed {
+    /// The id of the object (`st_ino` in the view).
+    pub id: u64,
+    /// `DT_*`.
+    pub d_type: u8,
+    /// Name.
+    pub name: Vec<u8>,
+}
+
+/// One entry of one part of a directory.
+struct PartEntry {
+    name: Vec<u8>,
+    d_type: u8,
+    /// `None` for a whiteout.
+    id: Option<u64>,
+}
+
+/// The id of an object of a layer directory.
+fn layer_id(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<u64> {
+    match hostfs::getxattr(fd, OsStr::new(ID_XATTR), 32) {
+        Ok(XattrReply::Data(v)) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                tracing::error!("bad {ID_XATTR} on layer inode {}", st.st_ino);
+                errno(libc::EIO)
+            }),
+        Ok(XattrReply::Size(_)) => unreachable!("a sized call returns data"),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(NATIVE | st.st_ino),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_opaque(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match hostfs::getxattr(fd, OsStr::new(OPAQUE_XATTR), 0) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn set_opaque(fd: BorrowedFd<'_>) -> io::Result<()> {
+    hostfs::setxattr(fd, OsStr::new(OPAQUE_XATTR), b"y", 0)
+}
+
+fn make_whiteout(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    hostfs::mknod(dir, name, libc::S_IFCHR, 0)
+}
+
+fn without_reserved(list: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    list.into_iter()
+        .filter(|(n, _)| !is_reserved_xattr(n))
+        .collect()
+}
+
+impl Part {
+    /// Attributes.
+    pub fn stat(&self, cx: Ctx<'_>) -> io::Result<Stat> {
+        match self {
+            Part::Layer(fd) => hostfs::stat(fd.as_fd()),
+            Part::Base(s) => s.stat(cx.store, cx.mount_fd),
+        }
+    }
+
+    fn id(&self, st: &Stat) -> io::Result<u64> {
+        match self {
+            Part::Layer(fd) => layer_id(fd.as_fd(), st),
+            Part::Base(s) => Ok(s.ino),
+        }
+    }
+
+    fn child(&self, cx: Ctx<'_>, name: &OsStr) -> io::Result<Child> {
+        match self {
+            Part::Layer(dir) => {
+                let fd = match hostfs::open_node(dir.as_fd(), &hostfs::component(name)?) {
+                    Ok(fd) => fd,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Child::Missing),
+                    Err(e) => return Err(e),
+                };
+                let st = hostfs::stat(fd.as_fd())?;
+                if is_whiteout(fd.as_fd(), &st)? {
+                    return Ok(Child::Whiteout);
+                }
+                let opaque = is_dir(&st) && is_opaque(fd.as_fd())?;
+                Ok(Child::Found {
+                    part: Part::Layer(Arc::new(fd)),
+                    st,
+                    opaque,
+                })
+            }
+            Part::Base(dir) => {
+                let found = match dir.lookup(cx.store, cx.mount_fd, name) {
+                    Ok(f) => f,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Child::Missing),
+                    Err(e) => return Err(e),
+                };
+                let obj = SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino);
+                let st = obj.stat(cx.store, cx.mount_fd)?;
+                Ok(Child::Found {
+                    part: Part::Base(Arc::new(obj)),
+                    st,
+                    opaque: false,
+                })
+            }
+        }
+    }
+
+    /// Entries with their ids.
+    fn entries(&self, cx: Ctx<'_>) -> io::Result<Vec<PartEntry>> {
+        match self {
+            Part::Layer(dir) => {
+                let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let mut out = Vec::new();
+                for e in hostfs::read_dir_all(&d)? {
+                    let fd = hostfs::open_node(
+                        dir.as_fd(),
+                        &hostfs::component(OsStr::from_bytes(&e.name))?,
+                    )?;
+                    let st = hostfs::stat(fd.as_fd())?;
+                    let id = if is_whiteout(fd.as_fd(), &st)? {
+                        None
+                    } else {
+                        Some(layer_id(fd.as_fd(), &st)?)
+                    };
+                    out.push(PartEntry {
+                        name: e.name,
+                        d_type: e.d_type,
+                        id,
+                    });
+                }
+                Ok(out)
+            }
+            Part::Base(s) => Ok(s
+                .list(cx.store, cx.mount_fd)?
+                .into_iter()
+                .map(|e| PartEntry {
+                    name: e.name,
+                    d_type: e.d_type,
+                    id: Some(e.ino),
+                })
+                .collect()),
+        }
+    }
+
+    fn readlink(&self, cx: Ctx<'_>) -> io::Result<Vec<u8>> {
+        match self {
+            Part::Layer(fd) => hostfs::readlink(fd.as_fd()),
+            Part::Base(s) => s.readlink(cx.store, cx.mount_fd),
+        }
+    }
+
+    fn xattrs(&self, cx: Ctx<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self {
+            Part::Layer(fd) => hostfs::xattrs_if_any(fd.as_fd()).map(without_reserved),
+            Part::Base(s) => s.xattrs(cx.store, cx.mount_fd),
+        }
+    }
+
+    fn open_read(&self, cx: Ctx<'_>) -> io::Result<ReadFile> {
+        match self {
+            Part::Layer(fd) => Ok(ReadFile::Plain(hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?)),
+            Part::Base(s) => match s.open(cx.store, cx.mount_fd)? {
+                (f, true) => Ok(ReadFile::Plain(f)),
+                (f, false) => Ok(ReadFile::BaseLive(s.clone(), f)),
+            },
+        }
+    }
+
+    /// Builds a copy of this object as `work/tmp`: content, owner, mode,
+    /// times, xattrs and the id `id`, fsync'd.
+    fn copy_into(&self, cx: Ctx<'_>, work: BorrowedFd<'_>, tmp: &CStr, id: u64) -> io::Result<()> {
+        let st = self.stat(cx)?;
+        let kind = st.st_mode & libc::S_IFMT;
+        match kind {
+            libc::S_IFDIR => hostfs::mkdir(work, tmp, 0o700)?,
+            libc::S_IFREG => {
+                let dst: File = hostfs::open_at(
+                    work,
+                    tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?
+                .into();
+                match self {
+                    Part::Layer(fd) => {
+                        hostfs::clone_or_copy(&hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?, &dst)?
+                    }
+                    Part::Base(s) => s.copy_content(cx.store, cx.mount_fd, &dst)?,
+                }
+                dst.sync_all()?;
+            }
+            libc::S_IFLNK => {
+                hostfs::symlink(OsStr::from_bytes(&self.readlink(cx)?), work, tmp)?;
+            }
+            _ => hostfs::mknod(work, tmp, st.st_mode, st.st_rdev)?,
+        }
+        let fd = hostfs::open_node(work, tmp)?;
+        mark_device(fd.as_fd())?;
+        hostfs::setxattr(
+            fd.as_fd(),
+            OsStr::new(ID_XATTR),
+            id.to_string().as_bytes(),
+            0,
+        )?;
+        self.copy_meta_to(cx, &st, fd.as_fd())
+    }
+
+    /// Gives `to` this object's xattrs, owner, mode and times (`st` is
+    /// this object's stat).
+    fn copy_meta_to(&self, cx: Ctx<'_>, st: &Stat, to: BorrowedFd<'_>) -> io::Result<()> {
+        for (n, v) in self.xattrs(cx)? {
+            hostfs::setxattr(to, OsStr::from_bytes(&n), &v, 0)?;
+        }
+        hostfs::chown(to, Some(st.st_uid), Some(st.st_gid))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            hostfs::chmod(to, st.st_mode & 0o7777)?;
+        }
+        let t = |s, ns| libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        };
+        hostfs::utimens(
+            to,
+            &[
+                t(st.st_atime, st.st_atime_nsec),
+                t(st.st_mtime, st.st_mtime_nsec),
+            ],
+        )
+    }
+
+    /// Makes the directory `to` (a new layer's tree root) look like this
+    /// one: the root of a view shows the root it was made from.
+    pub fn copy_meta(&self, cx: Ctx<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
+        self.copy_meta_to(cx, &self.stat(cx)?, to)
+    }
+}
+
+/// Where an object is linked: its directory and name (for copy-up).
+type Place = Option<(Arc<LayerObj>, CString)>;
+
+#[derive(Clone)]
+struct State {
+    /// The [`Layers::generation`] this state was computed for.
+    generation: u64,
+    /// The object in the top layer, once there.
+    upper: Option<Arc<OwnedFd>>,
+    /// The object below the top: for a directory every part it merges, top
+    /// first (none below an opaque one); otherwise the topmost part.
+    lowers: Vec<Part>,
+}
+
+/// An object of a layered view.
+pub struct LayerObj {
+    /// Its view.
+    pub view: Arc<LayerView>,
+    /// Its id (`st_ino`), stable across copy-up and restarts.
+    pub id: u64,
+    /// Whether it is a directory.
+    pub is_dir: bool,
+    place: Mutex<Place>,
+    state: RwLock<State>,
+    /// Copy-ups of this object so far: readers opened before one reopen.
+    copies: AtomicU64,
+}
+
+impl LayerObj {
+    /// The root of a view: `upper` is the top layer's tree (none for a
+    /// snapshot), `lowers` the frozen layer trees and main's root at the
+    /// bottom.
+    pub fn root(view: Arc<LayerView>, id: u64, lowers: Vec<Part>) -> LayerObj {
+        LayerObj {
+            view,
+            id,
+            is_dir: true,
+            place: Mutex::new(None),
+            state: RwLock::new(State {
+                generation: u64::MAX,
+                upper: None,
+                lowers,
+            }),
+            copies: AtomicU64::new(0),
+        }
+    }
+
+    /// The object in the top layer, if it is there already.
+    pub fn upper_now(&self, layers: &Layers) -> Option<Arc<OwnedFd>> {
+        self.current(layers).upper
+    }
+
+    /// Whether this is the root of its view.
+    pub fn is_root(&self) -> bool {
+        self.place.lock().unwrap().is_none()
+    }
+
+    /// The state for the current layers. When the top layer has frozen
+    /// since, the object's copy there becomes its topmost lower part.
+    fn current(&self, layers: &Layers) -> State {
+        {
+            let s = self.state.read().unwrap();
+            if s.generation == layers.generation {
+                return s.clone();
+            }
+        }
+        let mut s = self.state.write().unwrap();
+        if s.generation != layers.generation {
+            if let Some(u) = s.upper.take() {
+                if !self.is_dir || is_opaque(u.as_fd()).unwrap_or(true) {
+                    s.lowers.clear();
+                }
+                s.lowers.insert(0, Part::Layer(u));
+            }
+            if self.is_root() {
+                s.upper = layers.top.as_ref().map(|t| t.tree.clone());
+            }
+            s.generation = layers.generation;
+        }
+        s.clone()
+    }
+
+    /// Attributes (`st_ino` is the caller's business).
+    pub fn stat(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Stat> {
+        let s = self.current(layers);
+        match (&s.upper, s.lowers.first()) {
+            (Some(u), _) => hostfs::stat(u.as_fd()),
+            (None, Some(p)) => p.stat(cx),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn topmost(&self, layers: &Layers) -> io::Result<Part> {
+        let s = self.current(layers);
+        match (s.upper, s.lowers.into_iter().next()) {
+            (Some(u), _) => Ok(Part::Layer(u)),
+            (None, Some(p)) => Ok(p),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Vec<u8>> {
+        self.topmost(layers)?.readlink(cx)
+    }
+
+    /// Every user-visible xattr.
+    pub fn xattrs(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.topmost(layers)?.xattrs(cx)
+    }
+
+    /// Opens the object for reading, with the copy-up count it reflects.
+    pub fn open_read(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<(ReadFile, u64)> {
+        let copies = self.copies.load(Ordering::Acquire);
+        Ok((self.topmost(layers)?.open_read(cx)?, copies))
+    }
+
+    /// Copy-ups so far (see [`LayerObj::open_read`]).
+    pub fn copies(&self) -> u64 {
+        self.copies.load(Ordering::Acquire)
+    }
+
+    /// Resolves `name` in this directory (the result is not registered).
+    pub fn lookup(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        name: &OsStr,
+    ) -> io::Result<LayerObj> {
+        let cname = hostfs::component(name)?;
+        let s = self.current(layers);
+        let mut first: Option<Stat> = None;
+        let mut upper = None;
+        let mut lowers = Vec::new();
+        let mut done = false;
+        if let Some(u) = &s.upper {
+            match Part::Layer(u.clone()).child(cx, name)? {
+                Child::Missing => {}
+                Child::Whiteout => return Err(errno(libc::ENOENT)),
+                Child::Found {
+                    part: Part::Layer(fd),
+                    st,
+                    opaque,
+                } => {
+                    done = !is_dir(&st) || opaque;
+                    first = Some(st);
+                    upper = Some(fd);
+                }
+                Child::Found { .. } => unreachable!("the top part is a layer"),
+            }
+        }
+        if !done {
+            for p in &s.lowers {
+                match p.child(cx, name)? {
+                    Child::Missing => continue,
+                    Child::Whiteout => break,
+                    Child::Found { part, st, opaque } => {
+                        if first.is_some_and(|f| !is_dir(&f)) || (first.is_some() && !is_dir(&st)) {
+                            break;
+                        }
+                        let stop = !is_dir(&st) || opaque;
+                        first.get_or_insert(st);
+                        lowers.push(part);
+                        if stop {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let st = first.ok_or_else(|| errno(libc::ENOENT))?;
+        let id = match (&upper, lowers.first()) {
+            (Some(u), _) => layer_id(u.as_fd(), &st)?,
+            (None, Some(p)) => p.id(&st)?,
+            (None, None) => unreachable!("something was found"),
+        };
+        if !is_dir(&st) && upper.is_some() {
+            lowers.clear();
+        }
+        Ok(LayerObj {
+            view: self.view.clone(),
+            id,
+            is_dir: is_dir(&st),
+            place: Mutex::new(Some((self.clone(), cname))),
+            state: RwLock::new(State {
+                generation: layers.generation,
+                upper,
+                lowers,
+            }),
+            copies: AtomicU64::new(0),
+        })
+    }
+
+    /// The merged entries of this directory (`.` and `..` excluded).
+    pub fn list(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Vec<Listed>> {
+        let s = self.current(layers);
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for p in s.upper.map(Part::Layer).into_iter().chain(s.lowers) {
+            for e in p.entries(cx)? {
+                if seen.insert(e.name.clone()) {
+                    if let Some(id) = e.id {
+                        out.push(Listed {
+                            id,
+                            d_type: e.d_type,
+                            name: e.name,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a layer below the top has `name` in this directory (so
+    /// removing it from the top needs a whiteout).
+    fn lower_has(&self, cx: Ctx<'_>, layers: &Layers, name: &OsStr) -> io::Result<bool> {
+        for p in &self.current(layers).lowers {
+            match p.child(cx, name)? {
+                Child::Missing => continue,
+                Child::Whiteout => return Ok(false),
+                Child::Found { .. } => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// The object in the top layer, copied up (with its directories) first
+    /// if it is not there yet. EROFS in a snapshot.
+    pub fn upper(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Arc<OwnedFd>> {
+        let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        if let Some(u) = self.current(layers).upper {
+            return Ok(u);
+        }
+        let (parent, name) = self
+            .place
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a root's upper is its top tree");
+        let pu = parent.upper(cx, layers)?;
+        let _one = self.view.copy_up.lock().unwrap();
+        let s = self.current(layers);
+        if let Some(u) = s.upper {
+            return Ok(u);
+        }
+        match hostfs::open_node(pu.as_fd(), &name) {
+            Ok(fd) => {
+                // Copied up already (by a restarted worker, or as part of a
+                // directory tree) unless the name now holds something else,
+                // which means this object was removed from under it.
+                let st = hostfs::stat(fd.as_fd())?;
+                if is_whiteout(fd.as_fd(), &st)? || layer_id(fd.as_fd(), &st)? != self.id {
+                    return Err(errno(libc::ESTALE));
+                }
+                return Ok(self.adopt(fd));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
+        let tmp = self.view.tmp_name();
+        let work = top.work.as_fd();
+        let built = src
+            .copy_into(cx, work, &tmp, self.id)
+            .and_then(|()| hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE));
+        if let Err(e) = built {
+            let _ = remove_tree(work, &tmp);
+            return Err(e);
+        }
+        hostfs::sync_dir(pu.as_fd())?;
+        let fd = hostfs::open_node(pu.as_fd(), &name)?;
+        Ok(self.adopt(fd))
+    }
+
+    fn adopt(&self, fd: OwnedFd) -> Arc<OwnedFd> {
+        let fd = Arc::new(fd);
+        let mut s = self.state.write().unwrap();
+        s.upper = Some(fd.clone());
+        if !self.is_dir {
+            s.lowers.clear();
+        }
+        self.copies.fetch_add(1, Ordering::AcqRel);
+        fd
+    }
+
+    /// Copies up this object and, for a directory, everything below it,
+    /// and makes it opaque: it then no longer depends on the layers below
+    /// and can be moved. Costs a copy of the subtree's files.
+    fn detach(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Arc<OwnedFd>> {
+        let u = self.upper(cx, layers)?;
+        if !self.is_dir || self.current(layers).lowers.is_empty() {
+            return Ok(u);
+        }
+        for e in self.list(cx, layers)? {
+            Arc::new(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers)?;
+        }
+        set_opaque(u.as_fd())?;
+        self.state.write().unwrap().lowers.clear();
+        Ok(u)
+    }
+
+    /// Makes this object movable to another name: detached from the layers
+    /// below, and, for a directory, opaque, so that whatever the new name
+    /// hides below stays hidden.
+    fn detach_to_move(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<()> {
+        let u = self.detach(cx, layers)?;
+        if self.is_dir {
+            set_opaque(u.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Creates `name` in this directory with `make` (called on a directory
+    /// and a name) and returns it, still unregistered. A whiteout in the
+    /// way is replaced atomically; a directory made there is opaque.
+    pub fn create(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        name: &OsStr,
+        make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
+    ) -> io::Result<LayerObj> {
+        let pu = self.upper(cx, layers)?;
+        match self.lookup(cx, layers, name) {
+            Ok(_) => return Err(errno(libc::EEXIST)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let cname = hostfs::component(name)?;
+        if !self.whiteout_at(&pu, &cname)? {
+            make(pu.as_fd(), &cname)?;
+            // A crash before the mark leaves a whiteout of a name that no
+            // layer has: the unacknowledged device is simply not there.
+            mark_device(hostfs::open_node(pu.as_fd(), &cname)?.as_fd())?;
+        } else {
+            let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
+            let tmp = self.view.tmp_name();
+            make(work, &tmp)?;
+            let replaced = (|| {
+                let fd = hostfs::open_node(work, &tmp)?;
+                mark_device(fd.as_fd())?;
+                if is_dir(&hostfs::stat(fd.as_fd())?) {
+                    // A directory cannot replace a whiteout; swap them.
+                    set_opaque(fd.as_fd())?;
+                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, libc::RENAME_EXCHANGE)?;
+                    hostfs::unlink(work, &tmp, false)
+                } else {
+                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, 0)
+                }
+            })();
+            if let Err(e) = replaced {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
+        }
+        self.lookup(cx, layers, name)
+    }
+
+    fn whiteout_at(&self, dir: &OwnedFd, name: &CStr) -> io::Result<bool> {
+        match hostfs::open_node(dir.as_fd(), name) {
+            Ok(fd) => is_whiteout(fd.as_fd(), &hostfs::stat(fd.as_fd())?),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes `name` (a directory if `dir`) from this directory, leaving
+    /// a whiteout where a lower layer has the name.
+    pub fn remove(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        name: &OsStr,
+        dir: bool,
+    ) -> io::Result<()> {
+        let pu = self.upper(cx, layers)?;
+        let child = self.lookup(cx, layers, name)?;
+        match (dir, child.is_dir) {
+            (true, false) => return Err(errno(libc::ENOTDIR)),
+            (false, true) => return Err(errno(libc::EISDIR)),
+            _ => {}
+        }
+        if dir && !child.list(cx, layers)?.is_empty() {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        let cname = hostfs::component(name)?;
+        let needs_whiteout = self.lower_has(cx, layers, name)?;
+        let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
+        match (child.current(layers).upper, needs_whiteout) {
+            (None, true) => make_whiteout(pu.as_fd(), &cname),
+            (None, false) => Err(errno(libc::ESTALE)),
+            (Some(u), false) => {
+                if dir {
+                    clear_whiteouts(&u)?;
+                }
+                hostfs::unlink(pu.as_fd(), &cname, dir)
+            }
+            (Some(u), true) => {
+                let tmp = self.view.tmp_name();
+                make_whiteout(work, &tmp)?;
+                if dir {
+                    clear_whiteouts(&u)?;
+                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, libc::RENAME_EXCHANGE)?;
+                    hostfs::unlink(work, &tmp, true)
+                } else {
+                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, 0)
+                }
+            }
+        }
+    }
+
+    /// Renames `name` in this directory to `newname` in `newdir` with
+    /// `renameat2` flags. `registered` turns a looked-up object into the
+    /// live one of the same id (if the kernel holds it), so that it learns
+    /// its new place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        name: &OsStr,
+        newdir: &Arc<LayerObj>,
+        newname: &OsStr,
+        flags: u32,
+        registered: impl Fn(LayerObj) -> Arc<LayerObj>,
+    ) -> io::Result<()> {
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let spu = self.upper(cx, layers)?;
+        let dpu = newdir.upper(cx, layers)?;
+        let src = registered(self.lookup(cx, layers, name)?);
+        let dst = match newdir.lookup(cx, layers, newname) {
+            Ok(o) => Some(registered(o)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        let (sname, dname) = (hostfs::component(name)?, hostfs::component(newname)?);
+        match &dst {
+            Some(_) if flags & libc::RENAME_NOREPLACE != 0 => return Err(errno(libc::EEXIST)),
+            None if exchange => return Err(errno(libc::ENOENT)),
+            Some(d) if Arc::ptr_eq(d, &src) || d.id == src.id => return Ok(()),
+            Some(d) if !exchange => match (src.is_dir, d.is_dir) {
+                (true, false) => return Err(errno(libc::ENOTDIR)),
+                (false, true) => return Err(errno(libc::EISDIR)),
+                (true, true) if !d.list(cx, layers)?.is_empty() => {
+                    return Err(errno(libc::ENOTEMPTY));
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        let swap = || {
+            hostfs::rename(
+                spu.as_fd(),
+                &sname,
+                dpu.as_fd(),
+                &dname,
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        src.detach_to_move(cx, layers)?;
+        if exchange {
+            let d = dst.as_ref().expect("checked above");
+            d.detach_to_move(cx, layers)?;
+            swap()?;
+            *d.place.lock().unwrap() = Some((self.clone(), sname));
+        } else {
+            if let Some(d) = &dst {
+                if let (true, Some(du)) = (d.is_dir, d.current(layers).upper) {
+                    clear_whiteouts(&du)?;
+                }
+            }
+            let whiteout = self.lower_has(cx, layers, name)?;
+            if src.is_dir && self.whiteout_at(&dpu, &dname)? {
+                // A directory cannot replace a whiteout: swap them, then
+                // drop the whiteout unless the old name needs one.
+                swap()?;
+                if !whiteout {
+                    hostfs::unlink(spu.as_fd(), &sname, false)?;
+                }
+            } else {
+                let wflag = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
+                hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
+            }
+        }
+        *src.place.lock().unwrap() = Some((newdir.clone(), dname));
+        Ok(())
+    }
+
+    /// Links this object (copied up first) as `name` in directory `dir`.
+    pub fn link(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        dir: &Arc<LayerObj>,
+        name: &OsStr,
+    ) -> io::Result<LayerObj> {
+        let u = self.upper(cx, layers)?;
+        dir.create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))
+    }
+}
+
+/// Removes the whiteouts left in an upper directory that is empty in the
+/// merged view, so that the host can remove or replace it.
+fn clear_whiteouts(dir: &OwnedFd) -> io::Result<()> {
+    let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+    for e in hostfs::read_dir_all(&d)? {
+        hostfs::unlink(
+            dir.as_fd(),
+            &hostfs::component(OsStr::from_bytes(&e.name))?,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir` and everything below it.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let fd = hostfs::open_node(dir, name)?;
+    if is_dir(&hostfs::stat(fd.as_fd())?) {
+        let d = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        for e in hostfs::read_dir_all(&d)? {
+            remove_tree(fd.as_fd(), &hostfs::component(OsStr::from_bytes(&e.name))?)?;
+        }
+        hostfs::unlink(dir, name, true)
+    } else {
+        hostfs::unlink(dir, name, false)
+    }
+}

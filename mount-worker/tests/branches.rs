@@ -1,0 +1,1305 @@
+//! Branches and bindings on real mounts: branches created from snapshots
+//! diverge from each other and from main, are reachable at
+//! `.agentfs/branches/<name>/`, and are what a bound process (and its
+//! threads, and the children it forks after the bind, and every process of
+//! a bound cgroup) sees at the very same paths under the mount root.
+//! Snapshots of branches never change; bad requests are refused with the
+//! right error and change nothing; deleting gives the space back; and
+//! everything acknowledged survives a kill -9 of the worker.
+//! (Contract 1, 2.1, 2.3-2.8; specs/design-branches.md.)
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use agentfs_mount_worker::control::{ControlError, ErrorKind, Request};
+use common::{Mount, bind_pid, branch, branch_dir, ctl, snapshot, snapshot_dir, tree};
+use serde_json::{Value, json};
+
+/// The record of the branch called `name` in `branch-list`.
+fn listed_branch(m: &Mount, name: &str) -> Option<Value> {
+    let list = ctl(m, Request::BranchList {}).expect("branch-list");
+    list.as_array()
+        .expect("branch-list returns an array")
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+}
+
+/// The current bindings.
+fn bindings(m: &Mount) -> Vec<Value> {
+    let list = ctl(m, Request::BindingList {}).expect("binding-list");
+    list.as_array()
+        .expect("binding-list returns an array")
+        .clone()
+}
+
+/// The error a request must fail with.
+fn refused(m: &Mount, req: Request) -> ControlError {
+    let what = format!("{req:?}");
+    match ctl(m, req) {
+        Ok(v) => panic!("{what} should fail, but returned {v}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts that `req` fails with `kind` and a message naming `names`.
+fn assert_refused(m: &Mount, req: Request, kind: ErrorKind, names: &str) {
+    let what = format!("{req:?}");
+    let e = refused(m, req);
+    assert_eq!(e.kind, kind, "{what}: {}", e.message);
+    assert!(
+        e.message.contains(names),
+        "{what}: the message should name {names:?}: {}",
+        e.message
+    );
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.map(drop).unwrap_err().raw_os_error()
+}
+
+// ---------------------------------------------------------------------------
+// Divergence: two branches edited differently through their paths.
+
+/// A source with files, directories, a symlink and xattrs.
+fn populate(s: &Path) {
+    fs::write(s.join("a.txt"), b"alpha").unwrap();
+    fs::write(s.join("big.bin"), vec![b'x'; 100_000]).unwrap();
+    fs::create_dir(s.join("notes")).unwrap();
+    fs::write(s.join("notes/todo.txt"), b"todo list\n").unwrap();
+    fs::write(s.join("notes/done.txt"), b"done list\n").unwrap();
+    fs::create_dir_all(s.join("tree/sub")).unwrap();
+    fs::write(s.join("tree/top.txt"), b"top").unwrap();
+    fs::write(s.join("tree/sub/deep.txt"), b"deep").unwrap();
+    fs::create_dir(s.join("gone")).unwrap();
+    fs::write(s.join("gone/g1"), b"1").unwrap();
+    fs::write(s.join("gone/g2"), b"2").unwrap();
+    fs::create_dir(s.join("redo")).unwrap();
+    fs::write(s.join("redo/old.txt"), b"old").unwrap();
+    fs::write(s.join("victim"), b"to be deleted").unwrap();
+    fs::write(s.join("moved"), b"to be renamed").unwrap();
+    fs::write(s.join("mapped"), vec![0u8; 8192]).unwrap();
+    std::os::unix::fs::symlink("a.txt", s.join("link")).unwrap();
+    fs::create_dir(s.join("emptydir")).unwrap();
+    common::setxattr(&s.join("a.txt"), "user.orig", "source");
+}
+
+/// One branch's edits, applied the same way to a branch's directory and
+/// to a plain reference copy. `who` makes every branch's edits different
+/// on the same paths.
+fn edit(root: &Path, who: &str) {
+    let n = if who == "a" { 1 } else { 2 };
+    let r = |p: &str| root.join(p);
+    // Overwrite, append, truncate, chmod, xattrs on a file and a directory.
+    fs::write(r("a.txt"), format!("overwritten by {who}\n").repeat(n)).unwrap();
+    let mut f = OpenOptions::new().append(true).open(r("big.bin")).unwrap();
+    f.write_all(who.repeat(1000 * n).as_bytes()).unwrap();
+    drop(f);
+    OpenOptions::new()
+        .write(true)
+        .open(r("notes/todo.txt"))
+        .unwrap()
+        .set_len(2 * n as u64)
+        .unwrap();
+    let mode = if who == "a" { 0o600 } else { 0o444 };
+    fs::set_permissions(r("notes/done.txt"), fs::Permissions::from_mode(mode)).unwrap();
+    common::setxattr(&r("a.txt"), "user.x", who);
+    common::setxattr(&r("notes"), "user.dir", who);
+    // Renames: a file, and a directory with content, then a change inside.
+    fs::rename(r("moved"), r(&format!("moved-{who}"))).unwrap();
+    fs::rename(r("tree"), r(&format!("tree-{who}"))).unwrap();
+    fs::write(r(&format!("tree-{who}/sub/deep.txt")), who).unwrap();
+    // Unlink; empty a directory and remove it.
+    fs::remove_file(r("victim")).unwrap();
+    fs::remove_file(r("gone/g1")).unwrap();
+    fs::remove_file(r("gone/g2")).unwrap();
+    fs::remove_dir(r("gone")).unwrap();
+    // New directories (one with the same name in both branches).
+    fs::create_dir_all(r(&format!("new-{who}/inner"))).unwrap();
+    fs::create_dir(r("common-new")).unwrap();
+    fs::write(r("common-new/f"), who.repeat(n)).unwrap();
+    // Symlinks: replace one, make one.
+    fs::remove_file(r("link")).unwrap();
+    std::os::unix::fs::symlink(format!("target-{who}"), r("link")).unwrap();
+    std::os::unix::fs::symlink("a.txt", r(&format!("sl-{who}"))).unwrap();
+    // A hard link between two new files.
+    fs::write(r(&format!("new-{who}/h1")), who).unwrap();
+    fs::hard_link(r(&format!("new-{who}/h1")), r(&format!("new-{who}/h2"))).unwrap();
+    if who == "b" {
+        // A directory of the snapshot removed and made again: none of the
+        // old entries may come back.
+        fs::remove_dir_all(r("redo")).unwrap();
+        fs::create_dir(r("redo")).unwrap();
+        fs::write(r("redo/fresh.txt"), b"fresh").unwrap();
+        fs::set_permissions(r("emptydir"), fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+/// A copy of `src` (with modes, owners, times, xattrs and links) in a new
+/// temporary directory.
+fn reference_copy(src: &Path) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let copy = d.path().join("copy");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(src)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (d, copy)
+}
+
+/// Exact trees of every view the divergence test made, by name.
+fn views(m: &Mount) -> [(&'static str, std::collections::BTreeMap<PathBuf, String>); 5] {
+    [
+        ("a", tree(&branch_dir(m, "a"))),
+        ("b", tree(&branch_dir(m, "b"))),
+        ("base", tree(&snapshot_dir(m, "base"))),
+        ("main", tree(m.path())),
+        ("source", tree(m.source())),
+    ]
+}
+
+#[test]
+fn branches_diverge_and_never_touch_main_or_their_snapshot() {
+    let mut m = Mount::builder().populate(populate).start();
+    let (_ra, ref_a) = reference_copy(m.source());
+    let (_rb, ref_b) = reference_copy(m.source());
+    let main_before = tree(m.path());
+    let source_before = tree(m.source());
+    let base = snapshot(&m, None, "base");
+    let base_before = tree(&snapshot_dir(&m, "base"));
+    assert_eq!(base_before, main_before, "the snapshot shows main");
+
+    let a = branch(&m, "base", "a");
+    let b = branch(&m, "base", "b");
+    assert_eq!(a["name"], "a");
+    assert_eq!(a["snapshot"], base["id"]);
+    assert_eq!(b["snapshot"], base["id"]);
+    assert_ne!(a["id"], b["id"]);
+    assert_eq!(listed_branch(&m, "a").unwrap()["id"], a["id"]);
+    // A new branch shows its snapshot.
+    assert_eq!(tree(&branch_dir(&m, "a")), base_before);
+
+    edit(&branch_dir(&m, "a"), "a");
+    edit(&branch_dir(&m, "b"), "b");
+    edit(&ref_a, "a");
+    edit(&ref_b, "b");
+
+    assert_eq!(
+        common::tree_content(&branch_dir(&m, "a")),
+        common::tree_content(&ref_a),
+        "branch a shows exactly its own edits"
+    );
+    assert_eq!(
+        common::tree_content(&branch_dir(&m, "b")),
+        common::tree_content(&ref_b),
+        "branch b shows exactly its own edits"
+    );
+    assert_eq!(tree(m.path()), main_before, "main changed");
+    assert_eq!(tree(m.source()), source_before, "the source changed");
+    assert_eq!(
+        tree(&snapshot_dir(&m, "base")),
+        base_before,
+        "the snapshot changed"
+    );
+    // Spot checks, so that a failure of the maps above reads plainly too.
+    let (pa, pb) = (branch_dir(&m, "a"), branch_dir(&m, "b"));
+    assert_eq!(fs::read(pa.join("a.txt")).unwrap(), b"overwritten by a\n");
+    assert_eq!(fs::read(m.path().join("a.txt")).unwrap(), b"alpha");
+    assert_eq!(fs::read(pb.join("tree-b/sub/deep.txt")).unwrap(), b"b");
+    assert!(!pa.join("tree").exists() && !pa.join("tree-b").exists());
+    assert_eq!(
+        errno(fs::metadata(pb.join("redo/old.txt"))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs::read(pa.join("redo/old.txt")).unwrap(), b"old");
+    assert_eq!(
+        fs::metadata(pa.join("new-a/h1")).unwrap().ino(),
+        fs::metadata(pa.join("new-a/h2")).unwrap().ino()
+    );
+    assert_ne!(
+        fs::metadata(pa.join("a.txt")).unwrap().ino(),
+        fs::metadata(pb.join("a.txt")).unwrap().ino(),
+        "the same path in two branches is two inodes"
+    );
+
+    let before = views(&m);
+    m.kill();
+    m.restart(&[]);
+    let after = views(&m);
+    for ((name, x), (_, y)) in before.iter().zip(after.iter()) {
+        assert_eq!(x, y, "{name} changed across a kill -9 and restart");
+    }
+    let list = ctl(&m, Request::BranchList {}).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+}
+
+// ---------------------------------------------------------------------------
+// Bindings: processes that see a branch at the mount's own paths.
+
+/// An agent: a python process that carries out one JSON command per line
+/// on stdin and answers one JSON line on stdout. Commands:
+/// - `observe {path, dir}`: stat, read, mmap-read `path`, list `dir`;
+/// - `read {path}`, `write {path, data}`, `mmap-write {path, offset, data}`;
+/// - `thread {inner}`: `inner` in a new thread;
+/// - `fork {inner}`: `inner` in a child forked now;
+/// - `prefork {inner}`: `inner` in the child forked when the agent started;
+/// - `exec {argv}`: run a program, answer its status and stdout.
+///
+/// Data travels as latin-1 strings; an OSError is answered as `{errno}`.
+const AGENT: &str = r#"
+import ctypes, json, mmap, os, subprocess, sys, threading
+
+def observe(op):
+    p = op["path"]
+    st = os.stat(p)
+    with open(p, "rb", buffering=0) as f:
+        data = f.read()
+    with open(p, "rb", buffering=0) as f:
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            mapped = mm[:]
+    return {"size": st.st_size, "data": data.decode("latin-1"),
+            "mapped": mapped.decode("latin-1"),
+            "entries": sorted(os.listdir(op["dir"]))}
+
+def run(op):
+    kind = op["op"]
+    try:
+        if kind == "observe":
+            return observe(op)
+        if kind == "read":
+            with open(op["path"], "rb", buffering=0) as f:
+                return {"data": f.read().decode("latin-1")}
+        if kind == "write":
+            with open(op["path"], "wb", buffering=0) as f:
+                f.write(op["data"].encode("latin-1"))
+            return {}
+        if kind == "mmap-write":
+            data = op["data"].encode("latin-1")
+            with open(op["path"], "r+b", buffering=0) as f:
+                with mmap.mmap(f.fileno(), 0) as mm:
+                    mm[op["offset"]:op["offset"] + len(data)] = data
+                    mm.flush()
+            return {}
+        if kind == "thread":
+            out = []
+            t = threading.Thread(target=lambda: out.append(run(op["inner"])))
+            t.start()
+            t.join()
+            return out[0]
+        if kind == "fork":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                os.write(w, json.dumps(run(op["inner"])).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                out = f.read()
+            os.waitpid(pid, 0)
+            return json.loads(out)
+        if kind == "prefork":
+            to_pre.write(json.dumps(op["inner"]) + "\n")
+            to_pre.flush()
+            return json.loads(from_pre.readline())
+        if kind == "exec":
+            p = subprocess.run(op["argv"], capture_output=True)
+            return {"status": p.returncode, "stdout": p.stdout.decode("latin-1")}
+        return {"error": "unknown op " + kind}
+    except OSError as e:
+        return {"errno": e.errno}
+    except Exception as e:
+        return {"error": repr(e)}
+
+# A child forked now, before any bind: it must keep seeing what it saw.
+pr, cw = os.pipe()
+cr, pw = os.pipe()
+pre = os.fork()
+if pre == 0:
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    os.close(cw)
+    os.close(cr)
+    out = os.fdopen(pw, "w")
+    for line in os.fdopen(pr, "r"):
+        out.write(json.dumps(run(json.loads(line))) + "\n")
+        out.flush()
+    os._exit(0)
+os.close(pr)
+os.close(pw)
+to_pre, from_pre = os.fdopen(cw, "w"), os.fdopen(cr, "r")
+print(json.dumps({"pid": os.getpid(), "prefork": pre}), flush=True)
+for line in sys.stdin:
+    print(json.dumps(run(json.loads(line))), flush=True)
+"#;
+
+/// A running [`AGENT`]; killed and reaped when dropped (its pre-forked
+/// child dies with it: PR_SET_PDEATHSIG).
+struct Agent {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+}
+
+impl Agent {
+    fn spawn() -> Agent {
+        let mut child = Command::new("python3")
+            .args(["-c", AGENT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let pid = child.id();
+        let mut agent = Agent {
+            child,
+            stdin,
+            stdout,
+            pid,
+        };
+        let hello = agent.answer();
+        assert_eq!(hello["pid"], pid, "the agent is the spawned process");
+        agent
+    }
+
+    fn answer(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("agent {} answered {line:?}: {e}", self.pid))
+    }
+
+    fn call(&mut self, op: &Value) -> Value {
+        let mut line = serde_json::to_vec(op).unwrap();
+        line.push(b'\n');
+        self.stdin.write_all(&line).unwrap();
+        self.answer()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        common::signal(self.pid, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Lets clock ticks pass: process start times and bind times are compared
+/// in clock ticks (10 ms), so children forked around a bind are told apart
+/// only with some time between.
+fn tick() {
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// What `shared.txt` holds in each view; its size differs by view.
+fn content(view: &str) -> String {
+    let n = match view {
+        "main" => 10,
+        "a" => 20,
+        _ => 30,
+    };
+    format!("{view}:").repeat(n)
+}
+
+/// The entries of `d/` in each view.
+fn entries(view: &str) -> Vec<&'static str> {
+    match view {
+        "main" => vec!["common"],
+        "a" => vec!["common", "only-a"],
+        _ => vec!["only-b"],
+    }
+}
+
+/// What an `observe` command answers in each view.
+fn expect(view: &str) -> Value {
+    let c = content(view);
+    json!({"size": c.len(), "data": c, "mapped": c, "entries": entries(view)})
+}
+
+fn populate_views(s: &Path) {
+    fs::write(s.join("shared.txt"), content("main")).unwrap();
+    fs::create_dir(s.join("d")).unwrap();
+    fs::write(s.join("d/common"), b"").unwrap();
+    fs::write(s.join("m.bin"), vec![0u8; 4096]).unwrap();
+}
+
+/// Snapshot `base` of main, then branches `a` and `b` whose `shared.txt`
+/// and `d/` differ (see [`content`], [`entries`]). Returns their ids.
+fn make_views(m: &Mount) -> (Value, Value) {
+    snapshot(m, None, "base");
+    let a = branch(m, "base", "a")["id"].clone();
+    let b = branch(m, "base", "b")["id"].clone();
+    for view in ["a", "b"] {
+        let dir = branch_dir(m, view);
+        fs::write(dir.join("shared.txt"), content(view)).unwrap();
+    }
+    fs::write(branch_dir(m, "a").join("d/only-a"), b"").unwrap();
+    fs::write(branch_dir(m, "b").join("d/only-b"), b"").unwrap();
+    fs::remove_file(branch_dir(m, "b").join("d/common")).unwrap();
+    (a, b)
+}
+
+fn observe(m: &Mount) -> Value {
+    json!({
+        "op": "observe",
+        "path": m.path().join("shared.txt"),
+        "dir": m.path().join("d"),
+    })
+}
+
+/// True if `binding-list` has a pid binding of `pid` to branch `id`.
+fn pid_bound(m: &Mount, pid: u32, id: &Value) -> bool {
+    bindings(m)
+        .iter()
+        .any(|b| b["kind"] == "pid" && b["pid"] == pid && b["branch"] == *id)
+}
+
+#[test]
+fn bound_processes_see_their_branch_at_the_same_path() {
+    let m = Mount::builder().populate(populate_views).start();
+    let (a_id, b_id) = make_views(&m);
+    let mut a = Agent::spawn();
+    let mut b = Agent::spawn();
+    let mut main = Agent::spawn();
+    tick();
+    bind_pid(&m, "a", a.pid);
+    bind_pid(&m, "b", b.pid);
+    tick();
+    assert!(pid_bound(&m, a.pid, &a_id) && pid_bound(&m, b.pid, &b_id));
+    assert_eq!(bindings(&m).len(), 2, "{:?}", bindings(&m));
+
+    // Two branches alternating on the same paths, in lock step, 10 000
+    // times; an unbound process in between sees main.
+    let op = observe(&m);
+    let (ea, eb, emain) = (expect("a"), expect("b"), expect("main"));
+    for i in 0..10_000 {
+        let (agent, want, view) = if i % 2 == 0 {
+            (&mut a, &ea, "a")
+        } else {
+            (&mut b, &eb, "b")
+        };
+        let got = agent.call(&op);
+        assert_eq!(&got, want, "round {i}: the process bound to {view}");
+        if i % 100 == 0 {
+            assert_eq!(main.call(&op), emain, "round {i}: an unbound process");
+        }
+    }
+    // The test itself is unbound too.
+    assert_eq!(
+        fs::read_to_string(m.path().join("shared.txt")).unwrap(),
+        content("main")
+    );
+
+    // Threads, children forked after the bind and programs they exec see the
+    // branch; a child forked before the bind does not.
+    assert_eq!(a.call(&json!({"op": "thread", "inner": op})), ea, "thread");
+    assert_eq!(
+        a.call(&json!({"op": "fork", "inner": op})),
+        ea,
+        "forked child"
+    );
+    assert_eq!(
+        a.call(&json!({"op": "fork", "inner": {"op": "thread", "inner": op}})),
+        ea,
+        "a thread of a forked child"
+    );
+    let cat = json!({"op": "exec", "argv": ["cat", m.path().join("shared.txt")]});
+    assert_eq!(
+        a.call(&cat),
+        json!({"status": 0, "stdout": content("a")}),
+        "exec'd child"
+    );
+    assert_eq!(b.call(&json!({"op": "fork", "inner": op})), eb);
+    assert_eq!(
+        a.call(&json!({"op": "prefork", "inner": op})),
+        emain,
+        "a child forked before the bind"
+    );
+
+    // Writes (write + close; mmap + msync; from a forked child) land in the
+    // writer's branch only.
+    let written = m.path().join("written.txt");
+    let write = |data: &str| json!({"op": "write", "path": written, "data": data});
+    assert_eq!(a.call(&write("by a")), json!({}));
+    assert_eq!(b.call(&write("by b")), json!({}));
+    let mb = m.path().join("m.bin");
+    let mmap_write = |offset: usize, data: &str| json!({"op": "mmap-write", "path": mb, "offset": offset, "data": data});
+    assert_eq!(a.call(&mmap_write(100, "mapped-by-a")), json!({}));
+    assert_eq!(b.call(&mmap_write(200, "mapped-by-b")), json!({}));
+    let from_child = json!({"op": "fork", "inner": {
+        "op": "write", "path": m.path().join("from-child"), "data": "child of a"}});
+    assert_eq!(a.call(&from_child), json!({}));
+
+    let (pa, pb) = (branch_dir(&m, "a"), branch_dir(&m, "b"));
+    assert_eq!(fs::read(pa.join("written.txt")).unwrap(), b"by a");
+    assert_eq!(fs::read(pb.join("written.txt")).unwrap(), b"by b");
+    assert_eq!(fs::read(pa.join("from-child")).unwrap(), b"child of a");
+    assert!(!pb.join("from-child").exists());
+    for gone in ["written.txt", "from-child"] {
+        assert!(!m.path().join(gone).exists(), "{gone} reached main");
+        assert!(!m.source().join(gone).exists(), "{gone} reached the source");
+    }
+    let mapped = |at: usize, data: &[u8]| {
+        let mut v = vec![0u8; 4096];
+        v[at..at + data.len()].copy_from_slice(data);
+        v
+    };
+    assert_eq!(
+        fs::read(pa.join("m.bin")).unwrap(),
+        mapped(100, b"mapped-by-a")
+    );
+    assert_eq!(
+        fs::read(pb.join("m.bin")).unwrap(),
+        mapped(200, b"mapped-by-b")
+    );
+    assert_eq!(fs::read(m.path().join("m.bin")).unwrap(), vec![0u8; 4096]);
+    assert_eq!(fs::read(m.source().join("m.bin")).unwrap(), vec![0u8; 4096]);
+    assert_eq!(
+        a.call(&json!({"op": "read", "path": written})),
+        json!({"data": "by a"})
+    );
+    assert_eq!(
+        main.call(&json!({"op": "read", "path": written})),
+        json!({"errno": libc::ENOENT})
+    );
+
+    // Unbound, a process sees main again.
+    ctl(&m, Request::UnbindPid { pid: a.pid as i32 }).expect("unbind-pid");
+    assert_eq!(a.call(&op), emain, "after unbind-pid");
+    assert!(!pid_bound(&m, a.pid, &a_id));
+    assert!(pid_bound(&m, b.pid, &b_id));
+    assert_eq!(b.call(&op), eb);
+}
+
+#[test]
+fn pid_bindings_of_live_processes_survive_a_worker_kill() {
+    let mut m = Mount::builder().populate(populate_views).start();
+    let (a_id, b_id) = make_views(&m);
+    let mut a = Agent::spawn();
+    let gone = Agent::spawn();
+    tick();
+    bind_pid(&m, "a", a.pid);
+    bind_pid(&m, "b", gone.pid);
+    let gone_pid = gone.pid;
+    let op = observe(&m);
+    assert_eq!(a.call(&op), expect("a"));
+    drop(gone); // killed and reaped: its binding must not outlive it
+    m.kill();
+    m.restart(&[]);
+    assert_eq!(a.call(&op), expect("a"), "after the restart");
+    assert_eq!(
+        a.call(&json!({"op": "fork", "inner": op})),
+        expect("a"),
+        "a child forked after the restart"
+    );
+    assert!(pid_bound(&m, a.pid, &a_id), "{:?}", bindings(&m));
+    assert!(
+        !pid_bound(&m, gone_pid, &b_id),
+        "a binding of a dead process: {:?}",
+        bindings(&m)
+    );
+    assert_eq!(
+        fs::read_to_string(m.path().join("shared.txt")).unwrap(),
+        content("main")
+    );
+}
+
+/// A cgroup v2 of this test, removed when dropped: the processes still in
+/// it are moved back to this test's own cgroup first.
+struct TestCgroup {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+/// This process's cgroup v2 path, as `/proc/PID/cgroup` names it.
+fn cgroup_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("the process is in a cgroup v2 hierarchy")
+        .to_owned()
+}
+
+impl TestCgroup {
+    fn new() -> TestCgroup {
+        let root = common::mounts()
+            .into_iter()
+            .find(|(_, t)| t == "cgroup2")
+            .map(|(p, _)| p)
+            .expect("no cgroup2 file system mounted: cgroup bindings cannot be tested");
+        let home = root.join(cgroup_of(std::process::id()).trim_start_matches('/'));
+        let dir = root.join(format!("agentfs-test-{}", std::process::id()));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TestCgroup { dir, home }
+    }
+
+    /// Moves process `pid` into the cgroup; returns the cgroup's path as
+    /// the process's `/proc/PID/cgroup` names it.
+    fn enter(&self, pid: u32) -> String {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        let path = cgroup_of(pid);
+        assert!(path.ends_with(self.dir.file_name().unwrap().to_str().unwrap()));
+        path
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let procs = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines() {
+                let _ = fs::write(self.home.join("cgroup.procs"), pid);
+            }
+            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+#[test]
+fn cgroup_bindings_send_every_process_of_the_cgroup() {
+    let m = Mount::builder().populate(populate_views).start();
+    let (a_id, _) = make_views(&m);
+    let cgroup = TestCgroup::new();
+    let mut agent = Agent::spawn();
+    let op = observe(&m);
+    assert_eq!(agent.call(&op), expect("main"));
+    let path = cgroup.enter(agent.pid);
+    ctl(
+        &m,
+        Request::BindCgroup {
+            branch: "a".into(),
+            cgroup: path.clone(),
+        },
+    )
+    .expect("bind-cgroup");
+    assert_eq!(
+        bindings(&m),
+        vec![json!({"kind": "cgroup", "path": path, "branch": a_id})]
+    );
+
+    assert_eq!(agent.call(&op), expect("a"), "a process of the cgroup");
+    assert_eq!(
+        agent.call(&json!({"op": "thread", "inner": op})),
+        expect("a"),
+        "its thread"
+    );
+    assert_eq!(
+        agent.call(&json!({"op": "fork", "inner": op})),
+        expect("a"),
+        "its child (in the cgroup too)"
+    );
+    assert_eq!(
+        agent.call(&json!({"op": "prefork", "inner": op})),
+        expect("main"),
+        "its older child, left outside the cgroup"
+    );
+    assert_eq!(
+        fs::read_to_string(m.path().join("shared.txt")).unwrap(),
+        content("main"),
+        "a process outside the cgroup"
+    );
+    // A pid binding comes before the cgroup's.
+    bind_pid(&m, "b", agent.pid);
+    assert_eq!(
+        agent.call(&op),
+        expect("b"),
+        "pid binding over cgroup binding"
+    );
+    ctl(
+        &m,
+        Request::UnbindPid {
+            pid: agent.pid as i32,
+        },
+    )
+    .unwrap();
+    assert_eq!(agent.call(&op), expect("a"));
+
+    ctl(&m, Request::UnbindCgroup { cgroup: path }).expect("unbind-cgroup");
+    assert_eq!(bindings(&m), Vec::<Value>::new());
+    assert_eq!(agent.call(&op), expect("main"), "after unbind-cgroup");
+    drop(agent);
+    drop(cgroup);
+}
+
+// ---------------------------------------------------------------------------
+// Snapshots of branches.
+
+#[test]
+fn a_snapshot_of_a_branch_never_changes() {
+    let m = Mount::builder().populate(populate).start();
+    let main_before = tree(m.path());
+    snapshot(&m, None, "base");
+    let a_id = branch(&m, "base", "a")["id"].clone();
+    let p = branch_dir(&m, "a");
+    // The branch's own state, then a descriptor and a shared map opened
+    // before the snapshot.
+    fs::write(p.join("a.txt"), b"branch state").unwrap();
+    common::setxattr(&p.join("a.txt"), "user.k", "before");
+    fs::create_dir(p.join("newdir")).unwrap();
+    fs::write(p.join("newdir/f"), b"new in the branch").unwrap();
+    let mut old_fd = OpenOptions::new()
+        .write(true)
+        .open(p.join("big.bin"))
+        .unwrap();
+    let mapped = common::SharedMap::new(&p.join("mapped"));
+
+    let s = snapshot(&m, Some("a"), "a1");
+    assert_eq!(s["name"], "a1");
+    assert_eq!(s["branch"], a_id, "a snapshot of a branch names it");
+    let s1 = snapshot_dir(&m, "a1");
+    let before = tree(&s1);
+    assert_eq!(before, tree(&p), "the snapshot shows the branch as it was");
+
+    // Every kind of change in the branch, also through the old fd and map.
+    old_fd.write_all(b"CHANGED THROUGH AN OLD FD").unwrap();
+    drop(old_fd);
+    mapped.write_and_sync(0, b"mmap!");
+    drop(mapped);
+    fs::write(p.join("a.txt"), b"after the snapshot").unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(p.join("notes/todo.txt"))
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    fs::set_permissions(p.join("notes/done.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    common::setxattr(&p.join("a.txt"), "user.k", "after");
+    common::setxattr(&p.join("newdir"), "user.k", "after");
+    fs::rename(p.join("moved"), p.join("newdir/moved")).unwrap();
+    fs::rename(p.join("tree"), p.join("tree2")).unwrap();
+    fs::remove_file(p.join("victim")).unwrap();
+    fs::remove_file(p.join("newdir/f")).unwrap();
+    fs::remove_dir(p.join("emptydir")).unwrap();
+    fs::create_dir(p.join("later")).unwrap();
+    fs::remove_file(p.join("link")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", p.join("link")).unwrap();
+    fs::hard_link(p.join("a.txt"), p.join("a-link")).unwrap();
+
+    assert_eq!(tree(&s1), before, "the snapshot of the branch changed");
+    assert_eq!(fs::read(p.join("a.txt")).unwrap(), b"after the snapshot");
+    assert_eq!(&fs::read(p.join("mapped")).unwrap()[..5], b"mmap!");
+    assert_eq!(&fs::read(p.join("big.bin")).unwrap()[..7], b"CHANGED");
+    assert_eq!(fs::read(s1.join("a.txt")).unwrap(), b"branch state");
+    assert_eq!(fs::read(s1.join("big.bin")).unwrap(), vec![b'x'; 100_000]);
+    common::assert_read_only(&s1);
+    assert_eq!(tree(&s1), before);
+
+    // A second snapshot keeps the later moment; a branch of the first shows
+    // the first, and its own changes reach neither.
+    snapshot(&m, Some("a"), "a2");
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "a2").join("a.txt")).unwrap(),
+        b"after the snapshot"
+    );
+    let c = branch(&m, "a1", "c");
+    assert_eq!(c["snapshot"], s["id"]);
+    let pc = branch_dir(&m, "c");
+    assert_eq!(tree(&pc), before, "a branch of the snapshot");
+    fs::write(pc.join("a.txt"), b"in c").unwrap();
+    fs::remove_dir_all(pc.join("newdir")).unwrap();
+    assert_eq!(tree(&s1), before);
+    assert_eq!(fs::read(p.join("a.txt")).unwrap(), b"after the snapshot");
+    assert_eq!(tree(m.path()), main_before, "main changed");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input, busy branches, and space.
+
+/// A child process, killed and reaped when dropped unless already reaped.
+struct Reaped(Child);
+
+impl Reaped {
+    /// A process that lives until dropped.
+    fn sleeper() -> Reaped {
+        Reaped(Command::new("sleep").arg("1000").spawn().unwrap())
+    }
+
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // try_wait keeps the status of a child already waited for, so a
+        // reaped (and perhaps reused) pid is never signalled.
+        if let Ok(None) = self.0.try_wait() {
+            common::signal(self.0.id(), libc::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "a");
+    fs::write(branch_dir(&m, "a").join("a.txt"), b"in a").unwrap();
+    let views = || {
+        (
+            tree(m.path()),
+            tree(&snapshot_dir(&m, "base")),
+            tree(&branch_dir(&m, "a")),
+        )
+    };
+    let before = views();
+    let live = Reaped::sleeper();
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id()
+    };
+    let s = |x: &str| x.to_owned();
+
+    // Unknown objects.
+    let not_found = |req: Request, name: &str| {
+        assert_refused(&m, req, ErrorKind::NotFound, name);
+    };
+    not_found(
+        Request::BranchCreate {
+            snapshot: s("nope"),
+            name: Some(s("x")),
+        },
+        "nope",
+    );
+    not_found(
+        Request::BranchDelete {
+            branch: s("nope"),
+            force: true,
+        },
+        "nope",
+    );
+    not_found(
+        Request::BindPid {
+            branch: s("nope"),
+            pid: live.id() as i32,
+        },
+        "nope",
+    );
+    not_found(
+        Request::BindCgroup {
+            branch: s("nope"),
+            cgroup: s("/"),
+        },
+        "nope",
+    );
+    not_found(
+        Request::SnapshotCreate {
+            branch: Some(s("nope")),
+            name: Some(s("x")),
+        },
+        "nope",
+    );
+    // A snapshot's name is not a branch's, nor the other way round.
+    not_found(
+        Request::SnapshotCreate {
+            branch: Some(s("base")),
+            name: Some(s("x")),
+        },
+        "base",
+    );
+    not_found(
+        Request::BranchCreate {
+            snapshot: s("a"),
+            name: Some(s("x")),
+        },
+        "\"a\"",
+    );
+    not_found(
+        Request::BindPid {
+            branch: s("a"),
+            pid: dead as i32,
+        },
+        &dead.to_string(),
+    );
+
+    // Invalid names.
+    for bad in ["", "a/b", ".", "..", "a\0b", &"n".repeat(256)] {
+        let e = refused(
+            &m,
+            Request::BranchCreate {
+                snapshot: s("base"),
+                name: Some(s(bad)),
+            },
+        );
+        assert_eq!(
+            e.kind,
+            ErrorKind::InvalidArgument,
+            "branch {bad:?}: {}",
+            e.message
+        );
+        let e = refused(
+            &m,
+            Request::SnapshotCreate {
+                branch: Some(s("a")),
+                name: Some(s(bad)),
+            },
+        );
+        assert_eq!(
+            e.kind,
+            ErrorKind::InvalidArgument,
+            "snapshot {bad:?}: {}",
+            e.message
+        );
+    }
+    branch(&m, "base", &"n".repeat(255));
+
+    // Names taken.
+    assert_refused(
+        &m,
+        Request::BranchCreate {
+            snapshot: s("base"),
+            name: Some(s("a")),
+        },
+        ErrorKind::AlreadyExists,
+        "\"a\"",
+    );
+    snapshot(&m, Some("a"), "of-a");
+    assert_refused(
+        &m,
+        Request::SnapshotCreate {
+            branch: Some(s("a")),
+            name: Some(s("of-a")),
+        },
+        ErrorKind::AlreadyExists,
+        "of-a",
+    );
+    // Branches and snapshots are separate name spaces (separate directories).
+    branch(&m, "base", "base");
+
+    // Nothing changed, no binding was made.
+    assert_eq!(views(), before);
+    assert_eq!(bindings(&m), Vec::<Value>::new());
+    let mut names: Vec<String> = ctl(&m, Request::BranchList {})
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [s("a"), s("base"), "n".repeat(255)]);
+    drop(live);
+}
+
+#[test]
+fn busy_branches_are_deleted_only_by_force() {
+    let m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    let delete = |name: &str, force: bool| {
+        ctl(
+            &m,
+            Request::BranchDelete {
+                branch: name.into(),
+                force,
+            },
+        )
+    };
+
+    // A live process bound to it.
+    branch(&m, "base", "bound");
+    let live = Reaped::sleeper();
+    bind_pid(&m, "bound", live.id());
+    assert_refused(
+        &m,
+        Request::BranchDelete {
+            branch: "bound".into(),
+            force: false,
+        },
+        ErrorKind::Busy,
+        "bound",
+    );
+    assert!(listed_branch(&m, "bound").is_some());
+    assert!(branch_dir(&m, "bound").join("a.txt").exists());
+    delete("bound", true).expect("forced delete of a bound branch");
+    assert!(listed_branch(&m, "bound").is_none());
+    assert_eq!(
+        errno(fs::metadata(branch_dir(&m, "bound"))),
+        Some(libc::ENOENT)
+    );
+    assert!(
+        !bindings(&m).iter().any(|b| b["pid"] == live.id()),
+        "the deleted branch's binding stays: {:?}",
+        bindings(&m)
+    );
+    drop(live);
+
+    // A file open in it.
+    branch(&m, "base", "open");
+    let f = File::open(branch_dir(&m, "open").join("a.txt")).unwrap();
+    assert_refused(
+        &m,
+        Request::BranchDelete {
+            branch: "open".into(),
+            force: false,
+        },
+        ErrorKind::Busy,
+        "open",
+    );
+    assert!(listed_branch(&m, "open").is_some());
+    drop(f);
+    // Closed (the kernel sends RELEASE asynchronously: allow it a moment).
+    let mut closed = false;
+    for _ in 0..50 {
+        match delete("open", false) {
+            Ok(_) => {
+                closed = true;
+                break;
+            }
+            Err(e) if e.kind == ErrorKind::Busy => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("delete after close: {e}"),
+        }
+    }
+    assert!(closed, "the branch stays busy after its file was closed");
+    assert_eq!(
+        errno(fs::metadata(branch_dir(&m, "open"))),
+        Some(libc::ENOENT)
+    );
+
+    // Open, forced.
+    branch(&m, "base", "forced");
+    let f = File::open(branch_dir(&m, "forced").join("a.txt")).unwrap();
+    assert_eq!(
+        refused(
+            &m,
+            Request::BranchDelete {
+                branch: "forced".into(),
+                force: false,
+            }
+        )
+        .kind,
+        ErrorKind::Busy
+    );
+    delete("forced", true).expect("forced delete of a branch with an open file");
+    assert_eq!(
+        errno(fs::metadata(branch_dir(&m, "forced"))),
+        Some(libc::ENOENT)
+    );
+    drop(f);
+    assert_eq!(ctl(&m, Request::BranchList {}).unwrap(), json!([]));
+    assert_eq!(fs::read(m.path().join("a.txt")).unwrap(), b"alpha");
+}
+
+/// Bytes the state directory's layers occupy on disk.
+fn layer_bytes(m: &Mount) -> u64 {
+    let layers = m.state_dir().join("layers");
+    if !layers.exists() {
+        return 0;
+    }
+    common::walk(&layers)
+        .iter()
+        .map(|(_, _, md)| md.blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn deleting_branches_and_their_snapshots_gives_the_space_back() {
+    const BIG: usize = 10 << 20;
+    let m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    let empty = layer_bytes(&m);
+    branch(&m, "base", "x");
+    let big = branch_dir(&m, "x").join("big");
+    let mut f = File::create(&big).unwrap();
+    f.write_all(&vec![7u8; BIG]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(layer_bytes(&m) >= BIG as u64, "the data is in layers/");
+    assert!(!m.source().join("big").exists());
+
+    // The snapshot keeps the frozen layer after its branch is gone.
+    snapshot(&m, Some("x"), "xs");
+    ctl(
+        &m,
+        Request::BranchDelete {
+            branch: "x".into(),
+            force: false,
+        },
+    )
+    .expect("branch-delete");
+    assert_eq!(errno(fs::metadata(branch_dir(&m, "x"))), Some(libc::ENOENT));
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "xs").join("big")).unwrap(),
+        vec![7u8; BIG]
+    );
+    assert!(layer_bytes(&m) >= BIG as u64);
+    ctl(
+        &m,
+        Request::SnapshotDelete {
+            snapshot: "xs".into(),
+        },
+    )
+    .expect("snapshot-delete");
+    let after = layer_bytes(&m);
+    assert!(
+        after < empty + (1 << 20),
+        "layers/ holds {after} bytes after deleting everything (it held {empty})"
+    );
+
+    // A branch outlives the snapshot of main it was made from: main's later
+    // changes are preserved for it, and given back with it.
+    branch(&m, "base", "y");
+    ctl(
+        &m,
+        Request::SnapshotDelete {
+            snapshot: "base".into(),
+        },
+    )
+    .unwrap();
+    fs::write(m.path().join("a.txt"), b"main moved on").unwrap();
+    assert_eq!(
+        fs::read(branch_dir(&m, "y").join("a.txt")).unwrap(),
+        b"alpha"
+    );
+    ctl(
+        &m,
+        Request::BranchDelete {
+            branch: "y".into(),
+            force: false,
+        },
+    )
+    .unwrap();
+    let preserved = m.state_dir().join("preserved");
+    let left = fs::read_dir(&preserved).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "pre-images nobody needs are kept");
+    assert!(layer_bytes(&m) < empty + (1 << 20));
+    assert_eq!(
+        fs::read(m.source().join("a.txt")).unwrap(),
+        b"main moved on"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Crash.
+
+#[test]
+fn kill_9_mid_workload_in_two_branches_loses_nothing_acknowledged() {
+    let mut m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "a");
+    branch(&m, "base", "b");
+    let main_before = tree(m.path());
+    let base_before = tree(&snapshot_dir(&m, "base"));
+    let logs = m.source().parent().unwrap();
+    let (log_a, log_b) = (logs.join("acked-a.log"), logs.join("acked-b.log"));
+    // One writer works in a by path; the other is bound to b and works at
+    // the mount root.
+    let mut writer_a = Reaped(common::start_acked_workload(
+        Command::new("python3"),
+        &branch_dir(&m, "a"),
+        &log_a,
+    ));
+    let mut writer_b = Reaped(common::start_acked_workload(
+        common::held_command("python3"),
+        m.path(),
+        &log_b,
+    ));
+    bind_pid(&m, "b", writer_b.id());
+    common::release(&mut writer_b.0);
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        snapshot(&m, Some("a"), &format!("a-mid{i}"));
+        snapshot(&m, Some("b"), &format!("b-mid{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    m.kill();
+    let _ = writer_a.0.wait();
+    let _ = writer_b.0.wait();
+    m.restart(&[]);
+
+    let report = common::check_state(m.state_dir());
+    assert!(report.contains("7 snapshots"), "{report}");
+    common::assert_acknowledged(&branch_dir(&m, "a"), &log_a);
+    common::assert_acknowledged(&branch_dir(&m, "b"), &log_b);
+    for i in 0..3 {
+        common::assert_workload_prefix(&snapshot_dir(&m, &format!("a-mid{i}")));
+        common::assert_workload_prefix(&snapshot_dir(&m, &format!("b-mid{i}")));
+    }
+    assert_eq!(tree(m.path()), main_before, "main changed");
+    assert_eq!(tree(&snapshot_dir(&m, "base")), base_before);
+    assert!(!m.source().join("w0").exists());
+    assert!(
+        !m.path().join("w0").exists(),
+        "the bound writer's work reached main"
+    );
+}
+
+/// A full state directory (ENOSPC) in the middle of a copy-up, a branch
+/// creation or a snapshot of a branch: the operation fails with ENOSPC, the
+/// branch and its snapshot keep their content, nothing half-made stays
+/// behind, and everything works again once space is freed.
+#[test]
+fn full_state_directory_fails_branch_changes_cleanly() {
+    let m = Mount::builder()
+        .state_on_tmpfs("1m")
+        .populate(|s| {
+            fs::write(s.join("big"), vec![7u8; 3 << 20]).unwrap();
+            fs::write(s.join("small"), b"small").unwrap();
+        })
+        .start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "a");
+    let a = branch_dir(&m, "a");
+    // Copying "big" (3 MiB) up into a 1 MiB state directory cannot work.
+    let e = OpenOptions::new()
+        .append(true)
+        .open(a.join("big"))
+        .and_then(|mut f| f.write_all(b"x"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(fs::read(a.join("big")).unwrap(), vec![7u8; 3 << 20]);
+    fs::write(a.join("small"), b"changed").unwrap();
+    snapshot(&m, Some("a"), "a1");
+    // Fill the rest: creating a branch or a snapshot of one fails whole.
+    let filler = m.state_dir().join("filler");
+    let _ = fs::write(&filler, vec![0u8; 1 << 20]);
+    for req in [
+        Request::BranchCreate {
+            snapshot: "base".into(),
+            name: Some("b".into()),
+        },
+        Request::SnapshotCreate {
+            branch: Some("a".into()),
+            name: Some("a2".into()),
+        },
+    ] {
+        let e = ctl(&m, req.clone()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoSpace, "{req:?}: {}", e.message);
+    }
+    let e = fs::write(a.join("new"), vec![1u8; 64 << 10]).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    fs::remove_file(&filler).unwrap();
+    let report = common::check_state(m.state_dir());
+    assert!(report.contains("0 problems"), "{report}");
+    assert_eq!(fs::read(a.join("small")).unwrap(), b"changed");
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "a1").join("small")).unwrap(),
+        b"changed"
+    );
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "base").join("small")).unwrap(),
+        b"small"
+    );
+    assert!(!branch_dir(&m, "b").exists());
+    // Space is back: the same operations now succeed.
+    branch(&m, "base", "b");
+    snapshot(&m, Some("a"), "a2");
+    fs::write(branch_dir(&m, "b").join("small"), b"b").unwrap();
+    assert_eq!(fs::read(m.source().join("small")).unwrap(), b"small");
+}
