@@ -2,17 +2,20 @@
 //! mount (the mount root). By pid (the process, its threads, and every
 //! descendant forked after the bind) or by cgroup v2 subtree. A request's
 //! pid is a thread id; it is mapped to its process through `/proc`.
+//! Descendants are recognised by the kernel's fork events as they are
+//! born ([`Bindings::follow_forks`]) and by their parent chain.
 //!
 //! Contract 2.3/2.4, specs/semantics.md "Bindings".
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ErrorKind};
+use crate::proc_events::ForkEvents;
 use crate::snapshot::BranchId;
 
 /// What a binding applies to.
@@ -404,6 +407,82 @@ impl Bindings {
         out
     }
 
+    /// Feeds the kernel's fork events to [`Bindings::on_fork`] from a
+    /// thread of its own, so that a bound process's children stay bound
+    /// even when it exits before they use the mount. Without the events
+    /// (no CAP_NET_ADMIN) children are still found through their parent
+    /// chain while it lasts.
+    pub fn follow_forks(self: &Arc<Self>) {
+        let events = match ForkEvents::subscribe() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(
+                    "no fork events ({e}): a child of a bound process whose parent exits before it uses the mount sees main"
+                );
+                return;
+            }
+        };
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("fork-events".into())
+            .spawn(move || {
+                while let Some(b) = weak.upgrade() {
+                    if let Err(e) = events.next(|p, c| b.on_fork(p, c)) {
+                        tracing::warn!("fork events stopped: {e}");
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the fork-events thread: {e}");
+        }
+    }
+
+    /// Process `parent` forked `child` (both thread group ids, from
+    /// [`crate::proc_events`]): if the parent is bound, directly or by
+    /// inheritance, the child is from now on, whatever becomes of the
+    /// parent.
+    pub fn on_fork(&self, parent: i32, child: i32) {
+        let found = {
+            let st = self.state.read().unwrap();
+            let bound = |tgid: i32| {
+                st.list
+                    .iter()
+                    .any(|b| matches!(b.subject, Subject::Pid { pid, .. } if pid == tgid))
+                    || st.inherited.keys().any(|&(p, _)| p == tgid)
+            };
+            // Most forks on the host are not ours: no /proc reads for them.
+            if !bound(parent) {
+                return;
+            }
+            let Some(p) = proc_stat(parent) else { return };
+            let Some(c) = proc_stat(child) else { return };
+            let direct = st.list.iter().find_map(|b| match b.subject {
+                Subject::Pid {
+                    pid, start, since, ..
+                } if pid == parent && start == p.start => Some((b.branch, (pid, start), since)),
+                _ => None,
+            });
+            let via = direct.or_else(|| {
+                let i = st.inherited.get(&(parent, p.start))?;
+                Some((i.branch, i.from, 0))
+            });
+            match via {
+                Some((branch, from, since)) if c.start >= since => {
+                    Some(((child, c.start), Inherited { branch, from }))
+                }
+                _ => None,
+            }
+        };
+        if let Some((key, inherited)) = found {
+            let mut st = self.state.write().unwrap();
+            if st.inherited.len() >= CACHE_MAX {
+                st.inherited.clear();
+            }
+            st.inherited.insert(key, inherited);
+        }
+    }
+
     /// The branch the thread `tid` (a FUSE request's pid) sees at the mount
     /// root; `None` is main. Precedence: a pid binding of the process, then
     /// of its nearest bound ancestor (if the process started after that
@@ -584,6 +663,42 @@ mod tests {
         let e = b.unbind_pid(me, ok).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);
         assert!(e.message.contains(&me.to_string()), "{}", e.message);
+    }
+
+    #[test]
+    fn children_stay_bound_after_their_bound_parent_exits() {
+        let b = Arc::new(Bindings::new(Vec::new()));
+        b.follow_forks();
+        let me = std::process::id() as i32;
+        b.bind_pid(me, BranchId(5), ok).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        // sh forks a sleep and exits at once: the sleep is reparented, so
+        // its parent chain no longer leads here.
+        let out = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let orphan: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let _reap = scopeguard(orphan);
+        let ppid = proc_stat(orphan as i32).unwrap().ppid;
+        assert_ne!(ppid, me, "reparented away from us");
+        let seen = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            b.resolve(orphan) == Some(BranchId(5))
+        });
+        assert!(seen, "the orphaned grandchild lost the binding");
+    }
+
+    /// Kills the process `pid` (started by the test) when dropped.
+    fn scopeguard(pid: u32) -> impl Drop {
+        struct Kill(u32);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                // SAFETY: plain kill(2) of a process this test started.
+                unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            }
+        }
+        Kill(pid)
     }
 
     #[test]

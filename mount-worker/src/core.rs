@@ -306,7 +306,7 @@ pub struct FsCore {
     latest: RwLock<Option<u64>>,
     /// The open layered views by view number.
     views: RwLock<HashMap<u32, OpenView>>,
-    bindings: Bindings,
+    bindings: Arc<Bindings>,
     started: SystemTime,
 }
 
@@ -340,7 +340,8 @@ impl FsCore {
         }
         let root = table.by_id[&NodeId::ROOT.0].obj.clone();
         let handle_dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let bindings = Bindings::new(catalog.bindings.clone());
+        let bindings = Arc::new(Bindings::new(catalog.bindings.clone()));
+        bindings.follow_forks();
         let core = FsCore {
             handle_dir,
             nodes: Mutex::new(table),

@@ -17,6 +17,7 @@ pub mod hostfs;
 pub mod layered;
 pub mod mount;
 pub mod preserve;
+pub mod proc_events;
 pub mod snapshot;
 pub mod snapview;
 pub mod state;
