@@ -161,7 +161,7 @@ fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
             ));
         }
         let dir = state.join("layers").join(l.0.to_string());
-        for sub in ["tree", "work"] {
+        for sub in ["tree", "work", "index"] {
             if !dir.join(sub).is_dir() {
                 r.problems.push(format!(
                     "layers/{}/{sub}: missing (a view uses layer {})",

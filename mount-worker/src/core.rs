@@ -379,6 +379,19 @@ impl FsCore {
         hostfs::open_dir_path(&self.layer_dir(id).join("tree")).map(Arc::new)
     }
 
+    fn open_index(&self, id: LayerId) -> io::Result<Arc<OwnedFd>> {
+        hostfs::open_dir_path(&self.layer_dir(id).join("index")).map(Arc::new)
+    }
+
+    /// A layer that takes changes.
+    fn open_top(&self, id: LayerId) -> io::Result<Top> {
+        Ok(Top {
+            tree: self.open_tree(id)?,
+            work: hostfs::open_dir_path(&self.layer_dir(id).join("work"))?,
+            index: self.open_index(id)?,
+        })
+    }
+
     /// Main's root as the bottom of a view at `epoch`.
     fn base_root(&self, snap: SnapshotId, epoch: u64) -> io::Result<SnapObj> {
         let root = self.root_fd();
@@ -453,12 +466,13 @@ impl FsCore {
         epoch: u64,
     ) -> io::Result<()> {
         let top = match top {
-            Some(id) => Some(Top {
-                tree: self.open_tree(id)?,
-                work: hostfs::open_dir_path(&self.layer_dir(id).join("work"))?,
-            }),
+            Some(id) => Some(self.open_top(id)?),
             None => None,
         };
+        let indexes = frozen
+            .iter()
+            .map(|&l| self.open_index(l))
+            .collect::<io::Result<Vec<_>>>()?;
         let mut lowers = frozen
             .iter()
             .map(|&l| self.open_tree(l).map(Part::Layer))
@@ -466,7 +480,7 @@ impl FsCore {
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
         lowers.push(Part::Base(Arc::new(base)));
-        let view = Arc::new(LayerView::new(number, top));
+        let view = Arc::new(LayerView::new(number, top, indexes));
         let root = LayerObj::root(view.clone(), root_ino, lowers);
         let id = NodeId::in_view(number as u64, root_ino);
         self.nodes.lock().unwrap().insert(
@@ -499,6 +513,7 @@ impl FsCore {
         let dir = self.layer_dir(id);
         let made = (|| {
             std::fs::create_dir_all(dir.join("work"))?;
+            std::fs::create_dir(dir.join("index"))?;
             std::fs::create_dir(dir.join("tree"))?;
             let tree = self.open_tree(id)?;
             root.copy_meta(self.cx(), tree.as_fd())?;
@@ -857,11 +872,14 @@ impl FsCore {
             };
             hostfs::utimens(fd, &[ts(attr.atime), ts(attr.mtime)])?;
         }
-        let mut st = hostfs::stat(fd)?;
-        if let Obj::Layer(o) = &*obj {
-            st.st_ino = o.id;
+        match &*obj {
+            Obj::Layer(o) => {
+                let mut st = layered::stat_in_layer(fd)?;
+                st.st_ino = o.id;
+                Ok(st)
+            }
+            _ => hostfs::stat(fd),
         }
-        Ok(st)
     }
 
     /// Target of a symlink.
@@ -1601,16 +1619,15 @@ impl FsCore {
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
         let old_top = Part::Layer(self.open_tree(b.layers[0])?);
         self.create_layer(layer, &old_top)?;
-        let top = Top {
-            tree: self.open_tree(layer)?,
-            work: hostfs::open_dir_path(&self.layer_dir(layer).join("work"))?,
-        };
+        let top = self.open_top(layer)?;
         if let Err(e) = next.save(&self.state) {
             let _ = std::fs::remove_dir_all(self.layer_dir(layer));
             return Err(catalog_error(&e));
         }
         *catalog = next;
-        layers.top = Some(top);
+        if let Some(old) = layers.top.replace(top) {
+            layers.indexes.insert(0, old.index);
+        }
         layers.generation += 1;
         // Lock order: views before catalog (opendir of .agentfs/branches).
         drop((layers, catalog));

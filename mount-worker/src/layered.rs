@@ -42,6 +42,9 @@ const ID_XATTR: &str = "trusted.agentfs.id";
 const OPAQUE_XATTR: &str = "trusted.agentfs.opaque";
 /// Marks a user's character device 0/0, which is otherwise a whiteout.
 const DEVICE_XATTR: &str = "trusted.agentfs.device";
+/// The link count a copied-up hard-linked file shows (its names in the
+/// view, not its links in the layer, which include the index entry).
+const NLINK_XATTR: &str = "trusted.agentfs.nlink";
 /// The xattr names reserved for the layers' own bookkeeping: hidden from
 /// users and refused to them.
 pub const RESERVED_XATTR_PREFIX: &[u8] = b"trusted.agentfs.";
@@ -99,6 +102,9 @@ pub struct Top {
     pub tree: Arc<OwnedFd>,
     /// Its staging directory for copy-ups and atomic replacements.
     pub work: OwnedFd,
+    /// Its index: `<id>` is a hard link to the copy of object `id`, for
+    /// objects that have several names below (all names find the copy).
+    pub index: Arc<OwnedFd>,
 }
 
 /// The layers of a view at one moment.
@@ -107,6 +113,57 @@ pub struct Layers {
     pub generation: u64,
     /// The layer taking changes (branches only).
     pub top: Option<Top>,
+    /// The indexes of the frozen layers, top first.
+    pub indexes: Vec<Arc<OwnedFd>>,
+}
+
+impl Layers {
+    /// The newest copy of object `id` in an index, if it has one.
+    fn indexed(&self, id: u64) -> io::Result<Option<Arc<OwnedFd>>> {
+        let name = index_name(id);
+        let tops = self.top.iter().map(|t| &t.index);
+        for ix in tops.chain(&self.indexes) {
+            match hostfs::open_node(ix.as_fd(), &name) {
+                Ok(fd) => return Ok(Some(Arc::new(fd))),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn index_name(id: u64) -> CString {
+    CString::new(id.to_string()).expect("digits")
+}
+
+/// The link count an object of a layer shows: [`NLINK_XATTR`] if it has
+/// one (copies of hard-linked files, whose host count includes the index
+/// entry, or is 1 while only the index holds them).
+fn logical_nlink(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<Option<u64>> {
+    if is_dir(st) {
+        return Ok(None);
+    }
+    match hostfs::getxattr(fd, OsStr::new(NLINK_XATTR), 32) {
+        Ok(XattrReply::Data(v)) => Ok(std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())),
+        Ok(XattrReply::Size(_)) => unreachable!("a sized call returns data"),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The attributes of an inode of a layer as the view shows them (its link
+/// count as [`logical_nlink`] says; `st_ino` is the caller's business).
+pub fn stat_in_layer(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = hostfs::stat(fd)?;
+    if let Some(n) = logical_nlink(fd, &st)? {
+        st.st_nlink = n;
+    }
+    Ok(st)
+}
+
+fn set_nlink(fd: BorrowedFd<'_>, n: u64) -> io::Result<()> {
+    hostfs::setxattr(fd, OsStr::new(NLINK_XATTR), n.to_string().as_bytes(), 0)
 }
 
 /// One branch or snapshot of a branch.
@@ -122,11 +179,16 @@ pub struct LayerView {
 }
 
 impl LayerView {
-    /// A view with the given layers.
-    pub fn new(number: u32, top: Option<Top>) -> LayerView {
+    /// A view with the given layers (`indexes`: those of the frozen
+    /// layers, top first).
+    pub fn new(number: u32, top: Option<Top>, indexes: Vec<Arc<OwnedFd>>) -> LayerView {
         LayerView {
             number,
-            layers: RwLock::new(Layers { generation: 0, top }),
+            layers: RwLock::new(Layers {
+                generation: 0,
+                top,
+                indexes,
+            }),
             copy_up: Mutex::new(()),
             next_tmp: AtomicU64::new(0),
         }
@@ -239,7 +301,7 @@ impl Part {
     /// Attributes.
     pub fn stat(&self, cx: Ctx<'_>) -> io::Result<Stat> {
         match self {
-            Part::Layer(fd) => hostfs::stat(fd.as_fd()),
+            Part::Layer(fd) => stat_in_layer(fd.as_fd()),
             Part::Base(s) => s.stat(cx.store, cx.mount_fd),
         }
     }
@@ -384,6 +446,9 @@ impl Part {
             id.to_string().as_bytes(),
             0,
         )?;
+        if kind != libc::S_IFDIR && st.st_nlink > 1 {
+            set_nlink(fd.as_fd(), st.st_nlink)?;
+        }
         self.copy_meta_to(cx, &st, fd.as_fd())
     }
 
@@ -501,12 +566,7 @@ impl LayerObj {
 
     /// Attributes (`st_ino` is the caller's business).
     pub fn stat(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Stat> {
-        let s = self.current(layers);
-        match (&s.upper, s.lowers.first()) {
-            (Some(u), _) => hostfs::stat(u.as_fd()),
-            (None, Some(p)) => p.stat(cx),
-            (None, None) => Err(errno(libc::ESTALE)),
-        }
+        self.topmost(layers)?.stat(cx)
     }
 
     fn topmost(&self, layers: &Layers) -> io::Result<Part> {
@@ -596,6 +656,13 @@ impl LayerObj {
         if !is_dir(&st) && upper.is_some() {
             lowers.clear();
         }
+        if upper.is_none() && !is_dir(&st) && st.st_nlink > 1 {
+            // Another name of this object may have been copied up: every
+            // name shows that copy.
+            if let Some(ix) = layers.indexed(id)? {
+                lowers = vec![Part::Layer(ix)];
+            }
+        }
         Ok(LayerObj {
             view: self.view.clone(),
             id,
@@ -678,18 +745,83 @@ impl LayerObj {
             Err(e) => return Err(e),
         }
         let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
-        let tmp = self.view.tmp_name();
-        let work = top.work.as_fd();
-        let built = src
-            .copy_into(cx, work, &tmp, self.id)
-            .and_then(|()| hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE));
-        if let Err(e) = built {
-            let _ = remove_tree(work, &tmp);
-            return Err(e);
+        let indexed = match hostfs::open_node(top.index.as_fd(), &index_name(self.id)) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if indexed.is_some() || self.has_names_below(cx, &s)? {
+            // Linked from the index, so that its other names find it too.
+            let ix = match indexed {
+                Some(fd) => fd,
+                None => self.index_copy(cx, top, src)?,
+            };
+            hostfs::link(ix.as_fd(), pu.as_fd(), &name)?;
+        } else {
+            let tmp = self.view.tmp_name();
+            let work = top.work.as_fd();
+            let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
+                hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE)
+            });
+            if let Err(e) = built {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
         }
         hostfs::sync_dir(pu.as_fd())?;
         let fd = hostfs::open_node(pu.as_fd(), &name)?;
         Ok(self.adopt(fd))
+    }
+
+    /// Whether the object, not yet in the top layer, has more than one
+    /// name below it (a hard-linked file).
+    fn has_names_below(&self, cx: Ctx<'_>, s: &State) -> io::Result<bool> {
+        match (&s.upper, s.lowers.first()) {
+            (None, Some(p)) if !self.is_dir => Ok(p.stat(cx)?.st_nlink > 1),
+            _ => Ok(false),
+        }
+    }
+
+    /// The copy of this object in the top layer's index, made from `src`
+    /// if it is not there yet (built in `work/`, fsync'd, then linked).
+    fn index_copy(&self, cx: Ctx<'_>, top: &Top, src: &Part) -> io::Result<OwnedFd> {
+        let name = index_name(self.id);
+        match hostfs::open_node(top.index.as_fd(), &name) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let tmp = self.view.tmp_name();
+        let work = top.work.as_fd();
+        let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
+            let fd = hostfs::open_node(work, &tmp)?;
+            hostfs::link(fd.as_fd(), top.index.as_fd(), &name)?;
+            hostfs::sync_dir(top.index.as_fd())?;
+            Ok(fd)
+        });
+        let _ = hostfs::unlink(work, &tmp, false);
+        built
+    }
+
+    /// Accounts for one name of this object going away: a hard-linked file
+    /// from below keeps its count of names in its copy in the top layer's
+    /// index (made now if needed), and leaves the index with its last name.
+    fn lose_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<()> {
+        let s = self.current(layers);
+        let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        let index = index_name(self.id);
+        let fd = match hostfs::open_node(top.index.as_fd(), &index) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match s.lowers.first() {
+                Some(p) if self.has_names_below(cx, &s)? => self.index_copy(cx, top, p)?,
+                _ => return Ok(()),
+            },
+            Err(e) => return Err(e),
+        };
+        match logical_nlink(fd.as_fd(), &hostfs::stat(fd.as_fd())?)? {
+            Some(n) if n > 1 => set_nlink(fd.as_fd(), n - 1),
+            _ => hostfs::unlink(top.index.as_fd(), &index, false),
+        }
     }
 
     fn adopt(&self, fd: OwnedFd) -> Arc<OwnedFd> {
@@ -806,6 +938,9 @@ impl LayerObj {
         let cname = hostfs::component(name)?;
         let needs_whiteout = self.lower_has(cx, layers, name)?;
         let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
+        if !dir {
+            child.lose_name(cx, layers)?;
+        }
         match (child.current(layers).upper, needs_whiteout) {
             (None, true) => make_whiteout(pu.as_fd(), &cname),
             (None, false) => Err(errno(libc::ESTALE)),
@@ -885,8 +1020,10 @@ impl LayerObj {
             *d.place.lock().unwrap() = Some((self.clone(), sname));
         } else {
             if let Some(d) = &dst {
-                if let (true, Some(du)) = (d.is_dir, d.current(layers).upper) {
-                    clear_whiteouts(&du)?;
+                match (d.is_dir, d.current(layers).upper) {
+                    (true, Some(du)) => clear_whiteouts(&du)?,
+                    (true, None) => {}
+                    (false, _) => d.lose_name(cx, layers)?,
                 }
             }
             let whiteout = self.lower_has(cx, layers, name)?;
@@ -915,7 +1052,13 @@ impl LayerObj {
         name: &OsStr,
     ) -> io::Result<LayerObj> {
         let u = self.upper(cx, layers)?;
-        dir.create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))
+        let new = dir.create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))?;
+        // The view's count of a hard-linked file from below goes up too.
+        let st = hostfs::stat(u.as_fd())?;
+        if let Some(n) = logical_nlink(u.as_fd(), &st)? {
+            set_nlink(u.as_fd(), n + 1)?;
+        }
+        Ok(new)
     }
 }
 

@@ -1303,3 +1303,77 @@ fn full_state_directory_fails_branch_changes_cleanly() {
     fs::write(branch_dir(&m, "b").join("small"), b"b").unwrap();
     assert_eq!(fs::read(m.source().join("small")).unwrap(), b"small");
 }
+
+/// Hard links that come from the snapshot stay one file in a branch: a
+/// change through one name shows through the others, `st_ino` and
+/// `st_nlink` stay right through copy-up, unlink, link and rename, also
+/// after a worker restart and a snapshot of the branch; main keeps its
+/// own links untouched.
+#[test]
+fn hard_links_from_below_stay_one_file() {
+    let mut m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("a"), b"one").unwrap();
+            fs::hard_link(s.join("a"), s.join("d/b")).unwrap();
+            fs::hard_link(s.join("a"), s.join("c")).unwrap();
+        })
+        .start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "x");
+    let x = branch_dir(&m, "x");
+    let md = |p: &Path| fs::metadata(p).unwrap();
+    let ino = md(&x.join("a")).ino();
+    assert_eq!(md(&x.join("a")).nlink(), 3);
+    // Change through one name: every name shows it, same inode.
+    fs::write(x.join("d/b"), b"two").unwrap();
+    for n in ["a", "d/b", "c"] {
+        assert_eq!(fs::read(x.join(n)).unwrap(), b"two", "{n}");
+        assert_eq!(md(&x.join(n)).ino(), ino, "{n}");
+        assert_eq!(md(&x.join(n)).nlink(), 3, "{n}");
+    }
+    // Names come and go; the count follows.
+    fs::remove_file(x.join("c")).unwrap();
+    assert_eq!(md(&x.join("a")).nlink(), 2);
+    fs::hard_link(x.join("a"), x.join("e")).unwrap();
+    assert_eq!(md(&x.join("d/b")).nlink(), 3);
+    fs::write(x.join("f"), b"other").unwrap();
+    fs::rename(x.join("f"), x.join("e")).unwrap();
+    assert_eq!(md(&x.join("a")).nlink(), 2);
+    let state = |x: &Path| {
+        ["a", "d/b"]
+            .iter()
+            .map(|n| {
+                let p = x.join(n);
+                (fs::read(&p).unwrap(), md(&p).ino(), md(&p).nlink())
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = state(&x);
+    assert_eq!(
+        before,
+        vec![(b"two".to_vec(), ino, 2), (b"two".to_vec(), ino, 2)]
+    );
+    // A snapshot of the branch, then more changes in a new top layer.
+    snapshot(&m, Some("x"), "x1");
+    fs::write(x.join("a"), b"three").unwrap();
+    assert_eq!(fs::read(x.join("d/b")).unwrap(), b"three");
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "x1").join("d/b")).unwrap(),
+        b"two"
+    );
+    fs::remove_file(x.join("d/b")).unwrap();
+    assert_eq!(md(&x.join("a")).nlink(), 1);
+    let after = state(&snapshot_dir(&m, "x1"));
+    m.kill();
+    m.restart(&[]);
+    assert_eq!(fs::read(x.join("a")).unwrap(), b"three");
+    assert_eq!(md(&x.join("a")).nlink(), 1);
+    assert_eq!(md(&x.join("a")).ino(), ino);
+    assert!(!x.join("d/b").exists());
+    assert_eq!(state(&snapshot_dir(&m, "x1")), after);
+    // Main and the source never saw any of it.
+    assert_eq!(fs::read(m.path().join("d/b")).unwrap(), b"one");
+    assert_eq!(md(&m.source().join("a")).nlink(), 3);
+    common::check_state(m.state_dir());
+}
