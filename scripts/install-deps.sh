@@ -23,7 +23,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "install-deps.sh: cargo not found; install Rust 1.85 or newer with rustup (https://rustup.rs) and re-run" >&2
+  echo "install-deps.sh: cargo not found; install Rust 1.87 or newer with rustup (https://rustup.rs) and re-run" >&2
   exit 1
 fi
 

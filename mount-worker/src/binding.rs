@@ -183,6 +183,12 @@ fn normalise_cgroup(cgroup: &str) -> Result<String, ControlError> {
     Ok(format!("/{}", parts.join("/")))
 }
 
+/// The directory of a cgroup as users spell it (see [`normalise_cgroup`]).
+pub fn cgroup_dir(cgroup: &str) -> Result<PathBuf, ControlError> {
+    let path = normalise_cgroup(cgroup)?;
+    Ok(cgroup_root().join(path.trim_start_matches('/')))
+}
+
 /// Whether cgroup `path` is `bound` or below it.
 fn cgroup_within(path: &str, bound: &str) -> bool {
     bound == "/"
@@ -320,7 +326,7 @@ impl Bindings {
         persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
     ) -> Result<Binding, ControlError> {
         let path = normalise_cgroup(cgroup)?;
-        let dir = cgroup_root().join(path.trim_start_matches('/'));
+        let dir = cgroup_dir(&path)?;
         if !dir.is_dir() {
             return Err(ControlError::new(
                 ErrorKind::NotFound,

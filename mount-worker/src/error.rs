@@ -55,6 +55,9 @@ pub enum StartupError {
     /// --fuse-fd does not name an open /dev/fuse descriptor.
     #[error("--fuse-fd {0} is not an open /dev/fuse descriptor: {1}")]
     FuseFd(i32, String),
+    /// `--source-fd` is unusable.
+    #[error("--source-fd {0}: {1}; pass an open descriptor of the source directory")]
+    SourceFd(i32, String),
     /// /proc is unreadable.
     #[error("cannot read /proc/self/mountinfo: {0}; the worker needs /proc mounted")]
     Proc(io::Error),

@@ -12,7 +12,7 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Decodes [`encode`]'s output; `None` for anything else.
 pub fn decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -37,6 +37,11 @@ struct Cli {
     /// (used by the supervisor, which owns the mount).
     #[arg(long, value_name = "N")]
     fuse_fd: Option<i32>,
+    /// Serve the source through this already-open directory descriptor
+    /// (O_PATH is enough) instead of opening --source, which then only names
+    /// it in logs. The supervisor opens the source before mounting over it.
+    #[arg(long, value_name = "N")]
+    source_fd: Option<i32>,
     /// FUSE session threads.
     #[arg(long, default_value_t = 4, value_name = "N")]
     threads: usize,
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         state_dir: cli.state_dir,
         allow_other: cli.allow_other,
         fuse_fd: cli.fuse_fd,
+        source_fd: cli.source_fd,
         threads: cli.threads,
         tuning: Tuning {
             max_write: cli.max_write,

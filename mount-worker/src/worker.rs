@@ -29,6 +29,9 @@ pub struct Options {
     pub allow_other: bool,
     /// Serve an already-mounted /dev/fuse descriptor instead of mounting.
     pub fuse_fd: Option<i32>,
+    /// Serve the source through this open descriptor instead of opening
+    /// `source` (needed when something else mounted over the source).
+    pub source_fd: Option<i32>,
     /// Session threads.
     pub threads: usize,
     /// Kernel tuning.
@@ -65,7 +68,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             Err(e) => return Err(StartupError::Mountpoint(mountpoint, e)),
         }
     }
-    let source = open_source(&opts.source)?;
+    let source = match opts.source_fd {
+        Some(n) => given_source_fd(n, &opts.source)?,
+        None => open_source(&opts.source)?,
+    };
     let state = StateDir::open(&opts.state_dir)?;
     tracing::debug!(state_dir = %state.path().display(), "state directory locked");
     let core = FsCore::new(source.as_fd(), state.path())
@@ -140,17 +146,40 @@ fn open_source(path: &Path) -> Result<File, StartupError> {
     Ok(file)
 }
 
+/// Takes ownership of descriptor `n`, checking that it is a directory.
+fn given_source_fd(n: i32, path: &Path) -> Result<File, StartupError> {
+    let fd = owned_fd(n).map_err(|why| StartupError::SourceFd(n, why))?;
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| StartupError::Source(path.to_owned(), e))?;
+    if !meta.is_dir() {
+        return Err(StartupError::SourceNotDir(path.to_owned()));
+    }
+    Ok(file)
+}
+
+/// Takes ownership of descriptor `n` after checking that it is open.
+fn owned_fd(n: i32) -> Result<OwnedFd, String> {
+    if n < 0 {
+        return Err("negative descriptor".into());
+    }
+    // SAFETY: only borrowed for fcntl; validity is what we are checking.
+    nix::fcntl::fcntl(
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|e| e.desc().to_owned())?;
+    // SAFETY: the descriptor is open (F_GETFD succeeded) and was handed to
+    // this process to own; nothing else in the process uses it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
 /// Takes ownership of descriptor `n`, checking that it is /dev/fuse.
 fn given_fuse_fd(n: i32) -> Result<OwnedFd, StartupError> {
     let bad = |why: String| StartupError::FuseFd(n, why);
-    if n < 0 {
-        return Err(bad("negative descriptor".into()));
-    }
-    let st = nix::sys::stat::fstat(
-        // SAFETY: only borrowed for fstat; validity is what we are checking.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
-    )
-    .map_err(|e| bad(e.desc().to_owned()))?;
+    let fd = owned_fd(n).map_err(bad)?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| bad(e.desc().to_owned()))?;
     let is_fuse = (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
         && nix::sys::stat::major(st.st_rdev) == 10
         && nix::sys::stat::minor(st.st_rdev) == 229;
@@ -159,9 +188,7 @@ fn given_fuse_fd(n: i32) -> Result<OwnedFd, StartupError> {
             "it is not the /dev/fuse character device (10:229)".into()
         ));
     }
-    // SAFETY: the descriptor is open (fstat succeeded) and was handed to this
-    // process to own; nothing else in the process uses it.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    Ok(fd)
 }
 
 /// Unmounts on drop, but only the mount this worker made (matched by device

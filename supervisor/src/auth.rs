@@ -1,0 +1,267 @@
+//! Who may do what (specs/dbus.md, Authorization): decided from the
+//! caller's credentials as the bus daemon reports them, never from
+//! arguments.
+
+use std::fs;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+
+use zbus::message::Header;
+use zbus::names::BusName;
+
+use crate::bus::Error;
+use crate::config::Access;
+
+/// The process on the other end of a method call.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Its uid.
+    pub uid: u32,
+    /// Its groups (primary and supplementary), when the bus reports them.
+    pub gids: Vec<u32>,
+}
+
+impl Caller {
+    /// Whether the caller is root.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// Asks the bus daemon who sent the message.
+pub async fn caller(conn: &zbus::Connection, hdr: &Header<'_>) -> Result<Caller, Error> {
+    let sender = hdr
+        .sender()
+        .ok_or_else(|| Error::AccessDenied("the call has no sender; refusing it".into()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let creds = dbus
+        .get_connection_credentials(BusName::from(sender.to_owned()))
+        .await
+        .map_err(|e| Error::AccessDenied(format!("cannot tell who the caller is: {e}")))?;
+    let uid = creds
+        .unix_user_id()
+        .ok_or_else(|| Error::AccessDenied("the bus does not report the caller's uid".into()))?;
+    let mut gids = creds.unix_group_ids().cloned().unwrap_or_default();
+    if gids.is_empty() {
+        // Older bus daemons: fall back to the user's groups from the database.
+        if let Ok(Some(user)) = nix::unistd::User::from_uid(uid.into()) {
+            gids.push(user.gid.as_raw());
+            if let Ok(name) = std::ffi::CString::new(user.name) {
+                if let Ok(groups) = nix::unistd::getgrouplist(&name, user.gid) {
+                    gids.extend(groups.iter().map(|g| g.as_raw()));
+                }
+            }
+        }
+    }
+    Ok(Caller { uid, gids })
+}
+
+/// Whether `caller` may control a mount with `access` (root always may).
+pub fn may_control(caller: &Caller, access: &Access) -> bool {
+    if caller.is_root() {
+        return true;
+    }
+    let user_name = nix::unistd::User::from_uid(caller.uid.into())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let user_ok = access
+        .users
+        .iter()
+        .any(|u| Some(u) == user_name.as_ref() || u.parse::<u32>().ok() == Some(caller.uid));
+    let group_ok = access.groups.iter().any(|g| {
+        let gid = g.parse::<u32>().ok().or_else(|| {
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        });
+        gid.is_some_and(|gid| caller.gids.contains(&gid))
+    });
+    user_ok || group_ok
+}
+
+/// Refuses unless `caller` may control mount `name`.
+pub fn require_control(caller: &Caller, name: &str, access: &Access) -> Result<(), Error> {
+    if may_control(caller, access) {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied(format!(
+            "user {} may not control mount {name}; ask an administrator to add the user or one of its groups to [access] in the mount's config",
+            caller.uid
+        )))
+    }
+}
+
+/// Refuses unless `caller` is root.
+pub fn require_root(caller: &Caller, what: &str) -> Result<(), Error> {
+    if caller.is_root() {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied(format!(
+            "only root may {what} (caller uid {})",
+            caller.uid
+        )))
+    }
+}
+
+/// A process held by a pidfd: it cannot be confused with a later process
+/// that reuses its pid.
+pub struct HeldProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl HeldProcess {
+    /// Opens process `pid`.
+    pub fn open(pid: u32) -> Result<HeldProcess, Error> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Error::InvalidArgument(format!("{pid} is not a valid pid")))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::ESRCH) {
+                Error::NotFound(format!("no process {pid}; check the pid"))
+            } else {
+                Error::Io(format!("cannot open process {pid}: {e}"))
+            });
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(HeldProcess { pid, pidfd })
+    }
+
+    /// Whether the process is still the one opened (not exited).
+    pub fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: signal 0 only checks; the pidfd is ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
+    }
+
+    /// The process's real uid, read while the pidfd proves it is the same
+    /// process.
+    pub fn real_uid(&self) -> Result<u32, Error> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid));
+        let uid = status.ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        });
+        match uid {
+            Some(u) if self.alive() => Ok(u),
+            _ => Err(Error::NotFound(format!(
+                "no process {} (it exited); check the pid",
+                self.pid
+            ))),
+        }
+    }
+}
+
+/// Refuses unless `caller` owns process `pid` (root owns everything).
+/// Returns the held process so the caller can check it is still the same
+/// process after binding.
+pub fn require_owns_pid(caller: &Caller, pid: u32) -> Result<HeldProcess, Error> {
+    let p = HeldProcess::open(pid)?;
+    if !caller.is_root() {
+        let owner = p.real_uid()?;
+        if owner != caller.uid {
+            return Err(Error::AccessDenied(format!(
+                "process {pid} belongs to uid {owner}, not to you (uid {}); you may bind only your own processes",
+                caller.uid
+            )));
+        }
+    }
+    Ok(p)
+}
+
+/// Refuses unless `caller` owns the cgroup's directory.
+pub fn require_owns_cgroup(caller: &Caller, cgroup: &str) -> Result<(), Error> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    let dir = agentfs_mount_worker::binding::cgroup_dir(cgroup)
+        .map_err(|e| Error::InvalidArgument(e.message))?;
+    let meta = fs::metadata(&dir).map_err(|e| {
+        Error::NotFound(format!(
+            "no cgroup {cgroup} ({}: {e}); create it first",
+            dir.display()
+        ))
+    })?;
+    if meta.uid() != caller.uid {
+        return Err(Error::AccessDenied(format!(
+            "cgroup {cgroup} belongs to uid {}, not to you (uid {}); you may bind only cgroups delegated to you",
+            meta.uid(),
+            caller.uid
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_by_user_name_uid_and_group() {
+        let nobody = Caller {
+            uid: 65534,
+            gids: vec![65534],
+        };
+        let none = Access::default();
+        assert!(!may_control(&nobody, &none));
+        assert!(may_control(
+            &Caller {
+                uid: 0,
+                gids: vec![]
+            },
+            &none
+        ));
+        let by_name = Access {
+            users: vec!["nobody".into()],
+            groups: vec![],
+        };
+        assert!(may_control(&nobody, &by_name));
+        let by_uid = Access {
+            users: vec!["65534".into()],
+            groups: vec![],
+        };
+        assert!(may_control(&nobody, &by_uid));
+        let by_group = Access {
+            users: vec![],
+            groups: vec!["nogroup".into()],
+        };
+        assert!(may_control(&nobody, &by_group));
+        let other = Access {
+            users: vec!["root".into()],
+            groups: vec!["root".into()],
+        };
+        assert!(!may_control(&nobody, &other));
+    }
+
+    #[test]
+    fn a_process_is_held_by_its_pidfd() {
+        let me = HeldProcess::open(std::process::id()).unwrap();
+        assert!(me.alive());
+        assert_eq!(me.real_uid().unwrap(), nix::unistd::getuid().as_raw());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let held = HeldProcess::open(child.id()).unwrap();
+        child.wait().unwrap();
+        assert!(!held.alive());
+        assert!(matches!(
+            HeldProcess::open(i32::MAX as u32),
+            Err(Error::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,369 @@
+//! One mount's life: its state as the bus shows it, and the task that
+//! supervises its worker (start, restart within limits, stop).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zbus::zvariant::OwnedObjectPath;
+
+use crate::config::{ConfigError, MountConfig};
+use crate::launch::{self, Worker};
+
+/// A mount's state, as in `Mount1.State`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Mounting and starting the worker.
+    Starting,
+    /// Served by a worker.
+    Running,
+    /// The worker died; a new one is being started.
+    Restarting,
+    /// Unmounting.
+    Stopping,
+    /// Not mounted.
+    Stopped,
+    /// Not mounted because of an error (bad config, restart limit).
+    Failed,
+}
+
+impl State {
+    /// The name on the bus.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Restarting => "restarting",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// What the bus shows of a mount. One lock, held only to read or update.
+#[derive(Clone, Debug)]
+pub struct Info {
+    /// The config as last read.
+    pub config: Result<MountConfig, ConfigError>,
+    /// The state.
+    pub state: State,
+    /// The worker's pid, 0 when none runs.
+    pub worker_pid: u32,
+    /// Restarts since the mount was started.
+    pub restarts: u32,
+    /// Why it last failed or restarted.
+    pub last_error: String,
+}
+
+/// Called after every change of a mount's [`Info`] (the bus announces it).
+pub type OnChange = Arc<dyn Fn(&Arc<Mount>, Option<(u32, String)>) + Send + Sync>;
+
+/// One configured mount.
+pub struct Mount {
+    /// Its name.
+    pub name: String,
+    /// Its object path on the bus.
+    pub path: OwnedObjectPath,
+    info: Mutex<Info>,
+    /// The supervising task while the mount is up; the async lock also
+    /// serialises start and stop.
+    life: tokio::sync::Mutex<Option<Supervision>>,
+    on_change: OnChange,
+}
+
+struct Supervision {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Mount {
+    /// A stopped mount (or failed, if its config is bad).
+    pub fn new(
+        name: String,
+        path: OwnedObjectPath,
+        config: Result<MountConfig, ConfigError>,
+        on_change: OnChange,
+    ) -> Arc<Mount> {
+        let (state, last_error) = match &config {
+            Ok(_) => (State::Stopped, String::new()),
+            Err(e) => (State::Failed, e.to_string()),
+        };
+        Arc::new(Mount {
+            name,
+            path,
+            info: Mutex::new(Info {
+                config,
+                state,
+                worker_pid: 0,
+                restarts: 0,
+                last_error,
+            }),
+            life: tokio::sync::Mutex::new(None),
+            on_change,
+        })
+    }
+
+    /// A copy of what the bus shows.
+    pub fn info(&self) -> Info {
+        self.info.lock().expect("mount info lock").clone()
+    }
+
+    /// The config of a mount that is up (`None` when it is not running).
+    pub fn running_config(&self) -> Option<MountConfig> {
+        let i = self.info.lock().expect("mount info lock");
+        match (&i.config, i.state) {
+            (Ok(c), State::Running) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn update(self: &Arc<Self>, f: impl FnOnce(&mut Info), restarted: Option<(u32, String)>) {
+        f(&mut self.info.lock().expect("mount info lock"));
+        (self.on_change)(self, restarted);
+    }
+
+    /// Records a config read again (used at the next start). A stopped
+    /// mount shows a bad config as `failed`.
+    pub fn set_config(self: &Arc<Self>, config: Result<MountConfig, ConfigError>) {
+        self.update(
+            |i| {
+                if matches!(i.state, State::Stopped | State::Failed) {
+                    match &config {
+                        Ok(_) if i.state == State::Failed && i.worker_pid == 0 => {
+                            i.state = State::Stopped;
+                        }
+                        Err(e) => {
+                            i.state = State::Failed;
+                            i.last_error = e.to_string();
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                i.config = config;
+            },
+            None,
+        );
+    }
+
+    /// Whether the mount is stopped or failed (nothing to tear down).
+    pub fn is_down(&self) -> bool {
+        matches!(self.info().state, State::Stopped | State::Failed)
+    }
+
+    /// Mounts and starts the worker with `config`; returns once it serves.
+    pub async fn start(
+        self: &Arc<Self>,
+        config: Result<MountConfig, ConfigError>,
+        worker_exe: PathBuf,
+    ) -> Result<(), String> {
+        let mut life = self.life.lock().await;
+        if let Some(s) = life.as_ref() {
+            if !s.task.is_finished() {
+                return Ok(()); // already up
+            }
+        }
+        *life = None;
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(mount = %self.name, "cannot start: {msg}");
+                self.set_config(Err(e));
+                return Err(msg);
+            }
+        };
+        for what in config.unapplied() {
+            tracing::warn!(mount = %self.name, "{what} is accepted but not applied yet by the worker");
+        }
+        self.update(
+            |i| {
+                i.config = Ok(config.clone());
+                i.state = State::Starting;
+                i.restarts = 0;
+            },
+            None,
+        );
+        tracing::info!(mount = %self.name, source = %config.source.display(), mountpoint = %config.mountpoint.display(), "starting");
+        match launch::start(&config, &worker_exe).await {
+            Ok(worker) => {
+                let pid = worker.pid;
+                self.update(
+                    |i| {
+                        i.state = State::Running;
+                        i.worker_pid = pid;
+                    },
+                    None,
+                );
+                tracing::info!(mount = %self.name, worker = pid, "running");
+                let (stop, stop_rx) = oneshot::channel();
+                let task =
+                    tokio::spawn(supervise(self.clone(), config, worker_exe, worker, stop_rx));
+                *life = Some(Supervision { stop, task });
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(mount = %self.name, "cannot start: {why}");
+                self.update(
+                    |i| {
+                        i.state = State::Failed;
+                        i.last_error = why.clone();
+                    },
+                    None,
+                );
+                Err(why)
+            }
+        }
+    }
+
+    /// Unmounts and stops the worker; returns once it is gone.
+    pub async fn stop(self: &Arc<Self>) {
+        let mut life = self.life.lock().await;
+        if let Some(s) = life.take() {
+            let _ = s.stop.send(());
+            let _ = s.task.await;
+        }
+    }
+}
+
+/// Why the supervising loop woke up.
+enum Event {
+    Stop,
+    Exited(std::process::ExitStatus),
+}
+
+/// Watches the worker; replaces it when it dies (within the restart
+/// limit); stops it when asked.
+async fn supervise(
+    mount: Arc<Mount>,
+    config: MountConfig,
+    worker_exe: PathBuf,
+    mut worker: Worker,
+    mut stop_rx: oneshot::Receiver<()>,
+) {
+    let mut recent: VecDeque<Instant> = VecDeque::new();
+    let window = Duration::from_secs(config.restart.interval_sec.into());
+    loop {
+        let event = tokio::select! {
+            _ = &mut stop_rx => Event::Stop,
+            status = worker.child.wait() => match status {
+                Ok(s) => Event::Exited(s),
+                Err(e) => {
+                    tracing::error!(mount = %mount.name, "cannot wait for the worker: {e}");
+                    Event::Stop
+                }
+            },
+        };
+        let status = match event {
+            Event::Stop => {
+                mount.update(|i| i.state = State::Stopping, None);
+                tracing::info!(mount = %mount.name, "stopping");
+                launch::stop(worker).await;
+                mount.update(
+                    |i| {
+                        i.state = State::Stopped;
+                        i.worker_pid = 0;
+                    },
+                    None,
+                );
+                tracing::info!(mount = %mount.name, "stopped");
+                return;
+            }
+            Event::Exited(s) => s,
+        };
+        let still_mounted =
+            agentfs_mount_worker::mount::device_of(&worker.mountpoint).ok() == Some(worker.dev);
+        if status.success() && !still_mounted {
+            // The worker ends by itself only when its mount went away
+            // (`umount`, `fusermount3 -u` by someone else).
+            tracing::warn!(mount = %mount.name, "unmounted from outside AgentFS; the mount is stopped");
+            mount.update(
+                |i| {
+                    i.state = State::Stopped;
+                    i.worker_pid = 0;
+                    i.last_error = format!(
+                        "{} was unmounted from outside AgentFS",
+                        worker.mountpoint.display()
+                    );
+                },
+                None,
+            );
+            return;
+        }
+        let mut reason = format!("worker {} {}", worker.pid, launch::describe_exit(status));
+        loop {
+            let (mp, dev) = (worker.mountpoint.clone(), worker.dev);
+            let _ = tokio::task::spawn_blocking(move || launch::detach(&mp, dev)).await;
+            let now = Instant::now();
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                recent.pop_front();
+            }
+            if recent.len() >= config.restart.burst as usize {
+                let msg = format!(
+                    "{reason}; gave up after {} restarts within {} s (restart.burst, restart.interval_sec in {})",
+                    recent.len(),
+                    config.restart.interval_sec,
+                    config.file.display()
+                );
+                tracing::error!(mount = %mount.name, "{msg}");
+                mount.update(
+                    |i| {
+                        i.state = State::Failed;
+                        i.worker_pid = 0;
+                        i.last_error = msg.clone();
+                    },
+                    None,
+                );
+                return;
+            }
+            recent.push_back(now);
+            let mut restarts = 0;
+            mount.update(
+                |i| {
+                    i.state = State::Restarting;
+                    i.worker_pid = 0;
+                    i.restarts += 1;
+                    i.last_error = reason.clone();
+                    restarts = i.restarts;
+                },
+                None,
+            );
+            tracing::warn!(mount = %mount.name, restarts, "{reason}; starting a new worker");
+            // Back-off: immediate for the first failure, then doubling.
+            let delay = Duration::from_millis(100 * (1u64 << recent.len().min(6)) - 200)
+                .min(Duration::from_secs(5));
+            tokio::select! {
+                _ = &mut stop_rx => {
+                    mount.update(|i| i.state = State::Stopped, None);
+                    return;
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match launch::start(&config, &worker_exe).await {
+                Ok(w) => {
+                    worker = w;
+                    let pid = worker.pid;
+                    mount.update(
+                        |i| {
+                            i.state = State::Running;
+                            i.worker_pid = pid;
+                        },
+                        Some((restarts, reason.clone())),
+                    );
+                    tracing::info!(mount = %mount.name, worker = pid, restarts, "running again");
+                    break;
+                }
+                Err(why) => {
+                    tracing::error!(mount = %mount.name, "restart failed: {why}");
+                    reason = why;
+                }
+            }
+        }
+    }
+}
