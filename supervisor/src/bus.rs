@@ -228,7 +228,7 @@ pub struct MountObject {
 
 impl MountObject {
     fn config(&self) -> Option<MountConfig> {
-        self.mount.info().config.ok()
+        self.mount.current_config()
     }
 
     /// Checks the caller and that the mount runs; returns its config.

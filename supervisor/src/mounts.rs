@@ -47,8 +47,10 @@ impl State {
 /// What the bus shows of a mount. One lock, held only to read or update.
 #[derive(Clone, Debug)]
 pub struct Info {
-    /// The config as last read.
+    /// The config as last read (applies at the next start).
     pub config: Result<MountConfig, ConfigError>,
+    /// The config the mount was started with, while it is up.
+    pub active: Option<MountConfig>,
     /// The state.
     pub state: State,
     /// The worker's pid, 0 when none runs.
@@ -97,6 +99,7 @@ impl Mount {
             path,
             info: Mutex::new(Info {
                 config,
+                active: None,
                 state,
                 worker_pid: 0,
                 restarts: 0,
@@ -112,13 +115,21 @@ impl Mount {
         self.info.lock().expect("mount info lock").clone()
     }
 
-    /// The config of a mount that is up (`None` when it is not running).
+    /// The config a running mount was started with (`None` when it is
+    /// not running).
     pub fn running_config(&self) -> Option<MountConfig> {
         let i = self.info.lock().expect("mount info lock");
-        match (&i.config, i.state) {
-            (Ok(c), State::Running) => Some(c.clone()),
+        match (&i.active, i.state) {
+            (Some(c), State::Running) => Some(c.clone()),
             _ => None,
         }
+    }
+
+    /// The config that describes the mount now: the one it runs with while
+    /// it is up, else the one last read.
+    pub fn current_config(&self) -> Option<MountConfig> {
+        let i = self.info.lock().expect("mount info lock");
+        i.active.clone().or_else(|| i.config.clone().ok())
     }
 
     fn update(self: &Arc<Self>, f: impl FnOnce(&mut Info), restarted: Option<(u32, String)>) {
@@ -182,6 +193,7 @@ impl Mount {
         self.update(
             |i| {
                 i.config = Ok(config.clone());
+                i.active = Some(config.clone());
                 i.state = State::Starting;
                 i.restarts = 0;
             },
@@ -210,6 +222,7 @@ impl Mount {
                 self.update(
                     |i| {
                         i.state = State::Failed;
+                        i.active = None;
                         i.last_error = why.clone();
                     },
                     None,
@@ -265,6 +278,7 @@ async fn supervise(
                 mount.update(
                     |i| {
                         i.state = State::Stopped;
+                        i.active = None;
                         i.worker_pid = 0;
                     },
                     None,
@@ -283,6 +297,7 @@ async fn supervise(
             mount.update(
                 |i| {
                     i.state = State::Stopped;
+                    i.active = None;
                     i.worker_pid = 0;
                     i.last_error = format!(
                         "{} was unmounted from outside AgentFS",
@@ -315,6 +330,7 @@ async fn supervise(
                 mount.update(
                     |i| {
                         i.state = State::Failed;
+                        i.active = None;
                         i.worker_pid = 0;
                         i.last_error = msg.clone();
                     },
@@ -340,7 +356,13 @@ async fn supervise(
                 .min(Duration::from_secs(5));
             tokio::select! {
                 _ = &mut stop_rx => {
-                    mount.update(|i| i.state = State::Stopped, None);
+                    mount.update(
+                        |i| {
+                            i.state = State::Stopped;
+                            i.active = None;
+                        },
+                        None,
+                    );
                     return;
                 }
                 _ = tokio::time::sleep(delay) => {}

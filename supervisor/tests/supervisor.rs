@@ -431,6 +431,20 @@ fn the_user_story_over_the_bus() {
     );
     ok(&s.mount_call("agent1", "UnbindPid", "u", &[&sleeper.pid()]));
 
+    // A config changed while running applies at the next start only.
+    let file = dir.path().join("mounts/agent1.toml");
+    let text = fs::read_to_string(&file).unwrap();
+    let moved = format!(
+        "{text}state_dir = \"{}\"\n",
+        dir.path().join("elsewhere").display()
+    );
+    fs::write(&file, moved).unwrap();
+    ok(&s.manager("Reload", "", &[]));
+    let branches = ok(&s.mount_call("agent1", "ListBranches", "", &[]));
+    assert!(branches.contains("\"try-a\""), "{branches}");
+    fs::write(&file, text).unwrap();
+    ok(&s.manager("Reload", "", &[]));
+
     let snaps = ok(&s.mount_call("agent1", "ListSnapshots", "", &[]));
     assert!(snaps.contains("\"1\" \"clean\" \"main\""), "{snaps}");
 
