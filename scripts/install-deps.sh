@@ -10,8 +10,13 @@ fi
 
 # Runtime: fuse3 (fusermount3, /etc/fuse.conf). Tests: sqlite3 (concurrent
 # writers), attr/acl (xattr tools), util-linux (setpriv, unshare, flock),
-# python3 (fcntl lock probes).
-apt_pkgs=(fuse3 sqlite3 attr acl util-linux python3 ca-certificates)
+# python3 (fcntl lock probes). Packaging (packaging/build-deb): binutils
+# (objdump, strip). System test (tests/system/run.sh): systemd (the
+# container's init, systemctl, systemd-analyze), systemd-container
+# (systemd-nspawn), dbus (the container's system bus, dbus-send), procps
+# (pgrep).
+apt_pkgs=(fuse3 sqlite3 attr acl util-linux python3 ca-certificates
+          binutils systemd systemd-container dbus procps)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

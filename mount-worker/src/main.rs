@@ -52,13 +52,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     if cli.check {
         return check(&cli.state_dir);
     }
@@ -80,6 +74,29 @@ fn main() -> ExitCode {
             eprintln!("agentfs-mount-worker: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// To the journal (structured, with its own identifier) when stderr is
+/// connected to it, as under the supervisor run by systemd; to stderr
+/// otherwise. RUST_LOG sets the level (default info).
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    match journald {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.with_syslog_identifier("agentfs-mount-worker".into()))
+            .init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
     }
 }
 

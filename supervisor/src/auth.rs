@@ -147,7 +147,8 @@ impl HeldProcess {
                 0,
             )
         };
-        r == 0
+        // EPERM: it exists but we may not signal it (no CAP_KILL).
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
     }
 
     /// The process's real uid, read while the pidfd proves it is the same
