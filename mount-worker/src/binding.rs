@@ -417,9 +417,10 @@ impl Bindings {
     /// thread of its own, so that a bound process's children stay bound
     /// even when it exits before they use the mount. Without the events
     /// (no CAP_NET_ADMIN) children are still found through their parent
-    /// chain while it lasts.
-    pub fn follow_forks(self: &Arc<Self>) {
-        let events = match ForkEvents::subscribe() {
+    /// chain while it lasts. The caller subscribes ([`ForkEvents::subscribe`]):
+    /// the worker does so before it drops CAP_NET_ADMIN.
+    pub fn follow_forks(self: &Arc<Self>, events: std::io::Result<ForkEvents>) {
+        let events = match events {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(
@@ -674,7 +675,7 @@ mod tests {
     #[test]
     fn children_stay_bound_after_their_bound_parent_exits() {
         let b = Arc::new(Bindings::new(Vec::new()));
-        b.follow_forks();
+        b.follow_forks(ForkEvents::subscribe());
         let me = std::process::id() as i32;
         b.bind_pid(me, BranchId(5), ok).unwrap();
         std::thread::sleep(Duration::from_millis(30));

@@ -142,6 +142,16 @@ pub enum Request {
     },
     /// List the bindings.
     BindingList {},
+    /// Test hook: try what the sandbox must refuse (answered only by a
+    /// worker started with `--test-fault-hook`; see `sandbox::probe`).
+    SandboxProbe {
+        /// A file outside the source and the state directory.
+        outside: String,
+        /// An empty directory to try mounting on.
+        mount_on: String,
+        /// A process to try attaching to with ptrace.
+        tracee: i32,
+    },
 }
 
 /// The reply line.

@@ -38,6 +38,7 @@ use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::hostfs::{self, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
+use crate::proc_events::ForkEvents;
 use crate::snapshot::{Branch, Catalog, LayerId, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
 
@@ -318,8 +319,13 @@ impl FsCore {
     /// Serves the directory behind `source` (any descriptor of it; it is
     /// reopened as `O_PATH`) with the snapshots of state directory `state`.
     /// Taking a descriptor rather than a path is what lets the worker mount
-    /// over the source itself.
-    pub fn new(source: BorrowedFd<'_>, state: &Path) -> io::Result<FsCore> {
+    /// over the source itself. `fork_events` feeds the bindings (see
+    /// [`Bindings::follow_forks`]).
+    pub fn new(
+        source: BorrowedFd<'_>,
+        state: &Path,
+        fork_events: io::Result<ForkEvents>,
+    ) -> io::Result<FsCore> {
         let fd = hostfs::path_fd_of(source)?;
         let st = hostfs::stat(fd.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
@@ -341,7 +347,7 @@ impl FsCore {
         let root = table.by_id[&NodeId::ROOT.0].obj.clone();
         let handle_dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let bindings = Arc::new(Bindings::new(catalog.bindings.clone()));
-        bindings.follow_forks();
+        bindings.follow_forks(fork_events);
         let core = FsCore {
             handle_dir,
             nodes: Mutex::new(table),
@@ -1921,6 +1927,10 @@ impl Handler for FsCore {
                 Ok(to_json(&self.bindings.unbind_cgroup(&cgroup, persist)?))
             }
             Request::BindingList {} => Ok(to_json(&self.bindings.records())),
+            Request::SandboxProbe { .. } => Err(ControlError::new(
+                ErrorKind::InvalidArgument,
+                "sandbox-probe is a test hook; this worker was not started with --test-fault-hook",
+            )),
         }
     }
 }

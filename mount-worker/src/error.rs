@@ -61,6 +61,12 @@ pub enum StartupError {
     /// /proc is unreadable.
     #[error("cannot read /proc/self/mountinfo: {0}; the worker needs /proc mounted")]
     Proc(io::Error),
+    /// The sandbox could not be entered (the worker refuses to serve
+    /// unconfined rather than silently running with every privilege).
+    #[error(
+        "cannot confine the worker: {0}; the kernel needs seccomp, and /proc and /dev/fuse must exist (--no-sandbox runs it unconfined, for debugging only)"
+    )]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// Anything else while starting the session.
     #[error("cannot start the FUSE session on {0}: {1}")]
     Session(PathBuf, io::Error),

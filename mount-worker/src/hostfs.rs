@@ -28,11 +28,12 @@ fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
     }
 }
 
-/// A single path component as a C string. Names with NUL or `/` cannot come
-/// from the kernel; refusing them here keeps every `*at` call single-level.
+/// A single path component as a C string. Names with NUL or `/`, and `.`
+/// and `..`, cannot come from the kernel (it resolves dots itself); refusing
+/// them here keeps every `*at` call on the directory it names.
 pub fn component(name: &OsStr) -> io::Result<CString> {
     let b = name.as_bytes();
-    if b.is_empty() || b.contains(&b'/') {
+    if b.is_empty() || b.contains(&b'/') || b == b"." || b == b".." {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -72,18 +73,40 @@ pub fn open_node(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
 }
 
-/// `openat(2)` with `O_CLOEXEC` added.
+/// `openat2(2)` of `name` beneath `dir`, with `O_CLOEXEC` added. Whatever
+/// `name` holds, and whatever another process does to the host tree
+/// meanwhile, the result is beneath `dir`: `..` out of it, absolute names
+/// and symlinks anywhere on the way fail (`EXDEV`, `ELOOP`), and
+/// `/proc/self/fd`-style magic links are never followed. (`O_PATH |
+/// O_NOFOLLOW` still opens a symlink itself.)
 pub fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: valid descriptor and NUL-terminated name; the result is a new fd we own.
+    let creates = flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE;
+    /// `struct open_how` (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        // openat2 refuses a mode without O_CREAT or O_TMPFILE, and file
+        // type bits (FUSE's create passes S_IFREG along).
+        mode: if creates { (mode & 0o7777) as u64 } else { 0 },
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: valid descriptor, NUL-terminated name and a complete open_how
+    // of the size passed; the result is a new fd we own.
     let fd = cvt(unsafe {
-        libc::openat(
+        libc::syscall(
+            libc::SYS_openat2,
             dir.as_raw_fd(),
             name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
         )
-    })?;
-    // SAFETY: openat returned a fresh descriptor.
+    } as i32)?;
+    // SAFETY: openat2 returned a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -566,17 +589,21 @@ pub fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?.sync_all()
 }
 
-/// Opens a directory by path as an `O_PATH` descriptor.
+/// Opens a directory by path as an `O_PATH` descriptor. Only for paths the
+/// administrator gave (the state directory's own); names from requests go
+/// through [`open_at`].
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    open_at(
-        // SAFETY: AT_FDCWD is a valid "descriptor" for *at calls.
-        unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
-        &path,
-        libc::O_PATH | libc::O_DIRECTORY,
-        0,
-    )
+    // SAFETY: NUL-terminated path; the result is a new fd we own.
+    let fd = cvt(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Every entry of an open directory except `.` and `..`.
@@ -610,4 +637,75 @@ pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> 
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::symlink;
+
+    fn errno(r: io::Result<OwnedFd>) -> i32 {
+        r.expect_err("must be refused").raw_os_error().unwrap()
+    }
+
+    /// Names and host symlinks never take a lookup out of its directory,
+    /// even when the host tree is changed behind the worker's back.
+    #[test]
+    fn open_at_stays_beneath_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inside = tmp.path().join("inside");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(inside.join("d")).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), "outside").unwrap();
+        symlink(&outside, inside.join("to-dir")).unwrap();
+        symlink(outside.join("secret"), inside.join("to-file")).unwrap();
+        symlink(outside.join("created"), inside.join("dangling")).unwrap();
+        let dir = open_dir_path(&inside).unwrap();
+        let d = dir.as_fd();
+
+        assert_eq!(
+            errno(open_at(d, c"../outside/secret", libc::O_RDONLY, 0)),
+            libc::EXDEV
+        );
+        assert_eq!(
+            errno(open_at(d, c"/etc/hostname", libc::O_RDONLY, 0)),
+            libc::EXDEV
+        );
+        assert_eq!(
+            errno(open_at(d, c"to-dir/secret", libc::O_RDONLY, 0)),
+            libc::ELOOP
+        );
+        assert_eq!(
+            errno(open_at(d, c"to-file", libc::O_RDONLY, 0)),
+            libc::ELOOP
+        );
+        let create = libc::O_CREAT | libc::O_WRONLY;
+        assert_eq!(errno(open_at(d, c"dangling", create, 0o644)), libc::ELOOP);
+        assert!(
+            !outside.join("created").exists(),
+            "created through a symlink"
+        );
+        // The symlink itself is still a node the worker serves.
+        let link = open_node(d, c"to-file").unwrap();
+        assert_eq!(
+            stat(link.as_fd()).unwrap().st_mode & libc::S_IFMT,
+            libc::S_IFLNK
+        );
+        // And plain names work.
+        open_at(d, c"d", libc::O_RDONLY | libc::O_DIRECTORY, 0).unwrap();
+        open_at(d, c"new", create, 0o644).unwrap();
+        assert!(inside.join("new").exists());
+    }
+
+    #[test]
+    fn dots_and_slashes_are_not_components() {
+        for bad in ["", ".", "..", "a/b", "/"] {
+            let e = component(OsStr::new(bad)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{bad:?}");
+        }
+        assert!(component(OsStr::new("..a")).is_ok());
+    }
 }

@@ -18,6 +18,7 @@ pub mod layered;
 pub mod mount;
 pub mod preserve;
 pub mod proc_events;
+pub mod sandbox;
 pub mod snapshot;
 pub mod snapview;
 pub mod state;

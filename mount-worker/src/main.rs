@@ -48,6 +48,13 @@ struct Cli {
     /// Largest write request, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     max_write: u32,
+    /// Do not confine the worker (capabilities, no_new_privs, Landlock,
+    /// seccomp) when it serves --fuse-fd; for debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Answer the control channel's sandbox-probe request (tests only).
+    #[arg(long, hide = true)]
+    test_fault_hook: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +74,8 @@ fn main() -> ExitCode {
         tuning: Tuning {
             max_write: cli.max_write,
         },
+        sandbox: !cli.no_sandbox,
+        test_fault_hook: cli.test_fault_hook,
     };
     match worker::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

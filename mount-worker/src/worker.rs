@@ -14,6 +14,8 @@ use crate::core::FsCore;
 use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
 use crate::mount;
+use crate::proc_events::ForkEvents;
+use crate::sandbox;
 use crate::state::StateDir;
 
 /// What one worker serves and how.
@@ -36,6 +38,12 @@ pub struct Options {
     pub threads: usize,
     /// Kernel tuning.
     pub tuning: Tuning,
+    /// Confine the worker ([`crate::sandbox`]) when it serves a given
+    /// descriptor. A worker that mounts by itself must unmount by itself,
+    /// so it keeps its privileges.
+    pub sandbox: bool,
+    /// Answer the control channel's `sandbox-probe` (tests only).
+    pub test_fault_hook: bool,
 }
 
 /// Who unmounts at the end: the worker when it mounted itself; nobody when
@@ -74,7 +82,28 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     };
     let state = StateDir::open(&opts.state_dir)?;
     tracing::debug!(state_dir = %state.path().display(), "state directory locked");
-    let core = FsCore::new(source.as_fd(), state.path())
+    let given = opts.fuse_fd.map(given_fuse_fd).transpose()?;
+    // Subscribing needs CAP_NET_ADMIN, which the sandbox drops.
+    let fork_events = ForkEvents::subscribe();
+    match (&given, opts.sandbox) {
+        (Some(_), true) => {
+            let state_fd = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(state.path())
+                .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
+            let report = sandbox::enter(source.as_fd(), state_fd.as_fd())?;
+            tracing::info!(
+                landlock = report.landlock,
+                capabilities = %report.capabilities.join(","),
+                syscalls = report.syscalls,
+                "sandboxed"
+            );
+        }
+        (Some(_), false) => tracing::warn!("not sandboxed (--no-sandbox)"),
+        (None, _) => tracing::debug!("not sandboxed: this worker mounts, so it must unmount"),
+    }
+    let core = FsCore::new(source.as_fd(), state.path(), fork_events)
         .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?;
     let core = Arc::new(core);
     drop(source);
@@ -82,8 +111,8 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     // the worker's own must not mask on top of it.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
-    let (fd, ownership) = match opts.fuse_fd {
-        Some(n) => (given_fuse_fd(n)?, Ownership::Given),
+    let (fd, ownership) = match given {
+        Some(fd) => (fd, Ownership::Given),
         None => {
             let fd = mount::mount(&mountpoint, opts.allow_other)?;
             let dev = mount::device_of(&mountpoint).map_err(StartupError::Proc)?;
@@ -108,7 +137,12 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     config.acl = acl;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let _control = control::serve(state.path(), core.clone())
+    let handler: Arc<dyn control::Handler> = if opts.test_fault_hook {
+        Arc::new(FaultHook(core.clone()))
+    } else {
+        core.clone()
+    };
+    let _control = control::serve(state.path(), handler)
         .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let session = Session::from_fd(Adapter::new(core, opts.tuning.clone()), fd, acl, config)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
@@ -243,4 +277,25 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
             }
         })?;
     Ok(())
+}
+
+/// The control handler with the test hook: `sandbox-probe` tries what the
+/// sandbox must refuse; everything else goes to the core.
+struct FaultHook(Arc<FsCore>);
+
+impl control::Handler for FaultHook {
+    fn handle(&self, req: control::Request) -> Result<serde_json::Value, control::ControlError> {
+        match req {
+            control::Request::SandboxProbe {
+                outside,
+                mount_on,
+                tracee,
+            } => Ok(serde_json::json!(sandbox::probe(
+                Path::new(&outside),
+                Path::new(&mount_on),
+                tracee
+            ))),
+            other => self.0.handle(other),
+        }
+    }
 }

@@ -51,8 +51,20 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The whole suite on the main view of a fresh mount.
 #[test]
 fn pjdfstest_main_view() {
-    let mut m = common::Mount::new();
-    let summary = check_pjdfstest(m.path(), Path::new(EXPECTED_MAIN), "main-view", None);
+    pjdfstest_main(common::Mount::builder(), "main-view");
+}
+
+/// The same on a worker serving as under the supervisor: sandboxed, so
+/// every system call the suite makes it use is in its allow-list and
+/// beneath its Landlock rules.
+#[test]
+fn pjdfstest_main_view_sandboxed() {
+    pjdfstest_main(common::Mount::builder().supervised(), "main-view-sandboxed");
+}
+
+fn pjdfstest_main(builder: common::MountBuilder, label: &str) {
+    let mut m = builder.start();
+    let summary = check_pjdfstest(m.path(), Path::new(EXPECTED_MAIN), label, None);
     println!("{summary}");
     // A clean shutdown is part of the contract: the suite must not leave the
     // worker wedged.
@@ -64,7 +76,14 @@ fn pjdfstest_main_view() {
 /// so the results must be those of main.
 #[test]
 fn pjdfstest_branch_view() {
-    pjdfstest_in_a_branch(false);
+    pjdfstest_in_a_branch(false, false);
+}
+
+/// The same in a sandboxed worker (copy-up, whiteouts, FICLONE, pre-images
+/// all under the allow-list).
+#[test]
+fn pjdfstest_branch_view_sandboxed() {
+    pjdfstest_in_a_branch(false, true);
 }
 
 /// The whole suite run by a process bound to a branch, at a path under the
@@ -72,14 +91,25 @@ fn pjdfstest_branch_view() {
 /// children it forks make must reach the branch, with main's results.
 #[test]
 fn pjdfstest_bound_to_a_branch() {
-    pjdfstest_in_a_branch(true);
+    pjdfstest_in_a_branch(true, false);
+}
+
+/// The same in a sandboxed worker (binding reads /proc under Landlock).
+#[test]
+fn pjdfstest_bound_to_a_branch_sandboxed() {
+    pjdfstest_in_a_branch(true, true);
 }
 
 /// Runs the suite in `w/` of a new branch, by its path or, if `bound`,
 /// as a process bound to the branch at `<mountpoint>/w`; main and the
-/// source must stay empty.
-fn pjdfstest_in_a_branch(bound: bool) {
-    let mut m = common::Mount::new();
+/// source must stay empty. `sandboxed`: served as under the supervisor.
+fn pjdfstest_in_a_branch(bound: bool, sandboxed: bool) {
+    let builder = common::Mount::builder();
+    let mut m = if sandboxed {
+        builder.supervised().start()
+    } else {
+        builder.start()
+    };
     common::snapshot(&m, None, "base");
     // Short names: socket tests bind(2) names under the directory, and
     // sun_path holds 108 bytes (the Mount guard's prefix is short too).
@@ -96,6 +126,12 @@ fn pjdfstest_in_a_branch(bound: bool) {
     } else {
         (&by_path, "branch-view", None)
     };
+    let label = if sandboxed {
+        format!("{label}-sandboxed")
+    } else {
+        label.to_owned()
+    };
+    let label = label.as_str();
     let summary = check_pjdfstest(dir, Path::new(EXPECTED_MAIN), label, bind);
     println!("{summary}");
     assert!(!in_main.exists(), "pjdfstest's work reached main");

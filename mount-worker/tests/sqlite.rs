@@ -70,10 +70,11 @@ fn sqlite_rollback_journal_concurrent_writers() {
 }
 
 /// Contract 2.6: SQLite must work on a branch. WAL mode, the harder one
-/// (shared writable mmap of `-shm`), in a branch reached by path.
+/// (shared writable mmap of `-shm`), in a branch reached by path, served
+/// as under the supervisor (sandboxed).
 #[test]
 fn sqlite_wal_concurrent_writers_in_a_branch() {
-    let mut m = common::Mount::new();
+    let mut m = common::Mount::builder().supervised().start();
     common::snapshot(&m, None, "base");
     common::branch(&m, "base", "db");
     check_sqlite(&common::branch_dir(&m, "db"), JournalMode::Wal);

@@ -326,8 +326,23 @@ expect "a source /srv/agent1 and its config /etc/agentfs/mounts/agent1.toml" "" 
   mkdir -p /srv/agent1 /srv/bad && echo main >/srv/agent1/f &&
   printf "%s\n" "source = \"/srv/agent1\"" "allow_other = true" "" "[access]" "users = [\"alice\"]" \
     >/etc/agentfs/mounts/agent1.toml'
-expect "systemctl start agentfs@agent1" "" systemctl start agentfs@agent1
+c systemctl start agentfs@agent1
+started=$?
+record $started "systemctl start agentfs@agent1" systemctl start agentfs@agent1
+if [ "$started" -ne 0 ]; then # why (the worker's error is in LastError)
+  c agentfsctl status agent1
+  printf '%s\n' "$out" | sed 's/^/#   /'
+fi
 expect "agentfs@agent1 is active" "^active$" systemctl is-active agentfs@agent1
+# specs/security.md: the worker confines itself even under systemd's own
+# sandbox (CAP_SETPCAP lets it empty its bounding set).
+# 000000008820001f: CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
+# SYS_ADMIN MKNOD SETFCAP.
+sandboxed='p=$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d" " -f2)
+  s=$(grep -E "^(NoNewPrivs|Seccomp|CapEff|CapBnd):" /proc/$p/status) && echo "$s" &&
+  echo "$s" | grep -qE "^NoNewPrivs:\s+1$" && echo "$s" | grep -qE "^Seccomp:\s+2$" &&
+  echo "$s" | grep -qE "^CapEff:\s+000000008820001f$" && echo "$s" | grep -qE "^CapBnd:\s+000000008820001f$"'
+expect "its worker is sandboxed: no_new_privs, seccomp, 8 capabilities" "" sh -c "$sandboxed"
 expect "/srv/agent1 is an AgentFS mount" "^fuse.agentfs$" findmnt -n -o FSTYPE --mountpoint /srv/agent1
 expect "ListMounts says agent1 is running" '"agent1" "running" "/org/agentfs/mount/agent1"' \
   busctl call org.agentfs /org/agentfs org.agentfs.Manager1 ListMounts

@@ -22,6 +22,8 @@ pub struct Mount {
     state_dir: PathBuf,
     /// The state directory is a tmpfs of this test's (unmounted on drop).
     state_tmpfs: bool,
+    /// The test owns the mount ([`MountBuilder::supervised`]).
+    supervised: bool,
     child: Option<Child>,
 }
 
@@ -58,11 +60,18 @@ impl Mount {
 
     /// Stops the worker with SIGTERM and checks that it unmounted and exited
     /// 0. The directories stay until the guard is dropped.
+    /// A supervised worker is stopped as the supervisor does it: its owner
+    /// unmounts, and the worker's session ends.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("worker running");
-        signal(child.id(), libc::SIGTERM);
+        if self.supervised {
+            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
+                .expect("unmount the supervised mount");
+        } else {
+            signal(child.id(), libc::SIGTERM);
+        }
         let status = wait_timeout(&mut child, Duration::from_secs(20))
-            .expect("worker did not exit within 20 s of SIGTERM");
+            .expect("worker did not exit within 20 s of SIGTERM or its unmount");
         assert!(
             !is_mounted(&self.mountpoint),
             "worker exited but left {} mounted",
@@ -128,6 +137,7 @@ type Populate = Box<dyn FnOnce(&Path)>;
 #[derive(Default)]
 pub struct MountBuilder {
     over_source: bool,
+    supervised: bool,
     state_tmpfs_size: Option<String>,
     args: Vec<String>,
     populate: Option<Populate>,
@@ -137,6 +147,15 @@ impl MountBuilder {
     /// Mounts over the source directory itself (mountpoint == source).
     pub fn over_source(mut self) -> Self {
         self.over_source = true;
+        self
+    }
+
+    /// Mounts as the supervisor does: the test mounts /dev/fuse itself and
+    /// hands the descriptor and the source's to the worker (`--fuse-fd`,
+    /// `--source-fd`), which then serves it sandboxed (unless
+    /// `--no-sandbox` is passed) and leaves unmounting to its owner.
+    pub fn supervised(mut self) -> Self {
+        self.supervised = true;
         self
     }
 
@@ -193,21 +212,85 @@ impl MountBuilder {
             .unwrap();
         }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let child = spawn_worker(&source, &mountpoint, &state_dir, &args);
+        let child = if self.supervised {
+            spawn_supervised_worker(&source, &mountpoint, &state_dir, &args)
+        } else {
+            spawn_worker(&source, &mountpoint, &state_dir, &args)
+        };
         Mount {
             dir,
             source,
             mountpoint,
             state_dir,
             state_tmpfs: self.state_tmpfs_size.is_some(),
+            supervised: self.supervised,
             child: Some(child),
         }
     }
 }
 
+/// Mounts `mountpoint` and starts a worker on the descriptors, as the
+/// supervisor's launch does.
+fn spawn_supervised_worker(
+    source: &Path,
+    mountpoint: &Path,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Child {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let source_fd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(source)
+        .expect("open the source");
+    let fuse = agentfs_mount_worker::mount::mount(mountpoint, true).expect("mount /dev/fuse");
+    // Until the Mount guard exists: a worker that fails to start must not
+    // leave the mount behind.
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let unmount = Unmount(mountpoint);
+    let (s, f) = (source_fd.as_raw_fd(), fuse.as_raw_fd());
+    let mut cmd = Command::new(WORKER);
+    cmd.args(["--source-fd", &s.to_string(), "--fuse-fd", &f.to_string()]);
+    // SAFETY: only fcntl(2), async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [s, f] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = start_worker(cmd, source, mountpoint, state_dir, extra);
+    // The test's copies close now: the worker holds the connection alone,
+    // so its death ends it (as with the supervisor).
+    drop((source_fd, fuse));
+    let child = wait_mounted(child, mountpoint);
+    std::mem::forget(unmount);
+    child
+}
+
 fn spawn_worker(source: &Path, mountpoint: &Path, state_dir: &Path, extra: &[&str]) -> Child {
-    let mut child = Command::new(WORKER)
-        .arg("--source")
+    let child = start_worker(Command::new(WORKER), source, mountpoint, state_dir, extra);
+    wait_mounted(child, mountpoint)
+}
+
+fn start_worker(
+    mut cmd: Command,
+    source: &Path,
+    mountpoint: &Path,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Child {
+    cmd.arg("--source")
         .arg(source)
         .arg("--mountpoint")
         .arg(mountpoint)
@@ -222,7 +305,12 @@ fn spawn_worker(source: &Path, mountpoint: &Path, state_dir: &Path, extra: &[&st
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn agentfs-mount-worker");
+        .expect("spawn agentfs-mount-worker")
+}
+
+/// Waits until the worker serves `mountpoint`; panics with its log if it
+/// exits first.
+fn wait_mounted(mut child: Child, mountpoint: &Path) -> Child {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // Mounted, and answering (a stale mount left by a killed worker

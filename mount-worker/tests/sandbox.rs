@@ -1,0 +1,173 @@
+//! The worker's sandbox, on real mounts served as under the supervisor:
+//! what it refuses (through the test-only fault hook, compared with the
+//! same worker unconfined, so that each refusal is the sandbox's and not
+//! the worker's own), and what every thread of it holds.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command};
+
+use agentfs_mount_worker::control::Request;
+use agentfs_mount_worker::sandbox::KEPT;
+
+/// A process to try ptrace on, killed when dropped.
+struct Tracee(Child);
+
+impl Tracee {
+    fn start() -> Tracee {
+        Tracee(
+            Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the probe in the worker of `m`; returns (what, errno) pairs.
+fn probe(m: &common::Mount) -> Vec<(String, Option<i32>)> {
+    // Next to the source and the state directory, inside neither.
+    let base = m.source().parent().unwrap();
+    let outside = base.join("outside.txt");
+    fs::write(&outside, "not for the worker\n").unwrap();
+    let mount_on = base.join("probe-mnt");
+    fs::create_dir_all(&mount_on).unwrap();
+    let tracee = Tracee::start();
+    let reply = common::ctl(
+        m,
+        Request::SandboxProbe {
+            outside: outside.display().to_string(),
+            mount_on: mount_on.display().to_string(),
+            tracee: tracee.0.id() as i32,
+        },
+    )
+    .expect("the probe answers");
+    let mounted_after = common::is_mounted(&mount_on);
+    assert!(!mounted_after, "the probe left a mount on {mount_on:?}");
+    reply
+        .as_array()
+        .expect("a list of attempts")
+        .iter()
+        .map(|a| {
+            (
+                a["what"].as_str().unwrap().to_owned(),
+                a["errno"].as_i64().map(|e| e as i32),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_sandbox_refuses_what_the_worker_never_needs() {
+    let mut m = common::Mount::builder()
+        .supervised()
+        .arg("--test-fault-hook")
+        .start();
+    let attempts = probe(&m);
+    assert_eq!(attempts.len(), 6, "{attempts:?}");
+    for (what, errno) in &attempts {
+        let errno = errno.unwrap_or_else(|| panic!("the sandboxed worker could {what}"));
+        // Landlock answers EACCES, seccomp (and a missing capability) EPERM.
+        assert!(
+            errno == libc::EACCES || errno == libc::EPERM,
+            "{what}: refused with errno {errno}, not by the sandbox"
+        );
+    }
+    // The worker still serves after the refusals.
+    fs::write(m.path().join("after-probe"), "still here\n").unwrap();
+    assert_eq!(
+        fs::read_to_string(m.source().join("after-probe")).unwrap(),
+        "still here\n"
+    );
+    m.stop();
+}
+
+/// The control run: the same worker unconfined does every one of them, so
+/// the refusals above come from the sandbox, not from the worker's checks.
+#[test]
+fn unconfined_the_same_attempts_succeed() {
+    let mut m = common::Mount::builder()
+        .supervised()
+        .arg("--test-fault-hook")
+        .arg("--no-sandbox")
+        .start();
+    for (what, errno) in probe(&m) {
+        assert_eq!(errno, None, "unconfined, the worker could not {what}");
+    }
+    m.stop();
+}
+
+/// The probe is a test hook: a worker started without it refuses it.
+#[test]
+fn the_probe_needs_the_test_hook() {
+    let mut m = common::Mount::builder().supervised().start();
+    let e = common::ctl(
+        &m,
+        Request::SandboxProbe {
+            outside: "/etc/hostname".into(),
+            mount_on: "/mnt".into(),
+            tracee: 1,
+        },
+    )
+    .unwrap_err();
+    assert!(e.message.contains("--test-fault-hook"), "{}", e.message);
+    m.stop();
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+/// Every thread (session threads, control, fork events, signals) is
+/// confined: only the kept capabilities, in every set that matters,
+/// no_new_privs, and both seccomp filters.
+#[test]
+fn every_thread_holds_only_the_kept_capabilities() {
+    let mut m = common::Mount::builder().supervised().start();
+    // Some traffic, so that every kind of thread exists.
+    fs::write(m.path().join("f"), "x").unwrap();
+    let kept: u64 = KEPT.iter().map(|c| c.bitmask()).sum();
+    let want = format!("{kept:016x}");
+    let tasks = Path::new("/proc")
+        .join(m.worker_pid().to_string())
+        .join("task");
+    let mut seen = 0;
+    for task in fs::read_dir(&tasks).unwrap() {
+        let status = fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let name = status_field(&status, "Name:");
+        for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(status_field(&status, key), want, "{key} of thread {name}");
+        }
+        for key in ["CapInh:", "CapAmb:"] {
+            assert_eq!(
+                status_field(&status, key),
+                "0000000000000000",
+                "{key} of thread {name}"
+            );
+        }
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "thread {name}");
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "thread {name}");
+        assert_eq!(
+            status_field(&status, "Seccomp_filters:"),
+            "2",
+            "thread {name}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 3, "only {seen} threads");
+    m.stop();
+}
