@@ -666,22 +666,15 @@ mod tests {
         let dir = open_dir_path(&inside).unwrap();
         let d = dir.as_fd();
 
-        assert_eq!(
-            errno(open_at(d, c"../outside/secret", libc::O_RDONLY, 0)),
-            libc::EXDEV
-        );
-        assert_eq!(
-            errno(open_at(d, c"/etc/hostname", libc::O_RDONLY, 0)),
-            libc::EXDEV
-        );
-        assert_eq!(
-            errno(open_at(d, c"to-dir/secret", libc::O_RDONLY, 0)),
-            libc::ELOOP
-        );
-        assert_eq!(
-            errno(open_at(d, c"to-file", libc::O_RDONLY, 0)),
-            libc::ELOOP
-        );
+        for (name, want) in [
+            (c"../outside/secret", libc::EXDEV),
+            (c"/etc/hostname", libc::EXDEV),
+            (c"to-dir/secret", libc::ELOOP),
+            (c"to-file", libc::ELOOP),
+        ] {
+            let got = errno(open_at(d, name, libc::O_RDONLY, 0));
+            assert_eq!(got, want, "{name:?}");
+        }
         let create = libc::O_CREAT | libc::O_WRONLY;
         assert_eq!(errno(open_at(d, c"dangling", create, 0o644)), libc::ELOOP);
         assert!(

@@ -15,6 +15,7 @@ pub mod fuse_adapter;
 pub mod hex;
 pub mod hostfs;
 pub mod layered;
+pub mod logging;
 pub mod mount;
 pub mod preserve;
 pub mod proc_events;

@@ -59,7 +59,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    agentfs_mount_worker::logging::init("agentfs-mount-worker");
     if cli.check {
         return check(&cli.state_dir);
     }
@@ -83,29 +83,6 @@ fn main() -> ExitCode {
             eprintln!("agentfs-mount-worker: error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// To the journal (structured, with its own identifier) when stderr is
-/// connected to it, as under the supervisor run by systemd; to stderr
-/// otherwise. RUST_LOG sets the level (default info).
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
-        .then(|| tracing_journald::layer().ok())
-        .flatten();
-    match journald {
-        Some(layer) => tracing_subscriber::registry()
-            .with(filter)
-            .with(layer.with_syslog_identifier("agentfs-mount-worker".into()))
-            .init(),
-        None => tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::prelude::*;
 
 use crate::config::Defaults;
 use crate::mounts::{Mount, OnChange};
@@ -59,7 +58,7 @@ const MANAGER_PATH: &str = "/org/agentfs";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    agentfs_mount_worker::logging::init("agentfs-supervisor");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,27 +77,6 @@ fn main() -> ExitCode {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&e)]);
             ExitCode::FAILURE
         }
-    }
-}
-
-/// To the journal (structured) when systemd connected stderr to it, to
-/// stderr otherwise. RUST_LOG sets the level (default info).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
-        .then(|| tracing_journald::layer().ok())
-        .flatten();
-    match journald {
-        Some(layer) => tracing_subscriber::registry()
-            .with(filter)
-            .with(layer.with_syslog_identifier("agentfs-supervisor".into()))
-            .init(),
-        None => tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
     }
 }
 
