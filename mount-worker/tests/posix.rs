@@ -1,5 +1,7 @@
 //! One test per operation on the main view of a real mount: the result, the
-//! host file behind it, and the errno of each failure.
+//! host file behind it, and the errno of each failure. Most run on a mount
+//! served as under the supervisor (`Mount::sandboxed`), so every errno is
+//! also the one a confined worker gives, not an EPERM of its seccomp filter.
 
 mod common;
 
@@ -62,7 +64,7 @@ fn read_write_and_source_in_place() {
 
 #[test]
 fn append_and_truncate() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("f");
     fs::write(&p, b"abc").unwrap();
     let mut f = OpenOptions::new().append(true).open(&p).unwrap();
@@ -85,7 +87,7 @@ fn append_and_truncate() {
 
 #[test]
 fn create_exclusive_and_errors() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("x");
     File::create(&p).unwrap();
     let e = OpenOptions::new()
@@ -105,7 +107,7 @@ fn create_exclusive_and_errors() {
 
 #[test]
 fn directories_and_readdir_types() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::create_dir(p.join("d")).unwrap();
     fs::write(p.join("d/f"), b"").unwrap();
@@ -180,7 +182,7 @@ fn directories_and_readdir_types() {
 
 #[test]
 fn large_directory_listing_is_complete() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let d = m.path().join("many");
     fs::create_dir(&d).unwrap();
     for i in 0..3000 {
@@ -197,7 +199,7 @@ fn large_directory_listing_is_complete() {
 
 #[test]
 fn symlinks() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::write(p.join("target"), b"t").unwrap();
     std::os::unix::fs::symlink("target", p.join("l")).unwrap();
@@ -237,7 +239,7 @@ fn symlinks() {
 
 #[test]
 fn hard_links_share_inode_and_count() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::write(p.join("a"), b"x").unwrap();
     fs::hard_link(p.join("a"), p.join("b")).unwrap();
@@ -281,7 +283,7 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
 
 #[test]
 fn rename_plain_noreplace_exchange() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::write(p.join("a"), b"A").unwrap();
     fs::write(p.join("b"), b"B").unwrap();
@@ -323,7 +325,7 @@ fn rename_plain_noreplace_exchange() {
 
 #[test]
 fn open_file_survives_rename_and_unlink() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     let mut f = OpenOptions::new()
         .read(true)
@@ -345,7 +347,7 @@ fn open_file_survives_rename_and_unlink() {
 
 #[test]
 fn chmod_chown_and_times_with_nanoseconds() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("f");
     fs::write(&p, b"").unwrap();
     fs::set_permissions(&p, fs::Permissions::from_mode(0o4751)).unwrap();
@@ -403,7 +405,7 @@ fn chmod_chown_and_times_with_nanoseconds() {
 
 #[test]
 fn permissions_follow_the_host_rules() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::create_dir(p.join("open")).unwrap();
     fs::set_permissions(p.join("open"), fs::Permissions::from_mode(0o777)).unwrap();
@@ -477,7 +479,7 @@ fn permissions_follow_the_host_rules() {
 
 #[test]
 fn xattrs() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("f");
     fs::write(&p, b"").unwrap();
     let (cp, name) = (c(&p), CString::new("user.agentfs.test").unwrap());
@@ -558,7 +560,7 @@ fn xattrs() {
 
 #[test]
 fn mmap_shared_write_reaches_host() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("mapped");
     let f = OpenOptions::new()
         .read(true)
@@ -593,7 +595,7 @@ fn mmap_shared_write_reaches_host() {
 
 #[test]
 fn fallocate_punch_hole_and_seek_data() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("f");
     let f = OpenOptions::new()
         .read(true)
@@ -623,7 +625,7 @@ fn fallocate_punch_hole_and_seek_data() {
 
 #[test]
 fn copy_file_range_between_files() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let src: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
     fs::write(m.path().join("src"), &src).unwrap();
     let a = File::open(m.path().join("src")).unwrap();
@@ -658,7 +660,7 @@ fn copy_file_range_between_files() {
 
 #[test]
 fn fcntl_and_flock_locks_conflict_between_processes() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path().join("lockfile");
     fs::write(&p, b"").unwrap();
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
@@ -709,7 +711,7 @@ fn fcntl_and_flock_locks_conflict_between_processes() {
 
 #[test]
 fn device_nodes_and_sockets() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     nix::sys::stat::mknod(
         &p.join("null"),
@@ -734,7 +736,7 @@ fn device_nodes_and_sockets() {
 
 #[test]
 fn statfs_reports_the_host() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let a = nix::sys::statvfs::statvfs(m.path()).unwrap();
     let b = nix::sys::statvfs::statvfs(m.source()).unwrap();
     assert_eq!(a.blocks(), b.blocks());
@@ -743,7 +745,7 @@ fn statfs_reports_the_host() {
 
 #[test]
 fn fsync_and_fdatasync_succeed() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let mut f = File::create(m.path().join("f")).unwrap();
     f.write_all(b"durable").unwrap();
     f.sync_all().unwrap();
@@ -753,7 +755,7 @@ fn fsync_and_fdatasync_succeed() {
 
 #[test]
 fn sqlite_basic_transaction() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let db = m.path().join("t.db");
     let out = std::process::Command::new("sqlite3")
         .arg(&db)
@@ -770,7 +772,7 @@ fn sqlite_basic_transaction() {
 
 #[test]
 fn umask_applies_to_new_files() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let out = common::run_as(
         0,
         0,
@@ -791,7 +793,7 @@ fn umask_applies_to_new_files() {
 
 #[test]
 fn posix_acls_are_enforced_and_inherited() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::write(p.join("private"), b"acl").unwrap();
     fs::set_permissions(p.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -845,7 +847,7 @@ fn posix_acls_are_enforced_and_inherited() {
 
 #[test]
 fn o_tmpfile_is_reported_unsupported() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let cp = c(m.path());
     // SAFETY: valid path; the fd is closed if the call ever succeeds.
     let fd = unsafe { libc::open(cp.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
@@ -863,7 +865,7 @@ fn o_tmpfile_is_reported_unsupported() {
 
 #[test]
 fn xattrs_of_a_symlink_stay_on_the_symlink() {
-    let m = Mount::new();
+    let m = Mount::sandboxed();
     let p = m.path();
     fs::write(p.join("target"), b"t").unwrap();
     std::os::unix::fs::symlink("target", p.join("link")).unwrap();

@@ -33,6 +33,12 @@ impl Mount {
         Mount::builder().start()
     }
 
+    /// Mounts a fresh, empty source as the supervisor does: the worker
+    /// sandboxed ([`MountBuilder::supervised`]).
+    pub fn sandboxed() -> Mount {
+        Mount::builder().supervised().start()
+    }
+
     /// Starts describing a mount; see [`MountBuilder`].
     pub fn builder() -> MountBuilder {
         MountBuilder::default()
