@@ -171,19 +171,17 @@ fn open_source(path: &Path) -> Result<File, StartupError> {
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| StartupError::Source(path.to_owned(), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| StartupError::Source(path.to_owned(), e))?;
-    if !meta.is_dir() {
-        return Err(StartupError::SourceNotDir(path.to_owned()));
-    }
-    Ok(file)
+    source_dir(file, path)
 }
 
 /// Takes ownership of descriptor `n`, checking that it is a directory.
 fn given_source_fd(n: i32, path: &Path) -> Result<File, StartupError> {
     let fd = owned_fd(n).map_err(|why| StartupError::SourceFd(n, why))?;
-    let file = File::from(fd);
+    source_dir(File::from(fd), path)
+}
+
+/// `file` if it is a directory; `path` names the source in errors.
+fn source_dir(file: File, path: &Path) -> Result<File, StartupError> {
     let meta = file
         .metadata()
         .map_err(|e| StartupError::Source(path.to_owned(), e))?;
