@@ -14,9 +14,9 @@ fi
 # (objdump, strip). System test (tests/system/run.sh): systemd (the
 # container's init, systemctl, systemd-analyze), systemd-container
 # (systemd-nspawn), dbus (the container's system bus, dbus-send), procps
-# (pgrep).
+# (pgrep), polkitd (the org.agentfs.* polkit actions; pkaction).
 apt_pkgs=(fuse3 sqlite3 attr acl util-linux python3 ca-certificates
-          binutils systemd systemd-container dbus procps)
+          binutils systemd systemd-container dbus procps polkitd)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -82,6 +82,20 @@ pub struct FileHandle(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DirHandle(pub u64);
 
+/// How far a process bound to a branch reaches (config `strict_isolation`,
+/// specs/semantics.md "Isolation").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// A bound process sees its branch at the mount root; a node it reached
+    /// some other way (a descriptor opened before binding or passed to it,
+    /// `.agentfs/`) is served like anyone's.
+    #[default]
+    Routed,
+    /// A bound process may act only on its own branch's nodes: `.agentfs/`,
+    /// main's nodes and other branches' nodes answer EACCES.
+    Strict,
+}
+
 /// Who made a request: new files belong to them.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -308,6 +322,7 @@ pub struct FsCore {
     /// The open layered views by view number.
     views: RwLock<HashMap<u32, OpenView>>,
     bindings: Arc<Bindings>,
+    isolation: Isolation,
     started: SystemTime,
 }
 
@@ -364,6 +379,7 @@ impl FsCore {
             store,
             views: RwLock::default(),
             bindings,
+            isolation: Isolation::default(),
             started: SystemTime::now(),
         };
         core.open_layers()?;
@@ -570,20 +586,46 @@ impl FsCore {
         }
     }
 
+    /// Serves bound processes with `isolation` from now on.
+    pub fn with_isolation(mut self, isolation: Isolation) -> FsCore {
+        self.isolation = isolation;
+        self
+    }
+
     /// The node where a request from thread `pid` on `node` goes: the mount
     /// root is the root of the caller's branch; every other node is itself.
-    pub fn route(&self, node: NodeId, pid: u32) -> NodeId {
-        if node != NodeId::ROOT || pid == 0 {
-            return node;
+    /// Under [`Isolation::Strict`], EACCES if a bound caller names a node
+    /// outside its branch. pid 0 (the kernel's own write-back and FORGET) is
+    /// nobody's and goes everywhere.
+    pub fn route(&self, node: NodeId, pid: u32) -> io::Result<NodeId> {
+        if pid == 0 || (node != NodeId::ROOT && self.isolation == Isolation::Routed) {
+            return Ok(node);
         }
-        match self.bindings.resolve(pid) {
-            Some(b) => self
-                .views
-                .read()
-                .unwrap()
-                .get(&b.0)
-                .map_or(node, |v| v.root),
-            None => node,
+        let Some(branch) = self.bindings.resolve(pid) else {
+            return Ok(node);
+        };
+        if node == NodeId::ROOT {
+            let views = self.views.read().unwrap();
+            return Ok(views.get(&branch.0).map_or(node, |v| v.root));
+        }
+        let view = match self.nodes.lock().unwrap().by_id.get(&node.0) {
+            Some(n) => match n.key {
+                NodeKey::Layer(view, _) => Some(view),
+                _ => None,
+            },
+            // Forgotten: let the request fail as it would for anyone.
+            None => return Ok(node),
+        };
+        if view == Some(branch.0) {
+            Ok(node)
+        } else {
+            tracing::info!(
+                pid,
+                branch = branch.0,
+                node = node.0,
+                "strict isolation: refused a node outside the caller's branch"
+            );
+            Err(errno(libc::EACCES))
         }
     }
 

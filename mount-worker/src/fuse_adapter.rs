@@ -47,8 +47,11 @@ impl Adapter {
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of
-    /// the caller's branch (contract 2.4); every other node is itself.
-    fn at(&self, req: &Request, ino: INodeNo) -> NodeId {
+    /// the caller's branch (contract 2.4); every other node is itself, or
+    /// EACCES under strict isolation if it is not the caller's. Every
+    /// request that names a node passes here, except those that only let
+    /// go of one (forget, flush, release).
+    fn at(&self, req: &Request, ino: INodeNo) -> io::Result<NodeId> {
         self.core.route(node(ino), req.pid())
     }
 
@@ -206,7 +209,17 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, parent, self.core.lookup(self.at(req, parent), name));
+        let r = self.at(req, parent).and_then(|p| self.core.lookup(p, name));
+        // Under strict isolation a name can lead out of the branch
+        // (`.agentfs` in its root): refuse the node found, not just its use.
+        let r = r.and_then(|e| match self.core.route(e.node, req.pid()) {
+            Ok(_) => Ok(e),
+            Err(refused) => {
+                self.core.forget(e.node, 1);
+                Err(refused)
+            }
+        });
+        reply_entry(reply, parent, r);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -220,8 +233,7 @@ impl Filesystem for Adapter {
         _fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
-        let at = self.at(req, ino);
-        match self.core.getattr(at) {
+        match self.at(req, ino).and_then(|at| self.core.getattr(at)) {
             Ok(st) => reply.attr(&self.attr_ttl(node(ino)), &attr(node(ino), &st)),
             Err(e) => reply.error(err(e)),
         }
@@ -253,17 +265,18 @@ impl Filesystem for Adapter {
             atime: atime.map(time),
             mtime: mtime.map(time),
         };
+        let fh = fh.map(|f| FileHandle(f.0));
         match self
-            .core
-            .setattr(self.at(req, ino), fh.map(|f| FileHandle(f.0)), change)
+            .at(req, ino)
+            .and_then(|at| self.core.setattr(at, fh, change))
         {
             Ok(st) => reply.attr(&self.attr_ttl(node(ino)), &attr(node(ino), &st)),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.core.readlink(node(ino)) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.at(req, ino).and_then(|at| self.core.readlink(at)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
         }
@@ -280,8 +293,8 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let r = self
-            .core
-            .mknod(self.at(req, parent), name, mode, rdev, caller(req, umask));
+            .at(req, parent)
+            .and_then(|p| self.core.mknod(p, name, mode, rdev, caller(req, umask)));
         reply_entry(reply, parent, r);
     }
 
@@ -295,17 +308,23 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let r = self
-            .core
-            .mkdir(self.at(req, parent), name, mode, caller(req, umask));
+            .at(req, parent)
+            .and_then(|p| self.core.mkdir(p, name, mode, caller(req, umask)));
         reply_entry(reply, parent, r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.unlink(self.at(req, parent), name));
+        reply_empty(
+            reply,
+            self.at(req, parent).and_then(|p| self.core.unlink(p, name)),
+        );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.rmdir(self.at(req, parent), name));
+        reply_empty(
+            reply,
+            self.at(req, parent).and_then(|p| self.core.rmdir(p, name)),
+        );
     }
 
     fn symlink(
@@ -316,12 +335,10 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.core.symlink(
-            self.at(req, parent),
-            link_name,
-            target.as_os_str(),
-            caller(req, 0),
-        );
+        let r = self.at(req, parent).and_then(|p| {
+            self.core
+                .symlink(p, link_name, target.as_os_str(), caller(req, 0))
+        });
         reply_entry(reply, parent, r);
     }
 
@@ -335,13 +352,10 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.core.rename(
-            self.at(req, parent),
-            name,
-            self.at(req, newparent),
-            newname,
-            flags.bits(),
-        );
+        let r = self.at(req, parent).and_then(|p| {
+            let np = self.at(req, newparent)?;
+            self.core.rename(p, name, np, newname, flags.bits())
+        });
         reply_empty(reply, r);
     }
 
@@ -353,12 +367,15 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.core.link(node(ino), self.at(req, newparent), newname);
+        let r = self.at(req, ino).and_then(|n| {
+            let np = self.at(req, newparent)?;
+            self.core.link(n, np, newname)
+        });
         reply_entry(reply, newparent, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(node(ino), flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.at(req, ino).and_then(|n| self.core.open(n, flags.0)) {
             Ok(fh) => reply.opened(fuser::FileHandle(fh.0), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
         }
@@ -375,8 +392,8 @@ impl Filesystem for Adapter {
         reply: ReplyCreate,
     ) {
         match self
-            .core
-            .create(self.at(req, parent), name, mode, flags, caller(req, umask))
+            .at(req, parent)
+            .and_then(|p| self.core.create(p, name, mode, flags, caller(req, umask)))
         {
             Ok((e, fh)) => reply.created(
                 &entry_ttl(parent, &e),
@@ -391,8 +408,8 @@ impl Filesystem for Adapter {
 
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
         size: u32,
@@ -400,7 +417,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(FileHandle(fh.0), offset, size) {
+        let r = self
+            .at(req, ino)
+            .and_then(|_| self.core.read(FileHandle(fh.0), offset, size));
+        match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(err(e)),
         }
@@ -408,7 +428,7 @@ impl Filesystem for Adapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
@@ -418,7 +438,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(node(ino), FileHandle(fh.0), offset, data) {
+        let r = self
+            .at(req, ino)
+            .and_then(|n| self.core.write(n, FileHandle(fh.0), offset, data));
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
         }
@@ -453,17 +476,20 @@ impl Filesystem for Adapter {
 
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.fsync(FileHandle(fh.0), datasync));
+        let r = self
+            .at(req, ino)
+            .and_then(|_| self.core.fsync(FileHandle(fh.0), datasync));
+        reply_empty(reply, r);
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(self.at(req, ino)) {
+        match self.at(req, ino).and_then(|n| self.core.opendir(n)) {
             Ok(dh) => reply.opened(fuser::FileHandle(dh.0), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
         }
@@ -471,12 +497,15 @@ impl Filesystem for Adapter {
 
     fn readdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if let Err(e) = self.at(req, ino) {
+            return reply.error(err(e));
+        }
         let r = self.core.readdir(DirHandle(fh.0), offset, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -505,13 +534,16 @@ impl Filesystem for Adapter {
 
     fn fsyncdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.core.fsyncdir(DirHandle(fh.0), datasync));
+        let r = self
+            .at(req, ino)
+            .and_then(|_| self.core.fsyncdir(DirHandle(fh.0), datasync));
+        reply_empty(reply, r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -542,25 +574,37 @@ impl Filesystem for Adapter {
     ) {
         reply_empty(
             reply,
-            self.core.setxattr(self.at(req, ino), name, value, flags),
+            self.at(req, ino)
+                .and_then(|n| self.core.setxattr(n, name, value, flags)),
         );
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.getxattr(self.at(req, ino), name, size));
+        reply_xattr(
+            reply,
+            self.at(req, ino)
+                .and_then(|n| self.core.getxattr(n, name, size)),
+        );
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, self.core.listxattr(self.at(req, ino), size));
+        reply_xattr(
+            reply,
+            self.at(req, ino).and_then(|n| self.core.listxattr(n, size)),
+        );
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.core.removexattr(self.at(req, ino), name));
+        reply_empty(
+            reply,
+            self.at(req, ino)
+                .and_then(|n| self.core.removexattr(n, name)),
+        );
     }
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
@@ -568,23 +612,26 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
+        let r = self.at(req, ino).and_then(|n| {
             self.core
-                .fallocate(node(ino), FileHandle(fh.0), offset, length, mode),
-        );
+                .fallocate(n, FileHandle(fh.0), offset, length, mode)
+        });
+        reply_empty(reply, r);
     }
 
     fn lseek(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.core.lseek(FileHandle(fh.0), offset, whence) {
+        let r = self
+            .at(req, ino)
+            .and_then(|_| self.core.lseek(FileHandle(fh.0), offset, whence));
+        match r {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(err(e)),
         }
@@ -592,8 +639,8 @@ impl Filesystem for Adapter {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino_in: INodeNo,
+        req: &Request,
+        ino_in: INodeNo,
         fh_in: fuser::FileHandle,
         offset_in: u64,
         ino_out: INodeNo,
@@ -603,14 +650,18 @@ impl Filesystem for Adapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.core.copy_file_range(
-            FileHandle(fh_in.0),
-            offset_in,
-            node(ino_out),
-            FileHandle(fh_out.0),
-            offset_out,
-            len,
-        ) {
+        let r = self.at(req, ino_in).and_then(|_| {
+            let out = self.at(req, ino_out)?;
+            self.core.copy_file_range(
+                FileHandle(fh_in.0),
+                offset_in,
+                out,
+                FileHandle(fh_out.0),
+                offset_out,
+                len,
+            )
+        });
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
         }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agentfs_mount_worker::core::Isolation;
 use agentfs_mount_worker::fuse_adapter::Tuning;
 use agentfs_mount_worker::worker::{self, Options};
 use clap::Parser;
@@ -48,6 +49,11 @@ struct Cli {
     /// Largest write request, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     max_write: u32,
+    /// Let a process bound to a branch act only on that branch's files:
+    /// `.agentfs/`, main and other branches answer EACCES to it, even
+    /// through descriptors it got elsewhere.
+    #[arg(long)]
+    strict_isolation: bool,
     /// Do not confine the worker (capabilities, no_new_privs, Landlock,
     /// seccomp) when it serves --fuse-fd; for debugging only.
     #[arg(long)]
@@ -73,6 +79,11 @@ fn main() -> ExitCode {
         threads: cli.threads,
         tuning: Tuning {
             max_write: cli.max_write,
+        },
+        isolation: if cli.strict_isolation {
+            Isolation::Strict
+        } else {
+            Isolation::Routed
         },
         sandbox: !cli.no_sandbox,
         test_fault_hook: cli.test_fault_hook,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::{Config, Session, SessionACL};
 
 use crate::control;
-use crate::core::FsCore;
+use crate::core::{FsCore, Isolation};
 use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
 use crate::mount;
@@ -38,6 +38,8 @@ pub struct Options {
     pub threads: usize,
     /// Kernel tuning.
     pub tuning: Tuning,
+    /// How far processes bound to a branch reach.
+    pub isolation: Isolation,
     /// Confine the worker ([`crate::sandbox`]) when it serves a given
     /// descriptor. A worker that mounts by itself must unmount by itself,
     /// so it keeps its privileges.
@@ -104,7 +106,8 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         (None, _) => tracing::debug!("not sandboxed: this worker mounts, so it must unmount"),
     }
     let core = FsCore::new(source.as_fd(), state.path(), fork_events)
-        .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?;
+        .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?
+        .with_isolation(opts.isolation);
     let core = Arc::new(core);
     drop(source);
     // The caller's umask is applied per creating thread (hostfs::with_umask);
@@ -150,6 +153,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         source = %opts.source.display(),
         mountpoint = %mountpoint.display(),
         threads = opts.threads,
+        isolation = ?opts.isolation,
         "serving"
     );
     spawn_signal_handler(mountpoint.clone(), guard.dev)

@@ -1377,3 +1377,133 @@ fn hard_links_from_below_stay_one_file() {
     assert_eq!(md(&m.source().join("a")).nlink(), 3);
     common::check_state(m.state_dir());
 }
+
+/// Opens descriptors into main and into branch b and a working directory
+/// in main, says "ready" and waits for a line on stdin (it is bound
+/// meanwhile), then tries
+/// each way out of its branch and prints what each gave: the data read,
+/// "ok", or the errno's name.
+const REACH: &str = r#"
+import errno, json, os, sys
+mnt = sys.argv[1]
+main_dir = os.open(mnt + "/d", os.O_RDONLY | os.O_DIRECTORY)
+b_dir = os.open(mnt + "/.agentfs/branches/b/d", os.O_RDONLY | os.O_DIRECTORY)
+main_file = os.open(mnt + "/d/f", os.O_RDWR)
+os.chdir(mnt + "/d")
+print("ready", flush=True)
+sys.stdin.readline()
+def attempt(f):
+    try:
+        r = f()
+        return "ok" if r is None or isinstance(r, int) else r
+    except OSError as e:
+        return errno.errorcode[e.errno]
+def read_at(dir_fd, name):
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        return os.read(fd, 100).decode()
+    finally:
+        os.close(fd)
+def write_own():
+    with open(mnt + "/d/new", "w") as f:
+        f.write("mine")
+    return open(mnt + "/d/new").read()
+print(json.dumps({
+    "main by descriptor": attempt(lambda: read_at(main_dir, "f")),
+    "main listed by descriptor": attempt(lambda: sorted(os.listdir(main_dir))),
+    "main written by descriptor": attempt(lambda: os.pwrite(main_file, b"X", 0)),
+    "main from cwd": attempt(lambda: sorted(os.listdir("."))),
+    "b by descriptor": attempt(lambda: read_at(b_dir, "f")),
+    ".agentfs": attempt(lambda: sorted(os.listdir(mnt + "/.agentfs"))),
+    "b by path": attempt(lambda: open(mnt + "/.agentfs/branches/b/d/f").read()),
+    "own": attempt(lambda: open(mnt + "/d/f").read()),
+    "own written": attempt(write_own),
+}), flush=True)
+"#;
+
+/// Runs [`REACH`] bound to branch a of a mount with main, a and b, each
+/// with its own `d/f`; returns what it saw. Under strict isolation it also
+/// checks that main and b are unchanged.
+fn reach_out_of_branch(strict: bool) -> Value {
+    let mut builder = Mount::builder().populate(|src| {
+        fs::create_dir(src.join("d")).unwrap();
+        fs::write(src.join("d/f"), "main").unwrap();
+    });
+    if strict {
+        builder = builder.arg("--strict-isolation");
+    }
+    let m = builder.start();
+    snapshot(&m, None, "base");
+    for name in ["a", "b"] {
+        branch(&m, "base", name);
+        fs::write(branch_dir(&m, name).join("d/f"), name).unwrap();
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", REACH])
+        .arg(m.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "the reaching process did not start");
+    bind_pid(&m, "a", child.id());
+    common::release(&mut child);
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the reaching process failed"
+    );
+    let seen: Value = serde_json::from_str(&line).unwrap();
+    if strict {
+        assert_eq!(fs::read_to_string(m.path().join("d/f")).unwrap(), "main");
+        assert_eq!(
+            fs::read_to_string(branch_dir(&m, "b").join("d/f")).unwrap(),
+            "b"
+        );
+    }
+    seen
+}
+
+#[test]
+fn strict_isolation_confines_a_bound_process_to_its_branch() {
+    let seen = reach_out_of_branch(true);
+    assert_eq!(
+        seen,
+        json!({
+            "main by descriptor": "EACCES",
+            "main listed by descriptor": "EACCES",
+            "main written by descriptor": "EACCES",
+            "main from cwd": "EACCES",
+            "b by descriptor": "EACCES",
+            ".agentfs": "EACCES",
+            "b by path": "EACCES",
+            "own": "a",
+            "own written": "mine",
+        })
+    );
+}
+
+/// The same process without strict isolation: what it opened before the
+/// bind still reaches main and b, so the refusals above are strict mode's.
+#[test]
+fn strict_isolation_off_old_descriptors_still_reach_out() {
+    let seen = reach_out_of_branch(false);
+    assert_eq!(
+        seen,
+        json!({
+            "main by descriptor": "main",
+            "main listed by descriptor": ["f"],
+            "main written by descriptor": "ok",
+            "main from cwd": ["f"],
+            "b by descriptor": "b",
+            ".agentfs": ["branches", "snapshots"],
+            "b by path": "b",
+            "own": "a",
+            "own written": "mine",
+        })
+    );
+}

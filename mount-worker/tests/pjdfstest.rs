@@ -76,14 +76,14 @@ fn pjdfstest_main(builder: common::MountBuilder, label: &str) {
 /// so the results must be those of main.
 #[test]
 fn pjdfstest_branch_view() {
-    pjdfstest_in_a_branch(false, false);
+    pjdfstest_in_a_branch(false, Worker::Standalone);
 }
 
 /// The same in a sandboxed worker (copy-up, whiteouts, FICLONE, pre-images
 /// all under the allow-list).
 #[test]
 fn pjdfstest_branch_view_sandboxed() {
-    pjdfstest_in_a_branch(false, true);
+    pjdfstest_in_a_branch(false, Worker::Sandboxed);
 }
 
 /// The whole suite run by a process bound to a branch, at a path under the
@@ -91,24 +91,42 @@ fn pjdfstest_branch_view_sandboxed() {
 /// children it forks make must reach the branch, with main's results.
 #[test]
 fn pjdfstest_bound_to_a_branch() {
-    pjdfstest_in_a_branch(true, false);
+    pjdfstest_in_a_branch(true, Worker::Standalone);
 }
 
 /// The same in a sandboxed worker (binding reads /proc under Landlock).
 #[test]
 fn pjdfstest_bound_to_a_branch_sandboxed() {
-    pjdfstest_in_a_branch(true, true);
+    pjdfstest_in_a_branch(true, Worker::Sandboxed);
+}
+
+/// The same bound and with strict isolation, which checks every request
+/// of the bound process against its branch: none of pjdfstest's may be
+/// refused.
+#[test]
+fn pjdfstest_bound_to_a_branch_strict() {
+    pjdfstest_in_a_branch(true, Worker::SandboxedStrict);
+}
+
+/// How the worker of a pjdfstest run serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Worker {
+    Standalone,
+    /// As under the supervisor.
+    Sandboxed,
+    /// As under the supervisor with `strict_isolation = true`.
+    SandboxedStrict,
 }
 
 /// Runs the suite in `w/` of a new branch, by its path or, if `bound`,
 /// as a process bound to the branch at `<mountpoint>/w`; main and the
-/// source must stay empty. `sandboxed`: served as under the supervisor.
-fn pjdfstest_in_a_branch(bound: bool, sandboxed: bool) {
+/// source must stay empty.
+fn pjdfstest_in_a_branch(bound: bool, worker: Worker) {
     let builder = common::Mount::builder();
-    let mut m = if sandboxed {
-        builder.supervised().start()
-    } else {
-        builder.start()
+    let mut m = match worker {
+        Worker::Standalone => builder.start(),
+        Worker::Sandboxed => builder.supervised().start(),
+        Worker::SandboxedStrict => builder.supervised().arg("--strict-isolation").start(),
     };
     common::snapshot(&m, None, "base");
     // Short names: socket tests bind(2) names under the directory, and
@@ -126,10 +144,10 @@ fn pjdfstest_in_a_branch(bound: bool, sandboxed: bool) {
     } else {
         (&by_path, "branch-view", None)
     };
-    let label = if sandboxed {
-        format!("{label}-sandboxed")
-    } else {
-        label.to_owned()
+    let label = match worker {
+        Worker::Standalone => label.to_owned(),
+        Worker::Sandboxed => format!("{label}-sandboxed"),
+        Worker::SandboxedStrict => format!("{label}-sandboxed-strict"),
     };
     let label = label.as_str();
     let summary = check_pjdfstest(dir, Path::new(EXPECTED_MAIN), label, bind);

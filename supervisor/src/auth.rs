@@ -1,13 +1,16 @@
 //! Who may do what (specs/dbus.md, Authorization): decided from the
 //! caller's credentials as the bus daemon reports them, never from
-//! arguments.
+//! arguments: root, then the mount's `[access]`, then polkit where it runs.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 use zbus::message::Header;
 use zbus::names::BusName;
+use zbus::zvariant::{OwnedValue, Value};
+use zbus_polkit::policykit1::{AuthorityProxy, Subject};
 
 use crate::bus::Error;
 use crate::config::Access;
@@ -19,12 +22,22 @@ pub struct Caller {
     pub uid: u32,
     /// Its groups (primary and supplementary), when the bus reports them.
     pub gids: Vec<u32>,
+    /// Its unique bus name: what polkit is asked about.
+    pub bus_name: Option<String>,
 }
 
 impl Caller {
     /// Whether the caller is root.
     pub fn is_root(&self) -> bool {
         self.uid == 0
+    }
+
+    /// `alice (uid 1000)`, or `uid 1000` if the user has no name.
+    pub fn describe(&self) -> String {
+        match nix::unistd::User::from_uid(self.uid.into()) {
+            Ok(Some(u)) => format!("{} (uid {})", u.name, self.uid),
+            _ => format!("uid {}", self.uid),
+        }
     }
 }
 
@@ -53,7 +66,108 @@ pub async fn caller(conn: &zbus::Connection, hdr: &Header<'_>) -> Result<Caller,
             }
         }
     }
-    Ok(Caller { uid, gids })
+    Ok(Caller {
+        uid,
+        gids,
+        bus_name: Some(sender.to_string()),
+    })
+}
+
+/// What a caller asks to do with a mount: each is a polkit action
+/// (packaging/org.agentfs.policy; `manage` implies `bind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start and stop it, create and delete snapshots and branches.
+    Manage,
+    /// Bind and unbind one's own processes and cgroups; list snapshots,
+    /// branches and bindings.
+    Bind,
+}
+
+impl Action {
+    /// The polkit action id.
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Manage => "org.agentfs.manage",
+            Action::Bind => "org.agentfs.bind",
+        }
+    }
+}
+
+/// Refuses unless `caller` may do `action` to mount `name`, whose
+/// `[access]` is `access` (`None`: its config is invalid, root only).
+/// Root may everything; others if `[access]` lists them or, where polkit
+/// runs, if it grants the action for the mount (detail `mount`).
+pub async fn require(
+    conn: &zbus::Connection,
+    caller: &Caller,
+    name: &str,
+    access: Option<&Access>,
+    action: Action,
+) -> Result<(), Error> {
+    let Some(access) = access else {
+        return require_root(
+            caller,
+            &format!("use mount {name}, whose config is invalid"),
+        );
+    };
+    if may_control(caller, access) || polkit_grants(conn, caller, name, action).await {
+        return Ok(());
+    }
+    Err(Error::AccessDenied(format!(
+        "user {} may not use mount {name} for this (it needs {}); ask an administrator to add the user or one of its groups to [access] in the mount's config, or to grant {} for mount {name} by a polkit rule",
+        caller.describe(),
+        action.id(),
+        action.id()
+    )))
+}
+
+/// Whether polkit authorizes `caller` for `action` on mount `name`,
+/// without asking the user (the supervisor has no one to ask). No polkit
+/// on the bus (a session bus, a system without it) grants nothing.
+async fn polkit_grants(
+    conn: &zbus::Connection,
+    caller: &Caller,
+    name: &str,
+    action: Action,
+) -> bool {
+    let Some(bus_name) = &caller.bus_name else {
+        return false;
+    };
+    let subject_name = match OwnedValue::try_from(Value::from(bus_name.as_str())) {
+        Ok(v) => v,
+        Err(_) => return false,
+    };
+    let subject = Subject {
+        subject_kind: "system-bus-name".into(),
+        subject_details: HashMap::from([("name".to_owned(), subject_name)]),
+    };
+    let details = HashMap::from([("mount", name)]);
+    let answer = match AuthorityProxy::new(conn).await {
+        Ok(polkit) => {
+            polkit
+                .check_authorization(&subject, action.id(), &details, Default::default(), "")
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(r) => r.is_authorized,
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
+                || name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner" =>
+        {
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                action = action.id(),
+                mount = name,
+                "polkit did not answer: {e}; granting nothing"
+            );
+            false
+        }
+    }
 }
 
 /// Whether `caller` may control a mount with `access` (root always may).
@@ -79,18 +193,6 @@ pub fn may_control(caller: &Caller, access: &Access) -> bool {
         gid.is_some_and(|gid| caller.gids.contains(&gid))
     });
     user_ok || group_ok
-}
-
-/// Refuses unless `caller` may control mount `name`.
-pub fn require_control(caller: &Caller, name: &str, access: &Access) -> Result<(), Error> {
-    if may_control(caller, access) {
-        Ok(())
-    } else {
-        Err(Error::AccessDenied(format!(
-            "user {} may not control mount {name}; ask an administrator to add the user or one of its groups to [access] in the mount's config",
-            caller.uid
-        )))
-    }
 }
 
 /// Refuses unless `caller` is root.
@@ -219,13 +321,15 @@ mod tests {
         let nobody = Caller {
             uid: 65534,
             gids: vec![65534],
+            bus_name: None,
         };
         let none = Access::default();
         assert!(!may_control(&nobody, &none));
         assert!(may_control(
             &Caller {
                 uid: 0,
-                gids: vec![]
+                gids: vec![],
+                bus_name: None,
             },
             &none
         ));

@@ -14,7 +14,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::{Connection, interface};
 
-use crate::auth;
+use crate::auth::{self, Action};
 use crate::config::MountConfig;
 use crate::mounts::Mount;
 use crate::service::Registry;
@@ -99,11 +99,8 @@ impl Manager {
     ) -> Result<OwnedObjectPath, Error> {
         let caller = auth::caller(conn, &hdr).await?;
         let mount = self.mount_for(&name, conn).await?;
-        let cfg = mount.info().config;
-        match &cfg {
-            Ok(c) => auth::require_control(&caller, &name, &c.access)?,
-            Err(_) => auth::require_root(&caller, "start a mount whose config is invalid")?,
-        }
+        let access = mount.info().config.ok().map(|c| c.access);
+        auth::require(conn, &caller, &name, access.as_ref(), Action::Manage).await?;
         self.registry
             .start(&mount)
             .await
@@ -123,10 +120,8 @@ impl Manager {
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
         let mount = self.mount_for(&name, conn).await?;
-        match &mount.info().config {
-            Ok(c) => auth::require_control(&caller, &name, &c.access)?,
-            Err(_) => auth::require_root(&caller, "stop a mount whose config is invalid")?,
-        }
+        let access = mount.info().config.ok().map(|c| c.access);
+        auth::require(conn, &caller, &name, access.as_ref(), Action::Manage).await?;
         mount.stop().await;
         Ok(())
     }
@@ -231,18 +226,27 @@ impl MountObject {
         self.mount.current_config()
     }
 
-    /// Checks the caller and that the mount runs; returns its config.
-    async fn authorize(&self, conn: &Connection, hdr: &Header<'_>) -> Result<MountConfig, Error> {
+    /// Checks that the caller may do `action` and that the mount runs;
+    /// returns its config.
+    async fn authorize(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        action: Action,
+    ) -> Result<MountConfig, Error> {
         let caller = auth::caller(conn, hdr).await?;
-        self.authorize_caller(&caller)
+        self.authorize_caller(conn, &caller, action).await
     }
 
-    fn authorize_caller(&self, caller: &auth::Caller) -> Result<MountConfig, Error> {
+    async fn authorize_caller(
+        &self,
+        conn: &Connection,
+        caller: &auth::Caller,
+        action: Action,
+    ) -> Result<MountConfig, Error> {
         let name = &self.mount.name;
-        match self.mount.info().config {
-            Ok(c) => auth::require_control(caller, name, &c.access)?,
-            Err(_) => auth::require_root(caller, "use a mount whose config is invalid")?,
-        }
+        let access = self.mount.info().config.ok().map(|c| c.access);
+        auth::require(conn, caller, name, access.as_ref(), action).await?;
         self.mount.running_config().ok_or_else(|| {
             Error::NotRunning(format!(
                 "mount {name} is {}; start it first (agentfsctl mount-start {name}, or systemctl start agentfs@{name})",
@@ -294,7 +298,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Manage).await?;
         let branch = given(branch).filter(|b| b != "main");
         let snap: Snapshot = self
             .call_as(
@@ -315,7 +319,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String, String, u64)>, Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Bind).await?;
         let snaps: Vec<Snapshot> = self.call_as(&cfg, Request::SnapshotList {}).await?;
         let names = self.branch_names(&cfg).await?;
         Ok(snaps
@@ -337,7 +341,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Manage).await?;
         self.call(&cfg, Request::SnapshotDelete { snapshot })
             .await?;
         Ok(())
@@ -351,7 +355,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Manage).await?;
         let b: Branch = self
             .call_as(
                 &cfg,
@@ -371,7 +375,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String, String)>, Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Bind).await?;
         let branches: Vec<Branch> = self.call_as(&cfg, Request::BranchList {}).await?;
         Ok(branches
             .into_iter()
@@ -387,7 +391,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Manage).await?;
         self.call(&cfg, Request::BranchDelete { branch, force })
             .await?;
         Ok(())
@@ -402,7 +406,7 @@ impl MountObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
-        let cfg = self.authorize_caller(&caller)?;
+        let cfg = self.authorize_caller(conn, &caller, Action::Bind).await?;
         let held = auth::require_owns_pid(&caller, pid)?;
         self.call(
             &cfg,
@@ -435,7 +439,7 @@ impl MountObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
-        let cfg = self.authorize_caller(&caller)?;
+        let cfg = self.authorize_caller(conn, &caller, Action::Bind).await?;
         auth::require_owns_cgroup(&caller, &path)?;
         self.call(
             &cfg,
@@ -456,7 +460,7 @@ impl MountObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
-        let cfg = self.authorize_caller(&caller)?;
+        let cfg = self.authorize_caller(conn, &caller, Action::Bind).await?;
         if !caller.is_root() {
             // Unbinding a process that is gone is housekeeping anyone
             // granted the mount may do; a live one must be the caller's.
@@ -481,7 +485,7 @@ impl MountObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
-        let cfg = self.authorize_caller(&caller)?;
+        let cfg = self.authorize_caller(conn, &caller, Action::Bind).await?;
         auth::require_owns_cgroup(&caller, &path)?;
         self.call(&cfg, Request::UnbindCgroup { cgroup: path })
             .await?;
@@ -494,7 +498,7 @@ impl MountObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String, String)>, Error> {
-        let cfg = self.authorize(conn, &hdr).await?;
+        let cfg = self.authorize(conn, &hdr, Action::Bind).await?;
         let bindings: Vec<Binding> = self.call_as(&cfg, Request::BindingList {}).await?;
         let names = self.branch_names(&cfg).await?;
         Ok(bindings

@@ -27,6 +27,8 @@ pub struct MountConfig {
     pub state_dir: PathBuf,
     /// Other users may use the mount.
     pub allow_other: bool,
+    /// Bound processes may act only on their own branch's files.
+    pub strict_isolation: bool,
     /// Who besides root may control it.
     pub access: Access,
     /// FUSE tuning.
@@ -116,6 +118,8 @@ struct RawConfig {
     state_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     allow_other: bool,
+    #[serde(default)]
+    strict_isolation: bool,
     #[serde(default)]
     access: Access,
     #[serde(default)]
@@ -310,6 +314,7 @@ pub fn parse(
         mountpoint_line,
         state_dir,
         allow_other: raw.allow_other,
+        strict_isolation: raw.strict_isolation,
         access: raw.access,
         fuse,
         restart,

@@ -69,6 +69,9 @@ pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<Worker, Strin
     if cfg.allow_other {
         cmd.arg("--allow-other");
     }
+    if cfg.strict_isolation {
+        cmd.arg("--strict-isolation");
+    }
     let (src_raw, fuse_raw) = (source.as_raw_fd(), fuse.as_raw_fd());
     // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
     unsafe {

@@ -619,7 +619,7 @@ fn users_may_do_only_what_the_config_grants() {
     // Reading is open; controlling needs a grant.
     ok(&call(&["ListMounts"]));
     let e = fails_with(&call(&["StartMount", "s", "private"]), "AccessDenied");
-    assert!(e.contains("may not control mount private"), "{e}");
+    assert!(e.contains("may not use mount private"), "{e}");
     ok(&call(&["StartMount", "s", "granted"]));
     ok(&s.manager("StartMount", "s", &["private"]));
     let e = fails_with(

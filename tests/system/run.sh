@@ -401,6 +401,70 @@ expect_fail "bob (not in [access]) may not bind even his own shell" "org\.agentf
   /org/agentfs/mount/agent1 org.agentfs.Mount1.BindPid string:try-a uint32:"$pid_o"
 expect "bob may still list the mounts" '"agent1"' \
   "${as_bob[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 ListMounts
+denied="org\.agentfs\.Error\.AccessDenied|may not use mount" # dbus-send shows the name, busctl the message
+mount1=(/org/agentfs/mount/agent1 org.agentfs.Mount1)
+expect_fail "bob may not stop agent1" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StopMount s agent1
+expect_fail "bob may not delete agent1's branch try-b" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" DeleteBranch sb try-b true
+expect_fail "bob may not snapshot agent1" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" CreateSnapshot ss "" bobs
+expect_fail "bob may not unbind shell a" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" UnbindPid u "$pid_a"
+expect "... and all of that changed nothing: agent1 runs, try-b and shell a's binding are there" "" \
+  sh -c "systemctl is-active agentfs@agent1 && agentfsctl --mount agent1 branch-list | grep -q try-b &&
+    agentfsctl --mount agent1 binding-list | grep -q $pid_a && ! ls /srv/agent1/.agentfs/snapshots | grep -q bobs"
+expect "a second mount agent2 (stopped, strict_isolation), granted to alice" "" sh -c '
+  mkdir -p /srv/agent2 && chown alice: /srv/agent2 &&
+  printf "%s\n" "source = \"/srv/agent2\"" "allow_other = true" "strict_isolation = true" "[access]" "users = [\"alice\"]" \
+    >/etc/agentfs/mounts/agent2.toml && agentfsctl reload'
+expect_fail "bob may not start agent2" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StartMount s agent2
+expect "... it stays stopped" '"agent2" "stopped"' \
+  busctl call org.agentfs /org/agentfs org.agentfs.Manager1 ListMounts
+expect "alice may start agent2 over D-Bus" "" \
+  "${as_alice[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StartMount s agent2
+expect "alice may snapshot and branch agent2" "" \
+  "${as_alice[@]}" sh -c 'agentfsctl --mount agent2 snapshot-create --name s &&
+    agentfsctl --mount agent2 branch-create --snapshot s --name x'
+expect "alice's unbound process may list /srv/agent2/.agentfs" "branches" \
+  "${as_alice[@]}" ls /srv/agent2/.agentfs
+expect_fail "strict isolation: her process bound to x may not" "Permission denied" \
+  "${as_alice[@]}" agentfsctl --mount agent2 exec --branch x -- ls /srv/agent2/.agentfs
+expect "... while it may write in x" "^x$" \
+  "${as_alice[@]}" agentfsctl --mount agent2 exec --branch x -- sh -c 'echo x >/srv/agent2/f && cat /srv/agent2/f'
+expect "alice may delete agent2's branch x" "" \
+  "${as_alice[@]}" agentfsctl --mount agent2 branch-delete x
+expect_fail "bob may not stop agent2" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StopMount s agent2
+expect "alice may stop agent2" "" \
+  "${as_alice[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StopMount s agent2
+expect "... and nothing is left mounted at /srv/agent2" "" sh -c '! findmnt --mountpoint /srv/agent2'
+
+# polkit grants what [access] does not (specs/dbus.md, Authorization).
+expect "the package installs the polkit actions org.agentfs.manage and org.agentfs.bind" "" \
+  sh -c 'pkaction --action-id org.agentfs.manage && pkaction --action-id org.agentfs.bind'
+expect "a polkit rule grants bob org.agentfs.bind on agent1 only" "" sh -c '
+  cat >/etc/polkit-1/rules.d/50-agentfs-test.rules <<EOF
+polkit.addRule(function(action, subject) {
+    if (action.id == "org.agentfs.bind" && action.lookup("mount") == "agent1" &&
+        subject.user == "bob")
+        return polkit.Result.YES;
+});
+EOF
+  systemctl try-reload-or-restart polkit.service'
+until_ok 10 "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" BindPid su try-b "$pid_o"
+record $? "bob may now bind his own shell to agent1's try-b (polkit)" BindPid try-b "$pid_o"
+shell_sees "bob's shell sees try-b" bob 'cat /srv/agent1/f' b
+expect_fail "bob may still not bind alice's shell (not his process)" "$denied|belongs to" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" BindPid su try-b "$pid_l"
+expect_fail "bob may still not delete branches (org.agentfs.manage is not granted)" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" DeleteBranch sb try-b true
+expect_fail "bob may still not start agent2 (the rule names agent1)" "$denied" \
+  "${as_bob[@]}" busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StartMount s agent2
+expect "bob unbinds his shell" "" \
+  "${as_bob[@]}" busctl call org.agentfs "${mount1[@]}" UnbindPid u "$pid_o"
+c rm -f /etc/polkit-1/rules.d/50-agentfs-test.rules /etc/agentfs/mounts/agent2.toml
 
 # --- Bad configs --------------------------------------------------------------
 c sh -c '
