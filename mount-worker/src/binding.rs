@@ -90,6 +90,9 @@ struct Cached {
 const CACHE_MAX: usize = 65536;
 /// How far up the parent chain a caller is followed.
 const MAX_DEPTH: usize = 128;
+/// The start time [`Bindings::on_fork`] records for a child that exited
+/// before its fork event was read: no live process has it.
+const UNKNOWN_START: u64 = u64::MAX;
 
 /// What `/proc/PID/stat` says about a process.
 struct ProcStat {
@@ -462,21 +465,32 @@ impl Bindings {
             if !bound(parent) {
                 return;
             }
-            let Some(p) = proc_stat(parent) else { return };
-            let Some(c) = proc_stat(child) else { return };
+            // Either may be gone by the time the event is read (a shell
+            // that starts `cmd &` and exits at once). A dead parent is
+            // taken by pid alone: its record is that process, whose exit
+            // came after this fork. A dead child is recorded with
+            // UNKNOWN_START, which no live process has, so that only its
+            // own forks (read next) inherit through it.
+            let p_start = proc_stat(parent).map(|p| p.start);
+            let c_start = proc_stat(child).map_or(UNKNOWN_START, |c| c.start);
             let direct = st.list.iter().find_map(|b| match b.subject {
                 Subject::Pid {
                     pid, start, since, ..
-                } if pid == parent && start == p.start => Some((b.branch, (pid, start), since)),
+                } if pid == parent && p_start.is_none_or(|s| s == start) => {
+                    Some((b.branch, (pid, start), since))
+                }
                 _ => None,
             });
             let via = direct.or_else(|| {
-                let i = st.inherited.get(&(parent, p.start))?;
+                let i = match p_start {
+                    Some(s) => st.inherited.get(&(parent, s))?,
+                    None => st.inherited.iter().find(|(k, _)| k.0 == parent)?.1,
+                };
                 Some((i.branch, i.from, 0))
             });
             match via {
-                Some((branch, from, since)) if c.start >= since => {
-                    Some(((child, c.start), Inherited { branch, from }))
+                Some((branch, from, since)) if c_start >= since => {
+                    Some(((child, c_start), Inherited { branch, from }))
                 }
                 _ => None,
             }
