@@ -71,8 +71,19 @@ impl Mount {
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("worker running");
         if self.supervised {
-            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
-                .expect("unmount the supervised mount");
+            // EBUSY can be passing: another test of this process forking
+            // (to spawn a command) copies every descriptor it has open,
+            // ours on this mount too, until its exec closes them.
+            let mut tries = 0;
+            while let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
+            {
+                tries += 1;
+                assert!(
+                    e == nix::errno::Errno::EBUSY && tries < 100,
+                    "unmount the supervised mount: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         } else {
             signal(child.id(), libc::SIGTERM);
         }
