@@ -48,6 +48,37 @@ pub struct Options {
     pub test_fault_hook: bool,
 }
 
+/// The descriptor limit the worker asks for: one descriptor stays open for
+/// every inode the kernel has looked up and not yet forgotten (the kernel
+/// forgets only under memory pressure), so a tree of N files read or
+/// extracted through the mount holds about N descriptors. As virtiofsd
+/// does, raise the limit to this much before dropping CAP_SYS_RESOURCE.
+const WANTED_FDS: u64 = 1_000_000;
+
+/// Raises RLIMIT_NOFILE towards [`WANTED_FDS`] (bounded by fs.nr_open): the
+/// hard limit too if the worker may, else the soft limit to the hard one.
+/// Returns the limit now and the one wanted. Never fails start-up: a low
+/// limit only shows later, as EMFILE (and in a warning once serving).
+fn raise_fd_limit() -> (u64, u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (0, WANTED_FDS);
+    };
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(hard);
+    let wanted = WANTED_FDS.min(nr_open);
+    let limit = if wanted > hard && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        wanted
+    } else if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    (limit, wanted)
+}
+
 /// Who unmounts at the end: the worker when it mounted itself; nobody when
 /// it serves a descriptor it was given (the supervisor owns that mount).
 enum Ownership {
@@ -57,6 +88,8 @@ enum Ownership {
 
 /// Runs the worker until the mount goes away or a signal stops it.
 pub fn run(opts: &Options) -> Result<(), StartupError> {
+    // Before the sandbox drops CAP_SYS_RESOURCE.
+    let (open_files, wanted_fds) = raise_fd_limit();
     let mountpoint = mount::absolute(&opts.mountpoint)
         .map_err(|e| StartupError::Mountpoint(opts.mountpoint.clone(), e))?;
     if opts.fuse_fd.is_none() {
@@ -154,8 +187,15 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         mountpoint = %mountpoint.display(),
         threads = opts.threads,
         isolation = ?opts.isolation,
+        open_files,
         "serving"
     );
+    if open_files < wanted_fds {
+        tracing::warn!(
+            "open-file limit {open_files} (wanted {wanted_fds}): past that many inodes in the \
+             kernel's cache, lookups fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)"
+        );
+    }
     spawn_signal_handler(mountpoint.clone(), guard.dev)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     let result = session.run();
