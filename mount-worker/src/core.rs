@@ -21,7 +21,7 @@
 //! id, or belongs to another file system mounted inside the source). Each
 //! registration of an id gets a fresh generation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
-use crate::hostfs::{self, Stat, XattrReply};
+use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
 use crate::proc_events::ForkEvents;
@@ -257,12 +257,8 @@ impl OpenFile {
 
 /// What a change holds until it is done, so that no snapshot falls inside.
 enum ChangeGuard<'a> {
-    Main {
-        _held: RwLockReadGuard<'a, Option<u64>>,
-    },
-    Layer {
-        _held: RwLockReadGuard<'a, Layers>,
-    },
+    Main { _held: RwLockReadGuard<'a, Latest> },
+    Layer { _held: RwLockReadGuard<'a, Layers> },
 }
 
 /// A host inode to change: borrowed from a main node, or a branch's copy.
@@ -314,16 +310,57 @@ pub struct FsCore {
     state: PathBuf,
     catalog: Mutex<Catalog>,
     store: PreImageStore,
-    /// Epoch of the newest snapshot of main (None: no snapshot, nothing to
-    /// preserve). Every change to main holds this for reading from its
-    /// preservation to its end; taking a snapshot holds it for writing, so
-    /// a snapshot never falls between a change's check and the change.
-    latest: RwLock<Option<u64>>,
+    /// The newest snapshot of main and what main created since. Every
+    /// change to main holds this for reading from its preservation to its
+    /// end; taking or deleting a snapshot holds it for writing (and
+    /// replaces it), so a snapshot never falls between a change's check and
+    /// the change.
+    latest: RwLock<Latest>,
     /// The open layered views by view number.
     views: RwLock<HashMap<u32, OpenView>>,
     bindings: Arc<Bindings>,
     isolation: Isolation,
     started: SystemTime,
+}
+
+/// What changes to main must preserve, as of the newest snapshot of main.
+struct Latest {
+    /// That snapshot's epoch, the tag of the pre-images made now (None: no
+    /// snapshot, nothing to preserve).
+    tag: Option<u64>,
+    /// Inodes main created since that snapshot. No snapshot can show them
+    /// (their directory's pre-image predates them), so changing them needs
+    /// no pre-image: without this, every file written after a snapshot
+    /// would be copied with fsyncs on its first change, again when it is
+    /// removed. Lost on restart, which only costs those copies again.
+    born: Mutex<HashSet<HostHandle>>,
+}
+
+/// How many created inodes [`Latest::born`] remembers: a bound on its
+/// memory (about 50 MiB); past it new inodes are preserved like old ones.
+const MAX_BORN: usize = 1 << 20;
+
+impl Latest {
+    fn new(tag: Option<u64>) -> Latest {
+        Latest {
+            tag,
+            born: Mutex::default(),
+        }
+    }
+
+    /// Records that main just created the inode at `fd`.
+    fn created(&self, fd: BorrowedFd<'_>) {
+        if self.tag.is_none() {
+            return;
+        }
+        // No handle (a source that has none): preserved as any other.
+        if let Ok(h) = hostfs::handle_of(fd) {
+            let mut born = self.born.lock().unwrap();
+            if born.len() < MAX_BORN {
+                born.insert(h);
+            }
+        }
+    }
 }
 
 fn errno(e: i32) -> io::Error {
@@ -374,7 +411,7 @@ impl FsCore {
             dirs: RwLock::default(),
             next_handle: AtomicU64::new(1),
             state: state.to_owned(),
-            latest: RwLock::new(catalog.latest_epoch()),
+            latest: RwLock::new(Latest::new(catalog.latest_epoch())),
             catalog: Mutex::new(catalog),
             store,
             views: RwLock::default(),
@@ -853,14 +890,14 @@ impl FsCore {
 
     /// Stores pre-images of the inodes behind `fds` if a snapshot of main
     /// needs them, and returns the guard to hold until the change is done.
-    fn before_change(
-        &self,
-        fds: &[BorrowedFd<'_>],
-    ) -> io::Result<RwLockReadGuard<'_, Option<u64>>> {
+    fn before_change(&self, fds: &[BorrowedFd<'_>]) -> io::Result<RwLockReadGuard<'_, Latest>> {
         let latest = self.latest.read().unwrap();
-        if let Some(tag) = *latest {
+        if let Some(tag) = latest.tag {
             for fd in fds {
-                self.store.preserve(*fd, tag)?;
+                let h = hostfs::handle_of(*fd)?;
+                if !latest.born.lock().unwrap().contains(&h) {
+                    self.store.preserve(*fd, &h, tag)?;
+                }
             }
         }
         Ok(latest)
@@ -1021,9 +1058,10 @@ impl FsCore {
             _ => {
                 let dir = obj.main_fd()?;
                 let name = hostfs::component(name)?;
-                let _change = self.before_change(&[dir])?;
+                let change = self.before_change(&[dir])?;
                 make(dir, &name)?;
                 let fd = hostfs::open_node(dir, &name)?;
+                change.created(fd.as_fd());
                 self.give_to_caller(&fd, dir, caller, mode)?;
                 self.register_main(fd)
             }
@@ -1300,10 +1338,22 @@ impl FsCore {
         let dir = obj.main_fd()?;
         let flags =
             host_open_flags(flags) | (flags & libc::O_EXCL) | libc::O_CREAT | libc::O_NOFOLLOW;
-        let _change = self.before_change(&[dir])?;
-        let file: File =
-            hostfs::with_umask(caller.umask, || hostfs::open_at(dir, &cname, flags, mode))?.into();
+        let change = self.before_change(&[dir])?;
+        let open =
+            |flags| hostfs::with_umask(caller.umask, || hostfs::open_at(dir, &cname, flags, mode));
+        // Exclusively first, to know whether the file is new (the name can
+        // exist if the source changed behind the kernel's back).
+        let (file, new) = match open(flags | libc::O_EXCL) {
+            Ok(f) => (File::from(f), true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                (File::from(open(flags)?), false)
+            }
+            Err(e) => return Err(e),
+        };
         let fd = hostfs::path_fd_of(file.as_fd())?;
+        if new {
+            change.created(fd.as_fd());
+        }
         self.give_to_caller(&fd, dir, caller, Some(mode))?;
         let entry = self.register_main(fd)?;
         Ok((entry, self.add_file(OpenFile::Main(file))))
@@ -1645,7 +1695,7 @@ impl FsCore {
         let snap = next.add(name);
         next.save(&self.state).map_err(|e| catalog_error(&e))?;
         *catalog = next;
-        *latest = Some(snap.epoch);
+        *latest = Latest::new(Some(snap.epoch));
         tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, "snapshot of main created");
         Ok(snap)
     }
@@ -1723,7 +1773,7 @@ impl FsCore {
             .copied()
             .collect();
         *catalog = next;
-        *latest = catalog.latest_epoch();
+        *latest = Latest::new(catalog.latest_epoch());
         self.close_view(number);
         // The record is gone first, so a crash from here on leaves only
         // garbage, which the next start (or deletion) removes.

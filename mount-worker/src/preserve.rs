@@ -219,16 +219,16 @@ impl PreImageStore {
         Ok(Some(PreImage { dir, meta }))
     }
 
-    /// Stores the current state of the inode behind `node` tagged `tag`,
+    /// Stores the current state of the inode behind `node` (whose handle
+    /// is `h`) tagged `tag`,
     /// unless a pre-image with a tag >= `tag` exists already. Durable (fsync)
     /// before it returns, so the change that follows can never outrun it.
-    pub fn preserve(&self, node: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
-        let h = hostfs::handle_of(node)?;
-        if self.tags_of(&h)?.last().is_some_and(|&t| t >= tag) {
+    pub fn preserve(&self, node: BorrowedFd<'_>, h: &HostHandle, tag: u64) -> io::Result<()> {
+        if self.tags_of(h)?.last().is_some_and(|&t| t >= tag) {
             return Ok(());
         }
         let _w = self.writing.lock().unwrap();
-        if self.tags_of(&h)?.last().is_some_and(|&t| t >= tag) {
+        if self.tags_of(h)?.last().is_some_and(|&t| t >= tag) {
             return Ok(());
         }
         let st = hostfs::stat(node)?;
@@ -245,7 +245,7 @@ impl PreImageStore {
         fs::rename(&tmp, hdir.join(tag.to_string()))?;
         {
             let mut tags = self.tags.lock().unwrap();
-            let t = tags.entry(h).or_default();
+            let t = tags.entry(h.clone()).or_default();
             t.push(tag);
             t.sort_unstable();
         }

@@ -439,3 +439,51 @@ fn the_control_directory_name_cannot_be_changed_in_the_root() {
     fs::write(p.join("sub/.agentfs"), b"ordinary").unwrap();
     fs::remove_file(p.join("sub/.agentfs")).unwrap();
 }
+
+#[test]
+fn what_main_makes_after_the_newest_snapshot_is_not_copied_for_it() {
+    let m = Mount::builder().populate(populate).start();
+    let p = m.path();
+    create(&m, "s1");
+    let populated = tree(&snap(&m, "s1"));
+    let preserved = m.state_dir().join("preserved");
+    let count = || fs::read_dir(&preserved).unwrap().count();
+    // The root's first change stores the root's pre-image, and that is all:
+    // nothing made after s1 can show in it, whatever happens to it.
+    fs::create_dir(p.join("new")).unwrap();
+    let root_only = count();
+    assert_eq!(root_only, 1);
+    for i in 0..50 {
+        let f = p.join(format!("new/f{i}"));
+        fs::write(&f, vec![b'x'; 100_000]).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b"+")
+            .unwrap();
+        fs::rename(&f, p.join(format!("new/g{i}"))).unwrap();
+    }
+    for i in 0..25 {
+        fs::remove_file(p.join(format!("new/g{i}"))).unwrap();
+    }
+    fs::write(p.join("fresh"), b"v1").unwrap();
+    std::os::unix::fs::symlink("fresh", p.join("fresh-link")).unwrap();
+    assert_eq!(count(), root_only, "no pre-image of anything made after s1");
+    assert_eq!(tree(&snap(&m, "s1")), populated);
+
+    // After the next snapshot they are old: their changes are preserved.
+    create(&m, "s2");
+    fs::write(p.join("fresh"), b"v2").unwrap();
+    fs::write(p.join("new/g30"), b"changed").unwrap();
+    fs::remove_file(p.join("new/g40")).unwrap();
+    assert!(count() > root_only);
+    assert_eq!(fs::read(snap(&m, "s2").join("fresh")).unwrap(), b"v1");
+    let mut g30 = vec![b'x'; 100_000];
+    g30.push(b'+');
+    assert_eq!(fs::read(snap(&m, "s2").join("new/g30")).unwrap(), g30);
+    assert_eq!(fs::read(snap(&m, "s2").join("new/g40")).unwrap(), g30);
+    assert!(!snap(&m, "s1").join("new").exists());
+    assert!(!snap(&m, "s1").join("fresh").exists());
+}
