@@ -27,6 +27,14 @@ use crate::hostfs::{Stat, XattrReply};
 /// source behind the mount's back.
 const TTL: Duration = Duration::from_secs(1);
 
+/// How regular files are opened: keeping the kernel's page cache across
+/// opens. A node is one object for good (never re-pointed to another
+/// branch's file), every change through the mount updates or invalidates
+/// that cache itself, and FUSE_AUTO_INVAL_DATA (see `init`) drops it when
+/// the attributes show a change made to the source behind the mount's back.
+/// Without it every open dropped the file's cached pages.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 /// Kernel-facing tuning of a mount.
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -205,6 +213,11 @@ impl Filesystem for Adapter {
         if let Err(missing) = config.add_capabilities(acl) {
             tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are not enforced");
         }
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
+            tracing::warn!(
+                "kernel lacks {missing:?}: cached file pages outlive changes made to the source behind the mount"
+            );
+        }
         Ok(())
     }
 
@@ -376,7 +389,7 @@ impl Filesystem for Adapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.at(req, ino).and_then(|n| self.core.open(n, flags.0)) {
-            Ok(fh) => reply.opened(fuser::FileHandle(fh.0), FopenFlags::empty()),
+            Ok(fh) => reply.opened(fuser::FileHandle(fh.0), OPEN_FLAGS),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -400,7 +413,7 @@ impl Filesystem for Adapter {
                 &attr(e.node, &e.stat),
                 Generation(e.generation),
                 fuser::FileHandle(fh.0),
-                FopenFlags::empty(),
+                OPEN_FLAGS,
             ),
             Err(e) => reply.error(err(e)),
         }

@@ -62,6 +62,34 @@ fn read_write_and_source_in_place() {
     assert_eq!(fs::read(m.source().join("big")).unwrap(), big);
 }
 
+/// File pages stay cached across opens (FOPEN_KEEP_CACHE), but a change
+/// made to the source behind the mount, even of the same size, shows once
+/// the attributes expire (1 s): FUSE_AUTO_INVAL_DATA drops the stale pages.
+#[test]
+fn cached_pages_give_way_to_a_change_behind_the_mount() {
+    let m = Mount::builder()
+        .populate(|s| fs::write(s.join("f"), vec![b'a'; 64 * 1024]).unwrap())
+        .start();
+    let f = m.path().join("f");
+    assert_eq!(fs::read(&f).unwrap(), vec![b'a'; 64 * 1024]);
+    let kept = fs::File::open(&f).unwrap();
+    // Behind the mount: same size, another mtime.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(m.source().join("f"), vec![b'b'; 64 * 1024]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(fs::read(&f).unwrap(), vec![b'b'; 64 * 1024]);
+    let mut again = Vec::new();
+    std::io::Read::read_to_end(&mut &kept, &mut again).unwrap();
+    assert_eq!(
+        again,
+        vec![b'b'; 64 * 1024],
+        "also through a descriptor opened before"
+    );
+    // And through the mount, at once.
+    fs::write(&f, b"through").unwrap();
+    assert_eq!(fs::read(&f).unwrap(), b"through");
+}
+
 #[test]
 fn append_and_truncate() {
     let m = Mount::sandboxed();
