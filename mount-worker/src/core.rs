@@ -853,18 +853,26 @@ impl FsCore {
         Ok(e)
     }
 
-    /// The kernel dropped `n` lookups of `node`.
-    pub fn forget(&self, node: NodeId, n: u64) {
+    /// The kernel dropped `n` lookups of `node`; true if that was the last
+    /// (the node and its host descriptor are gone).
+    pub fn forget(&self, node: NodeId, n: u64) -> bool {
         let mut t = self.nodes.lock().unwrap();
         let Some(entry) = t.by_id.get_mut(&node.0) else {
-            return;
+            return false;
         };
         entry.lookups = entry.lookups.saturating_sub(n);
-        if entry.lookups == 0 {
-            let key = entry.key.clone();
-            t.by_id.remove(&node.0);
-            t.by_key.remove(&key);
+        if entry.lookups > 0 {
+            return false;
         }
+        let key = entry.key.clone();
+        t.by_id.remove(&node.0);
+        t.by_key.remove(&key);
+        true
+    }
+
+    /// How many nodes the kernel knows (each holds a host descriptor).
+    pub fn node_count(&self) -> usize {
+        self.nodes.lock().unwrap().by_id.len()
     }
 
     /// Attributes of a node.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, Time};
 use crate::hostfs::{Stat, XattrReply};
+use crate::trim::Trimmer;
 
 /// How long the kernel may cache names and attributes. Every change to the
 /// served tree goes through this mount, and FUSE invalidates what each
@@ -46,12 +47,29 @@ pub struct Tuning {
 pub struct Adapter {
     core: Arc<FsCore>,
     tuning: Tuning,
+    trim: Arc<Trimmer>,
 }
 
 impl Adapter {
-    /// Serves `core` with the given kernel tuning.
-    pub fn new(core: Arc<FsCore>, tuning: Tuning) -> Adapter {
-        Adapter { core, tuning }
+    /// Serves `core` with the given kernel tuning, telling `trim` the
+    /// names the kernel learns.
+    pub fn new(core: Arc<FsCore>, tuning: Tuning, trim: Arc<Trimmer>) -> Adapter {
+        Adapter { core, tuning, trim }
+    }
+
+    /// Replies with a new name's entry, which the trimmer learns unless it
+    /// is a directory's.
+    fn entry(&self, reply: ReplyEntry, parent: INodeNo, name: &OsStr, r: io::Result<Entry>) {
+        if let Ok(e) = &r {
+            self.learn(parent, name, e);
+        }
+        reply_entry(reply, parent, r);
+    }
+
+    fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) {
+        if e.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            self.trim.named(e.node.0, parent.0, name);
+        }
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of
@@ -232,11 +250,13 @@ impl Filesystem for Adapter {
                 Err(refused)
             }
         });
-        reply_entry(reply, parent, r);
+        self.entry(reply, parent, name, r);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.forget(node(ino), nlookup);
+        if self.core.forget(node(ino), nlookup) {
+            self.trim.forgotten(ino.0);
+        }
     }
 
     fn getattr(
@@ -308,7 +328,7 @@ impl Filesystem for Adapter {
         let r = self
             .at(req, parent)
             .and_then(|p| self.core.mknod(p, name, mode, rdev, caller(req, umask)));
-        reply_entry(reply, parent, r);
+        self.entry(reply, parent, name, r);
     }
 
     fn mkdir(
@@ -327,10 +347,11 @@ impl Filesystem for Adapter {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.at(req, parent).and_then(|p| self.core.unlink(p, name)),
-        );
+        let r = self.at(req, parent).and_then(|p| self.core.unlink(p, name));
+        if r.is_ok() {
+            self.trim.removed(parent.0, name);
+        }
+        reply_empty(reply, r);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -352,7 +373,7 @@ impl Filesystem for Adapter {
             self.core
                 .symlink(p, link_name, target.as_os_str(), caller(req, 0))
         });
-        reply_entry(reply, parent, r);
+        self.entry(reply, parent, link_name, r);
     }
 
     fn rename(
@@ -369,6 +390,11 @@ impl Filesystem for Adapter {
             let np = self.at(req, newparent)?;
             self.core.rename(p, name, np, newname, flags.bits())
         });
+        if r.is_ok() {
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            self.trim
+                .renamed(parent.0, name, newparent.0, newname, exchange);
+        }
         reply_empty(reply, r);
     }
 
@@ -384,7 +410,7 @@ impl Filesystem for Adapter {
             let np = self.at(req, newparent)?;
             self.core.link(n, np, newname)
         });
-        reply_entry(reply, newparent, r);
+        self.entry(reply, newparent, newname, r);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -408,13 +434,16 @@ impl Filesystem for Adapter {
             .at(req, parent)
             .and_then(|p| self.core.create(p, name, mode, flags, caller(req, umask)))
         {
-            Ok((e, fh)) => reply.created(
-                &entry_ttl(parent, &e),
-                &attr(e.node, &e.stat),
-                Generation(e.generation),
-                fuser::FileHandle(fh.0),
-                OPEN_FLAGS,
-            ),
+            Ok((e, fh)) => {
+                self.learn(parent, name, &e);
+                reply.created(
+                    &entry_ttl(parent, &e),
+                    &attr(e.node, &e.stat),
+                    Generation(e.generation),
+                    fuser::FileHandle(fh.0),
+                    OPEN_FLAGS,
+                )
+            }
             Err(e) => reply.error(err(e)),
         }
     }

@@ -23,4 +23,5 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod snapview;
 pub mod state;
+pub mod trim;
 pub mod worker;

@@ -17,6 +17,7 @@ use crate::mount;
 use crate::proc_events::ForkEvents;
 use crate::sandbox;
 use crate::state::StateDir;
+use crate::trim::Trimmer;
 
 /// What one worker serves and how.
 #[derive(Clone, Debug)]
@@ -180,8 +181,15 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     };
     let _control = control::serve(state.path(), handler)
         .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
-    let session = Session::from_fd(Adapter::new(core, opts.tuning.clone()), fd, acl, config)
+    let trim = Arc::new(Trimmer::new(open_files));
+    let adapter = Adapter::new(core.clone(), opts.tuning.clone(), trim.clone());
+    let session = Session::from_fd(adapter, fd, acl, config)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let core = Arc::downgrade(&core);
+    trim.start(session.notifier(), move || {
+        core.upgrade().map_or(0, |c| c.node_count())
+    })
+    .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(
         source = %opts.source.display(),
         mountpoint = %mountpoint.display(),

@@ -156,6 +156,7 @@ pub struct MountBuilder {
     over_source: bool,
     supervised: bool,
     state_tmpfs_size: Option<String>,
+    open_files: Option<u64>,
     args: Vec<String>,
     populate: Option<Populate>,
 }
@@ -179,6 +180,13 @@ impl MountBuilder {
     /// Puts the state directory on a tmpfs of `size` (e.g. "1m"), to fill it.
     pub fn state_on_tmpfs(mut self, size: &str) -> Self {
         self.state_tmpfs_size = Some(size.to_owned());
+        self
+    }
+
+    /// Starts the worker with this open-file limit, which it cannot raise
+    /// (no CAP_SYS_RESOURCE). Not with [`MountBuilder::supervised`].
+    pub fn open_file_limit(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -232,7 +240,12 @@ impl MountBuilder {
         let child = if self.supervised {
             spawn_supervised_worker(&source, &mountpoint, &state_dir, &args)
         } else {
-            spawn_worker(&source, &mountpoint, &state_dir, &args)
+            let mut cmd = Command::new(WORKER);
+            if let Some(n) = self.open_files {
+                limit_open_files(&mut cmd, n);
+            }
+            let child = start_worker(cmd, &source, &mountpoint, &state_dir, &args);
+            wait_mounted(child, &mountpoint)
         };
         Mount {
             dir,
@@ -293,6 +306,29 @@ fn spawn_supervised_worker(
     let child = wait_mounted(child, mountpoint);
     std::mem::forget(unmount);
     child
+}
+
+/// Makes `cmd` start with `n` open files at most, for good.
+fn limit_open_files(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    /// capability.h (not in the libc crate).
+    const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+    // SAFETY: only setrlimit(2) and prctl(2), async-signal-safe, between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0
+                || libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn spawn_worker(source: &Path, mountpoint: &Path, state_dir: &Path, extra: &[&str]) -> Child {

@@ -1,0 +1,216 @@
+//! Keeps the worker's open descriptors well under its limit.
+//!
+//! The worker holds a host descriptor for every node the kernel has looked
+//! up and not forgotten, and the kernel forgets a node only once it drops
+//! the node's dentries, which it does only under memory pressure: reading a
+//! tree of 20 000 files would otherwise hold 20 000 descriptors for as long
+//! as the machine has memory to spare, and past the open-file limit every
+//! lookup, creation and control connection fails with EMFILE.
+//!
+//! So the trimmer remembers the name under which the kernel knows each
+//! non-directory node, and when the nodes pass a high-water mark it asks
+//! the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until they are
+//! back under a low-water mark. An inode no process uses then goes, and
+//! the kernel's FORGET closes the worker's descriptor; one in use (an open
+//! file, a mapping) stays, and its next path lookup finds it again. It is
+//! what memory pressure would do, done for descriptors. Directories are
+//! never dropped this way: that would detach any mount below them.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fuser::{INodeNo, Notifier};
+
+/// How often the node count is checked.
+const PERIOD: Duration = Duration::from_millis(50);
+
+/// The names under which the kernel knows non-directory nodes.
+pub struct Trimmer {
+    names: Mutex<Names>,
+    /// Node count past which names are dropped.
+    high: usize,
+    /// Node count they are dropped down to.
+    low: usize,
+}
+
+/// Both directions of one relation: a node's latest name, and the node a
+/// name stands for.
+#[derive(Default)]
+struct Names {
+    by_node: HashMap<u64, (u64, OsString)>,
+    by_name: HashMap<(u64, OsString), u64>,
+}
+
+impl Names {
+    fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
+        let node = self.by_name.remove(&(parent, name.to_owned()))?;
+        self.by_node.remove(&node);
+        Some(node)
+    }
+
+    fn insert(&mut self, node: u64, parent: u64, name: OsString) {
+        if let Some(old) = self.by_node.remove(&node) {
+            self.by_name.remove(&old);
+        }
+        if let Some(other) = self.by_name.insert((parent, name.clone()), node) {
+            self.by_node.remove(&other);
+        }
+        self.by_node.insert(node, (parent, name));
+    }
+}
+
+impl Trimmer {
+    /// A trimmer for a worker that may hold `open_files` descriptors: it
+    /// keeps the nodes under a quarter of that (a branch's node can hold a
+    /// descriptor per layer, and open files and the control channel need
+    /// room too).
+    pub fn new(open_files: u64) -> Trimmer {
+        let high = usize::try_from(open_files / 4)
+            .unwrap_or(usize::MAX)
+            .max(64);
+        Trimmer {
+            names: Mutex::default(),
+            high,
+            low: high / 4 * 3,
+        }
+    }
+
+    /// The kernel now knows `node` (not a directory) as `name` in `parent`.
+    pub fn named(&self, node: u64, parent: u64, name: &OsStr) {
+        self.names
+            .lock()
+            .unwrap()
+            .insert(node, parent, name.to_owned());
+    }
+
+    /// `name` in `parent` was removed.
+    pub fn removed(&self, parent: u64, name: &OsStr) {
+        self.names.lock().unwrap().remove_name(parent, name);
+    }
+
+    /// `name` in `parent` was renamed to `newname` in `newparent`, or the
+    /// two were exchanged.
+    pub fn renamed(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        exchange: bool,
+    ) {
+        let mut names = self.names.lock().unwrap();
+        let moved = names.remove_name(parent, name);
+        let replaced = names.remove_name(newparent, newname);
+        if let Some(node) = moved {
+            names.insert(node, newparent, newname.to_owned());
+        }
+        if let (true, Some(node)) = (exchange, replaced) {
+            names.insert(node, parent, name.to_owned());
+        }
+    }
+
+    /// The kernel forgot `node`.
+    pub fn forgotten(&self, node: u64) {
+        let mut names = self.names.lock().unwrap();
+        if let Some(name) = names.by_node.remove(&node) {
+            names.by_name.remove(&name);
+        }
+    }
+
+    /// The names to drop when `nodes` are known to the kernel: taken out,
+    /// as the kernel will not know them by these names any more.
+    fn victims(&self, nodes: usize) -> Vec<(u64, OsString)> {
+        if nodes <= self.high {
+            return Vec::new();
+        }
+        let mut names = self.names.lock().unwrap();
+        let take: Vec<(u64, OsString)> = names
+            .by_name
+            .keys()
+            .take(nodes - self.low)
+            .cloned()
+            .collect();
+        for (parent, name) in &take {
+            names.remove_name(*parent, name);
+        }
+        take
+    }
+
+    /// Runs the trimmer on its own thread (never on a request's: the kernel
+    /// takes the parent directory's lock to drop a name, which a request
+    /// in flight may hold), reading the node count from `nodes`, until the
+    /// session's connection goes away.
+    pub fn start(
+        self: Arc<Self>,
+        notifier: Notifier,
+        nodes: impl Fn() -> usize + Send + 'static,
+    ) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("trim".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(PERIOD);
+                    let victims = self.victims(nodes());
+                    if victims.is_empty() {
+                        continue;
+                    }
+                    tracing::debug!(names = victims.len(), "dropping cached names");
+                    for (parent, name) in victims {
+                        match notifier.inval_entry(INodeNo(parent), &name) {
+                            Ok(()) => {}
+                            // Already gone from the kernel's cache.
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                            Err(e) => {
+                                tracing::debug!("trimmer stops: {e}");
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> &OsStr {
+        OsStr::new(s)
+    }
+
+    #[test]
+    fn names_follow_renames_exchanges_and_removals() {
+        let t = Trimmer::new(4000);
+        t.named(10, 1, n("a"));
+        t.named(11, 1, n("b"));
+        t.renamed(1, n("a"), 2, n("c"), false);
+        t.renamed(2, n("c"), 1, n("b"), true);
+        {
+            let names = t.names.lock().unwrap();
+            assert_eq!(names.by_node[&10], (1, n("b").to_owned()));
+            assert_eq!(names.by_node[&11], (2, n("c").to_owned()));
+        }
+        // A rename over a name: the node it stood for has no name now.
+        t.renamed(1, n("b"), 2, n("c"), false);
+        t.removed(2, n("c"));
+        t.forgotten(11);
+        let names = t.names.lock().unwrap();
+        assert!(names.by_node.is_empty() && names.by_name.is_empty());
+    }
+
+    #[test]
+    fn names_are_dropped_only_past_the_high_mark_and_down_to_the_low() {
+        let t = Trimmer::new(400); // high 100, low 75
+        for i in 0..150 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        assert!(t.victims(100).is_empty());
+        let v = t.victims(150);
+        assert_eq!(v.len(), 75);
+        assert_eq!(t.names.lock().unwrap().by_node.len(), 75);
+    }
+}
