@@ -36,6 +36,19 @@ const TTL: Duration = Duration::from_secs(1);
 /// Without it every open dropped the file's cached pages.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
+/// How a file is opened with `flags`: as [`OPEN_FLAGS`], and read-only
+/// opens without FLUSH on close. The worker's FLUSH does nothing (writes
+/// go through at once, locks are the kernel's), but the kernel writes an
+/// inode's dirty mapped pages back before sending it, so only descriptors
+/// that cannot have dirtied pages (read-only ones) skip that round trip.
+fn open_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_ACCMODE == libc::O_RDONLY {
+        OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH
+    } else {
+        OPEN_FLAGS
+    }
+}
+
 /// Kernel-facing tuning of a mount.
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -415,7 +428,7 @@ impl Filesystem for Adapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.at(req, ino).and_then(|n| self.core.open(n, flags.0)) {
-            Ok(fh) => reply.opened(fuser::FileHandle(fh.0), OPEN_FLAGS),
+            Ok(fh) => reply.opened(fuser::FileHandle(fh.0), open_flags(flags.0)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -441,7 +454,7 @@ impl Filesystem for Adapter {
                     &attr(e.node, &e.stat),
                     Generation(e.generation),
                     fuser::FileHandle(fh.0),
-                    OPEN_FLAGS,
+                    open_flags(flags),
                 )
             }
             Err(e) => reply.error(err(e)),
