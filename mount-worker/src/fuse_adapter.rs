@@ -54,6 +54,8 @@ fn open_flags(flags: i32) -> FopenFlags {
 pub struct Tuning {
     /// Largest WRITE request the kernel may send.
     pub max_write: u32,
+    /// Background requests the kernel may keep in flight (at least 1).
+    pub max_background: u16,
 }
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
@@ -236,6 +238,10 @@ impl Filesystem for Adapter {
             tracing::info!("kernel limits max_write to {max}");
             let _ = config.set_max_write(max);
         }
+        // Congestion at three quarters, as the kernel's own default.
+        let background = self.tuning.max_background.max(1);
+        let _ = config.set_max_background(background);
+        let _ = config.set_congestion_threshold((background / 4 * 3).max(1));
         // The kernel enforces POSIX ACLs (read through getxattr, cached) and,
         // with DONT_MASK, leaves the umask to us, so that the host applies a
         // directory's default ACL instead of the umask, as a local file

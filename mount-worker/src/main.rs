@@ -49,6 +49,11 @@ struct Cli {
     /// Largest write request, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     max_write: u32,
+    /// Most background requests (readahead, asynchronous reads and
+    /// writes) the kernel keeps in flight to the worker.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_background: u16,
     /// Let a process bound to a branch act only on that branch's files:
     /// `.agentfs/`, main and other branches answer EACCES to it, even
     /// through descriptors it got elsewhere.
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         threads: cli.threads,
         tuning: Tuning {
             max_write: cli.max_write,
+            max_background: cli.max_background,
         },
         isolation: if cli.strict_isolation {
             Isolation::Strict

@@ -405,3 +405,41 @@ fn refuses_a_descriptor_that_is_not_dev_fuse() {
     ]);
     assert_refused(&out, &["--fuse-fd 0", "/dev/fuse"]);
 }
+
+/// `--max-background` (config `fuse.max_background`) reaches the kernel:
+/// read back from the connection's directory in fusectl.
+#[test]
+fn max_background_reaches_the_kernel() {
+    let m = Mount::builder().arg("--max-background").arg("23").start();
+    let conns = Path::new("/sys/fs/fuse/connections");
+    // fusectl, mounted for the test if it is not (and unmounted after).
+    struct Fusectl(bool);
+    impl Drop for Fusectl {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = nix::mount::umount2(
+                    "/sys/fs/fuse/connections",
+                    nix::mount::MntFlags::MNT_DETACH,
+                );
+            }
+        }
+    }
+    let _fusectl = Fusectl(
+        !is_mounted(conns)
+            && nix::mount::mount(
+                Some("fusectl"),
+                conns,
+                Some("fusectl"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .is_ok(),
+    );
+    let dev = fs::metadata(m.path()).unwrap().dev();
+    let read = |f: &str| {
+        fs::read_to_string(conns.join(dev.to_string()).join(f))
+            .unwrap_or_else(|e| panic!("fusectl {f} of connection {dev}: {e}"))
+    };
+    assert_eq!(read("max_background").trim(), "23");
+    assert_eq!(read("congestion_threshold").trim(), "15");
+}

@@ -57,6 +57,7 @@ pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<Worker, Strin
         .arg(&cfg.state_dir)
         .args(["--threads", &cfg.fuse.threads.to_string()])
         .args(["--max-write", &cfg.fuse.max_write.to_string()])
+        .args(["--max-background", &cfg.fuse.max_background.to_string()])
         .stdin(Stdio::null())
         // systemd's notification socket is the supervisor's alone.
         .env_remove("NOTIFY_SOCKET")
