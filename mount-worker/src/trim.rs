@@ -63,11 +63,12 @@ impl Names {
 
 impl Trimmer {
     /// A trimmer for a worker that may hold `open_files` descriptors: it
-    /// keeps the nodes under a quarter of that (a branch's node can hold a
-    /// descriptor per layer, and open files and the control channel need
-    /// room too).
+    /// keeps the nodes under half of that (a file's node holds one, a
+    /// branch directory's one per layer it merges, and open files and the
+    /// control channel need room too). Dropping names costs lookups again,
+    /// so the mark is no lower than it must be.
     pub fn new(open_files: u64) -> Trimmer {
-        let high = usize::try_from(open_files / 4)
+        let high = usize::try_from(open_files / 2)
             .unwrap_or(usize::MAX)
             .max(64);
         Trimmer {
@@ -204,7 +205,7 @@ mod tests {
 
     #[test]
     fn names_are_dropped_only_past_the_high_mark_and_down_to_the_low() {
-        let t = Trimmer::new(400); // high 100, low 75
+        let t = Trimmer::new(200); // high 100, low 75
         for i in 0..150 {
             t.named(100 + i, 1, n(&format!("f{i}")));
         }
