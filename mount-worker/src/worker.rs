@@ -200,8 +200,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     );
     if open_files < wanted_fds {
         tracing::warn!(
-            "open-file limit {open_files} (wanted {wanted_fds}): past that many inodes in the \
-             kernel's cache, lookups fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)"
+            "open-file limit {open_files} (wanted {wanted_fds}): cached file names are dropped \
+             from {} nodes on, and more directories and open files than the limit fail with \
+             EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
+            open_files / 2
         );
     }
     spawn_signal_handler(mountpoint.clone(), guard.dev)
