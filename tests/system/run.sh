@@ -245,6 +245,12 @@ if ! mount -t overlay agentfs-system-root \
   echo "$pass passed, $fail failed"
   exit 1
 fi
+# The host may have AgentFS installed, configured and enabled (the README's
+# first command, scripts/demo.sh, does that): the container starts without
+# the host's mounts and unit links. Deleting in the overlay leaves the host
+# as it is.
+rm -f "$base/root"/etc/agentfs/mounts/*.toml
+find "$base/root/etc/systemd/system" -name 'agentfs*' -delete 2>/dev/null
 
 out=
 boot
