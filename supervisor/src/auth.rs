@@ -13,7 +13,8 @@ use zbus::zvariant::{OwnedValue, Value};
 use zbus_polkit::policykit1::{AuthorityProxy, Subject};
 
 use crate::bus::Error;
-use crate::config::Access;
+use crate::config::{Access, MountConfig};
+use crate::mounts::Mount;
 
 /// The process on the other end of a method call.
 #[derive(Clone, Debug)]
@@ -74,7 +75,7 @@ pub async fn caller(conn: &zbus::Connection, hdr: &Header<'_>) -> Result<Caller,
 }
 
 /// What a caller asks to do with a mount: each is a polkit action
-/// (packaging/org.agentfs.policy; `manage` implies `bind`).
+/// (systemd/org.agentfs.policy; `manage` implies `bind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Start and stop it, create and delete snapshots and branches.
@@ -94,18 +95,18 @@ impl Action {
     }
 }
 
-/// Refuses unless `caller` may do `action` to mount `name`, whose
-/// `[access]` is `access` (`None`: its config is invalid, root only).
-/// Root may everything; others if `[access]` lists them or, where polkit
-/// runs, if it grants the action for the mount (detail `mount`).
+/// Refuses unless `caller` may do `action` to `mount` (root only if its
+/// config is invalid). Root may everything; others if the mount's
+/// `[access]` lists them or, where polkit runs, if it grants the action
+/// for the mount (detail `mount`).
 pub async fn require(
     conn: &zbus::Connection,
     caller: &Caller,
-    name: &str,
-    access: Option<&Access>,
+    mount: &Mount,
     action: Action,
 ) -> Result<(), Error> {
-    let Some(access) = access else {
+    let name = mount.name.as_str();
+    let Ok(MountConfig { access, .. }) = &mount.info().config else {
         return require_root(
             caller,
             &format!("use mount {name}, whose config is invalid"),

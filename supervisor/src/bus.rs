@@ -99,8 +99,7 @@ impl Manager {
     ) -> Result<OwnedObjectPath, Error> {
         let caller = auth::caller(conn, &hdr).await?;
         let mount = self.mount_for(&name, conn).await?;
-        let access = mount.info().config.ok().map(|c| c.access);
-        auth::require(conn, &caller, &name, access.as_ref(), Action::Manage).await?;
+        auth::require(conn, &caller, &mount, Action::Manage).await?;
         self.registry
             .start(&mount)
             .await
@@ -120,8 +119,7 @@ impl Manager {
     ) -> Result<(), Error> {
         let caller = auth::caller(conn, &hdr).await?;
         let mount = self.mount_for(&name, conn).await?;
-        let access = mount.info().config.ok().map(|c| c.access);
-        auth::require(conn, &caller, &name, access.as_ref(), Action::Manage).await?;
+        auth::require(conn, &caller, &mount, Action::Manage).await?;
         mount.stop().await;
         Ok(())
     }
@@ -245,8 +243,7 @@ impl MountObject {
         action: Action,
     ) -> Result<MountConfig, Error> {
         let name = &self.mount.name;
-        let access = self.mount.info().config.ok().map(|c| c.access);
-        auth::require(conn, caller, name, access.as_ref(), action).await?;
+        auth::require(conn, caller, &self.mount, action).await?;
         self.mount.running_config().ok_or_else(|| {
             Error::NotRunning(format!(
                 "mount {name} is {}; start it first (agentfsctl mount-start {name}, or systemctl start agentfs@{name})",
