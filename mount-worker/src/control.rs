@@ -50,13 +50,37 @@ pub struct ControlError {
     pub message: String,
 }
 
+/// Longest message an error carries: a message that names a huge argument
+/// must not send it back whole.
+const MAX_MESSAGE: usize = 1024;
+
 impl ControlError {
     /// An error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ControlError {
-        ControlError {
-            kind,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            message = format!("{}… (message cut)", cut(&message, MAX_MESSAGE - 32));
         }
+        ControlError { kind, message }
+    }
+}
+
+/// The first at most `max` bytes of `s`, ending on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `s` for a message: whole if short, else its start and its length, so
+/// that an error about a huge argument names it without repeating it.
+pub fn brief(s: &str) -> String {
+    if s.len() <= 100 {
+        format!("{s:?}")
+    } else {
+        format!("{:?}… ({} bytes)", cut(s, 64), s.len())
     }
 }
 
@@ -188,7 +212,7 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
     match why {
         Some(why) => Err(ControlError::new(
             ErrorKind::InvalidArgument,
-            format!("invalid {kind} name {name:?}: {why}"),
+            format!("invalid {kind} name {}: {why}", brief(name)),
         )),
         None => Ok(()),
     }

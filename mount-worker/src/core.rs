@@ -35,6 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
+use crate::handoff::{Held, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
@@ -193,6 +194,10 @@ struct Node {
     generation: u64,
     /// Lookups the kernel holds on this node; at 0 the node is dropped.
     lookups: u64,
+    /// Found again from the handoff journal after a takeover: `lookups`
+    /// counts only this worker's, and the kernel's one FORGET at eviction
+    /// carries more than that.
+    resumed: bool,
 }
 
 /// Never forgotten: the root and the virtual directories.
@@ -214,6 +219,7 @@ impl NodeTable {
                 key,
                 generation,
                 lookups,
+                resumed: false,
             },
         );
     }
@@ -321,6 +327,9 @@ pub struct FsCore {
     bindings: Arc<Bindings>,
     isolation: Isolation,
     started: SystemTime,
+    /// Where ids handed to the kernel are recorded for a successor, and
+    /// what a predecessor's kernel still holds (found again on first use).
+    handoff: Option<(Journal, Mutex<Held>)>,
 }
 
 /// What changes to main must preserve, as of the newest snapshot of main.
@@ -418,6 +427,7 @@ impl FsCore {
             bindings,
             isolation: Isolation::default(),
             started: SystemTime::now(),
+            handoff: None,
         };
         core.open_layers()?;
         Ok(core)
@@ -599,10 +609,15 @@ impl FsCore {
         let stat = obj.stat(self.cx(), layers)?;
         let view = obj.view.number;
         let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
+        let origin = |t: &NodeTable, obj: &Obj| match obj {
+            Obj::Layer(o) => layer_origin(t, o),
+            _ => None,
+        };
         Ok(self.register(
             NodeKey::Layer(view, obj.id),
             id,
             || Obj::Layer(Arc::new(obj)),
+            origin,
             stat,
         ))
     }
@@ -621,6 +636,107 @@ impl FsCore {
             Some(Obj::Layer(live)) => live.clone(),
             _ => Arc::new(obj),
         }
+    }
+
+    /// Records what the kernel is given in `journal`, and serves what a
+    /// predecessor's kernel still holds (`held`) once asked for it.
+    pub fn with_handoff(mut self, journal: Journal, held: Held) -> FsCore {
+        *self.next_handle.get_mut() = held.max_handle() + 1;
+        *self.next_generation.get_mut() = held.max_generation() + 1;
+        let synthetic = held.nodes.keys().filter(|&&id| id >= SYNTHETIC_BASE).max();
+        if let Some(&id) = synthetic {
+            *self.next_synthetic.get_mut() = id + 1;
+        }
+        if !held.nodes.is_empty() {
+            tracing::info!(
+                nodes = held.nodes.len(),
+                files = held.files.len(),
+                dirs = held.dirs.len(),
+                "taking over: the kernel holds these from the previous worker"
+            );
+        }
+        self.handoff = Some((journal, Mutex::new(held)));
+        self
+    }
+
+    fn journal(&self, r: impl FnOnce() -> Option<Record>) {
+        if let Some((j, _)) = &self.handoff {
+            if let Some(r) = r() {
+                j.append(&r);
+            }
+        }
+    }
+
+    /// What a predecessor left for `f` to pick from.
+    fn held<T>(&self, f: impl FnOnce(&mut Held) -> Option<T>) -> Option<T> {
+        self.handoff
+            .as_ref()
+            .and_then(|(_, h)| f(&mut h.lock().unwrap()))
+    }
+
+    /// Finds node `id` of a predecessor again, from its journal record.
+    /// ESTALE if it cannot: for a path the kernel then looks every name up
+    /// again (the VFS retries a walk that met ESTALE), and a name that
+    /// still leads somewhere gets the same node id back.
+    fn resume_node(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+        self.find_held(id).map_err(|e| {
+            tracing::debug!(
+                node = id.0,
+                "cannot find a node of the previous worker: {e}"
+            );
+            errno(libc::ESTALE)
+        })
+    }
+
+    fn find_held(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+        let (generation, origin) = self
+            .held(|h| h.nodes.get(&id.0).cloned())
+            .ok_or_else(|| errno(libc::ESTALE))?;
+        let (obj, key) = match origin {
+            Origin::Main(handle) => {
+                let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
+                let st = hostfs::stat(fd.as_fd())?;
+                (Obj::Main(fd), NodeKey::Host(st.st_dev, st.st_ino))
+            }
+            Origin::Snap {
+                snap,
+                epoch,
+                handle,
+                ino,
+            } => {
+                let snap = SnapshotId(snap);
+                let obj = SnapObj::new(snap, epoch, handle, ino);
+                (Obj::Snap(Arc::new(obj)), NodeKey::Snap(snap, ino))
+            }
+            Origin::Layer { parent, name } => {
+                let Obj::Layer(dir) = &*self.obj(NodeId(parent))? else {
+                    return Err(errno(libc::ESTALE));
+                };
+                let layers = self.layers_of(dir)?;
+                let obj = dir.lookup(self.cx(), &layers, OsStr::from_bytes(&name))?;
+                let key = NodeKey::Layer(obj.view.number, obj.id);
+                (Obj::Layer(Arc::new(obj)), key)
+            }
+        };
+        let mut t = self.nodes.lock().unwrap();
+        match t.by_key.get(&key) {
+            // Resolved meanwhile by another request, or by a lookup.
+            Some(&known) if known == id.0 => return Ok(t.by_id[&known].obj.clone()),
+            // The name now leads elsewhere (renamed over, removed and
+            // reused): the kernel's node is gone.
+            Some(_) => return Err(errno(libc::ESTALE)),
+            None => {}
+        }
+        if let NodeKey::Layer(view, local) = key {
+            let synthetic = id.0 >> VIEW_SHIFT == VIEW_SPECIAL;
+            if !synthetic && id != NodeId::in_view(view as u64, local) {
+                return Err(errno(libc::ESTALE));
+            }
+        }
+        t.insert(id.0, obj, key, generation, 0);
+        let node = t.by_id.get_mut(&id.0).expect("just inserted");
+        node.resumed = true;
+        Ok(node.obj.clone())
     }
 
     /// Serves bound processes with `isolation` from now on.
@@ -677,24 +793,32 @@ impl FsCore {
 
     /// The object of a node the kernel holds a lookup on.
     fn obj(&self, id: NodeId) -> io::Result<Arc<Obj>> {
-        self.nodes
+        let known = self
+            .nodes
             .lock()
             .unwrap()
             .by_id
             .get(&id.0)
-            .map(|n| n.obj.clone())
-            // The kernel never names a node it forgot; ESTALE if it does.
-            .ok_or_else(|| errno(libc::ESTALE))
+            .map(|n| n.obj.clone());
+        match known {
+            Some(obj) => Ok(obj),
+            // The kernel never names a node it forgot: this one it got from
+            // a predecessor (ESTALE if that left no record of it).
+            None => self.resume_node(id),
+        }
     }
 
     /// Registers an object under `key` (one lookup for the kernel): the
     /// existing node if the key is known, else a new node with id `id`
     /// (a synthetic one if that is taken).
+    /// `origin` says how a successor finds a new node again
+    /// ([`crate::handoff`]); it is asked only when a journal is kept.
     fn register(
         &self,
         key: NodeKey,
         id: Option<u64>,
         make: impl FnOnce() -> Obj,
+        origin: impl FnOnce(&NodeTable, &Obj) -> Option<Origin>,
         stat: Stat,
     ) -> Entry {
         let mut t = self.nodes.lock().unwrap();
@@ -712,8 +836,22 @@ impl FsCore {
             Some(id) if !t.by_id.contains_key(&id) => id,
             _ => self.next_synthetic.fetch_add(1, Ordering::Relaxed),
         };
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        t.insert(id, make(), key, generation, 1);
+        // An id the kernel still holds from a predecessor keeps its
+        // generation.
+        let held = self.held(|h| h.nodes.get(&id).map(|(g, _)| *g));
+        let generation =
+            held.unwrap_or_else(|| self.next_generation.fetch_add(1, Ordering::Relaxed));
+        let obj = make();
+        // Before the reply hands the id to the kernel.
+        self.journal(|| {
+            Some(Record::Node {
+                id,
+                generation,
+                origin: origin(&t, &obj)?,
+            })
+        });
+        t.insert(id, obj, key, generation, 1);
+        t.by_id.get_mut(&id).expect("just inserted").resumed = held.is_some();
         Entry {
             node: NodeId(id),
             generation,
@@ -728,17 +866,37 @@ impl FsCore {
         let own = stat.st_ino;
         let id = (stat.st_dev == self.source_dev && own != NodeId::ROOT.0 && own <= LOCAL_MAX)
             .then_some(own);
-        Ok(self.register(NodeKey::Host(stat.st_dev, own), id, || Obj::Main(fd), stat))
+        let origin = |_: &NodeTable, obj: &Obj| {
+            let fd = obj.main_fd().ok()?;
+            hostfs::handle_of(fd).ok().map(Origin::Main)
+        };
+        Ok(self.register(
+            NodeKey::Host(stat.st_dev, own),
+            id,
+            || Obj::Main(fd),
+            origin,
+            stat,
+        ))
     }
 
     /// Registers an inode of a snapshot view.
     fn register_snap(&self, obj: SnapObj) -> io::Result<Entry> {
         let stat = obj.stat(&self.store, self.mount_fd())?;
         let id = (obj.ino <= LOCAL_MAX).then(|| NodeId::in_view(obj.snap.0 as u64, obj.ino).0);
+        let origin = |_: &NodeTable, obj: &Obj| match obj {
+            Obj::Snap(s) => Some(Origin::Snap {
+                snap: s.snap.0,
+                epoch: s.epoch,
+                handle: s.handle.clone(),
+                ino: s.ino,
+            }),
+            _ => None,
+        };
         Ok(self.register(
             NodeKey::Snap(obj.snap, obj.ino),
             id,
             || Obj::Snap(Arc::new(obj)),
+            origin,
             stat,
         ))
     }
@@ -858,15 +1016,30 @@ impl FsCore {
     pub fn forget(&self, node: NodeId, n: u64) -> bool {
         let mut t = self.nodes.lock().unwrap();
         let Some(entry) = t.by_id.get_mut(&node.0) else {
+            // Held from a predecessor and never used since.
+            if self.held(|h| h.nodes.remove(&node.0)).is_some() {
+                self.journal(|| Some(Record::Forget(node.0)));
+            }
             return false;
         };
-        entry.lookups = entry.lookups.saturating_sub(n);
-        if entry.lookups > 0 {
-            return false;
+        if entry.resumed {
+            // Only the eviction's FORGET exceeds this worker's count (the
+            // other FORGETs return a lookup this worker just answered).
+            if n <= entry.lookups {
+                entry.lookups -= n;
+                return false;
+            }
+        } else {
+            entry.lookups = entry.lookups.saturating_sub(n);
+            if entry.lookups > 0 {
+                return false;
+            }
         }
         let key = entry.key.clone();
         t.by_id.remove(&node.0);
         t.by_key.remove(&key);
+        self.journal(|| Some(Record::Forget(node.0)));
+        self.held(|h| h.nodes.remove(&node.0));
         true
     }
 
@@ -1137,6 +1310,53 @@ impl FsCore {
         self.remove(parent, name, true)
     }
 
+    /// A rename the previous worker carried out but did not answer: journals
+    /// where its object went, as [`FsCore::rename`] would have.
+    pub fn renamed_before_takeover(&self, newparent: NodeId, newname: &OsStr) {
+        let Ok(dir) = self.obj(newparent) else {
+            return;
+        };
+        if let Obj::Layer(d) = &*dir {
+            if let Ok(layers) = self.layers_of(d) {
+                if let Ok(obj) = d.lookup(self.cx(), &layers, newname) {
+                    self.renamed(&self.live_layer_obj(obj));
+                }
+            }
+        }
+    }
+
+    /// Journals the new place of a layered object that was renamed: a
+    /// successor finds it by its new name.
+    fn renamed(&self, obj: &LayerObj) {
+        let t = self.nodes.lock().unwrap();
+        let Some(origin) = layer_origin(&t, obj) else {
+            return;
+        };
+        let (id, generation) = match t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
+            Some(id) => (*id, t.by_id[id].generation),
+            None => {
+                // Held from a predecessor and not used since.
+                let id = NodeId::in_view(obj.view.number as u64, obj.id).0;
+                let moved = |h: &mut Held| {
+                    let (generation, o) = h.nodes.get_mut(&id)?;
+                    *o = origin.clone();
+                    Some(*generation)
+                };
+                match self.held(moved) {
+                    Some(generation) => (id, generation),
+                    None => return,
+                }
+            }
+        };
+        self.journal(|| {
+            Some(Record::Node {
+                id,
+                generation,
+                origin,
+            })
+        });
+    }
+
     /// Renames with `renameat2` flags.
     pub fn rename(
         &self,
@@ -1153,9 +1373,16 @@ impl FsCore {
         match (&*old, &*new) {
             (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
                 let layers = self.layers_of(o)?;
-                return o.rename(self.cx(), &layers, name, n, newname, flags, |obj| {
-                    self.live_layer_obj(obj)
-                });
+                let moved = Mutex::new(Vec::new());
+                o.rename(self.cx(), &layers, name, n, newname, flags, |obj| {
+                    let live = self.live_layer_obj(obj);
+                    moved.lock().unwrap().push(live.clone());
+                    live
+                })?;
+                for obj in moved.into_inner().unwrap() {
+                    self.renamed(&obj);
+                }
+                return Ok(());
             }
             // Between views (only reachable through .agentfs paths).
             (Obj::Layer(_), _) | (_, Obj::Layer(_)) => return Err(errno(libc::EXDEV)),
@@ -1197,19 +1424,38 @@ impl FsCore {
         self.register_main(hostfs::open_node(dir, &name)?)
     }
 
-    fn add_file(&self, file: OpenFile) -> FileHandle {
-        let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.files.write().unwrap().insert(id, Arc::new(file));
-        FileHandle(id)
+    /// A handle for `file`, which is `node` opened with the caller's
+    /// `flags`.
+    fn add_file(&self, node: NodeId, flags: i32, file: OpenFile) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.journal(|| {
+            Some(Record::File {
+                fh,
+                node: node.0,
+                flags,
+            })
+        });
+        self.files.write().unwrap().insert(fh, Arc::new(file));
+        FileHandle(fh)
     }
 
     fn file(&self, fh: FileHandle) -> io::Result<Arc<OpenFile>> {
-        self.files
-            .read()
+        if let Some(f) = self.files.read().unwrap().get(&fh.0) {
+            return Ok(f.clone());
+        }
+        // Opened by a predecessor: open it again, as it was opened.
+        let (node, flags) = self
+            .held(|h| h.files.get(&fh.0).copied())
+            .ok_or_else(|| errno(libc::EBADF))?;
+        let again = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let file = Arc::new(self.open_file(NodeId(node), again)?);
+        Ok(self
+            .files
+            .write()
             .unwrap()
-            .get(&fh.0)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))
+            .entry(fh.0)
+            .or_insert(file)
+            .clone())
     }
 
     /// Runs `f` on the host file behind `fh` for a change of `node`:
@@ -1289,6 +1535,11 @@ impl FsCore {
 
     /// Opens a regular file with the caller's open flags.
     pub fn open(&self, node: NodeId, flags: i32) -> io::Result<FileHandle> {
+        let file = self.open_file(node, flags)?;
+        Ok(self.add_file(node, flags, file))
+    }
+
+    fn open_file(&self, node: NodeId, flags: i32) -> io::Result<OpenFile> {
         let obj = self.obj(node)?;
         let file = match &*obj {
             Obj::Main(fd) => OpenFile::Main(hostfs::reopen(fd.as_fd(), host_open_flags(flags))?),
@@ -1316,7 +1567,7 @@ impl FsCore {
             }
             Obj::Virtual => return Err(errno(libc::EISDIR)),
         };
-        Ok(self.add_file(file))
+        Ok(file)
     }
 
     /// Creates and opens a regular file.
@@ -1331,8 +1582,14 @@ impl FsCore {
         if let Obj::Layer(_) = &*self.dir_entry(parent, name)? {
             // Made like any node, then opened in the top layer: O_EXCL
             // holds because the name is made with mknod, which fails if it
-            // exists.
-            let entry = self.mknod(parent, name, libc::S_IFREG | (mode & 0o7777), 0, caller)?;
+            // exists. Without O_EXCL an existing file (made since the
+            // kernel's lookup) is opened, as open(2) does.
+            let entry = match self.mknod(parent, name, libc::S_IFREG | (mode & 0o7777), 0, caller) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                    self.lookup(parent, name)?
+                }
+                r => r?,
+            };
             let flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
             return match self.open(entry.node, flags) {
                 Ok(fh) => Ok((entry, fh)),
@@ -1344,6 +1601,7 @@ impl FsCore {
         }
         let (obj, cname) = self.main_entry(parent, name)?;
         let dir = obj.main_fd()?;
+        let caller_flags = flags;
         let flags =
             host_open_flags(flags) | (flags & libc::O_EXCL) | libc::O_CREAT | libc::O_NOFOLLOW;
         let change = self.before_change(&[dir])?;
@@ -1364,7 +1622,8 @@ impl FsCore {
         }
         self.give_to_caller(&fd, dir, caller, Some(mode))?;
         let entry = self.register_main(fd)?;
-        Ok((entry, self.add_file(OpenFile::Main(file))))
+        let fh = self.add_file(entry.node, caller_flags, OpenFile::Main(file));
+        Ok((entry, fh))
     }
 
     /// Reads up to `size` bytes at `offset` (short only at end of file).
@@ -1399,6 +1658,17 @@ impl FsCore {
     /// Closes a file handle.
     pub fn release(&self, fh: FileHandle) {
         self.files.write().unwrap().remove(&fh.0);
+        self.released(fh.0);
+    }
+
+    /// A file or directory handle is gone for good.
+    fn released(&self, handle: u64) {
+        self.journal(|| Some(Record::Release(handle)));
+        self.held(|h| {
+            h.files.remove(&handle);
+            h.dirs.remove(&handle);
+            None::<()>
+        });
     }
 
     /// Flushes a file to the host disk (nothing to do for read-only files).
@@ -1476,6 +1746,14 @@ impl FsCore {
 
     /// Opens a directory stream.
     pub fn opendir(&self, node: NodeId) -> io::Result<DirHandle> {
+        let stream = self.dir_stream(node)?;
+        let dh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.journal(|| Some(Record::Dir { dh, node: node.0 }));
+        self.dirs.write().unwrap().insert(dh, Arc::new(stream));
+        Ok(DirHandle(dh))
+    }
+
+    fn dir_stream(&self, node: NodeId) -> io::Result<DirStream> {
         let stream = match (node, &*self.obj(node)?) {
             (_, Obj::Main(fd)) => DirStream::Host {
                 dir: Mutex::new(hostfs::reopen(
@@ -1545,18 +1823,27 @@ impl FsCore {
             }
             (_, Obj::Virtual) => DirStream::Listed(Vec::new()),
         };
-        let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dirs.write().unwrap().insert(id, Arc::new(stream));
-        Ok(DirHandle(id))
+        Ok(stream)
     }
 
     fn dir(&self, dh: DirHandle) -> io::Result<Arc<DirStream>> {
-        self.dirs
-            .read()
+        if let Some(d) = self.dirs.read().unwrap().get(&dh.0) {
+            return Ok(d.clone());
+        }
+        // Opened by a predecessor. A host directory's offsets are the host
+        // file system's cookies and hold for the new stream; a listed one
+        // is listed again.
+        let node = self
+            .held(|h| h.dirs.get(&dh.0).copied())
+            .ok_or_else(|| errno(libc::EBADF))?;
+        let stream = Arc::new(self.dir_stream(NodeId(node))?);
+        Ok(self
+            .dirs
+            .write()
             .unwrap()
-            .get(&dh.0)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))
+            .entry(dh.0)
+            .or_insert(stream)
+            .clone())
     }
 
     /// Feeds directory entries from `offset` to `add` until it returns true
@@ -1618,6 +1905,7 @@ impl FsCore {
     /// Closes a directory stream.
     pub fn releasedir(&self, dh: DirHandle) {
         self.dirs.write().unwrap().remove(&dh.0);
+        self.released(dh.0);
     }
 
     /// Flushes a directory to the host disk.
@@ -1984,6 +2272,14 @@ fn write_all_at(f: &File, data: &[u8], offset: u64) -> io::Result<usize> {
 /// because the kernel has resolved the name already (a symlink never gets
 /// here) and the reopen goes through a /proc magic link, which O_NOFOLLOW
 /// would refuse with ELOOP. Creation flags are the caller's business.
+/// How a successor finds layered object `o` again: by its directory's node
+/// and its name (`None` for a view root, which every worker opens).
+fn layer_origin(t: &NodeTable, o: &LayerObj) -> Option<Origin> {
+    let (dir, name) = o.place()?;
+    let parent = *t.by_key.get(&NodeKey::Layer(o.view.number, dir))?;
+    Some(Origin::Layer { parent, name })
+}
+
 fn host_open_flags(flags: i32) -> i32 {
     flags
         & !(libc::O_CREAT

@@ -58,6 +58,9 @@ pub enum StartupError {
     /// `--source-fd` is unusable.
     #[error("--source-fd {0}: {1}; pass an open descriptor of the source directory")]
     SourceFd(i32, String),
+    /// `--handoff-fd` is unusable.
+    #[error("--handoff-fd {0}: {1}; the supervisor passes the mount's journal there")]
+    Handoff(i32, io::Error),
     /// /proc is unreadable.
     #[error("cannot read /proc/self/mountinfo: {0}; the worker needs /proc mounted")]
     Proc(io::Error),

@@ -200,6 +200,33 @@ fn reply_entry(reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
     }
 }
 
+/// The kernel marks requests it sends again (FUSE_NOTIFY_RESEND after a
+/// takeover) with this bit of `unique`.
+const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
+
+/// A request sent again after the previous worker died may have been
+/// carried out by it, which then answers `errno` (EEXIST for a creation,
+/// ENOENT for a removal or rename). Such an answer to a resent request
+/// means it is done: `done` gives the result it had (specs/semantics.md,
+/// "Worker crashes").
+fn unless_done<T>(
+    req: &Request,
+    r: io::Result<T>,
+    errno: i32,
+    done: impl FnOnce() -> io::Result<T>,
+) -> io::Result<T> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(errno) && req.unique().0 & FUSE_UNIQUE_RESEND != 0 => {
+            tracing::info!(
+                request = req.unique().0,
+                "a resent request was done before the takeover"
+            );
+            done()
+        }
+        r => r,
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: io::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -344,9 +371,11 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .at(req, parent)
-            .and_then(|p| self.core.mknod(p, name, mode, rdev, caller(req, umask)));
+        let p = self.at(req, parent);
+        let r = p.and_then(|p| {
+            let r = self.core.mknod(p, name, mode, rdev, caller(req, umask));
+            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
+        });
         self.entry(reply, parent, name, r);
     }
 
@@ -359,14 +388,18 @@ impl Filesystem for Adapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .at(req, parent)
-            .and_then(|p| self.core.mkdir(p, name, mode, caller(req, umask)));
+        let r = self.at(req, parent).and_then(|p| {
+            let r = self.core.mkdir(p, name, mode, caller(req, umask));
+            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
+        });
         reply_entry(reply, parent, r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.at(req, parent).and_then(|p| self.core.unlink(p, name));
+        let r = self.at(req, parent).and_then(|p| {
+            let r = self.core.unlink(p, name);
+            unless_done(req, r, libc::ENOENT, || Ok(()))
+        });
         if r.is_ok() {
             self.trim.removed(parent.0, name);
         }
@@ -374,10 +407,11 @@ impl Filesystem for Adapter {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.at(req, parent).and_then(|p| self.core.rmdir(p, name)),
-        );
+        let r = self.at(req, parent).and_then(|p| {
+            let r = self.core.rmdir(p, name);
+            unless_done(req, r, libc::ENOENT, || Ok(()))
+        });
+        reply_empty(reply, r);
     }
 
     fn symlink(
@@ -389,8 +423,10 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let r = self.at(req, parent).and_then(|p| {
-            self.core
-                .symlink(p, link_name, target.as_os_str(), caller(req, 0))
+            let r = self
+                .core
+                .symlink(p, link_name, target.as_os_str(), caller(req, 0));
+            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, link_name))
         });
         self.entry(reply, parent, link_name, r);
     }
@@ -407,7 +443,11 @@ impl Filesystem for Adapter {
     ) {
         let r = self.at(req, parent).and_then(|p| {
             let np = self.at(req, newparent)?;
-            self.core.rename(p, name, np, newname, flags.bits())
+            let r = self.core.rename(p, name, np, newname, flags.bits());
+            unless_done(req, r, libc::ENOENT, || {
+                self.core.renamed_before_takeover(np, newname);
+                Ok(())
+            })
         });
         if r.is_ok() {
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
@@ -427,7 +467,8 @@ impl Filesystem for Adapter {
     ) {
         let r = self.at(req, ino).and_then(|n| {
             let np = self.at(req, newparent)?;
-            self.core.link(n, np, newname)
+            let r = self.core.link(n, np, newname);
+            unless_done(req, r, libc::EEXIST, || self.core.lookup(np, newname))
         });
         self.entry(reply, newparent, newname, r);
     }
@@ -449,10 +490,21 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .at(req, parent)
-            .and_then(|p| self.core.create(p, name, mode, flags, caller(req, umask)))
-        {
+        let r = self.at(req, parent).and_then(|p| {
+            let r = self.core.create(p, name, mode, flags, caller(req, umask));
+            unless_done(req, r, libc::EEXIST, || {
+                let e = self.core.lookup(p, name)?;
+                let again = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+                match self.core.open(e.node, again) {
+                    Ok(fh) => Ok((e, fh)),
+                    Err(err) => {
+                        self.core.forget(e.node, 1);
+                        Err(err)
+                    }
+                }
+            })
+        });
+        match r {
             Ok((e, fh)) => {
                 self.learn(parent, name, &e);
                 reply.created(

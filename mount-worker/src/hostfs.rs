@@ -461,6 +461,21 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
+    /// A handle from its type and bytes (`None` if too long to be one).
+    pub fn new(handle_type: i32, bytes: Vec<u8>) -> Option<HostHandle> {
+        (bytes.len() <= MAX_HANDLE_SZ).then_some(HostHandle { handle_type, bytes })
+    }
+
+    /// The file system's handle type.
+    pub fn handle_type(&self) -> i32 {
+        self.handle_type
+    }
+
+    /// The handle's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Hex of the type then the bytes: a file name that names this inode.
     pub fn to_hex(&self) -> String {
         format!(
@@ -473,8 +488,7 @@ impl HostHandle {
     /// Parses [`HostHandle::to_hex`].
     pub fn from_hex(s: &str) -> Option<HostHandle> {
         let handle_type = u32::from_str_radix(s.get(..8)?, 16).ok()? as i32;
-        let bytes = crate::hex::decode(&s[8..])?;
-        (bytes.len() <= MAX_HANDLE_SZ).then_some(HostHandle { handle_type, bytes })
+        HostHandle::new(handle_type, crate::hex::decode(&s[8..])?)
     }
 }
 

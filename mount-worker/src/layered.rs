@@ -534,6 +534,14 @@ impl LayerObj {
         self.current(layers).upper
     }
 
+    /// The id of its directory and its name there (`None` for a root).
+    pub fn place(&self) -> Option<(u64, Vec<u8>)> {
+        let place = self.place.lock().unwrap();
+        place
+            .as_ref()
+            .map(|(dir, name)| (dir.id, name.as_bytes().to_vec()))
+    }
+
     /// Whether this is the root of its view.
     pub fn is_root(&self) -> bool {
         self.place.lock().unwrap().is_none()

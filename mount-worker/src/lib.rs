@@ -12,6 +12,7 @@ pub mod control;
 pub mod core;
 pub mod error;
 pub mod fuse_adapter;
+pub mod handoff;
 pub mod hex;
 pub mod hostfs;
 pub mod layered;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use agentfs_mount_worker::core::Isolation;
 use agentfs_mount_worker::fuse_adapter::Tuning;
-use agentfs_mount_worker::worker::{self, Options};
+use agentfs_mount_worker::worker::{self, Handoff, Options};
 use clap::Parser;
 
 /// Serve a host directory through FUSE as an AgentFS mount.
@@ -43,6 +43,16 @@ struct Cli {
     /// it in logs. The supervisor opens the source before mounting over it.
     #[arg(long, value_name = "N")]
     source_fd: Option<i32>,
+    /// Record what the kernel is given (node ids, open files) in this
+    /// shared-memory journal, so that a successor can take over the
+    /// connection after a crash (used by the supervisor; needs --fuse-fd).
+    #[arg(long, value_name = "N", requires = "fuse_fd")]
+    handoff_fd: Option<i32>,
+    /// Take over the live connection of --fuse-fd from a worker that died:
+    /// no FUSE_INIT, requests in flight are sent again, and the ids the
+    /// kernel holds are found through --handoff-fd.
+    #[arg(long, requires = "handoff_fd")]
+    takeover: bool,
     /// FUSE session threads.
     #[arg(long, default_value_t = 4, value_name = "N")]
     threads: usize,
@@ -81,6 +91,10 @@ fn main() -> ExitCode {
         allow_other: cli.allow_other,
         fuse_fd: cli.fuse_fd,
         source_fd: cli.source_fd,
+        handoff: cli.handoff_fd.map(|fd| Handoff {
+            fd,
+            takeover: cli.takeover,
+        }),
         threads: cli.threads,
         tuning: Tuning {
             max_write: cli.max_write,

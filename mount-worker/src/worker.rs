@@ -13,6 +13,7 @@ use crate::control;
 use crate::core::{FsCore, Isolation};
 use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
+use crate::handoff::Journal;
 use crate::mount;
 use crate::proc_events::ForkEvents;
 use crate::sandbox;
@@ -35,6 +36,8 @@ pub struct Options {
     /// Serve the source through this open descriptor instead of opening
     /// `source` (needed when something else mounted over the source).
     pub source_fd: Option<i32>,
+    /// Keep a handoff journal, or take over a connection with one.
+    pub handoff: Option<Handoff>,
     /// Session threads.
     pub threads: usize,
     /// Kernel tuning.
@@ -47,6 +50,16 @@ pub struct Options {
     pub sandbox: bool,
     /// Answer the control channel's `sandbox-probe` (tests only).
     pub test_fault_hook: bool,
+}
+
+/// The shared-memory journal a successor takes over the connection with
+/// ([`crate::handoff`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Handoff {
+    /// Its descriptor.
+    pub fd: i32,
+    /// The connection was initialized by a worker that died: take it over.
+    pub takeover: bool,
 }
 
 /// The descriptor limit the worker asks for: one descriptor stays open for
@@ -142,6 +155,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let core = FsCore::new(source.as_fd(), state.path(), fork_events)
         .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?
         .with_isolation(opts.isolation);
+    let core = match opts.handoff {
+        Some(h) => {
+            let fd = owned_fd(h.fd)
+                .map_err(|why| StartupError::Handoff(h.fd, std::io::Error::other(why)))?;
+            let (journal, held) =
+                Journal::open(fd, h.takeover).map_err(|e| StartupError::Handoff(h.fd, e))?;
+            core.with_handoff(journal, held)
+        }
+        None => core,
+    };
     let core = Arc::new(core);
     drop(source);
     // The caller's umask is applied per creating thread (hostfs::with_umask);
@@ -173,7 +196,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let mut config = Config::default();
     config.acl = acl;
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
+    // Requests in flight live on the descriptor that read them and end
+    // (ECONNABORTED) when it closes: with a successor to come, every thread
+    // reads the supervisor's descriptor, which outlives this process.
+    config.clone_fd = opts.handoff.is_none();
     let handler: Arc<dyn control::Handler> = if opts.test_fault_hook {
         Arc::new(FaultHook(core.clone()))
     } else {
@@ -183,8 +209,15 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let trim = Arc::new(Trimmer::new(open_files));
     let adapter = Adapter::new(core.clone(), opts.tuning.clone(), trim.clone());
-    let session = Session::from_fd(adapter, fd, acl, config)
-        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let takeover = opts.handoff.is_some_and(|h| h.takeover);
+    let session = if takeover {
+        let session = Session::from_initialized_fd(adapter, fd, acl, config);
+        resend_in_flight(session.as_fd());
+        session
+    } else {
+        Session::from_fd(adapter, fd, acl, config)
+            .map_err(|e| StartupError::Session(mountpoint.clone(), e))?
+    };
     let core = Arc::downgrade(&core);
     trim.start(session.notifier(), move || {
         core.upgrade().map_or(0, |c| c.node_count())
@@ -216,6 +249,24 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             Ok(())
         }
         Err(e) => Err(StartupError::Session(mountpoint, e)),
+    }
+}
+
+/// FUSE_NOTIFY_RESEND (kernel 6.9+): requests the dead predecessor read
+/// and never answered go back to the queue, for this worker to serve.
+/// Without it their callers would wait forever.
+fn resend_in_flight(fuse: std::os::fd::BorrowedFd<'_>) {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { len, error (the notify code), unique 0 }
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&16u32.to_le_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
+    match nix::unistd::write(fuse, &header) {
+        Ok(_) => tracing::info!("took over the FUSE connection; requests in flight sent again"),
+        Err(e) => tracing::error!(
+            "took over the FUSE connection, but the kernel refused FUSE_NOTIFY_RESEND ({e}; \
+             it needs Linux 6.9): requests the previous worker was serving never complete"
+        ),
     }
 }
 

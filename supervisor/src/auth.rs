@@ -254,6 +254,29 @@ impl HeldProcess {
         r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
     }
 
+    /// Sends SIGKILL and waits up to `timeout` for the process to exit
+    /// (its pidfd turns readable). True once it has.
+    pub fn kill_and_wait(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: SIGKILL through our pidfd, no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) == 1 }
+    }
+
     /// The process's real uid, read while the pidfd proves it is the same
     /// process.
     pub fn real_uid(&self) -> Result<u32, Error> {

@@ -146,6 +146,12 @@ impl Manager {
 
 impl Manager {
     async fn mount_for(&self, name: &str, conn: &Connection) -> Result<Arc<Mount>, Error> {
+        if !crate::config::valid_mount_name(name) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a mount name: at most 64 letters, digits, '-', '_', '.', '@', not starting with '.'",
+                agentfs_mount_worker::control::brief(name)
+            )));
+        }
         let (mount, added) = self.registry.find_or_add(name).await;
         let mount = mount.ok_or_else(|| {
             Error::NotFound(format!(

@@ -84,6 +84,9 @@ pub struct Restart {
     pub burst: u32,
     /// The interval, in seconds.
     pub interval_sec: u32,
+    /// A worker that answers neither its control socket nor a FUSE
+    /// request for this long is hung, and is replaced (0: never).
+    pub hang_timeout_sec: u32,
 }
 
 /// A configuration problem, with where it is.
@@ -145,6 +148,7 @@ struct RawFuse {
 struct RawRestart {
     burst: Option<Spanned<i64>>,
     interval_sec: Option<Spanned<i64>>,
+    hang_timeout_sec: Option<Spanned<i64>>,
 }
 
 /// Where default state directories go.
@@ -304,6 +308,12 @@ pub fn parse(
             60,
             1..=86400,
         )?,
+        hang_timeout_sec: int(
+            "restart.hang_timeout_sec",
+            &raw.restart.hang_timeout_sec,
+            10,
+            0..=3600,
+        )?,
     };
     Ok(MountConfig {
         name: name.to_owned(),
@@ -413,6 +423,7 @@ mod tests {
         assert_eq!(c.fuse.threads, 4);
         assert_eq!(c.fuse.max_write, 1 << 20);
         assert_eq!(c.restart.burst, 5);
+        assert_eq!(c.restart.hang_timeout_sec, 10);
         assert!(!c.allow_other);
     }
 
@@ -438,6 +449,7 @@ passthrough = "auto"
 [restart]
 burst = 5
 interval_sec = 60
+hang_timeout_sec = 10
 "#;
         let c = parse_str(text).unwrap();
         assert_eq!(c.access.users, vec!["alice".to_owned()]);
@@ -499,5 +511,76 @@ interval_sec = 60
         assert!(!valid_mount_name(".hidden"));
         assert!(!valid_mount_name("a b"));
         assert!(!valid_mount_name("a/b"));
+    }
+
+    /// One line of a generated config: known and unknown keys, sections,
+    /// values of every type and size, and junk.
+    fn config_line() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("source".to_owned()),
+            Just("mountpoint".to_owned()),
+            Just("state_dir".to_owned()),
+            Just("allow_other".to_owned()),
+            Just("strict_isolation".to_owned()),
+            Just("threads".to_owned()),
+            Just("max_write".to_owned()),
+            Just("max_background".to_owned()),
+            Just("writeback_cache".to_owned()),
+            Just("passthrough".to_owned()),
+            Just("burst".to_owned()),
+            Just("interval_sec".to_owned()),
+            Just("hang_timeout_sec".to_owned()),
+            Just("users".to_owned()),
+            Just("groups".to_owned()),
+            "[a-z_]{1,12}",
+        ];
+        let value = prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            (0i64..70000).prop_map(|v| v.to_string()),
+            any::<bool>().prop_map(|v| v.to_string()),
+            "/[a-z/]{0,20}".prop_map(|v| format!("{v:?}")),
+            any::<String>().prop_map(|v| format!("{v:?}")),
+            proptest::collection::vec("[a-z0-9]{0,8}", 0..4).prop_map(|v| format!("{v:?}")),
+            Just("\"auto\"".to_owned()),
+            Just("{ x = 1 }".to_owned()),
+            "\\PC{0,30}",
+        ];
+        prop_oneof![
+            4 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => prop_oneof![
+                Just("[fuse]".to_owned()),
+                Just("[restart]".to_owned()),
+                Just("[access]".to_owned()),
+                "\\[[a-z]{1,8}\\]",
+            ],
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever a config file holds, reading it never panics: it is a
+        /// checked config or an error naming a line of the file.
+        #[test]
+        fn any_config_text_is_read_or_refused_with_its_line(
+            lines in proptest::collection::vec(config_line(), 0..16)
+        ) {
+            let text = lines.join("\n");
+            match parse_str(&text) {
+                Ok(c) => {
+                    proptest::prop_assert!((1..=64).contains(&c.fuse.threads));
+                    proptest::prop_assert!(c.restart.burst <= 1000);
+                    proptest::prop_assert!(c.restart.hang_timeout_sec <= 3600);
+                    proptest::prop_assert!(c.source.is_absolute());
+                }
+                Err(e) => {
+                    let line = e.line.expect("every parse error has a line");
+                    proptest::prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "{}", e);
+                    proptest::prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
     }
 }

@@ -1,24 +1,28 @@
 //! Bringing one worker up and down: the supervisor mounts (it holds
-//! CAP_SYS_ADMIN), hands the /dev/fuse descriptor and a descriptor of the
-//! source to a worker it spawns, and waits until the worker answers on its
-//! control socket.
+//! CAP_SYS_ADMIN), hands the /dev/fuse descriptor, a descriptor of the
+//! source and the handoff journal to a worker it spawns, and waits until
+//! the worker answers on its control socket. It keeps all three: when the
+//! worker dies, a new one takes over the same connection, and applications
+//! never see it end (specs/semantics.md, "Worker crashes").
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agentfs_mount_worker::control::{self, Request};
-use agentfs_mount_worker::mount;
+use agentfs_mount_worker::{handoff, mount};
 use tokio::process::{Child, Command};
 
 use crate::config::MountConfig;
 
-/// Descriptor numbers the worker finds its source and FUSE connection at.
+/// Descriptor numbers the worker finds its source, FUSE connection and
+/// handoff journal at.
 const SOURCE_FD: RawFd = 3;
 const FUSE_FD: RawFd = 4;
+const HANDOFF_FD: RawFd = 5;
 
 /// How long a new worker may take to answer on its control socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,30 +31,125 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// before it is sent SIGTERM, and again before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
-/// A running worker and the mount it serves.
+/// What outlives a mount's workers: the FUSE connection, the source
+/// (which the mount may cover) and the handoff journal.
+pub struct Descriptors<F> {
+    /// /dev/fuse, connected to the mount.
+    pub fuse: F,
+    /// The source directory (O_PATH).
+    pub source: F,
+    /// The handoff journal (a memfd).
+    pub journal: F,
+}
+
+/// A mount and its [`Descriptors`].
+pub struct Connection {
+    /// The FUSE mount's device number (identifies our mount at the path).
+    pub dev: u64,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    fds: Descriptors<OwnedFd>,
+}
+
+impl Connection {
+    /// A connection a previous supervisor left (`fdstore`), if its mount
+    /// is still at `mountpoint`.
+    pub fn adopt(dev: u64, mountpoint: &Path, fds: Descriptors<OwnedFd>) -> Option<Connection> {
+        let conn = Connection {
+            dev,
+            mountpoint: mountpoint.to_owned(),
+            fds,
+        };
+        conn.is_mounted().then_some(conn)
+    }
+
+    /// Its descriptors, borrowed.
+    pub fn descriptors(&self) -> Descriptors<BorrowedFd<'_>> {
+        Descriptors {
+            fuse: self.fds.fuse.as_fd(),
+            source: self.fds.source.as_fd(),
+            journal: self.fds.journal.as_fd(),
+        }
+    }
+
+    /// Whether our mount is still at its mountpoint.
+    pub fn is_mounted(&self) -> bool {
+        mount::device_of(&self.mountpoint).ok() == Some(self.dev)
+    }
+}
+
+/// A running worker.
 pub struct Worker {
     /// The worker process.
     pub child: Child,
     /// Its pid.
     pub pid: u32,
-    /// The FUSE mount's device number (identifies our mount at the path).
-    pub dev: u64,
-    /// Where it is mounted.
-    pub mountpoint: PathBuf,
 }
 
 /// Mounts `cfg` and starts its worker; returns once the worker is serving.
 /// On failure nothing is left mounted.
-pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<Worker, String> {
+pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<(Connection, Worker), String> {
     let cfg2 = cfg.clone();
-    let (source, fuse, dev) = tokio::task::spawn_blocking(move || prepare(&cfg2))
+    let conn = tokio::task::spawn_blocking(move || prepare(&cfg2))
         .await
         .map_err(|e| format!("mount task failed: {e}"))??;
+    match spawn(cfg, worker_exe, &conn, false).await {
+        Ok(w) => Ok((conn, w)),
+        Err(why) => {
+            detach(&conn);
+            Err(why)
+        }
+    }
+}
+
+/// Ends the worker a crashed supervisor left serving `cfg`'s state
+/// directory (the pid in its lock file, checked to be a worker of that
+/// directory), so that a new one can take its mount over. Runs blocking.
+pub fn end_leftover_worker(cfg: &MountConfig) {
+    use std::os::unix::ffi::OsStrExt;
+    let lock = std::fs::read_to_string(cfg.state_dir.join("lock")).unwrap_or_default();
+    let Ok(pid) = lock.trim().parse::<u32>() else {
+        return;
+    };
+    let Ok(p) = crate::auth::HeldProcess::open(pid) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let dir = cfg.state_dir.as_os_str().as_bytes();
+    if !(p.alive() && cmdline.split(|b| *b == 0).any(|arg| arg == dir)) {
+        return;
+    }
+    tracing::warn!(
+        mount = %cfg.name,
+        pid,
+        "ending the worker a previous supervisor left, to take its mount over"
+    );
+    if !p.kill_and_wait(EXIT_GRACE) {
+        tracing::error!(mount = %cfg.name, pid, "the old worker did not exit");
+    }
+}
+
+/// Starts a worker that takes over `conn` from one that died.
+pub async fn take_over(
+    cfg: &MountConfig,
+    worker_exe: &Path,
+    conn: &Connection,
+) -> Result<Worker, String> {
+    spawn(cfg, worker_exe, conn, true).await
+}
+
+async fn spawn(
+    cfg: &MountConfig,
+    worker_exe: &Path,
+    conn: &Connection,
+    takeover: bool,
+) -> Result<Worker, String> {
     let mut cmd = Command::new(worker_exe);
     cmd.arg("--source")
         .arg(&cfg.source)
         .args(["--source-fd", &SOURCE_FD.to_string()])
         .args(["--fuse-fd", &FUSE_FD.to_string()])
+        .args(["--handoff-fd", &HANDOFF_FD.to_string()])
         .arg("--mountpoint")
         .arg(&cfg.mountpoint)
         .arg("--state-dir")
@@ -73,35 +172,37 @@ pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<Worker, Strin
     if cfg.strict_isolation {
         cmd.arg("--strict-isolation");
     }
-    let (src_raw, fuse_raw) = (source.as_raw_fd(), fuse.as_raw_fd());
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || place_fds(&[(src_raw, SOURCE_FD), (fuse_raw, FUSE_FD)]));
+    if takeover {
+        cmd.arg("--takeover");
     }
-    let spawned = cmd.spawn();
-    drop(source);
-    drop(fuse);
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            detach(&cfg.mountpoint, dev);
-            return Err(format!(
-                "cannot start the worker {}: {e}; check the installation or --worker",
-                worker_exe.display()
-            ));
-        }
-    };
+    let moves = [
+        (conn.fds.source.as_raw_fd(), SOURCE_FD),
+        (conn.fds.fuse.as_raw_fd(), FUSE_FD),
+        (conn.fds.journal.as_raw_fd(), HANDOFF_FD),
+    ];
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, dup2)
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            die_with_parent(parent)?;
+            place_fds(&moves)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "cannot start the worker {}: {e}; check the installation or --worker",
+            worker_exe.display()
+        )
+    })?;
     if let Err(why) = wait_ready(&cfg.state_dir, &mut child).await {
         let _ = child.start_kill();
         let _ = child.wait().await;
-        detach(&cfg.mountpoint, dev);
         return Err(why);
     }
     Ok(Worker {
         pid: child.id().unwrap_or(0),
         child,
-        dev,
-        mountpoint: cfg.mountpoint.clone(),
     })
 }
 
@@ -137,7 +238,7 @@ async fn wait_ready(state_dir: &Path, child: &mut Child) -> Result<(), String> {
 
 /// Opens the source, clears a stale mount and mounts: what must happen in
 /// this order, before the worker exists.
-fn prepare(cfg: &MountConfig) -> Result<(OwnedFd, OwnedFd, u64), String> {
+fn prepare(cfg: &MountConfig) -> Result<Connection, String> {
     cfg.check_paths().map_err(|e| e.to_string())?;
     mount::clear_stale(&cfg.mountpoint).map_err(|e| e.to_string())?;
     // Opened before mounting: the mountpoint may be the source itself.
@@ -153,6 +254,8 @@ fn prepare(cfg: &MountConfig) -> Result<(OwnedFd, OwnedFd, u64), String> {
             cfg.state_dir.display()
         )
     })?;
+    let journal = handoff::create_memfd(&format!("agentfs-handoff-{}", cfg.name))
+        .map_err(|e| format!("cannot create the handoff journal (memfd): {e}"))?;
     let fuse = mount::mount(&cfg.mountpoint, cfg.allow_other).map_err(|e| e.to_string())?;
     let dev = mount::device_of(&cfg.mountpoint).map_err(|e| {
         format!(
@@ -160,7 +263,33 @@ fn prepare(cfg: &MountConfig) -> Result<(OwnedFd, OwnedFd, u64), String> {
             cfg.mountpoint.display()
         )
     })?;
-    Ok((source, fuse, dev))
+    Ok(Connection {
+        dev,
+        mountpoint: cfg.mountpoint.clone(),
+        fds: Descriptors {
+            fuse,
+            source,
+            journal,
+        },
+    })
+}
+
+/// In the child: SIGKILL when the supervisor dies. A worker of a crashed
+/// supervisor must not hold the state directory or keep systemd waiting
+/// (KillMode=mixed signals only the main process): the next supervisor
+/// takes the connection over from systemd's descriptor store with a new
+/// worker. The signal follows the thread that forked, which is one of the
+/// runtime's worker threads: they live as long as the supervisor.
+fn die_with_parent(parent: i32) -> std::io::Result<()> {
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: getppid cannot fail. The parent may have died before prctl.
+    if unsafe { libc::getppid() } != parent {
+        return Err(std::io::Error::other("the supervisor exited"));
+    }
+    Ok(())
 }
 
 /// In the child: moves each descriptor to its wanted number, clearing
@@ -185,20 +314,22 @@ fn place_fds(moves: &[(RawFd, RawFd)]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Detaches our mount at `mountpoint` (only if it is still the one with
-/// device `dev`); lazily, so open files do not keep it.
-pub fn detach(mountpoint: &Path, dev: u64) {
-    if mount::device_of(mountpoint).ok() == Some(dev) {
-        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::error!("cannot detach {}: {e}", mountpoint.display());
+/// Gives a mount up for good: aborts the connection (applications see
+/// ENOTCONN rather than wait for a worker that will not come) and detaches
+/// the mount (lazily, so open files do not keep it).
+pub fn detach(conn: &Connection) {
+    if conn.is_mounted() {
+        let _ = mount::abort_connection(conn.dev);
+        if let Err(e) = nix::mount::umount2(&conn.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::error!("cannot detach {}: {e}", conn.mountpoint.display());
         }
     }
 }
 
 /// Stops a worker: unmounts (the kernel then ends the connection and the
 /// worker exits once open files are closed), then SIGTERM, then SIGKILL.
-pub async fn stop(mut w: Worker) {
-    let (mp, dev) = (w.mountpoint.clone(), w.dev);
+pub async fn stop(conn: Connection, mut w: Worker) {
+    let (mp, dev) = (conn.mountpoint.clone(), conn.dev);
     let _ = tokio::task::spawn_blocking(move || {
         if mount::device_of(&mp).ok() == Some(dev) {
             if let Err(e) = mount::unmount(&mp) {
@@ -228,7 +359,7 @@ pub async fn stop(mut w: Worker) {
         return;
     }
     tracing::warn!(pid = w.pid, "worker ignored SIGTERM; killing it");
-    let _ = mount::abort_connection(w.dev);
+    let _ = mount::abort_connection(dev);
     let _ = w.child.start_kill();
     let _ = w.child.wait().await;
 }

@@ -8,10 +8,12 @@
 mod auth;
 mod bus;
 mod config;
+mod fdstore;
 mod launch;
 mod mounts;
 mod service;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,6 +60,8 @@ const MANAGER_PATH: &str = "/org/agentfs";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists (see fdstore::take).
+    let parked = fdstore::take();
     agentfs_mount_worker::logging::init("agentfs-supervisor");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, parked)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -119,7 +123,7 @@ fn default_worker() -> PathBuf {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli, parked: HashMap<String, fdstore::Parked>) -> Result<(), String> {
     let settings = settings(&cli)?;
     if !nix::unistd::geteuid().is_root() {
         tracing::warn!("not running as root: mounting will fail (mount(2) needs CAP_SYS_ADMIN)");
@@ -157,6 +161,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             settings.config_dir.display()
         )
     })?;
+    // Mounts a crashed predecessor left: served again before anyone can ask.
+    registry.resume(parked).await;
     conn.request_name_with_flags(BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())
         .await
         .map_err(|e| {

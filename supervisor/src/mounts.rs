@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 use zbus::zvariant::OwnedObjectPath;
 
 use crate::config::{ConfigError, MountConfig};
-use crate::launch::{self, Worker};
+use crate::fdstore;
+use crate::launch::{self, Connection, Worker};
+use agentfs_mount_worker::control::{self, Request};
 
 /// A mount's state, as in `Mount1.State`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +173,26 @@ impl Mount {
         config: Result<MountConfig, ConfigError>,
         worker_exe: PathBuf,
     ) -> Result<(), String> {
+        self.bring_up(config, worker_exe, None).await
+    }
+
+    /// Serves `conn`, which a previous supervisor left mounted, with a new
+    /// worker; returns once it serves.
+    pub async fn resume(
+        self: &Arc<Self>,
+        config: Result<MountConfig, ConfigError>,
+        worker_exe: PathBuf,
+        conn: Connection,
+    ) -> Result<(), String> {
+        self.bring_up(config, worker_exe, Some(conn)).await
+    }
+
+    async fn bring_up(
+        self: &Arc<Self>,
+        config: Result<MountConfig, ConfigError>,
+        worker_exe: PathBuf,
+        left: Option<Connection>,
+    ) -> Result<(), String> {
         let mut life = self.life.lock().await;
         if let Some(s) = life.as_ref() {
             if !s.task.is_finished() {
@@ -199,9 +221,31 @@ impl Mount {
             },
             None,
         );
-        tracing::info!(mount = %self.name, source = %config.source.display(), mountpoint = %config.mountpoint.display(), "starting");
-        match launch::start(&config, &worker_exe).await {
-            Ok(worker) => {
+        let up = match left {
+            None => {
+                tracing::info!(mount = %self.name, source = %config.source.display(), mountpoint = %config.mountpoint.display(), "starting");
+                let up = launch::start(&config, &worker_exe).await;
+                if let Ok((conn, _)) = &up {
+                    fdstore::park(&self.name, conn);
+                }
+                up
+            }
+            Some(conn) => {
+                tracing::info!(mount = %self.name, mountpoint = %config.mountpoint.display(), "taking over the mount a previous supervisor left");
+                let c = config.clone();
+                let _ = tokio::task::spawn_blocking(move || launch::end_leftover_worker(&c)).await;
+                match launch::take_over(&config, &worker_exe, &conn).await {
+                    Ok(w) => Ok((conn, w)),
+                    Err(why) => {
+                        fdstore::unpark(&self.name, &conn);
+                        let _ = tokio::task::spawn_blocking(move || launch::detach(&conn)).await;
+                        Err(why)
+                    }
+                }
+            }
+        };
+        match up {
+            Ok((conn, worker)) => {
                 let pid = worker.pid;
                 self.update(
                     |i| {
@@ -212,8 +256,14 @@ impl Mount {
                 );
                 tracing::info!(mount = %self.name, worker = pid, "running");
                 let (stop, stop_rx) = oneshot::channel();
-                let task =
-                    tokio::spawn(supervise(self.clone(), config, worker_exe, worker, stop_rx));
+                let task = tokio::spawn(supervise(
+                    self.clone(),
+                    config,
+                    worker_exe,
+                    conn,
+                    worker,
+                    stop_rx,
+                ));
                 *life = Some(Supervision { stop, task });
                 Ok(())
             }
@@ -246,19 +296,55 @@ impl Mount {
 enum Event {
     Stop,
     Exited(std::process::ExitStatus),
+    Hung(String),
 }
 
-/// Watches the worker; replaces it when it dies (within the restart
-/// limit); stops it when asked.
+/// A worker that served this long before it died is replaced at once;
+/// one that died sooner (a crash loop) after a doubling back-off.
+const STABLE: Duration = Duration::from_secs(1);
+
+/// How often a running worker is asked whether it still answers.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Returns (only) once the worker fails to answer, within `timeout`, a
+/// request on its control socket or a FUSE request (a stat of the mount
+/// root, which the kernel never caches). Never returns without a timeout.
+async fn hang(config: &MountConfig) -> String {
+    let secs = config.restart.hang_timeout_sec;
+    if secs == 0 {
+        return std::future::pending().await;
+    }
+    let timeout = Duration::from_secs(secs.into());
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let (dir, root) = (config.state_dir.clone(), config.mountpoint.clone());
+        let probe = tokio::task::spawn_blocking(move || {
+            let _ = control::call(&dir, &Request::BindingList {});
+            let _ = std::fs::metadata(&root);
+        });
+        // Errors are not hangs: a dead worker shows as its exit.
+        if tokio::time::timeout(timeout, probe).await.is_err() {
+            return format!("did not answer within {secs} s (restart.hang_timeout_sec)");
+        }
+    }
+}
+
+/// Watches the worker; replaces it when it dies or hangs (within the
+/// restart limit), on the same connection while the mount is there; stops
+/// it when asked.
 async fn supervise(
     mount: Arc<Mount>,
     config: MountConfig,
     worker_exe: PathBuf,
+    mut conn: Connection,
     mut worker: Worker,
     mut stop_rx: oneshot::Receiver<()>,
 ) {
     let mut recent: VecDeque<Instant> = VecDeque::new();
     let window = Duration::from_secs(config.restart.interval_sec.into());
+    let mut since = Instant::now();
+    // Workers in a row that died before they served for STABLE.
+    let mut quick = 0u32;
     loop {
         let event = tokio::select! {
             _ = &mut stop_rx => Event::Stop,
@@ -269,12 +355,14 @@ async fn supervise(
                     Event::Stop
                 }
             },
+            why = hang(&config) => Event::Hung(why),
         };
-        let status = match event {
+        let mut reason = match event {
             Event::Stop => {
                 mount.update(|i| i.state = State::Stopping, None);
                 tracing::info!(mount = %mount.name, "stopping");
-                launch::stop(worker).await;
+                fdstore::unpark(&mount.name, &conn);
+                launch::stop(conn, worker).await;
                 mount.update(
                     |i| {
                         i.state = State::Stopped;
@@ -286,32 +374,40 @@ async fn supervise(
                 tracing::info!(mount = %mount.name, "stopped");
                 return;
             }
-            Event::Exited(s) => s,
+            Event::Exited(status) if status.success() && !conn.is_mounted() => {
+                // The worker ends by itself only when its mount went away
+                // (`umount`, `fusermount3 -u` by someone else).
+                tracing::warn!(mount = %mount.name, "unmounted from outside AgentFS; the mount is stopped");
+                fdstore::unpark(&mount.name, &conn);
+                mount.update(
+                    |i| {
+                        i.state = State::Stopped;
+                        i.active = None;
+                        i.worker_pid = 0;
+                        i.last_error = format!(
+                            "{} was unmounted from outside AgentFS",
+                            conn.mountpoint.display()
+                        );
+                    },
+                    None,
+                );
+                return;
+            }
+            Event::Exited(status) => {
+                format!("worker {} {}", worker.pid, launch::describe_exit(status))
+            }
+            Event::Hung(why) => {
+                let _ = worker.child.start_kill();
+                let _ = worker.child.wait().await;
+                format!("worker {} {why}; killed it", worker.pid)
+            }
         };
-        let still_mounted =
-            agentfs_mount_worker::mount::device_of(&worker.mountpoint).ok() == Some(worker.dev);
-        if status.success() && !still_mounted {
-            // The worker ends by itself only when its mount went away
-            // (`umount`, `fusermount3 -u` by someone else).
-            tracing::warn!(mount = %mount.name, "unmounted from outside AgentFS; the mount is stopped");
-            mount.update(
-                |i| {
-                    i.state = State::Stopped;
-                    i.active = None;
-                    i.worker_pid = 0;
-                    i.last_error = format!(
-                        "{} was unmounted from outside AgentFS",
-                        worker.mountpoint.display()
-                    );
-                },
-                None,
-            );
-            return;
-        }
-        let mut reason = format!("worker {} {}", worker.pid, launch::describe_exit(status));
+        quick = if since.elapsed() < STABLE {
+            quick + 1
+        } else {
+            0
+        };
         loop {
-            let (mp, dev) = (worker.mountpoint.clone(), worker.dev);
-            let _ = tokio::task::spawn_blocking(move || launch::detach(&mp, dev)).await;
             let now = Instant::now();
             while recent
                 .front()
@@ -327,6 +423,8 @@ async fn supervise(
                     config.file.display()
                 );
                 tracing::error!(mount = %mount.name, "{msg}");
+                fdstore::unpark(&mount.name, &conn);
+                let _ = tokio::task::spawn_blocking(move || launch::detach(&conn)).await;
                 mount.update(
                     |i| {
                         i.state = State::Failed;
@@ -351,11 +449,16 @@ async fn supervise(
                 None,
             );
             tracing::warn!(mount = %mount.name, restarts, "{reason}; starting a new worker");
-            // Back-off: immediate for the first failure, then doubling.
-            let delay = Duration::from_millis(100 * (1u64 << recent.len().min(6)) - 200)
-                .min(Duration::from_secs(5));
+            // Back-off: none after a worker that served a while, then
+            // 0.2 s doubling up to 5 s while they keep failing early.
+            let delay = match quick {
+                0 => Duration::ZERO,
+                n => Duration::from_millis(100 << n.min(6)).min(Duration::from_secs(5)),
+            };
             tokio::select! {
                 _ = &mut stop_rx => {
+                    fdstore::unpark(&mount.name, &conn);
+                    let _ = tokio::task::spawn_blocking(move || launch::detach(&conn)).await;
                     mount.update(
                         |i| {
                             i.state = State::Stopped;
@@ -367,9 +470,22 @@ async fn supervise(
                 }
                 _ = tokio::time::sleep(delay) => {}
             }
-            match launch::start(&config, &worker_exe).await {
+            // Applications wait on the connection meanwhile; if the mount
+            // went away (detached from outside), mount again.
+            let started = if conn.is_mounted() {
+                launch::take_over(&config, &worker_exe, &conn).await
+            } else {
+                launch::start(&config, &worker_exe).await.map(|(c, w)| {
+                    fdstore::unpark(&mount.name, &conn);
+                    fdstore::park(&mount.name, &c);
+                    conn = c;
+                    w
+                })
+            };
+            match started {
                 Ok(w) => {
                     worker = w;
+                    since = Instant::now();
                     let pid = worker.pid;
                     mount.update(
                         |i| {
@@ -384,6 +500,7 @@ async fn supervise(
                 Err(why) => {
                     tracing::error!(mount = %mount.name, "restart failed: {why}");
                     reason = why;
+                    quick += 1;
                 }
             }
         }

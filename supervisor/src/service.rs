@@ -1,13 +1,15 @@
 //! The supervisor's registry of mounts: reading the config directory,
 //! starting and stopping mounts by name, and the one-line status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use zbus::zvariant::OwnedObjectPath;
 
 use crate::config::{self, Defaults, MountConfig};
+use crate::fdstore::{self, Parked};
+use crate::launch::Connection;
 use crate::mounts::{Mount, OnChange, State};
 
 /// What the supervisor was started with.
@@ -118,6 +120,37 @@ impl Registry {
     pub async fn start(&self, mount: &Arc<Mount>) -> Result<(), String> {
         let cfg = self.load(&mount.name);
         mount.start(cfg, self.settings.worker_exe.clone()).await
+    }
+
+    /// Takes over the mounts a previous supervisor left running (parked in
+    /// systemd's descriptor store), each with a new worker. A connection
+    /// whose mount is gone, or whose config no longer reads, is dropped.
+    pub async fn resume(&self, parked: HashMap<String, Parked>) {
+        for (name, p) in parked {
+            let (Some(mount), _) = self.find_or_add(&name).await else {
+                tracing::warn!(mount = %name, "a parked connection of a mount no longer configured was dropped");
+                fdstore::discard(&name, p);
+                continue;
+            };
+            let cfg = self.load(&name);
+            let Ok(c) = &cfg else {
+                tracing::error!(mount = %name, "cannot take the mount over: its config does not read");
+                fdstore::discard(&name, p);
+                continue;
+            };
+            let dev = p.dev;
+            let Some(conn) = Connection::adopt(dev, &c.mountpoint, p.fds) else {
+                tracing::warn!(mount = %name, "the mount a previous supervisor left is gone from {}", c.mountpoint.display());
+                fdstore::remove(&name, dev);
+                continue;
+            };
+            if let Err(e) = mount
+                .resume(cfg, self.settings.worker_exe.clone(), conn)
+                .await
+            {
+                tracing::error!(mount = %name, "cannot take the mount over: {e}");
+            }
+        }
     }
 
     /// Stops every mount (at exit).

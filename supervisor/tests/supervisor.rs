@@ -552,6 +552,26 @@ fn bad_configs_name_file_line_and_key_and_do_not_disturb_other_mounts() {
     );
 }
 
+/// SIGKILLs mount `name`'s worker and waits until the mount runs again
+/// after its `round`-th restart; returns the time that took.
+fn kill_worker(s: &Supervisor, name: &str, round: u32) -> Duration {
+    let pid: i32 = s.property(name, "WorkerPid")[2..].parse().unwrap();
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        || {
+            s.property(name, "Restarts") == format!("u {round}")
+                && s.property(name, "State") == "s \"running\""
+        },
+        "the new worker",
+    );
+    killed.elapsed()
+}
+
 #[test]
 fn a_killed_worker_is_replaced_until_the_restart_limit() {
     let dir = tempdir();
@@ -560,19 +580,7 @@ fn a_killed_worker_is_replaced_until_the_restart_limit() {
     ok(&s.manager("StartMount", "s", &["crashy"]));
     fs::write(mnt.join("kept"), "acknowledged").unwrap();
     for round in 1..=2 {
-        let pid: i32 = s.property("crashy", "WorkerPid")[2..].parse().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        wait_for(
-            || {
-                s.property("crashy", "Restarts") == format!("u {round}")
-                    && s.property("crashy", "State") == "s \"running\""
-            },
-            "the restart",
-        );
+        kill_worker(&s, "crashy", round);
         assert!(s.property("crashy", "LastError").contains("signal 9"));
         assert_eq!(
             fs::read_to_string(mnt.join("kept")).unwrap(),
@@ -654,4 +662,434 @@ fn users_may_do_only_what_the_config_grants() {
         "NotFound",
     );
     assert!(e.contains("999999"), "{e}");
+}
+
+/// What one workload thread did that the mount acknowledged.
+#[derive(Default)]
+struct Acked {
+    /// Lines 1..=appended were appended to `log` (one descriptor, open
+    /// across every crash).
+    appended: u64,
+    /// `g<i>` were written, fsync'd and renamed from `t<i>` (the last
+    /// [`KEEP`]; older ones were checked and removed by the workload).
+    renamed: std::collections::VecDeque<u64>,
+    /// `r<i>` were created relative to a directory descriptor held open
+    /// (the last [`KEEP`], as above).
+    relative: std::collections::VecDeque<u64>,
+    /// Last byte msync'd into each of the 16 pages of the mapped `mm`.
+    pages: [u8; 16],
+    /// Every error the application saw.
+    errors: Vec<String>,
+}
+
+/// How many of its newest files the crash workload keeps; older ones it
+/// checks (made before some crash) and removes.
+const KEEP: usize = 50;
+
+/// Appends, fsyncs, renames, `openat`s, removals and mmap writes in `dir`
+/// until `stop`, the way an application would, recording what succeeded
+/// and checking, as it goes, that what succeeded earlier is still there.
+fn crash_workload(dir: PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Acked {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let mut a = Acked::default();
+    fs::create_dir_all(&dir).unwrap();
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))
+        .unwrap();
+    let held = fs::File::open(&dir).unwrap();
+    let mm = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.join("mm"))
+        .unwrap();
+    mm.set_len(16 * 4096).unwrap();
+    // SAFETY: a shared mapping of a file this thread owns, unmapped below.
+    let map = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            std::num::NonZeroUsize::new(16 * 4096).unwrap(),
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            mm.as_fd(),
+            0,
+        )
+        .unwrap()
+    };
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let mut step = |what: &str, r: std::io::Result<()>| match r {
+            Ok(()) => true,
+            Err(e) => {
+                a.errors.push(format!("{} {what} {i}: {e}", dir.display()));
+                false
+            }
+        };
+        if step("append", log.write_all(format!("{i}\n").as_bytes())) {
+            a.appended = i;
+        }
+        if i.is_multiple_of(5) {
+            step("fdatasync log", log.sync_data());
+        }
+        let (t, g) = (dir.join(format!("t{i}")), dir.join(format!("g{i}")));
+        let r = fs::File::create(&t)
+            .and_then(|mut f| {
+                f.write_all(format!("file {i}").as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&t, &g));
+        if step("write, fsync, rename", r) {
+            a.renamed.push_back(i);
+        }
+        if a.renamed.len() > KEEP {
+            let old = a.renamed.pop_front().unwrap();
+            let g = dir.join(format!("g{old}"));
+            let r = match fs::read_to_string(&g) {
+                Ok(text) if text == format!("file {old}") => fs::remove_file(&g),
+                Ok(text) => Err(std::io::Error::other(format!("g{old} holds {text:?}"))),
+                Err(e) => Err(e),
+            };
+            step("check and remove an acknowledged file", r);
+        }
+        let r = nix::fcntl::openat(
+            &held,
+            format!("r{i}").as_str(),
+            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .map(drop)
+        .map_err(std::io::Error::from);
+        if step("openat", r) {
+            a.relative.push_back(i);
+        }
+        if a.relative.len() > KEEP {
+            let old = a.relative.pop_front().unwrap();
+            let r = nix::unistd::unlinkat(
+                &held,
+                format!("r{old}").as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            step("unlinkat", r.map_err(std::io::Error::from));
+        }
+        let page = (i % 16) as usize;
+        let value = (i % 251) as u8 + 1;
+        // SAFETY: within the mapping.
+        unsafe { *map.as_ptr().cast::<u8>().add(page * 4096) = value };
+        // SAFETY: the mapping is live.
+        let r = unsafe {
+            nix::sys::mman::msync(
+                map.byte_add(page * 4096),
+                4096,
+                nix::sys::mman::MsFlags::MS_SYNC,
+            )
+        }
+        .map_err(std::io::Error::from);
+        if step("mmap write + msync", r) {
+            a.pages[page] = value;
+        }
+    }
+    // SAFETY: mapped above, not used after.
+    unsafe { nix::sys::mman::munmap(map, 16 * 4096).unwrap() };
+    a
+}
+
+/// Checks in `dir` (read through the mount) everything `a` says was
+/// acknowledged.
+fn check_acked(dir: &Path, a: &Acked) {
+    assert!(
+        a.errors.is_empty(),
+        "the application saw {} errors, first: {:?}",
+        a.errors.len(),
+        &a.errors[..a.errors.len().min(5)]
+    );
+    let log = fs::read_to_string(dir.join("log")).unwrap();
+    let want: String = (1..=a.appended).map(|i| format!("{i}\n")).collect();
+    assert!(
+        log == want,
+        "{}: log is not lines 1..={}",
+        dir.display(),
+        a.appended
+    );
+    for i in &a.renamed {
+        assert_eq!(
+            fs::read_to_string(dir.join(format!("g{i}"))).unwrap(),
+            format!("file {i}")
+        );
+        assert!(!dir.join(format!("t{i}")).exists());
+    }
+    for i in &a.relative {
+        assert!(
+            dir.join(format!("r{i}")).exists(),
+            "r{i} in {}",
+            dir.display()
+        );
+    }
+    let mm = fs::read(dir.join("mm")).unwrap();
+    for (page, &v) in a.pages.iter().enumerate() {
+        if v != 0 {
+            assert_eq!(mm[page * 4096], v, "page {page} of {}/mm", dir.display());
+        }
+    }
+}
+
+#[test]
+fn applications_never_see_a_worker_crash() {
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (_, mnt) = s.configure("steady", "[restart]\nburst = 100\ninterval_sec = 600\n");
+    ok(&s.manager("StartMount", "s", &["steady"]));
+    ok(&s.mount_call("steady", "CreateSnapshot", "ss", &["", "base"]));
+    ok(&s.mount_call("steady", "CreateBranch", "ss", &["base", "a"]));
+    ok(&s.mount_call("steady", "CreateBranch", "ss", &["base", "b"]));
+    let places = [
+        mnt.join("work"),
+        mnt.join(".agentfs/branches/a/work"),
+        mnt.join(".agentfs/branches/b/work"),
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = places
+        .iter()
+        .map(|p| {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || crash_workload(p, stop))
+        })
+        .collect();
+    let rounds: u32 = std::env::var("AGENTFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut seed = std::process::id() as u64 | 1;
+    let mut recovery = Vec::new();
+    for round in 1..=rounds {
+        // Past the supervisor's STABLE (1 s), at a random moment of the
+        // workload.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(1000 + seed % 500));
+        recovery.push(kill_worker(&s, "steady", round));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked: Vec<Acked> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    recovery.sort();
+    eprintln!(
+        "{rounds} kills: recovery median {:?}, max {:?}; operations acknowledged per place: {:?}",
+        recovery[recovery.len() / 2],
+        recovery.last().unwrap(),
+        acked.iter().map(|a| a.appended).collect::<Vec<_>>()
+    );
+    for (p, a) in places.iter().zip(&acked) {
+        check_acked(p, a);
+    }
+    assert!(
+        s.property("steady", "LastError").contains("signal 9"),
+        "{}",
+        s.property("steady", "LastError")
+    );
+    // Branches stayed apart: each saw only its own files.
+    assert!(!mnt.join(".agentfs/branches/a/work/mm").exists() || acked[1].appended > 0);
+    assert!(
+        !mnt.join("work")
+            .join(format!("g{}", acked[0].appended + 1))
+            .exists()
+    );
+    ok(&s.manager("StopMount", "s", &["steady"]));
+    assert!(
+        mounts_under(dir.path()).is_empty(),
+        "no mount is left behind"
+    );
+    let check = Command::new(target_dir().join("agentfs-mount-worker"))
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(dir.path().join("state/steady"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "state check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn a_hung_worker_is_replaced_and_callers_just_wait() {
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (_, mnt) = s.configure("stuck", "[restart]\nhang_timeout_sec = 2\n");
+    ok(&s.manager("StartMount", "s", &["stuck"]));
+    fs::write(mnt.join("before"), "written before the hang").unwrap();
+    // A writer keeps appending and fsyncing through the hang.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (dir, stop) = (mnt.join("w"), stop.clone());
+        std::thread::spawn(move || crash_workload(dir, stop))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let pid: i32 = s.property("stuck", "WorkerPid")[2..].parse().unwrap();
+    let stopped = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    // An application calls into the hung worker and waits.
+    let m = mnt.clone();
+    let caller = std::thread::spawn(move || {
+        fs::write(m.join("during"), "written during the hang")?;
+        fs::read_to_string(m.join("before"))
+    });
+    wait_for(
+        || {
+            s.property("stuck", "Restarts") == "u 1"
+                && s.property("stuck", "State") == "s \"running\""
+        },
+        "the hung worker's replacement",
+    );
+    let replaced = stopped.elapsed();
+    assert_eq!(caller.join().unwrap().unwrap(), "written before the hang");
+    assert_eq!(
+        fs::read_to_string(mnt.join("during")).unwrap(),
+        "written during the hang"
+    );
+    let why = s.property("stuck", "LastError");
+    assert!(why.contains("did not answer within 2 s"), "{why}");
+    assert!(
+        s.log_text().contains("did not answer within 2 s"),
+        "the log says why"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    check_acked(&mnt.join("w"), &writer.join().unwrap());
+    eprintln!("hung worker replaced {replaced:?} after SIGSTOP (hang_timeout_sec = 2)");
+    // The stopped worker was killed, not left behind.
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "the hung worker {pid} is gone"
+    );
+}
+
+#[test]
+fn malformed_and_concurrent_calls_leave_the_service_responsive_and_correct() {
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    s.configure("load", "");
+    ok(&s.manager("StartMount", "s", &["load"]));
+    ok(&s.mount_call("load", "CreateSnapshot", "ss", &["", "base"]));
+    ok(&s.mount_call("load", "CreateBranch", "ss", &["base", "b"]));
+    let alive = |s: &Supervisor| ok(&s.manager("ListMounts", "", &[]));
+
+    // Wrong signatures, missing and extra arguments: refused by the bus
+    // layer with InvalidArgs, nothing else happens.
+    for (method, sig, args) in [
+        ("StartMount", "u", vec!["5"]),
+        ("StartMount", "", vec![]),
+        ("StopMount", "ss", vec!["load", "x"]),
+    ] {
+        let err = fails_with(&s.manager(method, sig, &args), "InvalidArgs");
+        assert!(
+            err.contains("Signature mismatch") || err.contains("Invalid"),
+            "{method}: {err}"
+        );
+    }
+    fails_with(
+        &s.mount_call("load", "BindPid", "ss", &["b", "12"]),
+        "InvalidArgs",
+    );
+    alive(&s);
+
+    // Huge strings: named errors, not echoed back whole.
+    let huge = "x".repeat(100_000);
+    for out in [
+        s.manager("StartMount", "s", &[&huge]),
+        s.mount_call("load", "CreateSnapshot", "ss", &["", &huge]),
+        s.mount_call("load", "CreateBranch", "ss", &[&huge, "c"]),
+        s.mount_call("load", "BindCgroup", "ss", &["b", &huge]),
+        s.mount_call("load", "DeleteBranch", "sb", &[&huge, "false"]),
+    ] {
+        let err = fails_with(&out, "an error");
+        assert!(
+            err.len() < 2_000,
+            "the error repeats the whole argument: {err}"
+        );
+        assert!(
+            err.contains("bytes") || err.contains("message cut"),
+            "the error says it is cut: {err}"
+        );
+    }
+    alive(&s);
+
+    // 1 000 binds and unbinds at once, over 20 processes, from 50
+    // connections: every call answers, and the bindings end as asked.
+    let sleepers: Vec<Sleeper> = (0..20).map(|_| Sleeper::spawn()).collect();
+    let pids: Vec<u32> = sleepers.iter().map(|p| p.0.id()).collect();
+    let address = s.bus.address.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..50 {
+            conns.push(
+                zbus::connection::Builder::address(address.as_str())
+                    .unwrap()
+                    .build()
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..1000usize {
+            let conn = conns[i % conns.len()].clone();
+            let pid = pids[i % pids.len()];
+            calls.spawn(async move {
+                let (path, iface) = ("/org/agentfs/mount/load", Some("org.agentfs.Mount1"));
+                let dest = Some("org.agentfs");
+                let r = if i % 2 == 0 {
+                    conn.call_method(dest, path, iface, "BindPid", &("b", pid))
+                        .await
+                } else {
+                    conn.call_method(dest, path, iface, "UnbindPid", &(pid,))
+                        .await
+                };
+                match r {
+                    Ok(_) => Ok(()),
+                    Err(zbus::Error::MethodError(name, _, _)) => Err(name.to_string()),
+                    Err(e) => panic!("call {i} got no answer: {e}"),
+                }
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            answers.push(r.unwrap());
+        }
+        answers
+    });
+    assert_eq!(answers.len(), 1000);
+    for a in &answers {
+        if let Err(name) = a {
+            // Unbinding a process not bound at that moment.
+            assert_eq!(name, "org.agentfs.Error.NotFound");
+        }
+    }
+    // Settle: unbind everything, then bind every process once.
+    for pid in &pids {
+        let _ = s.mount_call("load", "UnbindPid", "u", &[&pid.to_string()]);
+    }
+    let list = ok(&s.mount_call("load", "ListBindings", "", &[]));
+    assert!(list.starts_with("a(sss) 0"), "{list}");
+    for pid in &pids {
+        ok(&s.mount_call("load", "BindPid", "su", &["b", &pid.to_string()]));
+    }
+    let list = ok(&s.mount_call("load", "ListBindings", "", &[]));
+    assert!(list.starts_with("a(sss) 20 "), "{list}");
+    drop(sleepers);
+    alive(&s);
 }

@@ -508,20 +508,54 @@ expect "the example config (/usr/share/doc/agentfs/examples/mount.toml) starts a
 expect "systemctl stop agentfs@example" "" \
   sh -c 'systemctl stop agentfs@example && rm /etc/agentfs/mounts/example.toml && ! findmnt --mountpoint /srv/work/proj'
 
-# --- A worker dies ------------------------------------------------------------
-c sh -c 'busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d" " -f2'
-worker=$out
-expect "kill -9 agent1's worker ($worker)" "" kill -KILL "$worker"
-replaced="w=\$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d' ' -f2)
-  st=\$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 State)
-  echo worker \$w, \$st; [ \"\$w\" != 0 ] && [ \"\$w\" != $worker ] && [ \"\$st\" = 's \"running\"' ] && cat /srv/agent1/f"
-until_ok 30 sh -c "$replaced"
-record $? "the supervisor replaces the worker and the mount serves again" "$replaced"
+# --- A worker dies, hangs, under load --------------------------------------
+# A writer appends numbered lines to a file in the mount, fsyncing every
+# 20th, for as long as the crashes below last; every failure it sees is
+# written to /run/load.err. At the end its file must hold every line.
+expect "a writer starts appending to /srv/agent1/load.log" "" \
+  systemd-run --quiet --unit=agentfs-test-load sh -c 'i=0; while [ ! -e /run/load.stop ]; do
+      i=$((i + 1)); echo $i >>/srv/agent1/load.log || echo "append $i failed" >>/run/load.err
+      [ $((i % 20)) -ne 0 ] || sync /srv/agent1/load.log || echo "fsync $i failed" >>/run/load.err
+    done; echo $i >/run/load.done'
+until_ok 10 test -s /srv/agent1/load.log
+c findmnt -n -o MAJ:MIN --mountpoint /srv/agent1
+mount_dev=$out
+worker_pid() { c sh -c 'busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d" " -f2'; }
+# Four kills and the hang below: five restarts, the default restart.burst.
+for round in 1 2 3 4; do
+  worker_pid
+  worker=$out
+  expect "kill -9 agent1's worker ($worker), round $round" "" kill -KILL "$worker"
+  replaced="w=\$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d' ' -f2)
+    st=\$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 State)
+    echo worker \$w, \$st; [ \"\$w\" != 0 ] && [ \"\$w\" != $worker ] && [ \"\$st\" = 's \"running\"' ] && cat /srv/agent1/f"
+  until_ok 30 sh -c "$replaced"
+  record $? "... a new worker serves the same mount" "$replaced"
+  sleep 1.2
+done
 expect "agentfs@agent1 stayed active" "^active$" systemctl is-active agentfs@agent1
-expect "Restarts counts it" "^u 1$" \
+expect "Restarts counts them" "^u 4$" \
   busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 Restarts
+expect "the journal says why" "was killed by signal 9 \\(SIGKILL\\); starting a new worker" \
+  journalctl --no-pager -u agentfs.service
+worker_pid
+worker=$out
+expect "SIGSTOP agent1's worker ($worker): it hangs" "" kill -STOP "$worker"
+hung="w=\$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d' ' -f2)
+  [ \"\$w\" != $worker ] && [ \"\$w\" != 0 ] && cat /srv/agent1/f"
+until_ok 30 sh -c "$hung"
+hung_status=$?
+record $hung_status "... it is replaced (hang_timeout_sec, default 10 s)" "$hung"
+if [ "$hung_status" -ne 0 ]; then
+  c journalctl --no-pager -o short-precise -u agentfs.service --since "-60s"
+  printf '%s\n' "$out" | tail -n 60 | sed 's/^/#   /'
+fi
+expect "... LastError says it hung" "did not answer within 10 s" \
+  busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 LastError
+expect "the mount was never remounted (same device)" "^$mount_dev\$" \
+  findmnt -n -o MAJ:MIN --mountpoint /srv/agent1
 
-# --- The supervisor crashes --------------------------------------------------
+# --- The supervisor crashes (the writer still running) ---------------------
 c systemctl show -P MainPID agentfs.service
 old_pid=$out
 expect "kill -9 the supervisor" "" systemctl kill --signal=KILL --kill-whom=main agentfs.service
@@ -541,6 +575,25 @@ if [ "$recovered_status" -ne 0 ]; then
   c journalctl --no-pager -o short-precise -u agentfs.service -u agentfs@agent1.service --since "-$((SECONDS - crashed + 5))s"
   printf '%s\n' "$out" | tail -n 60 | sed 's/^/#   /'
 fi
+expect "the new supervisor took the mount over (same device, not remounted)" "^$mount_dev\$" \
+  findmnt -n -o MAJ:MIN --mountpoint /srv/agent1
+expect "... from systemd's descriptor store, with a new worker" "^taken over$" \
+  sh -c "journalctl --no-pager -u agentfs.service --since '-$((SECONDS - crashed + 5))s' -o cat >/run/j;
+    grep -q 'taking over the mount a previous supervisor left' /run/j && ! grep -q 'detaching stale' /run/j && echo taken over"
+expect "... lists it running" '"agent1" "running"' \
+  busctl call org.agentfs /org/agentfs org.agentfs.Manager1 ListMounts
+expect "... and snapshots it" "" \
+  busctl call org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 CreateSnapshot ss "" after-crash
+c sh -c 'touch /run/load.stop; for i in $(seq 100); do [ -s /run/load.done ] && break; sleep 0.1; done; cat /run/load.done'
+appended=$out
+info "the writer appended $appended lines across 4 worker kills, a hang and a supervisor crash"
+expect "the writer saw no error" "^none$" sh -c 'cat /run/load.err 2>/dev/null || echo none'
+if c test -s /run/load.err; then
+  c journalctl --no-pager -o short-precise -u agentfs-test-load -u agentfs.service -u agentfs@agent1.service --since "-$((SECONDS - crashed + 10))s"
+  printf '%s\n' "$out" | grep -v ' line [0-9]*$' | tail -n 80 | sed 's/^/#   /'
+fi
+expect "... and every line it appended is there, in order" "^$appended\$" \
+  awk 'NR != $1 { print "line " NR " holds " $1; exit } END { print NR }' /srv/agent1/load.log
 
 # --- Unit state follows the mount ------------------------------------------
 expect "StopMount over D-Bus (behind systemd's back)" "" \

@@ -1,0 +1,583 @@
+//! What a successor needs to keep serving a FUSE connection after this
+//! worker dies (specs/semantics.md, "Worker crashes").
+//!
+//! The supervisor keeps the /dev/fuse descriptor, so the kernel keeps the
+//! connection and every node id and file handle it was given. A new worker
+//! can only answer for those if it can find their objects again. This
+//! journal, in shared memory the supervisor owns (a memfd), records how:
+//! a main node by its host file handle, a snapshot node by snapshot and
+//! handle, a branch node by its parent node and name; an open file by its
+//! node and open flags; a directory stream by its node. A record is
+//! written before the reply that hands the id to the kernel, so whatever
+//! the kernel holds is in the journal, even if the worker dies right after.
+//!
+//! Layout: a header page (magic, which half is active, bytes used in each
+//! half) and two halves of length-prefixed records. When the active half
+//! is full, its records are folded (the last record of each id wins,
+//! forgotten ids go) into the other half, which then becomes active; a
+//! crash midway leaves the old half active and whole.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::hostfs::HostHandle;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"AGFSHND1");
+const HEADER: usize = 4096;
+
+/// Size the supervisor gives the journal: two halves of 64 MiB, a million
+/// nodes each at typical handle and name sizes. Pages cost memory only
+/// once written.
+pub const SIZE: u64 = HEADER as u64 + 2 * (64 << 20);
+
+/// How to find one node again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A main inode, by its host file handle.
+    Main(HostHandle),
+    /// An inode of a snapshot of main.
+    Snap {
+        /// The snapshot's id.
+        snap: u32,
+        /// Its epoch.
+        epoch: u64,
+        /// The inode's host handle.
+        handle: HostHandle,
+        /// Its host inode number.
+        ino: u64,
+    },
+    /// An object of a branch or a snapshot of a branch: `name` in the
+    /// directory with node id `parent`.
+    Layer {
+        /// Node id of the directory.
+        parent: u64,
+        /// The name in it.
+        name: Vec<u8>,
+    },
+}
+
+/// One change to what the kernel holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The kernel was given node `id` with a generation (the kernel takes
+    /// a known id with another generation for a reused one, and fails
+    /// every I/O on its old inode).
+    Node {
+        id: u64,
+        generation: u64,
+        origin: Origin,
+    },
+    /// The kernel forgot node `id`.
+    Forget(u64),
+    /// File handle `fh` is node `node` opened with `flags`.
+    File { fh: u64, node: u64, flags: i32 },
+    /// Directory handle `dh` is a stream of node `node`.
+    Dir { dh: u64, node: u64 },
+    /// A file or directory handle was released.
+    Release(u64),
+}
+
+/// What the kernel held when the journal was read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Node ids: their generation and how to find them.
+    pub nodes: HashMap<u64, (u64, Origin)>,
+    /// Open file handles: node and open flags.
+    pub files: HashMap<u64, (u64, i32)>,
+    /// Open directory handles: node.
+    pub dirs: HashMap<u64, u64>,
+}
+
+impl Held {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Node {
+                id,
+                generation,
+                origin,
+            } => {
+                self.nodes.insert(id, (generation, origin));
+            }
+            Record::Forget(id) => {
+                self.nodes.remove(&id);
+            }
+            Record::File { fh, node, flags } => {
+                self.files.insert(fh, (node, flags));
+            }
+            Record::Dir { dh, node } => {
+                self.dirs.insert(dh, node);
+            }
+            Record::Release(h) => {
+                self.files.remove(&h);
+                self.dirs.remove(&h);
+            }
+        }
+    }
+
+    fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(&id, (generation, origin))| Record::Node {
+                id,
+                generation: *generation,
+                origin: origin.clone(),
+            });
+        let files = self
+            .files
+            .iter()
+            .map(|(&fh, &(node, flags))| Record::File { fh, node, flags });
+        let dirs = self
+            .dirs
+            .iter()
+            .map(|(&dh, &node)| Record::Dir { dh, node });
+        nodes.chain(files).chain(dirs)
+    }
+
+    /// The largest generation held (new ones go above it).
+    pub fn max_generation(&self) -> u64 {
+        self.nodes.values().map(|(g, _)| *g).max().unwrap_or(0)
+    }
+
+    /// The largest file or directory handle held (new ones go above it).
+    pub fn max_handle(&self) -> u64 {
+        self.files
+            .keys()
+            .chain(self.dirs.keys())
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The journal, mapped.
+pub struct Journal {
+    base: *mut u8,
+    len: usize,
+    /// Serialises appends and folds.
+    writer: Mutex<bool>,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only written under `writer`, and the header
+// words are atomics.
+unsafe impl Send for Journal {}
+// SAFETY: as above.
+unsafe impl Sync for Journal {}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `open` mapped.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl Journal {
+    /// Maps the journal in `fd`. A new connection (`resume` false) starts
+    /// it empty; a takeover reads what the predecessor left, folds it into
+    /// a fresh half and returns it.
+    pub fn open(fd: OwnedFd, resume: bool) -> io::Result<(Journal, Held)> {
+        let st = nix::sys::stat::fstat(&fd)?;
+        let len = st.st_size as usize;
+        if len < HEADER + 2 * 4096 {
+            return Err(io::Error::other(format!(
+                "the handoff journal is {len} bytes, too small"
+            )));
+        }
+        // SAFETY: a shared mapping of a file this process owns, of its size.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let j = Journal {
+            base: base.cast(),
+            len,
+            writer: Mutex::new(true),
+            _fd: fd,
+        };
+        let held = if resume {
+            if j.word(0).load(Ordering::Acquire) != MAGIC {
+                return Err(io::Error::other(
+                    "the handoff journal was never written: nothing to take over",
+                ));
+            }
+            let held = j.read(j.active());
+            let mut w = j.writer.lock().unwrap();
+            if !j.fold_into(&held, 1 - j.active()) {
+                tracing::error!(
+                    "handoff journal full even when folded; later ids cannot be taken over"
+                );
+                *w = false;
+            }
+            drop(w);
+            held
+        } else {
+            j.used(0).store(0, Ordering::Relaxed);
+            j.used(1).store(0, Ordering::Relaxed);
+            j.active_word().store(0, Ordering::Relaxed);
+            j.word(0).store(MAGIC, Ordering::Release);
+            Held::default()
+        };
+        Ok((j, held))
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: in the header page, aligned (the mapping is page aligned).
+        unsafe { &*(self.base.add(i * 8) as *const AtomicU64) }
+    }
+
+    fn active_word(&self) -> &AtomicU32 {
+        // SAFETY: as in `word`.
+        unsafe { &*(self.base.add(8) as *const AtomicU32) }
+    }
+
+    fn used(&self, half: usize) -> &AtomicU64 {
+        self.word(2 + half)
+    }
+
+    fn active(&self) -> usize {
+        self.active_word().load(Ordering::Acquire) as usize & 1
+    }
+
+    fn half_len(&self) -> usize {
+        (self.len - HEADER) / 2 / 8 * 8
+    }
+
+    fn half(&self, half: usize) -> *mut u8 {
+        // SAFETY: within the mapping.
+        unsafe { self.base.add(HEADER + half * self.half_len()) }
+    }
+
+    /// The records of one half, applied in order.
+    fn read(&self, half: usize) -> Held {
+        let used = (self.used(half).load(Ordering::Acquire) as usize).min(self.half_len());
+        // SAFETY: the first `used` bytes of the half are written.
+        let bytes = unsafe { std::slice::from_raw_parts(self.half(half), used) };
+        let mut held = Held::default();
+        let mut at = 0;
+        while let Some((r, next)) = decode(bytes, at) {
+            held.apply(r);
+            at = next;
+        }
+        if at != used {
+            tracing::warn!(
+                at,
+                used,
+                "handoff journal: a damaged record ends the replay"
+            );
+        }
+        held
+    }
+
+    /// Writes `held` into `half`, then makes it the active one. False if
+    /// it does not fit.
+    fn fold_into(&self, held: &Held, half: usize) -> bool {
+        self.used(half).store(0, Ordering::Release);
+        for r in held.records() {
+            if !self.put(half, &encode(&r)) {
+                return false;
+            }
+        }
+        self.active_word().store(half as u32, Ordering::Release);
+        true
+    }
+
+    fn put(&self, half: usize, rec: &[u8]) -> bool {
+        let used = self.used(half).load(Ordering::Relaxed) as usize;
+        if used + rec.len() > self.half_len() {
+            return false;
+        }
+        // SAFETY: within the half; only the writer writes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(rec.as_ptr(), self.half(half).add(used), rec.len())
+        };
+        // The length goes last: a record is there once it is counted.
+        self.used(half)
+            .store((used + rec.len()) as u64, Ordering::Release);
+        true
+    }
+
+    /// Appends one record (folding the log when its half is full).
+    pub fn append(&self, r: &Record) {
+        let mut enabled = self.writer.lock().unwrap();
+        if !*enabled {
+            return;
+        }
+        let rec = encode(r);
+        let active = self.active();
+        if self.put(active, &rec) {
+            return;
+        }
+        let held = self.read(active);
+        if !(self.fold_into(&held, 1 - active) && self.put(1 - active, &rec)) {
+            tracing::error!(
+                "handoff journal full: ids handed out from now on cannot be taken over after a crash"
+            );
+            *enabled = false;
+        }
+    }
+}
+
+const NODE_MAIN: u8 = 1;
+const NODE_SNAP: u8 = 2;
+const NODE_LAYER: u8 = 3;
+const FORGET: u8 = 4;
+const FILE: u8 = 5;
+const DIR: u8 = 6;
+const RELEASE: u8 = 7;
+
+fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
+    out.extend_from_slice(&h.handle_type().to_le_bytes());
+    out.push(h.bytes().len() as u8);
+    out.extend_from_slice(h.bytes());
+}
+
+/// `[u32 length of the rest][u8 kind][fields]`, little endian.
+fn encode(r: &Record) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    match r {
+        Record::Node {
+            id,
+            generation,
+            origin,
+        } => match origin {
+            Origin::Main(h) => {
+                out.push(NODE_MAIN);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
+                put_handle(&mut out, h);
+            }
+            Origin::Snap {
+                snap,
+                epoch,
+                handle,
+                ino,
+            } => {
+                out.push(NODE_SNAP);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
+                out.extend_from_slice(&snap.to_le_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
+                out.extend_from_slice(&ino.to_le_bytes());
+                put_handle(&mut out, handle);
+            }
+            Origin::Layer { parent, name } => {
+                out.push(NODE_LAYER);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
+                out.extend_from_slice(&parent.to_le_bytes());
+                out.extend_from_slice(name);
+            }
+        },
+        Record::Forget(id) => {
+            out.push(FORGET);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Record::File { fh, node, flags } => {
+            out.push(FILE);
+            out.extend_from_slice(&fh.to_le_bytes());
+            out.extend_from_slice(&node.to_le_bytes());
+            out.extend_from_slice(&flags.to_le_bytes());
+        }
+        Record::Dir { dh, node } => {
+            out.push(DIR);
+            out.extend_from_slice(&dh.to_le_bytes());
+            out.extend_from_slice(&node.to_le_bytes());
+        }
+        Record::Release(h) => {
+            out.push(RELEASE);
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+    }
+    let n = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&n.to_le_bytes());
+    out
+}
+
+/// Reads fixed-size fields off a record.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (a, b) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = b;
+        Some(a)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn handle(&mut self) -> Option<HostHandle> {
+        let t = self.u32()? as i32;
+        let n = *self.take(1)?.first()? as usize;
+        HostHandle::new(t, self.take(n)?.to_vec())
+    }
+}
+
+/// The record at `at` and where the next one starts; `None` at the end or
+/// at damage.
+fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
+    let n = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+    let body = bytes.get(at + 4..at + 4 + n)?;
+    let (&kind, rest) = body.split_first()?;
+    let mut f = Fields(rest);
+    let node = |f: &mut Fields<'_>, origin: &dyn Fn(&mut Fields<'_>) -> Option<Origin>| {
+        let (id, generation) = (f.u64()?, f.u64()?);
+        Some(Record::Node {
+            id,
+            generation,
+            origin: origin(f)?,
+        })
+    };
+    let r = match kind {
+        NODE_MAIN => node(&mut f, &|f| Some(Origin::Main(f.handle()?)))?,
+        NODE_SNAP => node(&mut f, &|f| {
+            let snap = f.u32()?;
+            let (epoch, ino) = (f.u64()?, f.u64()?);
+            Some(Origin::Snap {
+                snap,
+                epoch,
+                ino,
+                handle: f.handle()?,
+            })
+        })?,
+        NODE_LAYER => node(&mut f, &|f| {
+            let parent = f.u64()?;
+            Some(Origin::Layer {
+                parent,
+                name: std::mem::take(&mut f.0).to_vec(),
+            })
+        })?,
+        FORGET => Record::Forget(f.u64()?),
+        FILE => Record::File {
+            fh: f.u64()?,
+            node: f.u64()?,
+            flags: f.u32()? as i32,
+        },
+        DIR => Record::Dir {
+            dh: f.u64()?,
+            node: f.u64()?,
+        },
+        RELEASE => Record::Release(f.u64()?),
+        _ => return None,
+    };
+    Some((r, at + 4 + n))
+}
+
+/// A journal in a new memfd (what the supervisor creates per mount).
+pub fn create_memfd(name: &str) -> io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    nix::unistd::ftruncate(&fd, SIZE as i64)?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(size: i64) -> OwnedFd {
+        let fd =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, size).unwrap();
+        fd
+    }
+
+    fn dup(fd: &OwnedFd) -> OwnedFd {
+        fd.try_clone().unwrap()
+    }
+
+    #[test]
+    fn a_successor_reads_what_the_kernel_holds() {
+        let fd = small(HEADER as i64 + 2 * 8192);
+        let (j, held) = Journal::open(dup(&fd), false).unwrap();
+        assert_eq!(held, Held::default());
+        let h = HostHandle::new(1, vec![1, 2, 3]).unwrap();
+        let node = |id, origin| Record::Node {
+            id,
+            generation: id + 100,
+            origin,
+        };
+        j.append(&node(10, Origin::Main(h.clone())));
+        j.append(&node(
+            11,
+            Origin::Layer {
+                parent: 10,
+                name: b"a b".to_vec(),
+            },
+        ));
+        j.append(&node(12, Origin::Main(h.clone())));
+        j.append(&Record::Forget(12));
+        j.append(&Record::File {
+            fh: 5,
+            node: 11,
+            flags: libc::O_RDWR | libc::O_APPEND,
+        });
+        j.append(&Record::Dir { dh: 6, node: 10 });
+        j.append(&Record::File {
+            fh: 7,
+            node: 10,
+            flags: 0,
+        });
+        j.append(&Record::Release(7));
+        drop(j);
+        let (j2, held) = Journal::open(dup(&fd), true).unwrap();
+        assert_eq!(held.nodes.len(), 2);
+        assert_eq!(held.nodes[&10], (110, Origin::Main(h)));
+        assert_eq!(held.max_generation(), 111);
+        assert_eq!(
+            held.files.get(&5),
+            Some(&(11, libc::O_RDWR | libc::O_APPEND))
+        );
+        assert_eq!(held.dirs.get(&6), Some(&10));
+        assert_eq!(held.max_handle(), 6);
+        // The successor's own journal holds the same after folding.
+        drop(j2);
+        let (_, again) = Journal::open(fd, true).unwrap();
+        assert_eq!(again, held);
+    }
+
+    #[test]
+    fn a_full_half_folds_into_the_other() {
+        let fd = small(HEADER as i64 + 2 * 4096);
+        let (j, _) = Journal::open(dup(&fd), false).unwrap();
+        let h = HostHandle::new(1, vec![9; 8]).unwrap();
+        // Far more records than a half holds, few ids alive at once.
+        for i in 0..2000u64 {
+            j.append(&Record::Node {
+                id: i,
+                generation: 1,
+                origin: Origin::Main(h.clone()),
+            });
+            if i >= 3 {
+                j.append(&Record::Forget(i - 3));
+            }
+        }
+        drop(j);
+        let (_, held) = Journal::open(fd, true).unwrap();
+        let mut ids: Vec<_> = held.nodes.keys().copied().collect();
+        ids.sort();
+        assert_eq!(ids, vec![1997, 1998, 1999]);
+    }
+
+    #[test]
+    fn taking_over_a_journal_never_written_is_refused() {
+        let e = Journal::open(small(HEADER as i64 + 8192), true)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("never written"), "{e}");
+    }
+}
