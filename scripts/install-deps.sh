@@ -14,9 +14,10 @@ fi
 # (objdump, strip). System test (tests/system/run.sh): systemd (the
 # container's init, systemctl, systemd-analyze), systemd-container
 # (systemd-nspawn), dbus (the container's system bus, dbus-send), procps
-# (pgrep), polkitd (the org.agentfs.* polkit actions; pkaction).
+# (pgrep), polkitd (the org.agentfs.* polkit actions; pkaction),
+# e2fsprogs (an ext4 state disk made to fail: mkfs.ext4, e2fsck).
 apt_pkgs=(fuse3 sqlite3 attr acl util-linux python3 ca-certificates
-          binutils systemd systemd-container dbus procps polkitd)
+          binutils systemd systemd-container dbus procps polkitd e2fsprogs)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

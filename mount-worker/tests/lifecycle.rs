@@ -443,3 +443,32 @@ fn max_background_reaches_the_kernel() {
     assert_eq!(read("max_background").trim(), "23");
     assert_eq!(read("congestion_threshold").trim(), "15");
 }
+
+#[test]
+fn a_source_removed_while_mounted_answers_enoent_and_the_worker_survives() {
+    let mut m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"kept").unwrap();
+        })
+        .start();
+    let p = m.path().to_owned();
+    // Held open across the removal.
+    let held = fs::read_to_string(p.join("d/f")).unwrap();
+    assert_eq!(held, "kept");
+    fs::remove_dir_all(m.source()).unwrap();
+    // The mount stays, and says what happened: the directory is gone.
+    let e = fs::write(p.join("new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    let e = fs::read_to_string(p.join("d/f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    assert_eq!(fs::read_dir(&p).unwrap().count(), 0);
+    // The worker still answers on its control socket, and stops cleanly.
+    common::ctl(&m, agentfs_mount_worker::control::Request::BindingList {}).unwrap();
+    m.stop();
+    // Once the source is back, a new start serves it.
+    fs::create_dir(m.source()).unwrap();
+    fs::write(m.source().join("again"), b"back").unwrap();
+    m.restart(&[]);
+    assert_eq!(fs::read_to_string(p.join("again")).unwrap(), "back");
+}

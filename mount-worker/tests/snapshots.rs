@@ -393,6 +393,65 @@ fn full_state_directory_refuses_the_change_and_damages_nothing() {
 }
 
 #[test]
+fn a_failing_state_disk_refuses_changes_and_damages_nothing() {
+    let mut m = Mount::builder()
+        .state_on_ext4(64)
+        .populate(|s| fs::write(s.join("f"), b"before").unwrap())
+        .start();
+    let p = m.path().to_owned();
+    create(&m, "s");
+    common::branch(&m, "s", "b");
+    // The state directory's disk fails: the kernel turns it read-only
+    // under the worker.
+    m.fail_state_disk();
+    // A change in main needs a pre-image it cannot store: refused, not made.
+    let e = fs::write(p.join("f"), b"after").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert_eq!(fs::read(m.source().join("f")).unwrap(), b"before");
+    // A branch cannot copy the file up.
+    let e = fs::write(p.join(".agentfs/branches/b/f"), b"b").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    // Snapshots cannot be recorded: a named error.
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some("t".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Io, "{}", e.message);
+    assert!(
+        e.message.contains("catalog.json") && e.message.contains("nothing was changed"),
+        "{}",
+        e.message
+    );
+    assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
+    // Repaired (unmount, e2fsck, mount) and started again: everything
+    // works, nothing was damaged.
+    m.stop();
+    m.repair_state_disk();
+    m.restart(&[]);
+    assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
+    fs::write(p.join("f"), b"after").unwrap();
+    fs::write(p.join(".agentfs/branches/b/f"), b"b").unwrap();
+    create(&m, "t");
+    assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
+    assert_eq!(fs::read(snap(&m, "t").join("f")).unwrap(), b"after");
+    assert_eq!(fs::read(p.join(".agentfs/branches/b/f")).unwrap(), b"b");
+    let check = std::process::Command::new(common::WORKER)
+        .args(["--check", "--state-dir"])
+        .arg(m.state_dir())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
 fn the_control_directory_name_cannot_be_changed_in_the_root() {
     // A source that has its own `.agentfs`: hidden by the control directory,
     // and no operation through the mount may reach it.

@@ -20,8 +20,9 @@ pub struct Mount {
     source: PathBuf,
     mountpoint: PathBuf,
     state_dir: PathBuf,
-    /// The state directory is a tmpfs of this test's (unmounted on drop).
-    state_tmpfs: bool,
+    /// The state directory is a file system of this test's (unmounted on
+    /// drop): a tmpfs, or an ext4 image (its path).
+    state_fs: Option<StateFs>,
     /// The test owns the mount ([`MountBuilder::supervised`]).
     supervised: bool,
     child: Option<Child>,
@@ -106,6 +107,48 @@ impl Mount {
         }
     }
 
+    /// Makes the state directory's ext4 fail as a dying disk does: the
+    /// kernel turns it read-only under the worker (errors=remount-ro,
+    /// through ext4's trigger_fs_error).
+    pub fn fail_state_disk(&self) {
+        assert!(
+            matches!(self.state_fs, Some(StateFs::Ext4(_))),
+            "needs state_on_ext4"
+        );
+        let source = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE", "--mountpoint"])
+            .arg(&self.state_dir)
+            .output()
+            .unwrap();
+        let dev = String::from_utf8_lossy(&source.stdout).trim().to_owned();
+        let name = Path::new(&dev).file_name().unwrap().to_owned();
+        fs::write(
+            Path::new("/sys/fs/ext4")
+                .join(name)
+                .join("trigger_fs_error"),
+            "1",
+        )
+        .unwrap();
+    }
+
+    /// Repairs the failed state disk as an operator would: unmount, e2fsck,
+    /// mount again. The worker must be stopped.
+    pub fn repair_state_disk(&mut self) {
+        assert!(self.child.is_none(), "stop the worker first");
+        let Some(StateFs::Ext4(image)) = &self.state_fs else {
+            panic!("needs state_on_ext4");
+        };
+        nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::empty()).unwrap();
+        let fsck = Command::new("e2fsck")
+            .arg("-fy")
+            .arg(image)
+            .output()
+            .unwrap();
+        // 0: clean, 1: errors corrected.
+        assert!(fsck.status.code().is_some_and(|c| c <= 1), "{fsck:?}");
+        mount_ext4(image, &self.state_dir);
+    }
+
     /// Starts a new worker on the same directories (after [`Mount::kill`]).
     pub fn restart(&mut self, extra_args: &[&str]) {
         assert!(self.child.is_none(), "restart needs a stopped worker");
@@ -141,10 +184,26 @@ impl Drop for Mount {
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        if self.state_tmpfs {
+        if self.state_fs.is_some() {
             let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// A file system of the test's own under the state directory.
+enum StateFs {
+    Tmpfs,
+    Ext4(PathBuf),
+}
+
+fn mount_ext4(image: &Path, at: &Path) {
+    let st = Command::new("mount")
+        .args(["-o", "loop,errors=remount-ro"])
+        .arg(image)
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -o loop {}", image.display());
 }
 
 /// Fills a source directory before the worker starts.
@@ -156,6 +215,7 @@ pub struct MountBuilder {
     over_source: bool,
     supervised: bool,
     state_tmpfs_size: Option<String>,
+    state_ext4_mib: Option<u64>,
     open_files: Option<u64>,
     args: Vec<String>,
     populate: Option<Populate>,
@@ -180,6 +240,13 @@ impl MountBuilder {
     /// Puts the state directory on a tmpfs of `size` (e.g. "1m"), to fill it.
     pub fn state_on_tmpfs(mut self, size: &str) -> Self {
         self.state_tmpfs_size = Some(size.to_owned());
+        self
+    }
+
+    /// Puts the state directory on an ext4 image of `mib` MiB (loop
+    /// device), to make it fail ([`Mount::fail_state_disk`]).
+    pub fn state_on_ext4(mut self, mib: u64) -> Self {
+        self.state_ext4_mib = Some(mib);
         self
     }
 
@@ -236,6 +303,23 @@ impl MountBuilder {
             )
             .unwrap();
         }
+        let mut state_fs = self.state_tmpfs_size.as_ref().map(|_| StateFs::Tmpfs);
+        if let Some(mib) = self.state_ext4_mib {
+            let image = dir.path().join("state.img");
+            fs::File::create(&image)
+                .unwrap()
+                .set_len(mib << 20)
+                .unwrap();
+            let mkfs = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image)
+                .status()
+                .unwrap();
+            assert!(mkfs.success(), "mkfs.ext4");
+            fs::create_dir(&state_dir).unwrap();
+            mount_ext4(&image, &state_dir);
+            state_fs = Some(StateFs::Ext4(image));
+        }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let child = if self.supervised {
             spawn_supervised_worker(&source, &mountpoint, &state_dir, &args)
@@ -252,7 +336,7 @@ impl MountBuilder {
             source,
             mountpoint,
             state_dir,
-            state_tmpfs: self.state_tmpfs_size.is_some(),
+            state_fs,
             supervised: self.supervised,
             child: Some(child),
         }
