@@ -4,7 +4,9 @@
 Runs each workload, in one run, on: the host directory (the limit), AgentFS
 main, an AgentFS branch by path (.agentfs/branches/<name>/), an AgentFS
 branch through pid binding (at the mount root), fuse-overlayfs and kernel
-overlayfs; prints speed ratios to the host (host time / time: 1.00 is the
+overlayfs, and AgentFS main as the service runs it (supervised: the
+connection shared with a handoff journal for crash takeover); prints speed
+ratios to the host (host time / time: 1.00 is the
 host's speed, higher is faster). Then 1, 2 and 8 processes at once, each
 bound to its own branch against all bound to one, the worker's RSS after
 each workload, and snapshot/branch creation at 1 000 to 1 000 000 files
@@ -166,6 +168,68 @@ class AgentFS:
         except subprocess.TimeoutExpired:
             self.worker.kill()
             self.worker.wait()
+        unmount(self.mnt)
+
+
+class Supervised:
+    """AgentFS as the service runs it: agentfs-supervisor on a private bus
+    mounts and hands the connection to a sandboxed worker that keeps a
+    handoff journal (crash takeover) and shares one /dev/fuse descriptor
+    among its threads. Main only: branches cost the same as above."""
+
+    def __init__(self, base):
+        d = base / "sup"
+        self.mnt, conf = d / "mnt", d / "mounts"
+        for p in (self.mnt, conf, d / "src"):
+            p.mkdir(parents=True)
+        (d / "bus.conf").write_text(
+            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"'
+            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd"><busconfig>'
+            f'<type>session</type><listen>unix:path={d / "bus"}</listen><auth>EXTERNAL</auth>'
+            '<policy context="default"><allow user="*"/><allow own="*"/>'
+            '<allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>'
+            '</policy></busconfig>')
+        self.address = f"unix:path={d / 'bus'}"
+        self.bus = subprocess.Popen(["dbus-daemon", f"--config-file={d / 'bus.conf'}", "--nofork"],
+                                    stderr=subprocess.DEVNULL)
+        (conf / "bench.toml").write_text(f'source = "{d / "src"}"\nmountpoint = "{self.mnt}"\n')
+        for _ in range(200):
+            if (d / "bus").exists():
+                break
+            time.sleep(0.05)
+        self.sup = subprocess.Popen(
+            [BIN / "agentfs-supervisor", "--bus-address", self.address, "--config-dir", conf,
+             "--state-root", d / "state", "--worker", BIN / "agentfs-mount-worker"],
+            stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if subprocess.run(self.busctl("StartMount", "s", "bench"), capture_output=True,
+                                  timeout=30).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError("the supervised mount did not start")
+            (self.mnt / "w").mkdir()
+        except BaseException:
+            self.close()
+            raise
+
+    def busctl(self, method, *args):
+        return ["busctl", f"--address={self.address}", "call", "org.agentfs", "/org/agentfs",
+                "org.agentfs.Manager1", method, *args]
+
+    def targets(self):
+        return [Target("agentfs-supervised", self.mnt / "w")]
+
+    def close(self):
+        subprocess.run(self.busctl("StopMount", "s", "bench"), capture_output=True)
+        for p in (self.sup, self.bus):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         unmount(self.mnt)
 
 
@@ -399,8 +463,8 @@ def main():
     counts = [int(n) for n in args.parallel.split(",") if n]
     if any(not 1 <= n <= MAX_PARALLEL for n in counts):
         sys.exit(f"compare.py: --parallel counts must be 1..{MAX_PARALLEL}")
-    run(["cargo", "build", "--release", "--quiet", "-p", "agentfs-mount-worker", "--bins"],
-        cwd=REPO)
+    run(["cargo", "build", "--release", "--quiet", "-p", "agentfs-mount-worker",
+         "-p", "agentfs-supervisor", "--bins"], cwd=REPO)
     base = Path(tempfile.mkdtemp(prefix="agentfs-cmp-", dir="/var/tmp"))
     mounts = []
     try:
@@ -410,6 +474,7 @@ def main():
         afs = AgentFS(base)
         mounts.append(afs)
         afs.setup_bound()
+        mounts.append(Supervised(base))
         for kind in ("fuse-overlayfs", "kernel-overlayfs"):
             mounts.append(Overlay(base, kind))
         targets = [Target("host", base / "host")] + afs.targets() + \
