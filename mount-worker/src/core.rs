@@ -761,6 +761,9 @@ impl FsCore {
             let views = self.views.read().unwrap();
             return Ok(views.get(&branch.0).map_or(node, |v| v.root));
         }
+        // A node held from a predecessor: found first, so that it is
+        // classified like any other.
+        let _ = self.obj(node);
         let view = match self.nodes.lock().unwrap().by_id.get(&node.0) {
             Some(n) => match n.key {
                 NodeKey::Layer(view, _) => Some(view),
@@ -832,26 +835,44 @@ impl FsCore {
                 cacheable: true,
             };
         }
-        let id = match id {
-            Some(id) if !t.by_id.contains_key(&id) => id,
-            _ => self.next_synthetic.fetch_add(1, Ordering::Relaxed),
-        };
-        // An id the kernel still holds from a predecessor keeps its
-        // generation.
-        let held = self.held(|h| h.nodes.get(&id).map(|(g, _)| *g));
-        let generation =
-            held.unwrap_or_else(|| self.next_generation.fetch_add(1, Ordering::Relaxed));
         let obj = make();
-        // Before the reply hands the id to the kernel.
-        self.journal(|| {
-            Some(Record::Node {
-                id,
-                generation,
-                origin: origin(&t, &obj)?,
+        let origin = self.handoff.as_ref().and_then(|_| origin(&t, &obj));
+        // An id the kernel may still hold from a predecessor is this
+        // object's only if the predecessor recorded the same origin (an
+        // inode number, which main and native branch ids are made of, can
+        // be reused by another file once the dead worker's descriptors are
+        // gone): then it keeps its generation. Otherwise it is taken, as a
+        // live node's is: the kernel's old node answers ESTALE instead of
+        // reaching the new file.
+        let held = |id: u64| {
+            self.held(|h| {
+                let (generation, was) = h.nodes.get(&id)?;
+                let same = Some(was) == origin.as_ref();
+                Some((same, *generation))
             })
-        });
+        };
+        let (id, inherited) = match id {
+            Some(id) if !t.by_id.contains_key(&id) => match held(id) {
+                None => (id, None),
+                Some((true, generation)) => (id, Some(generation)),
+                Some((false, _)) => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
+            },
+            _ => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
+        };
+        let generation =
+            inherited.unwrap_or_else(|| self.next_generation.fetch_add(1, Ordering::Relaxed));
+        // Before the reply hands the id to the kernel.
+        if let Some(origin) = origin {
+            self.journal(|| {
+                Some(Record::Node {
+                    id,
+                    generation,
+                    origin,
+                })
+            });
+        }
         t.insert(id, obj, key, generation, 1);
-        t.by_id.get_mut(&id).expect("just inserted").resumed = held.is_some();
+        t.by_id.get_mut(&id).expect("just inserted").resumed = inherited.is_some();
         Entry {
             node: NodeId(id),
             generation,
@@ -1644,15 +1665,18 @@ impl FsCore {
     }
 
     /// Writes `data` at `offset` of `node`'s open file `fh` (appends if it
-    /// was opened O_APPEND).
+    /// was opened O_APPEND, unless `again`: a write sent again after a
+    /// takeover, which the dead worker may have made already, goes exactly
+    /// where the kernel says, so that it is not appended twice).
     pub fn write(
         &self,
         node: NodeId,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
+        again: bool,
     ) -> io::Result<usize> {
-        self.change_file(node, fh, |f| write_all_at(f, data, offset))
+        self.change_file(node, fh, |f| write_all_at(f, data, offset, again))
     }
 
     /// Closes a file handle.
@@ -2250,10 +2274,17 @@ fn refuse_reserved(obj: &Obj, name: &OsStr) -> io::Result<()> {
 }
 
 /// Writes `data` at `offset`, short only if an error follows some progress.
-fn write_all_at(f: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+/// `pwrite` until all of `data` is written; `exact`: at `offset` even on an
+/// O_APPEND file (RWF_NOAPPEND).
+fn write_all_at(f: &File, data: &[u8], offset: u64, exact: bool) -> io::Result<usize> {
     let mut done = 0;
     while done < data.len() {
-        match f.write_at(&data[done..], offset + done as u64) {
+        let r = if exact {
+            hostfs::pwrite_noappend(f, &data[done..], offset + done as u64)
+        } else {
+            f.write_at(&data[done..], offset + done as u64)
+        };
+        match r {
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if done > 0 => {

@@ -204,6 +204,11 @@ fn reply_entry(reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
 /// takeover) with this bit of `unique`.
 const FUSE_UNIQUE_RESEND: u64 = 1 << 63;
 
+/// Whether the kernel sent `req` again after the previous worker died.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & FUSE_UNIQUE_RESEND != 0
+}
+
 /// A request sent again after the previous worker died may have been
 /// carried out by it, which then answers `errno` (EEXIST for a creation,
 /// ENOENT for a removal or rename). Such an answer to a resent request
@@ -216,7 +221,7 @@ fn unless_done<T>(
     done: impl FnOnce() -> io::Result<T>,
 ) -> io::Result<T> {
     match r {
-        Err(e) if e.raw_os_error() == Some(errno) && req.unique().0 & FUSE_UNIQUE_RESEND != 0 => {
+        Err(e) if e.raw_os_error() == Some(errno) && resent(req) => {
             tracing::info!(
                 request = req.unique().0,
                 "a resent request was done before the takeover"
@@ -551,9 +556,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self
-            .at(req, ino)
-            .and_then(|n| self.core.write(n, FileHandle(fh.0), offset, data));
+        let r = self.at(req, ino).and_then(|n| {
+            self.core
+                .write(n, FileHandle(fh.0), offset, data, resent(req))
+        });
         match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),

@@ -516,6 +516,29 @@ pub fn handle_of(node: BorrowedFd<'_>) -> io::Result<HostHandle> {
     })
 }
 
+/// `pwrite` at `offset` even if `f` was opened O_APPEND (pwritev2 with
+/// RWF_NOAPPEND, Linux 6.9+).
+pub fn pwrite_noappend(f: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which outlives the call.
+    let n = unsafe {
+        libc::pwritev2(
+            f.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOAPPEND,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Opens the inode named by `handle` on the file system of `any` as `O_PATH`.
 /// ESTALE once the inode is gone.
 pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<OwnedFd> {

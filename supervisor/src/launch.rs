@@ -107,16 +107,29 @@ pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<(Connection, 
 /// directory), so that a new one can take its mount over. Runs blocking.
 pub fn end_leftover_worker(cfg: &MountConfig) {
     use std::os::unix::ffi::OsStrExt;
-    let lock = std::fs::read_to_string(cfg.state_dir.join("lock")).unwrap_or_default();
+    let path = cfg.state_dir.join("lock");
+    let Ok(file) = File::open(&path) else {
+        return;
+    };
+    // Not held: no worker serves this state directory (the pid written in
+    // the file is then stale and may be anyone's now).
+    if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+        return;
+    }
+    let lock = std::fs::read_to_string(&path).unwrap_or_default();
     let Ok(pid) = lock.trim().parse::<u32>() else {
         return;
     };
     let Ok(p) = crate::auth::HeldProcess::open(pid) else {
         return;
     };
+    // A worker (comm is cut at 15 bytes) serving this directory.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let dir = cfg.state_dir.as_os_str().as_bytes();
-    if !(p.alive() && cmdline.split(|b| *b == 0).any(|arg| arg == dir)) {
+    let mut args = cmdline.split(|b| *b == 0);
+    let serves = args.any(|a| a == b"--state-dir")
+        && args.next() == Some(cfg.state_dir.as_os_str().as_bytes());
+    if !(p.alive() && comm.trim_end() == "agentfs-mount-w" && serves) {
         return;
     }
     tracing::warn!(
