@@ -761,16 +761,13 @@ impl FsCore {
             let views = self.views.read().unwrap();
             return Ok(views.get(&branch.0).map_or(node, |v| v.root));
         }
-        // A node held from a predecessor: found first, so that it is
+        // obj() also finds a node held from a predecessor, so that it is
         // classified like any other.
-        let _ = self.obj(node);
-        let view = match self.nodes.lock().unwrap().by_id.get(&node.0) {
-            Some(n) => match n.key {
-                NodeKey::Layer(view, _) => Some(view),
-                _ => None,
-            },
+        let view = match self.obj(node).as_deref() {
+            Ok(Obj::Layer(o)) => Some(o.view.number),
+            Ok(_) => None,
             // Forgotten: let the request fail as it would for anyone.
-            None => return Ok(node),
+            Err(_) => return Ok(node),
         };
         if view == Some(branch.0) {
             Ok(node)
