@@ -17,6 +17,10 @@ that fails on a target is recorded as failed, with its error.
     sudo bench/compare.py [--size-mib N] [--files N] [--tree-files N]
                           [--parallel 1,2,8] [--create-sizes 1000,...]
                           [--only WORKLOAD,...] [--label NAME]
+                          [--passthrough auto|on|off] [--variants on,off]
+
+`--variants` adds AgentFS main targets with other `[fuse] passthrough`
+policies (agentfs-main-pt-POLICY), for comparison in the same run.
 
 Needs root, fio, fuse-overlayfs, git and cargo (scripts/install-deps.sh and
 `apt-get install fio fuse-overlayfs`). Leaves nothing mounted.
@@ -116,24 +120,36 @@ class Target:
 
 
 class AgentFS:
-    def __init__(self, base):
-        self.src, self.mnt, self.state = base / "afs-src", base / "afs-mnt", base / "afs-state"
+    """A standalone worker with `--passthrough policy`: main, a branch by
+    path and one by binding; or, as a variant (`branches` false), main only,
+    named after its policy."""
+
+    def __init__(self, base, passthrough="auto", branches=True):
+        name = "afs" if branches else f"afs-{passthrough}"
+        self.passthrough, self.branches = passthrough, branches
+        self.src, self.mnt, self.state = (base / f"{name}-src", base / f"{name}-mnt",
+                                          base / f"{name}-state")
         for d in (self.src, self.mnt):
             d.mkdir()
         self.worker = subprocess.Popen(
             [BIN / "agentfs-mount-worker", "--source", self.src, "--mountpoint", self.mnt,
-             "--state-dir", self.state], stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if mounted(self.mnt):
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("the AgentFS worker did not mount")
-        self.ctl("snapshot-create", "--name", "base")
-        for b in ("bp", "bb", "one") + tuple(f"c{i}" for i in range(MAX_PARALLEL)):
-            self.ctl("branch-create", "--snapshot", "base", "--name", b)
-        (self.mnt / "w").mkdir()
-        (self.mnt / ".agentfs/branches/bp/w").mkdir()
+             "--state-dir", self.state, "--passthrough", passthrough], stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                if mounted(self.mnt):
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("the AgentFS worker did not mount")
+            if branches:
+                self.ctl("snapshot-create", "--name", "base")
+                for b in ("bp", "bb", "one") + tuple(f"c{i}" for i in range(MAX_PARALLEL)):
+                    self.ctl("branch-create", "--snapshot", "base", "--name", b)
+                (self.mnt / ".agentfs/branches/bp/w").mkdir()
+            (self.mnt / "w").mkdir()
+        except BaseException:
+            self.close()
+            raise
 
     def ctl(self, *args):
         run([BIN / "agentfs-workerctl", "--state-dir", self.state, *args],
@@ -143,6 +159,8 @@ class AgentFS:
         self.ctl("branch-bind", "--branch", branch, "--pid", str(pid))
 
     def targets(self):
+        if not self.branches:
+            return [Target(f"agentfs-main-pt-{self.passthrough}", self.mnt / "w")]
         bound_dir = self.mnt / "w"
         return [
             Target("agentfs-main", self.mnt / "w"),
@@ -177,7 +195,7 @@ class Supervised:
     handoff journal (crash takeover) and shares one /dev/fuse descriptor
     among its threads. Main only: branches cost the same as above."""
 
-    def __init__(self, base):
+    def __init__(self, base, passthrough):
         d = base / "sup"
         self.mnt, conf = d / "mnt", d / "mounts"
         for p in (self.mnt, conf, d / "src"):
@@ -192,7 +210,8 @@ class Supervised:
         self.address = f"unix:path={d / 'bus'}"
         self.bus = subprocess.Popen(["dbus-daemon", f"--config-file={d / 'bus.conf'}", "--nofork"],
                                     stderr=subprocess.DEVNULL)
-        (conf / "bench.toml").write_text(f'source = "{d / "src"}"\nmountpoint = "{self.mnt}"\n')
+        (conf / "bench.toml").write_text(f'source = "{d / "src"}"\nmountpoint = "{self.mnt}"\n'
+                                         f'[fuse]\npassthrough = "{passthrough}"\n')
         for _ in range(200):
             if (d / "bus").exists():
                 break
@@ -455,6 +474,11 @@ def main():
                     help="tree sizes of the snapshot/branch creation run (empty: skip)")
     ap.add_argument("--only", help="comma-separated workload names (prefixes)")
     ap.add_argument("--label", default="", help="suffix of the result file names")
+    ap.add_argument("--passthrough", default="auto", choices=("auto", "on", "off"),
+                    help="[fuse] passthrough of the AgentFS targets (default: the default, auto)")
+    ap.add_argument("--variants", default="on",
+                    help="comma-separated passthrough policies of extra AgentFS main targets, "
+                         "named agentfs-main-pt-POLICY (empty: none)")
     args = ap.parse_args()
     # TERM (from `timeout`, say) unwinds like ^C, through the clean-up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -471,10 +495,12 @@ def main():
         tarball, tree_files = make_tree_tarball(base, args.tree_files)
         crate = small_crate(base)
         (base / "host").mkdir()
-        afs = AgentFS(base)
+        afs = AgentFS(base, args.passthrough)
         mounts.append(afs)
         afs.setup_bound()
-        mounts.append(Supervised(base))
+        for policy in [v for v in args.variants.split(",") if v]:
+            mounts.append(AgentFS(base, policy, branches=False))
+        mounts.append(Supervised(base, args.passthrough))
         for kind in ("fuse-overlayfs", "kernel-overlayfs"):
             mounts.append(Overlay(base, kind))
         targets = [Target("host", base / "host")] + afs.targets() + \
@@ -534,6 +560,8 @@ def main():
         "size_mib": args.size_mib,
         "meta_files": args.files,
         "tree_files": tree_files,
+        "passthrough": args.passthrough,
+        "variants": args.variants,
     }
     stem = f"compare-{meta['date']}{('-' + args.label) if args.label else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,23 @@ pub const AGENTFS_NAME: &[u8] = b".agentfs";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileHandle(pub u64);
 
+/// What the kernel may do with an open file without asking the worker,
+/// once given the host file (FUSE passthrough, `crate::passthrough`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bypass {
+    /// Nothing: a branch's file (a copy-up replaces the host file under
+    /// it) or a snapshot's file still shared with main (a change to main
+    /// moves the snapshot's content to a pre-image).
+    Never,
+    /// Reads: main's own inode, or a snapshot's pre-image (which never
+    /// changes).
+    Read,
+    /// Reads and writes: main's own inode, opened for writing. The worker
+    /// no longer sees its changes, so it preserves the file for the
+    /// snapshots up front ([`FsCore::writes_unseen`]).
+    Write,
+}
+
 /// An open directory stream, as handed to the kernel in `opendir`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DirHandle(pub u64);
@@ -330,6 +347,10 @@ pub struct FsCore {
     /// Where ids handed to the kernel are recorded for a successor, and
     /// what a predecessor's kernel still holds (found again on first use).
     handoff: Option<(Journal, Mutex<Held>)>,
+    /// Main files open for changes the worker does not see (passthrough
+    /// writes, shared maps of a passthrough file), by file handle: every
+    /// snapshot preserves them when it is taken.
+    unseen: Mutex<HashMap<u64, NodeId>>,
 }
 
 /// What changes to main must preserve, as of the newest snapshot of main.
@@ -428,6 +449,7 @@ impl FsCore {
             isolation: Isolation::default(),
             started: SystemTime::now(),
             handoff: None,
+            unseen: Mutex::default(),
         };
         core.open_layers()?;
         Ok(core)
@@ -655,8 +677,43 @@ impl FsCore {
                 "taking over: the kernel holds these from the previous worker"
             );
         }
+        // The kernel keeps writing files the predecessor opened for
+        // passthrough without a word to this worker.
+        *self.unseen.get_mut().unwrap() = held
+            .files
+            .iter()
+            .filter(|(_, (node, flags))| {
+                held.backings.contains_key(node) && flags & libc::O_ACCMODE != libc::O_RDONLY
+            })
+            .map(|(&fh, &(node, _))| (fh, NodeId(node)))
+            .collect();
         self.handoff = Some((journal, Mutex::new(held)));
         self
+    }
+
+    /// What a predecessor left open in the kernel: each file's handle and
+    /// node, and the backing file ids of nodes open for passthrough.
+    pub fn held_open(&self) -> (Vec<(FileHandle, NodeId)>, HashMap<u64, u32>) {
+        self.held(|h| {
+            let files = h
+                .files
+                .iter()
+                .map(|(&fh, &(node, _))| (FileHandle(fh), NodeId(node)))
+                .collect();
+            Some((files, h.backings.clone()))
+        })
+        .unwrap_or_default()
+    }
+
+    /// Records for a successor that `node`'s passthrough opens share
+    /// backing file `id` (None: the backing file was closed).
+    pub fn journal_backing(&self, node: NodeId, id: Option<u32>) {
+        self.journal(|| {
+            Some(match id {
+                Some(id) => Record::Backing { node: node.0, id },
+                None => Record::Unbacked(node.0),
+            })
+        });
     }
 
     fn journal(&self, r: impl FnOnce() -> Option<Record>) {
@@ -1679,7 +1736,62 @@ impl FsCore {
     /// Closes a file handle.
     pub fn release(&self, fh: FileHandle) {
         self.files.write().unwrap().remove(&fh.0);
+        self.unseen.lock().unwrap().remove(&fh.0);
         self.released(fh.0);
+    }
+
+    /// What the kernel may do with open file `fh` (opened with `flags`)
+    /// without the worker.
+    pub fn bypass(&self, fh: FileHandle, flags: i32) -> Bypass {
+        match self.file(fh).as_deref() {
+            Ok(OpenFile::Main(_)) => {
+                if flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+                    Bypass::Read
+                } else {
+                    Bypass::Write
+                }
+            }
+            Ok(OpenFile::SnapPre(_)) => Bypass::Read,
+            _ => Bypass::Never,
+        }
+    }
+
+    /// The host file the kernel may use directly for `node`'s open file
+    /// `fh` (whose [`Bypass`] is not `Never`), and whether it may write
+    /// through it. Main's inode is opened read-write if `for_writers` and
+    /// it can be, so that writers can share it with readers; otherwise,
+    /// and for a pre-image, read-only.
+    pub fn backing_file(
+        &self,
+        node: NodeId,
+        fh: FileHandle,
+        for_writers: bool,
+    ) -> io::Result<(File, bool)> {
+        match &*self.file(fh)? {
+            OpenFile::Main(_) => {
+                let obj = self.obj(node)?;
+                let fd = obj.main_fd()?;
+                match for_writers.then(|| hostfs::reopen(fd, libc::O_RDWR)) {
+                    Some(Ok(f)) => Ok((f, true)),
+                    // A read-only file system, an immutable file, a binary
+                    // being run (ETXTBSY): readers can still share it.
+                    _ => Ok((hostfs::reopen(fd, libc::O_RDONLY)?, false)),
+                }
+            }
+            OpenFile::SnapPre(f) => Ok((f.try_clone()?, false)),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    /// Main file `fh` of `node` will change without the worker seeing it
+    /// (passthrough writes, or shared maps of a passthrough file): preserve
+    /// it for the newest snapshot now, and for every snapshot taken while
+    /// it stays open when that snapshot is taken (contract 2.1).
+    pub fn writes_unseen(&self, node: NodeId, fh: FileHandle) -> io::Result<()> {
+        let obj = self.obj(node)?;
+        let _latest = self.before_change(&[obj.main_fd()?])?;
+        self.unseen.lock().unwrap().insert(fh.0, node);
+        Ok(())
     }
 
     /// A file or directory handle is gone for good.
@@ -2010,11 +2122,44 @@ impl FsCore {
         let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let snap = next.add(name);
+        self.preserve_unseen(snap.epoch)?;
         next.save(&self.state).map_err(|e| catalog_error(&e))?;
         *catalog = next;
         *latest = Latest::new(Some(snap.epoch));
         tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, "snapshot of main created");
         Ok(snap)
+    }
+
+    /// Copies the pre-image, for a snapshot at `epoch`, of every main file
+    /// that may change unseen: the only data a snapshot copies, and only
+    /// while passthrough writers are open (specs/semantics.md,
+    /// "Passthrough"). A pre-image left by a failure is for an epoch no
+    /// snapshot gets, and goes with the next garbage collection.
+    fn preserve_unseen(&self, epoch: u64) -> Result<(), ControlError> {
+        let nodes: HashSet<NodeId> = self.unseen.lock().unwrap().values().copied().collect();
+        for node in nodes {
+            let kept = self.obj(node).and_then(|obj| {
+                let fd = obj.main_fd()?;
+                self.store.preserve(fd, &hostfs::handle_of(fd)?, epoch)
+            });
+            match kept {
+                Ok(()) => {}
+                // Gone from the source: no snapshot can show it.
+                Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {}
+                Err(e) => {
+                    return Err(ControlError::new(
+                        ErrorKind::Io,
+                        format!(
+                            "no snapshot taken, nothing changed: a file open for writing \
+                             with passthrough (node {}) could not be preserved: {e}; free \
+                             space in the state directory, or close the file, and retry",
+                            node.0
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes a snapshot of a branch (O(1)): the branch's top layer freezes

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, Time};
 use crate::hostfs::{Stat, XattrReply};
+use crate::passthrough::{Open, Passthrough};
 use crate::trim::Trimmer;
 
 /// How long the kernel may cache names and attributes. Every change to the
@@ -28,25 +29,33 @@ use crate::trim::Trimmer;
 /// source behind the mount's back.
 const TTL: Duration = Duration::from_secs(1);
 
-/// How regular files are opened: keeping the kernel's page cache across
-/// opens. A node is one object for good (never re-pointed to another
-/// branch's file), every change through the mount updates or invalidates
-/// that cache itself, and FUSE_AUTO_INVAL_DATA (see `init`) drops it when
-/// the attributes show a change made to the source behind the mount's back.
+/// The FOPEN flags of an open with the caller's `flags`, answered `how`.
+///
+/// Cached opens keep the kernel's page cache across opens when they may: a
+/// node is one object for good (never re-pointed to another branch's
+/// file), every change through the mount updates or invalidates that cache
+/// itself, and FUSE_AUTO_INVAL_DATA (see `init`) drops it when the
+/// attributes show a change made to the source behind the mount's back.
 /// Without it every open dropped the file's cached pages.
-const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
-
-/// How a file is opened with `flags`: as [`OPEN_FLAGS`], and read-only
-/// opens without FLUSH on close. The worker's FLUSH does nothing (writes
-/// go through at once, locks are the kernel's), but the kernel writes an
-/// inode's dirty mapped pages back before sending it, so only descriptors
-/// that cannot have dirtied pages (read-only ones) skip that round trip.
-fn open_flags(flags: i32) -> FopenFlags {
+///
+/// Read-only opens skip FLUSH on close. The worker's FLUSH does nothing
+/// (writes go through at once, locks are the kernel's), but the kernel
+/// writes an inode's dirty mapped pages back before sending it, so only
+/// descriptors that cannot have dirtied pages (read-only ones) skip that
+/// round trip.
+fn fopen_flags(flags: i32, how: Open) -> FopenFlags {
+    let mut f = match how {
+        Open::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
+        Open::Cached { keep_cache: false } => FopenFlags::empty(),
+        Open::Passthrough {
+            direct_io: true, ..
+        } => FopenFlags::FOPEN_DIRECT_IO,
+        Open::Passthrough { .. } => FopenFlags::empty(),
+    };
     if flags & libc::O_ACCMODE == libc::O_RDONLY {
-        OPEN_FLAGS | FopenFlags::FOPEN_NOFLUSH
-    } else {
-        OPEN_FLAGS
+        f |= FopenFlags::FOPEN_NOFLUSH;
     }
+    f
 }
 
 /// Kernel-facing tuning of a mount.
@@ -63,13 +72,29 @@ pub struct Adapter {
     core: Arc<FsCore>,
     tuning: Tuning,
     trim: Arc<Trimmer>,
+    passthrough: Passthrough,
 }
 
 impl Adapter {
     /// Serves `core` with the given kernel tuning, telling `trim` the
-    /// names the kernel learns.
-    pub fn new(core: Arc<FsCore>, tuning: Tuning, trim: Arc<Trimmer>) -> Adapter {
-        Adapter { core, tuning, trim }
+    /// names the kernel learns, opening files through `passthrough`.
+    pub fn new(
+        core: Arc<FsCore>,
+        tuning: Tuning,
+        trim: Arc<Trimmer>,
+        passthrough: Passthrough,
+    ) -> Adapter {
+        Adapter {
+            core,
+            tuning,
+            trim,
+            passthrough,
+        }
+    }
+
+    /// How `node`'s new open file `fh` is answered (see `passthrough`).
+    fn how(&self, node: NodeId, fh: FileHandle, flags: i32) -> io::Result<Open> {
+        self.passthrough.open(&self.core, node, fh, flags)
     }
 
     /// Replies with a new name's entry, which the trimmer learns unless it
@@ -287,6 +312,18 @@ impl Filesystem for Adapter {
                 "kernel lacks {missing:?}: cached file pages outlive changes made to the source behind the mount"
             );
         }
+        if self.passthrough.wanted() {
+            // Depth 1: backing files on a plain file system, and this
+            // mount can still be a lower layer of an overlay.
+            let granted = config.set_max_stack_depth(1).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            if !granted {
+                tracing::warn!(
+                    "kernel lacks FUSE passthrough (6.9+): every read and write goes through the worker"
+                );
+                self.passthrough.disable();
+            }
+        }
         Ok(())
     }
 
@@ -479,8 +516,23 @@ impl Filesystem for Adapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.at(req, ino).and_then(|n| self.core.open(n, flags.0)) {
-            Ok(fh) => reply.opened(fuser::FileHandle(fh.0), open_flags(flags.0)),
+        let r = self.at(req, ino).and_then(|n| {
+            let fh = self.core.open(n, flags.0)?;
+            Ok((fh, self.how(n, fh, flags.0)?))
+        });
+        match r {
+            Ok((fh, how @ Open::Cached { .. })) => {
+                reply.opened(fuser::FileHandle(fh.0), fopen_flags(flags.0, how))
+            }
+            Ok((fh, how @ Open::Passthrough { id, .. })) => {
+                // SAFETY: `id` is open in this connection until the last
+                // file using it is released (`Passthrough::release`), and
+                // `into_raw` below keeps this wrapper from closing it.
+                let backing = unsafe { reply.wrap_backing(id) };
+                let flags = fopen_flags(flags.0, how);
+                reply.opened_passthrough(fuser::FileHandle(fh.0), flags, &backing);
+                backing.into_raw();
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -497,7 +549,7 @@ impl Filesystem for Adapter {
     ) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.create(p, name, mode, flags, caller(req, umask));
-            unless_done(req, r, libc::EEXIST, || {
+            let (e, fh) = unless_done(req, r, libc::EEXIST, || {
                 let e = self.core.lookup(p, name)?;
                 let again = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
                 match self.core.open(e.node, again) {
@@ -507,18 +559,33 @@ impl Filesystem for Adapter {
                         Err(err)
                     }
                 }
-            })
+            })?;
+            match self.how(e.node, fh, flags) {
+                Ok(how) => Ok((e, fh, how)),
+                Err(err) => {
+                    self.core.forget(e.node, 1);
+                    Err(err)
+                }
+            }
         });
         match r {
-            Ok((e, fh)) => {
+            Ok((e, fh, how)) => {
                 self.learn(parent, name, &e);
-                reply.created(
-                    &entry_ttl(parent, &e),
-                    &attr(e.node, &e.stat),
+                let (ttl, attr, generation) = (
+                    entry_ttl(parent, &e),
+                    attr(e.node, &e.stat),
                     Generation(e.generation),
-                    fuser::FileHandle(fh.0),
-                    open_flags(flags),
-                )
+                );
+                let (fh, fopen) = (fuser::FileHandle(fh.0), fopen_flags(flags, how));
+                match how {
+                    Open::Cached { .. } => reply.created(&ttl, &attr, generation, fh, fopen),
+                    Open::Passthrough { id, .. } => {
+                        // SAFETY: as in `open`.
+                        let backing = unsafe { reply.wrap_backing(id) };
+                        reply.created_passthrough(&ttl, &attr, generation, fh, fopen, &backing);
+                        backing.into_raw();
+                    }
+                }
             }
             Err(e) => reply.error(err(e)),
         }
@@ -589,6 +656,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.release(&self.core, FileHandle(fh.0));
         self.core.release(FileHandle(fh.0));
         reply.ok();
     }

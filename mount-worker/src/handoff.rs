@@ -7,7 +7,9 @@
 //! journal, in shared memory the supervisor owns (a memfd), records how:
 //! a main node by its host file handle, a snapshot node by snapshot and
 //! handle, a branch node by its parent node and name; an open file by its
-//! node and open flags; a directory stream by its node. A record is
+//! node and open flags; a directory stream by its node; the backing file
+//! id a node's passthrough opens share (the kernel refuses another one
+//! while any is open, `crate::passthrough`). A record is
 //! written before the reply that hands the id to the kernel, so whatever
 //! the kernel holds is in the journal, even if the worker dies right after.
 //!
@@ -78,6 +80,10 @@ pub enum Record {
     Dir { dh: u64, node: u64 },
     /// A file or directory handle was released.
     Release(u64),
+    /// Node `node`'s passthrough opens use backing file `id`.
+    Backing { node: u64, id: u32 },
+    /// Node `node`'s backing file was closed.
+    Unbacked(u64),
 }
 
 /// What the kernel held when the journal was read.
@@ -89,6 +95,8 @@ pub struct Held {
     pub files: HashMap<u64, (u64, i32)>,
     /// Open directory handles: node.
     pub dirs: HashMap<u64, u64>,
+    /// Backing file ids of nodes open for passthrough.
+    pub backings: HashMap<u64, u32>,
 }
 
 impl Held {
@@ -114,6 +122,12 @@ impl Held {
                 self.files.remove(&h);
                 self.dirs.remove(&h);
             }
+            Record::Backing { node, id } => {
+                self.backings.insert(node, id);
+            }
+            Record::Unbacked(node) => {
+                self.backings.remove(&node);
+            }
         }
     }
 
@@ -134,7 +148,11 @@ impl Held {
             .dirs
             .iter()
             .map(|(&dh, &node)| Record::Dir { dh, node });
-        nodes.chain(files).chain(dirs)
+        let backings = self
+            .backings
+            .iter()
+            .map(|(&node, &id)| Record::Backing { node, id });
+        nodes.chain(files).chain(dirs).chain(backings)
     }
 
     /// The largest generation held (new ones go above it).
@@ -337,6 +355,8 @@ const FORGET: u8 = 4;
 const FILE: u8 = 5;
 const DIR: u8 = 6;
 const RELEASE: u8 = 7;
+const BACKING: u8 = 8;
+const UNBACKED: u8 = 9;
 
 fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(&h.handle_type().to_le_bytes());
@@ -399,6 +419,15 @@ fn encode(r: &Record) -> Vec<u8> {
         Record::Release(h) => {
             out.push(RELEASE);
             out.extend_from_slice(&h.to_le_bytes());
+        }
+        Record::Backing { node, id } => {
+            out.push(BACKING);
+            out.extend_from_slice(&node.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Record::Unbacked(node) => {
+            out.push(UNBACKED);
+            out.extend_from_slice(&node.to_le_bytes());
         }
     }
     let n = (out.len() - 4) as u32;
@@ -473,6 +502,11 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
             node: f.u64()?,
         },
         RELEASE => Record::Release(f.u64()?),
+        BACKING => Record::Backing {
+            node: f.u64()?,
+            id: f.u32()?,
+        },
+        UNBACKED => Record::Unbacked(f.u64()?),
         _ => return None,
     };
     Some((r, at + 4 + n))
@@ -533,6 +567,9 @@ mod tests {
             flags: 0,
         });
         j.append(&Record::Release(7));
+        j.append(&Record::Backing { node: 10, id: 3 });
+        j.append(&Record::Backing { node: 11, id: 4 });
+        j.append(&Record::Unbacked(11));
         drop(j);
         let (j2, held) = Journal::open(dup(&fd), true).unwrap();
         assert_eq!(held.nodes.len(), 2);
@@ -544,6 +581,7 @@ mod tests {
         );
         assert_eq!(held.dirs.get(&6), Some(&10));
         assert_eq!(held.max_handle(), 6);
+        assert_eq!(held.backings, HashMap::from([(10, 3)]));
         // The successor's own journal holds the same after folding.
         drop(j2);
         let (_, again) = Journal::open(fd, true).unwrap();

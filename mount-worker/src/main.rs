@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use agentfs_mount_worker::core::Isolation;
 use agentfs_mount_worker::fuse_adapter::Tuning;
+use agentfs_mount_worker::passthrough::Policy;
 use agentfs_mount_worker::worker::{self, Handoff, Options};
 use clap::Parser;
 
@@ -64,6 +65,11 @@ struct Cli {
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     max_background: u16,
+    /// Which opens the kernel serves from the host file itself (FUSE
+    /// passthrough, kernel 6.9+): `auto` read-only opens of main and of
+    /// snapshots' pre-images; `on` main's writers too; `off` none.
+    #[arg(long, value_enum, default_value_t = Policy::Auto, value_name = "POLICY")]
+    passthrough: Policy,
     /// Let a process bound to a branch act only on that branch's files:
     /// `.agentfs/`, main and other branches answer EACCES to it, even
     /// through descriptors it got elsewhere.
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
             max_write: cli.max_write,
             max_background: cli.max_background,
         },
+        passthrough: cli.passthrough,
         isolation: if cli.strict_isolation {
             Isolation::Strict
         } else {

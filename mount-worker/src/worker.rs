@@ -15,6 +15,7 @@ use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
 use crate::handoff::Journal;
 use crate::mount;
+use crate::passthrough::{Passthrough, Policy};
 use crate::proc_events::ForkEvents;
 use crate::sandbox;
 use crate::state::StateDir;
@@ -42,6 +43,8 @@ pub struct Options {
     pub threads: usize,
     /// Kernel tuning.
     pub tuning: Tuning,
+    /// Which opens use FUSE passthrough.
+    pub passthrough: Policy,
     /// How far processes bound to a branch reach.
     pub isolation: Isolation,
     /// Confine the worker ([`crate::sandbox`]) when it serves a given
@@ -208,7 +211,11 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let _control = control::serve(state.path(), handler)
         .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let trim = Arc::new(Trimmer::new(open_files));
-    let adapter = Adapter::new(core.clone(), opts.tuning.clone(), trim.clone());
+    let fuse = fd
+        .try_clone()
+        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let passthrough = Passthrough::new(opts.passthrough, fuse, &core);
+    let adapter = Adapter::new(core.clone(), opts.tuning.clone(), trim.clone(), passthrough);
     let takeover = opts.handoff.is_some_and(|h| h.takeover);
     let session = if takeover {
         let session = Session::from_initialized_fd(adapter, fd, acl, config);

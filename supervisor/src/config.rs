@@ -49,17 +49,29 @@ pub struct Access {
     pub groups: Vec<String>,
 }
 
-/// `passthrough = "auto" | "on" | "off"`.
+/// `passthrough = "auto" | "on" | "off"` (specs/config.md): which opens
+/// the kernel serves from the host file itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Passthrough {
-    /// Use it where the kernel supports it.
+    /// Read-only opens of main and of snapshots' pre-images.
     #[default]
     Auto,
-    /// Require it.
+    /// As `auto`, and main's writers.
     On,
-    /// Never.
+    /// None.
     Off,
+}
+
+impl Passthrough {
+    /// The worker's `--passthrough` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Passthrough::Auto => "auto",
+            Passthrough::On => "on",
+            Passthrough::Off => "off",
+        }
+    }
 }
 
 /// `[fuse]` tuning.
@@ -388,9 +400,6 @@ impl MountConfig {
         let mut v = Vec::new();
         if self.fuse.writeback_cache {
             v.push("fuse.writeback_cache = true");
-        }
-        if self.fuse.passthrough == Passthrough::On {
-            v.push("fuse.passthrough = \"on\"");
         }
         v
     }

@@ -170,6 +170,7 @@ async fn spawn(
         .args(["--threads", &cfg.fuse.threads.to_string()])
         .args(["--max-write", &cfg.fuse.max_write.to_string()])
         .args(["--max-background", &cfg.fuse.max_background.to_string()])
+        .args(["--passthrough", cfg.fuse.passthrough.as_arg()])
         .stdin(Stdio::null())
         // systemd's notification socket is the supervisor's alone.
         .env_remove("NOTIFY_SOCKET")

@@ -604,6 +604,61 @@ fn a_killed_worker_is_replaced_until_the_restart_limit() {
     );
 }
 
+/// Files open for passthrough when the worker dies stay served by the
+/// kernel from the host file; the successor must open the same node with
+/// the same backing file (the kernel fails any other open of it with EIO)
+/// and close that backing file once the last of them is released.
+#[test]
+fn files_open_for_passthrough_survive_a_worker_crash() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("pt", "[fuse]\npassthrough = \"on\"\n");
+    fs::write(src.join("read"), "0123456789").unwrap();
+    fs::write(src.join("written"), "0123456789").unwrap();
+    ok(&s.manager("StartMount", "s", &["pt"]));
+    let rw = |p: &Path| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    };
+    let reader = fs::File::open(mnt.join("read")).unwrap();
+    let writer = rw(&mnt.join("written"));
+    writer.write_all_at(b"before", 0).unwrap();
+    kill_worker(&s, "pt", 1);
+    let mut buf = [0u8; 10];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"0123456789");
+    writer.write_all_at(b"after!", 0).unwrap();
+    // New opens of both nodes while the old ones are open, of every kind.
+    let reader2 = fs::File::open(mnt.join("written")).unwrap();
+    reader2.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"after!6789");
+    let writer2 = rw(&mnt.join("read"));
+    writer2.write_all_at(b"new", 0).unwrap();
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"new3456789");
+    drop((reader, writer, reader2, writer2));
+    // All released: the nodes open afresh (a backing file left registered
+    // would make the next passthrough open of the node fail with EIO).
+    for name in ["read", "written"] {
+        let r = fs::File::open(mnt.join(name)).unwrap();
+        let w = rw(&mnt.join(name));
+        w.write_all_at(b"X", 9).unwrap();
+        r.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[9], b'X', "{name}");
+    }
+    assert_eq!(
+        fs::read_to_string(src.join("written")).unwrap(),
+        "after!678X"
+    );
+    // And again across a second crash with nothing open.
+    kill_worker(&s, "pt", 2);
+    assert_eq!(fs::read_to_string(mnt.join("read")).unwrap(), "new345678X");
+}
+
 #[test]
 fn users_may_do_only_what_the_config_grants() {
     let dir = tempdir();
