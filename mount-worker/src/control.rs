@@ -176,6 +176,16 @@ pub enum Request {
         /// A process to try attaching to with ptrace.
         tracee: i32,
     },
+    /// Test hook: stall every FUSE request for `seconds`, the stalling
+    /// thread spinning on the CPU (`spin`) or asleep (answered only by a
+    /// worker started with `--test-fault-hook`; the supervisor's hang
+    /// detection tells a busy worker from a hung one).
+    Stall {
+        /// How long.
+        seconds: u64,
+        /// Spin (a busy worker) rather than sleep (a hung one).
+        spin: bool,
+    },
 }
 
 /// The reply line.

@@ -705,6 +705,13 @@ impl FsCore {
         .unwrap_or_default()
     }
 
+    /// Runs `f` holding the node table, which every FUSE request needs:
+    /// the worker's test fault hook, to play a stalled worker.
+    pub fn stall(&self, f: impl FnOnce()) {
+        let _nodes = self.nodes.lock().unwrap();
+        f();
+    }
+
     /// Records for a successor that `node`'s passthrough opens share
     /// backing file `id` (None: the backing file was closed).
     pub fn journal_backing(&self, node: NodeId, id: Option<u32>) {
@@ -2496,9 +2503,10 @@ impl Handler for FsCore {
                 Ok(to_json(&self.bindings.unbind_cgroup(&cgroup, persist)?))
             }
             Request::BindingList {} => Ok(to_json(&self.bindings.records())),
-            Request::SandboxProbe { .. } => Err(ControlError::new(
+            Request::SandboxProbe { .. } | Request::Stall { .. } => Err(ControlError::new(
                 ErrorKind::InvalidArgument,
-                "sandbox-probe is a test hook; this worker was not started with --test-fault-hook",
+                "sandbox-probe and stall are test hooks; this worker was not started with \
+                 --test-fault-hook",
             )),
         }
     }

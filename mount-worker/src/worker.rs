@@ -389,8 +389,9 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
     Ok(())
 }
 
-/// The control handler with the test hook: `sandbox-probe` tries what the
-/// sandbox must refuse; everything else goes to the core.
+/// The control handler with the test hooks: `sandbox-probe` tries what the
+/// sandbox must refuse, `stall` plays a busy or a hung worker; everything
+/// else goes to the core.
 struct FaultHook(Arc<FsCore>);
 
 impl control::Handler for FaultHook {
@@ -405,6 +406,17 @@ impl control::Handler for FaultHook {
                 Path::new(&mount_on),
                 tracee
             ))),
+            control::Request::Stall { seconds, spin } => {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+                self.0.stall(|| {
+                    while std::time::Instant::now() < until {
+                        if !spin {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
+                });
+                Ok(serde_json::json!({}))
+            }
             other => self.0.handle(other),
         }
     }

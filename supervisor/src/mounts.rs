@@ -306,10 +306,17 @@ const STABLE: Duration = Duration::from_secs(1);
 /// How often a running worker is asked whether it still answers.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Returns (only) once the worker fails to answer, within `timeout`, a
+/// A busy worker (a thread running or in disk I/O) is given this many
+/// timeouts to answer before it counts as hung anyway: long copy-ups and
+/// fsyncs on every thread are work, an endless loop is not.
+const BUSY_TIMEOUTS: u32 = 10;
+
+/// Returns (only) once worker `pid` fails to answer, within the timeout, a
 /// request on its control socket or a FUSE request (a stat of the mount
-/// root, which the kernel never caches). Never returns without a timeout.
-async fn hang(config: &MountConfig) -> String {
+/// root, which the kernel never caches) while none of its threads runs or
+/// waits for the disk; or, busy, for [`BUSY_TIMEOUTS`] timeouts. Never
+/// returns without a timeout.
+async fn hang(config: &MountConfig, pid: u32) -> String {
     let secs = config.restart.hang_timeout_sec;
     if secs == 0 {
         return std::future::pending().await;
@@ -318,15 +325,53 @@ async fn hang(config: &MountConfig) -> String {
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         let (dir, root) = (config.state_dir.clone(), config.mountpoint.clone());
-        let probe = tokio::task::spawn_blocking(move || {
+        let mut probe = tokio::task::spawn_blocking(move || {
             let _ = control::call(&dir, &Request::BindingList {});
             let _ = std::fs::metadata(&root);
         });
         // Errors are not hangs: a dead worker shows as its exit.
-        if tokio::time::timeout(timeout, probe).await.is_err() {
-            return format!("did not answer within {secs} s (restart.hang_timeout_sec)");
+        let mut waited = 0;
+        while tokio::time::timeout(timeout, &mut probe).await.is_err() {
+            waited += 1;
+            if waited >= BUSY_TIMEOUTS {
+                return format!(
+                    "did not answer within {} s although busy (restart.hang_timeout_sec \
+                     = {secs}, {BUSY_TIMEOUTS} times that for a busy worker)",
+                    secs * BUSY_TIMEOUTS
+                );
+            }
+            if !busy(pid) {
+                return format!("did not answer within {secs} s (restart.hang_timeout_sec)");
+            }
+            if waited == 1 {
+                tracing::warn!(
+                    pid,
+                    "worker did not answer within {secs} s but is busy (running or waiting for \
+                     the disk); waiting up to {} s",
+                    secs * BUSY_TIMEOUTS
+                );
+            }
         }
     }
+}
+
+/// Whether a thread of process `pid` is running (R) or in uninterruptible
+/// (disk) sleep (D), from `/proc/PID/task/*/stat`. A worker whose threads
+/// all sleep (S: on a lock or a queue) or are stopped (T) while a request
+/// waits is hung.
+fn busy(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which may hold ") ".
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            matches!(state, Some('R' | 'D'))
+        })
+    })
 }
 
 /// Watches the worker; replaces it when it dies or hangs (within the
@@ -355,7 +400,7 @@ async fn supervise(
                     Event::Stop
                 }
             },
-            why = hang(&config) => Event::Hung(why),
+            why = hang(&config, worker.pid) => Event::Hung(why),
         };
         let mut reason = match event {
             Event::Stop => {

@@ -81,8 +81,26 @@ fn target_dir() -> PathBuf {
 
 impl Supervisor {
     fn start(dir: &Path) -> Supervisor {
+        Supervisor::start_with_worker(dir, &target_dir().join("agentfs-mount-worker"))
+    }
+
+    /// A supervisor whose workers answer the control channel's test hooks.
+    fn start_with_fault_hooks(dir: &Path) -> Supervisor {
+        let wrapper = dir.join("worker-with-fault-hooks");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec '{}' --test-fault-hook \"$@\"\n",
+                target_dir().join("agentfs-mount-worker").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        Supervisor::start_with_worker(dir, &wrapper)
+    }
+
+    fn start_with_worker(dir: &Path, worker: &Path) -> Supervisor {
         let bus = Bus::start(dir);
-        let worker = target_dir().join("agentfs-mount-worker");
         assert!(
             worker.exists(),
             "{} is missing: build the workspace (cargo test --workspace)",
@@ -98,7 +116,7 @@ impl Supervisor {
             .arg("--state-root")
             .arg(dir.join("state"))
             .arg("--worker")
-            .arg(&worker)
+            .arg(worker)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(fs::File::create(&log).unwrap())
@@ -1027,6 +1045,51 @@ fn a_hung_worker_is_replaced_and_callers_just_wait() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
         "the hung worker {pid} is gone"
     );
+}
+
+/// Past `hang_timeout_sec` a worker is replaced only if none of its
+/// threads runs or waits for the disk: long copy-ups and fsyncs on every
+/// thread are waited for, a worker asleep on a lock is not.
+#[test]
+fn a_busy_worker_is_waited_for_and_a_stalled_one_is_replaced() {
+    use agentfs_mount_worker::control::{self, Request};
+    let dir = tempdir();
+    let s = Supervisor::start_with_fault_hooks(dir.path());
+    let (_, mnt) = s.configure("busy", "[restart]\nhang_timeout_sec = 1\n");
+    ok(&s.manager("StartMount", "s", &["busy"]));
+    fs::write(mnt.join("f"), "kept").unwrap();
+    let state = dir.path().join("state/busy");
+    // Busy: a thread spins for 4 s while every FUSE request waits for it.
+    let stall = |spin, seconds| {
+        let state = state.clone();
+        std::thread::spawn(move || control::call(&state, &Request::Stall { seconds, spin }))
+    };
+    let busy = stall(true, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "kept");
+    assert!(
+        busy.join().unwrap().is_ok(),
+        "the busy worker finished its work"
+    );
+    assert_eq!(s.property("busy", "Restarts"), "u 0");
+    assert!(s.log_text().contains("but is busy"), "{}", s.log_text());
+    // Stalled: the same, asleep.
+    let stalled = stall(false, 120);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "kept");
+    assert!(
+        stalled.join().unwrap().is_err(),
+        "the stalled worker was killed"
+    );
+    wait_for(
+        || {
+            s.property("busy", "Restarts") == "u 1"
+                && s.property("busy", "State") == "s \"running\""
+        },
+        "the stalled worker's replacement",
+    );
+    let why = s.property("busy", "LastError");
+    assert!(why.contains("did not answer within 1 s"), "{why}");
 }
 
 #[test]
