@@ -3,7 +3,7 @@
 //! unprivileged user.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -677,6 +677,148 @@ fn files_open_for_passthrough_survive_a_worker_crash() {
     assert_eq!(fs::read_to_string(mnt.join("read")).unwrap(), "new345678X");
 }
 
+/// A connection lost for good (aborted) under a writer, on a mount over
+/// its own source: the writer's appends land in the source while nothing
+/// is mounted, through the new mount once StartMount mounts again, and
+/// every acknowledged one is there in the end, in main and in order (an
+/// observation of the system test once suggested otherwise).
+#[test]
+fn appends_survive_a_lost_connection_and_a_fresh_mount_over_the_source() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let src = dir.path().join("over");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(
+        dir.path().join("mounts/over.toml"),
+        format!(
+            "source = \"{0}\"\nmountpoint = \"{0}\"\n[restart]\nburst = 1\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    ok(&s.manager("StartMount", "s", &["over"]));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // One writer opens the file for every line; the other keeps its
+    // descriptor until a write fails (one opened while nothing is mounted
+    // writes to the source itself, behind the next mount's back).
+    let writer = |log: PathBuf, reopen_every_line: bool| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut acked, mut errors) = (Vec::new(), 0u32);
+            let mut i = 0u32;
+            let mut file: Option<fs::File> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let r = match file.take() {
+                    Some(f) => Ok(f),
+                    None => fs::OpenOptions::new().append(true).create(true).open(&log),
+                }
+                .and_then(|mut f| {
+                    f.write_all(format!("line {i}\n").as_bytes())?;
+                    f.sync_data()?;
+                    Ok(f)
+                });
+                match r {
+                    Ok(f) => {
+                        acked.push(i);
+                        i += 1;
+                        if !reopen_every_line {
+                            file = Some(f);
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+            (acked, errors)
+        })
+    };
+    let writers = [
+        (src.join("reopened"), writer(src.join("reopened"), true)),
+        (src.join("held"), writer(src.join("held"), false)),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    // fusectl (systemd mounts it), mounted for the test if it is not.
+    struct Fusectl(bool);
+    impl Drop for Fusectl {
+        fn drop(&mut self) {
+            if self.0 {
+                let _ = nix::mount::umount2(
+                    "/sys/fs/fuse/connections",
+                    nix::mount::MntFlags::MNT_DETACH,
+                );
+            }
+        }
+    }
+    let conns = Path::new("/sys/fs/fuse/connections");
+    let _fusectl = Fusectl(
+        fs::read_dir(conns).is_ok_and(|mut d| d.next().is_none())
+            && nix::mount::mount(
+                Some("fusectl"),
+                conns,
+                Some("fusectl"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .is_ok(),
+    );
+    let dev = fs::metadata(&src).unwrap().dev();
+    agentfs_mount_worker::mount::abort_connection(dev).unwrap();
+    wait_for(
+        || s.property("over", "State") == "s \"failed\"",
+        "the mount to fail",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&s.manager("StartMount", "s", &["over"]));
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        ok(&s.mount_call("over", "CreateSnapshot", "ss", &["", &format!("s{round}")]));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let lines = |log: &Path| -> Vec<u32> {
+        fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for (log, w) in writers {
+        let (acked, errors) = w.join().unwrap();
+        let shown = lines(&log);
+        let missing: Vec<u32> = acked
+            .iter()
+            .copied()
+            .filter(|i| !shown.contains(i))
+            .collect();
+        eprintln!(
+            "{}: {} appends acknowledged, {errors} refused while the connection was lost, {} \
+             lines shown by the mount",
+            log.display(),
+            acked.len(),
+            shown.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "{}: acknowledged appends missing: {missing:?}",
+            log.display()
+        );
+        // In order; a line may stand twice: a write that failed when the
+        // connection was lost may have been made, and it is retried.
+        assert!(
+            shown.windows(2).all(|w| w[0] <= w[1]),
+            "in order: {shown:?}"
+        );
+        seen.push((log, shown));
+    }
+    ok(&s.manager("StopMount", "s", &["over"]));
+    for (log, shown) in seen {
+        assert_eq!(lines(&log), shown, "the source holds what the mount showed");
+    }
+}
 #[test]
 fn users_may_do_only_what_the_config_grants() {
     let dir = tempdir();
