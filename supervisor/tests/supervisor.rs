@@ -1234,6 +1234,146 @@ fn a_busy_worker_is_waited_for_and_a_stalled_one_is_replaced() {
     assert!(why.contains("did not answer within 1 s"), "{why}");
 }
 
+/// 10 000 cgroups of this test under the cgroup2 root, removed when dropped.
+struct ManyCgroups {
+    dir: PathBuf,
+    count: usize,
+}
+
+impl ManyCgroups {
+    fn new(count: usize) -> ManyCgroups {
+        let root = fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("no cgroup2 file system mounted: cgroup bindings cannot be tested");
+        let dir = root.join(format!("aft-many-{}", std::process::id()));
+        fs::create_dir(&dir).unwrap();
+        let cg = ManyCgroups { dir, count: 0 };
+        let mut cg = cg;
+        for i in 0..count {
+            fs::create_dir(cg.dir.join(format!("c{i}"))).unwrap();
+            cg.count = i + 1;
+        }
+        cg
+    }
+
+    /// Cgroup `i`'s path as bindings name it (from the cgroup2 root).
+    fn path(&self, i: usize) -> String {
+        format!("/{}/c{i}", self.dir.file_name().unwrap().to_str().unwrap())
+    }
+}
+
+impl Drop for ManyCgroups {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            let _ = fs::remove_dir(self.dir.join(format!("c{i}")));
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Bindings at scale: 10 000 cgroup bindings made over the bus (four at a
+/// time) are all kept, listed, survive a worker crash, answer with the
+/// right branch, and go again; the mount serves throughout.
+#[test]
+fn ten_thousand_bindings_are_kept_and_the_service_stays_responsive() {
+    const N: usize = 10_000;
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (_, mnt) = s.configure("many", "");
+    ok(&s.manager("StartMount", "s", &["many"]));
+    fs::write(mnt.join("f"), "main").unwrap();
+    ok(&s.mount_call("many", "CreateSnapshot", "ss", &["", "base"]));
+    ok(&s.mount_call("many", "CreateBranch", "ss", &["base", "b"]));
+    fs::write(mnt.join(".agentfs/branches/b/f"), "branch").unwrap();
+    let cgroups = ManyCgroups::new(N);
+    let paths: Vec<String> = (0..N).map(|i| cgroups.path(i)).collect();
+    let address = s.bus.address.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let call_all = |method: &'static str, with_branch: bool| {
+        let (paths, address) = (paths.clone(), address.clone());
+        rt.block_on(async move {
+            let conn = zbus::connection::Builder::address(address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let started = Instant::now();
+            let mut calls = tokio::task::JoinSet::new();
+            for chunk in paths.chunks(N / 4) {
+                let (conn, chunk) = (conn.clone(), chunk.to_vec());
+                calls.spawn(async move {
+                    for p in chunk {
+                        let (path, iface) = ("/org/agentfs/mount/many", Some("org.agentfs.Mount1"));
+                        let r = if with_branch {
+                            conn.call_method(Some("org.agentfs"), path, iface, method, &("b", &p))
+                                .await
+                        } else {
+                            conn.call_method(Some("org.agentfs"), path, iface, method, &(&p,))
+                                .await
+                        };
+                        r.unwrap_or_else(|e| panic!("{method} {p}: {e}"));
+                    }
+                });
+            }
+            while let Some(r) = calls.join_next().await {
+                r.unwrap();
+            }
+            started.elapsed()
+        })
+    };
+    let count = |s: &Supervisor| {
+        let list = ok(&s.mount_call("many", "ListBindings", "", &[]));
+        list.split(' ').nth(1).unwrap().parse::<usize>().unwrap()
+    };
+    let bound = call_all("BindCgroup", true);
+    assert_eq!(count(&s), N);
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "main");
+    // A process in one of them sees the branch; the bindings outlive the
+    // worker.
+    kill_worker(&s, "many", 1);
+    assert_eq!(count(&s), N);
+    let mut shell = Command::new("sh")
+        .arg("-c")
+        .arg(format!("read _; cat '{}'", mnt.join("f").display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    fs::write(
+        cgroups.dir.join("c9999/cgroup.procs"),
+        shell.id().to_string(),
+    )
+    .unwrap();
+    ok(&s.mount_call("many", "CreateSnapshot", "ss", &["", "after"]));
+    drop(shell.stdin.take());
+    let out = shell.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "branch");
+    let unbound = call_all("UnbindCgroup", false);
+    assert_eq!(count(&s), 0);
+    eprintln!("{N} cgroup bindings made in {bound:?}, removed in {unbound:?}");
+    ok(&s.manager("StopMount", "s", &["many"]));
+    let check = Command::new(target_dir().join("agentfs-mount-worker"))
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(dir.path().join("state/many"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 #[test]
 fn malformed_and_concurrent_calls_leave_the_service_responsive_and_correct() {
     let dir = tempdir();
