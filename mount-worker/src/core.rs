@@ -663,10 +663,19 @@ impl FsCore {
     /// Records what the kernel is given in `journal`, and serves what a
     /// predecessor's kernel still holds (`held`) once asked for it.
     pub fn with_handoff(mut self, journal: Journal, held: Held) -> FsCore {
-        *self.next_handle.get_mut() = held.max_handle() + 1;
-        *self.next_generation.get_mut() = held.max_generation() + 1;
-        let synthetic = held.nodes.keys().filter(|&&id| id >= SYNTHETIC_BASE).max();
-        if let Some(&id) = synthetic {
+        // Above every id a predecessor handed out, even those a full
+        // journal could not record.
+        let marks = journal.high_water();
+        *self.next_handle.get_mut() = held.max_handle().max(marks.handle) + 1;
+        *self.next_generation.get_mut() = held.max_generation().max(marks.generation) + 1;
+        let synthetic = held
+            .nodes
+            .keys()
+            .copied()
+            .chain(Some(marks.node))
+            .filter(|&id| id >= SYNTHETIC_BASE)
+            .max();
+        if let Some(id) = synthetic {
             *self.next_synthetic.get_mut() = id + 1;
         }
         if !held.nodes.is_empty() {

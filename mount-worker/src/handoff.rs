@@ -14,7 +14,9 @@
 //! the kernel holds is in the journal, even if the worker dies right after.
 //!
 //! Layout: a header page (magic, which half is active, bytes used in each
-//! half) and two halves of length-prefixed records. When the active half
+//! half, and the highest file handle, generation and node id ever recorded,
+//! kept even once the journal is full, so that a successor never hands out
+//! one of them again) and two halves of length-prefixed records. When the active half
 //! is full, its records are folded (the last record of each id wins,
 //! forgotten ids go) into the other half, which then becomes active; a
 //! crash midway leaves the old half active and whole.
@@ -171,6 +173,23 @@ impl Held {
     }
 }
 
+/// The highest ids a predecessor handed out (header words, kept even for
+/// records a full journal dropped): a successor starts above them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HighWater {
+    /// File and directory handles.
+    pub handle: u64,
+    /// Node generations.
+    pub generation: u64,
+    /// Node ids.
+    pub node: u64,
+}
+
+/// Header words of the high-water marks.
+const MARK_HANDLE: usize = 4;
+const MARK_GENERATION: usize = 5;
+const MARK_NODE: usize = 6;
+
 /// The journal, mapped.
 pub struct Journal {
     base: *mut u8,
@@ -245,6 +264,9 @@ impl Journal {
             j.used(0).store(0, Ordering::Relaxed);
             j.used(1).store(0, Ordering::Relaxed);
             j.active_word().store(0, Ordering::Relaxed);
+            for w in [MARK_HANDLE, MARK_GENERATION, MARK_NODE] {
+                j.word(w).store(0, Ordering::Relaxed);
+            }
             j.word(0).store(MAGIC, Ordering::Release);
             Held::default()
         };
@@ -327,8 +349,30 @@ impl Journal {
         true
     }
 
+    /// The highest ids ever recorded, by this worker and its predecessors.
+    pub fn high_water(&self) -> HighWater {
+        let w = |i| self.word(i).load(Ordering::Acquire);
+        HighWater {
+            handle: w(MARK_HANDLE),
+            generation: w(MARK_GENERATION),
+            node: w(MARK_NODE),
+        }
+    }
+
     /// Appends one record (folding the log when its half is full).
     pub fn append(&self, r: &Record) {
+        // Marks first, and even when the records no longer fit.
+        match *r {
+            Record::Node { id, generation, .. } => {
+                self.word(MARK_NODE).fetch_max(id, Ordering::AcqRel);
+                self.word(MARK_GENERATION)
+                    .fetch_max(generation, Ordering::AcqRel);
+            }
+            Record::File { fh: h, .. } | Record::Dir { dh: h, .. } => {
+                self.word(MARK_HANDLE).fetch_max(h, Ordering::AcqRel);
+            }
+            _ => {}
+        }
         let mut enabled = self.writer.lock().unwrap();
         if !*enabled {
             return;
@@ -609,6 +653,37 @@ mod tests {
         let mut ids: Vec<_> = held.nodes.keys().copied().collect();
         ids.sort();
         assert_eq!(ids, vec![1997, 1998, 1999]);
+    }
+
+    #[test]
+    fn ids_handed_out_once_the_journal_is_full_are_never_reused() {
+        let fd = small(HEADER as i64 + 2 * 4096);
+        let (j, _) = Journal::open(dup(&fd), false).unwrap();
+        let h = HostHandle::new(1, vec![9; 8]).unwrap();
+        // Live records until the journal gives up, then more ids.
+        for i in 0..2000u64 {
+            j.append(&Record::Node {
+                id: i,
+                generation: i,
+                origin: Origin::Main(h.clone()),
+            });
+            j.append(&Record::File {
+                fh: i,
+                node: i,
+                flags: 0,
+            });
+        }
+        drop(j);
+        let (j, held) = Journal::open(fd, true).unwrap();
+        assert!(held.max_handle() < 1999, "the journal filled");
+        assert_eq!(
+            j.high_water(),
+            HighWater {
+                handle: 1999,
+                generation: 1999,
+                node: 1999
+            }
+        );
     }
 
     #[test]
