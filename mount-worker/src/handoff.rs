@@ -16,7 +16,9 @@
 //! Layout: a header page (magic, which half is active, bytes used in each
 //! half, and the highest file handle, generation and node id ever recorded,
 //! kept even once the journal is full, so that a successor never hands out
-//! one of them again) and two halves of length-prefixed records. When the active half
+//! one of them again; from byte 512 the identity of the mount the
+//! supervisor made the connection for) and two halves of length-prefixed
+//! records. When the active half
 //! is full, its records are folded (the last record of each id wins,
 //! forgotten ids go) into the other half, which then becomes active; a
 //! crash midway leaves the old half active and whole.
@@ -556,11 +558,35 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     Some((r, at + 4 + n))
 }
 
-/// A journal in a new memfd (what the supervisor creates per mount).
-pub fn create_memfd(name: &str) -> io::Result<OwnedFd> {
+/// Where the identity starts in the header: a u32 length, then the bytes.
+const IDENTITY_AT: usize = 512;
+
+/// A journal in a new memfd (what the supervisor creates per mount),
+/// holding `identity`: what the connection serves (source, state
+/// directory), for a supervisor that takes a parked connection over to
+/// check against the mount's config ([`identity_of`]).
+pub fn create_memfd(name: &str, identity: &[u8]) -> io::Result<OwnedFd> {
     let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
     nix::unistd::ftruncate(&fd, SIZE as i64)?;
+    if IDENTITY_AT + 4 + identity.len() > HEADER {
+        return Err(io::Error::other(
+            "the mount's identity does not fit the journal header",
+        ));
+    }
+    let mut rec = (identity.len() as u32).to_le_bytes().to_vec();
+    rec.extend_from_slice(identity);
+    nix::sys::uio::pwrite(&fd, &rec, IDENTITY_AT as i64)?;
     Ok(fd)
+}
+
+/// The identity [`create_memfd`] recorded in journal `fd`.
+pub fn identity_of(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; HEADER - IDENTITY_AT];
+    nix::sys::uio::pread(fd, &mut buf, IDENTITY_AT as i64)?;
+    let n = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    buf.get(4..4 + n)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| io::Error::other("the journal's identity is damaged"))
 }
 
 #[cfg(test)]
@@ -684,6 +710,17 @@ mod tests {
                 node: 1999
             }
         );
+    }
+
+    #[test]
+    fn the_identity_outlives_the_workers_use_of_the_journal() {
+        use std::os::fd::AsFd;
+        let fd = create_memfd("t", b"source=/a\0state_dir=/b").unwrap();
+        let (j, _) = Journal::open(dup(&fd), false).unwrap();
+        j.append(&Record::Forget(1));
+        drop(j);
+        let _ = Journal::open(dup(&fd), true).unwrap();
+        assert_eq!(identity_of(fd.as_fd()).unwrap(), b"source=/a\0state_dir=/b");
     }
 
     #[test]

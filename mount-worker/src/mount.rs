@@ -44,30 +44,48 @@ pub fn absolute(path: &Path) -> io::Result<PathBuf> {
 
 /// A FUSE mount listed in /proc/self/mountinfo.
 struct FuseMount {
+    mountpoint: PathBuf,
     fstype: String,
     dev: u64,
 }
 
-/// FUSE mounts stacked at exactly `path`, oldest first.
-fn fuse_mounts_at(path: &Path) -> io::Result<Vec<FuseMount>> {
+/// Every FUSE mount in /proc/self/mountinfo, oldest first.
+fn fuse_mounts() -> io::Result<Vec<FuseMount>> {
     let info = fs::read_to_string("/proc/self/mountinfo")?;
-    let want = path.to_string_lossy();
     Ok(info
         .lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
             let (major, minor) = f.get(2)?.split_once(':')?;
-            let mp = unescape(f.get(4)?);
             let fstype = f.get(sep + 1)?;
-            if mp != want || !fstype.starts_with("fuse") {
+            if !fstype.starts_with("fuse") {
                 return None;
             }
             Some(FuseMount {
+                mountpoint: PathBuf::from(unescape(f.get(4)?)),
                 fstype: fstype.to_string(),
                 dev: nix::sys::stat::makedev(major.parse().ok()?, minor.parse().ok()?),
             })
         })
+        .collect())
+}
+
+/// FUSE mounts stacked at exactly `path`, oldest first.
+fn fuse_mounts_at(path: &Path) -> io::Result<Vec<FuseMount>> {
+    Ok(fuse_mounts()?
+        .into_iter()
+        .filter(|m| m.mountpoint == path)
+        .collect())
+}
+
+/// Where the FUSE mount with device number `dev` is mounted (a mount
+/// can be bind-mounted in several places).
+pub fn mountpoints_of(dev: u64) -> io::Result<Vec<PathBuf>> {
+    Ok(fuse_mounts()?
+        .into_iter()
+        .filter(|m| m.dev == dev)
+        .map(|m| m.mountpoint)
         .collect())
 }
 

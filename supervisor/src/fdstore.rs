@@ -55,11 +55,12 @@ pub fn remove(mount: &str, dev: u64) {
     }
 }
 
-/// Drops a parked connection that cannot be taken over (its mount is
-/// gone, or no longer configured); the kernel ends it once every
-/// descriptor is closed.
+/// Drops a parked connection that cannot be taken over (its mount is no
+/// longer configured, or configured for another source or state
+/// directory): out of the store, aborted and unmounted. Runs blocking.
 pub fn discard(mount: &str, parked: Parked) {
     remove(mount, parked.dev);
+    crate::launch::detach_dev(parked.dev);
 }
 
 /// A connection systemd gave back, by mount name.

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -98,6 +99,29 @@ pub async fn start(cfg: &MountConfig, worker_exe: &Path) -> Result<(Connection, 
         Err(why) => {
             detach(&conn);
             Err(why)
+        }
+    }
+}
+
+/// What a connection serves, as far as taking it over goes: a worker with
+/// another state directory (or source) would answer the kernel's node ids
+/// with other objects. Recorded in the handoff journal at mount time.
+pub fn identity(cfg: &MountConfig) -> Vec<u8> {
+    let mut id = b"source=".to_vec();
+    id.extend_from_slice(cfg.source.as_os_str().as_bytes());
+    id.extend_from_slice(b"\0state_dir=");
+    id.extend_from_slice(cfg.state_dir.as_os_str().as_bytes());
+    id
+}
+
+/// Gives up a connection that no mount takes over: aborts it and lazily
+/// unmounts it wherever it is mounted (a dead mount left there would
+/// answer ENOTCONN). Runs blocking.
+pub fn detach_dev(dev: u64) {
+    let _ = mount::abort_connection(dev);
+    for mp in mount::mountpoints_of(dev).unwrap_or_default() {
+        if let Err(e) = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::error!("cannot detach {}: {e}", mp.display());
         }
     }
 }
@@ -268,7 +292,7 @@ fn prepare(cfg: &MountConfig) -> Result<Connection, String> {
             cfg.state_dir.display()
         )
     })?;
-    let journal = handoff::create_memfd(&format!("agentfs-handoff-{}", cfg.name))
+    let journal = handoff::create_memfd(&format!("agentfs-handoff-{}", cfg.name), &identity(cfg))
         .map_err(|e| format!("cannot create the handoff journal (memfd): {e}"))?;
     let fuse = mount::mount(&cfg.mountpoint, cfg.allow_other).map_err(|e| e.to_string())?;
     let dev = mount::device_of(&cfg.mountpoint).map_err(|e| {

@@ -2,6 +2,7 @@
 //! starting and stopping mounts by name, and the one-line status.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +10,9 @@ use zbus::zvariant::OwnedObjectPath;
 
 use crate::config::{self, Defaults, MountConfig};
 use crate::fdstore::{self, Parked};
-use crate::launch::Connection;
+use agentfs_mount_worker::handoff;
+
+use crate::launch::{self, Connection};
 use crate::mounts::{Mount, OnChange, State};
 
 /// What the supervisor was started with.
@@ -138,6 +141,20 @@ impl Registry {
                 fdstore::discard(&name, p);
                 continue;
             };
+            let made_for = handoff::identity_of(p.fds.journal.as_fd()).unwrap_or_default();
+            if made_for != launch::identity(c) {
+                tracing::warn!(
+                    mount = %name,
+                    "the parked connection was made for another source or state directory \
+                     ({}); the config changed since: mounting afresh",
+                    String::from_utf8_lossy(&made_for).replace('\0', ", ")
+                );
+                fdstore::discard(&name, p);
+                if let Err(e) = mount.start(cfg, self.settings.worker_exe.clone()).await {
+                    tracing::error!(mount = %name, "cannot start: {e}");
+                }
+                continue;
+            }
             let dev = p.dev;
             let Some(conn) = Connection::adopt(dev, &c.mountpoint, p.fds) else {
                 tracing::warn!(mount = %name, "the mount a previous supervisor left is gone from {}", c.mountpoint.display());

@@ -595,6 +595,35 @@ fi
 expect "... and every line it appended is there, in order" "^$appended\$" \
   awk 'NR != $1 { print "line " NR " holds " $1; exit } END { print NR }' /srv/agent1/load.log
 
+# --- The config changed before the supervisor crashes -----------------------
+# A parked connection was made for a state directory; with another one in
+# the config, taking it over would pair the kernel's node ids with other
+# objects: the new supervisor mounts afresh, and leaves no dead mount.
+supervisor_crash() { # supervisor_crash WHAT: kill -9 it, wait for agent1 to serve again
+  c systemctl show -P MainPID agentfs.service
+  local old=$out
+  expect "kill -9 the supervisor ($1)" "" systemctl kill --signal=KILL --kill-whom=main agentfs.service
+  until_ok 30 sh -c "p=\$(systemctl show -P MainPID agentfs.service); [ \"\$p\" != 0 ] && [ \"\$p\" != $old ] &&
+    [ \"\$(systemctl is-active agentfs@agent1)\" = active ] && cat /srv/agent1/f"
+  record $? "... agentfs@agent1 serves again" systemctl is-active agentfs@agent1
+}
+c findmnt -n -o MAJ:MIN --mountpoint /srv/agent1
+before_dev=$out
+expect "agent1's config gets another state directory" "" \
+  sed -i '1i state_dir = "/var/lib/agentfs/agent1-moved"' /etc/agentfs/mounts/agent1.toml
+supervisor_crash "state_dir changed"
+expect "... mounted afresh (another device), with the new state directory (no branches)" "^fresh a\\(s+\\) 0$" \
+  sh -c "[ \"\$(findmnt -n -o MAJ:MIN --mountpoint /srv/agent1)\" != '$before_dev' ] && echo fresh \
+    \$(busctl call org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 ListBranches)"
+expect "... the journal says why" "made for another source or state directory" \
+  journalctl --no-pager -u agentfs.service
+expect "... one AgentFS mount at /srv/agent1, the old one detached" "^1$" \
+  sh -c 'findmnt -rn -t fuse.agentfs -o TARGET | grep -c "^/srv/agent1$"'
+expect "agent1's config gets its state directory back" "" sed -i '1d' /etc/agentfs/mounts/agent1.toml
+supervisor_crash "state_dir changed back"
+expect "... the branches are back" '"try-a".*"try-b"|"try-b".*"try-a"' \
+  busctl call org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 ListBranches
+
 # --- Unit state follows the mount ------------------------------------------
 expect "StopMount over D-Bus (behind systemd's back)" "" \
   busctl call org.agentfs /org/agentfs org.agentfs.Manager1 StopMount s agent1
