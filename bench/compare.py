@@ -17,10 +17,12 @@ that fails on a target is recorded as failed, with its error.
     sudo bench/compare.py [--size-mib N] [--files N] [--tree-files N]
                           [--parallel 1,2,8] [--create-sizes 1000,...]
                           [--only WORKLOAD,...] [--label NAME]
-                          [--passthrough auto|on|off] [--variants on,off]
+                          [--passthrough auto|on|off]
+                          [--variants NAME:WORKER ARGS,...]
 
-`--variants` adds AgentFS main targets with other `[fuse] passthrough`
-policies (agentfs-main-pt-POLICY), for comparison in the same run.
+`--variants` adds AgentFS main targets (agentfs-main-NAME) whose workers
+get extra arguments, for comparison in the same run; the default,
+`pt-on:--passthrough on`, shows main with passthrough for writers too.
 
 Needs root, fio, fuse-overlayfs, git and cargo (scripts/install-deps.sh and
 `apt-get install fio fuse-overlayfs`). Leaves nothing mounted.
@@ -121,19 +123,21 @@ class Target:
 
 class AgentFS:
     """A standalone worker with `--passthrough policy`: main, a branch by
-    path and one by binding; or, as a variant (`branches` false), main only,
-    named after its policy."""
+    path and one by binding; or, as a variant named `variant`, main only,
+    with the worker arguments `extra`."""
 
-    def __init__(self, base, passthrough="auto", branches=True):
-        name = "afs" if branches else f"afs-{passthrough}"
-        self.passthrough, self.branches = passthrough, branches
+    def __init__(self, base, passthrough="auto", variant=None, extra=()):
+        name = f"afs-{variant}" if variant else "afs"
+        self.variant, branches = variant, variant is None
         self.src, self.mnt, self.state = (base / f"{name}-src", base / f"{name}-mnt",
                                           base / f"{name}-state")
         for d in (self.src, self.mnt):
             d.mkdir()
         self.worker = subprocess.Popen(
             [BIN / "agentfs-mount-worker", "--source", self.src, "--mountpoint", self.mnt,
-             "--state-dir", self.state, "--passthrough", passthrough], stderr=subprocess.DEVNULL)
+             "--state-dir", self.state,
+             *([] if "--passthrough" in extra else ["--passthrough", passthrough]), *extra],
+            stderr=subprocess.DEVNULL)
         try:
             for _ in range(200):
                 if mounted(self.mnt):
@@ -159,8 +163,8 @@ class AgentFS:
         self.ctl("branch-bind", "--branch", branch, "--pid", str(pid))
 
     def targets(self):
-        if not self.branches:
-            return [Target(f"agentfs-main-pt-{self.passthrough}", self.mnt / "w")]
+        if self.variant:
+            return [Target(f"agentfs-main-{self.variant}", self.mnt / "w")]
         bound_dir = self.mnt / "w"
         return [
             Target("agentfs-main", self.mnt / "w"),
@@ -476,9 +480,9 @@ def main():
     ap.add_argument("--label", default="", help="suffix of the result file names")
     ap.add_argument("--passthrough", default="auto", choices=("auto", "on", "off"),
                     help="[fuse] passthrough of the AgentFS targets (default: the default, auto)")
-    ap.add_argument("--variants", default="on",
-                    help="comma-separated passthrough policies of extra AgentFS main targets, "
-                         "named agentfs-main-pt-POLICY (empty: none)")
+    ap.add_argument("--variants", default="pt-on:--passthrough on",
+                    help="comma-separated NAME:WORKER ARGS of extra AgentFS main targets, "
+                         "named agentfs-main-NAME (empty: none)")
     args = ap.parse_args()
     # TERM (from `timeout`, say) unwinds like ^C, through the clean-up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -498,8 +502,9 @@ def main():
         afs = AgentFS(base, args.passthrough)
         mounts.append(afs)
         afs.setup_bound()
-        for policy in [v for v in args.variants.split(",") if v]:
-            mounts.append(AgentFS(base, policy, branches=False))
+        for v in [v for v in args.variants.split(",") if v]:
+            name, _, extra = v.partition(":")
+            mounts.append(AgentFS(base, args.passthrough, variant=name, extra=extra.split()))
         mounts.append(Supervised(base, args.passthrough))
         for kind in ("fuse-overlayfs", "kernel-overlayfs"):
             mounts.append(Overlay(base, kind))

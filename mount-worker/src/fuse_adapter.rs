@@ -23,12 +23,6 @@ use crate::hostfs::{Stat, XattrReply};
 use crate::passthrough::{Open, Passthrough};
 use crate::trim::Trimmer;
 
-/// How long the kernel may cache names and attributes. Every change to the
-/// served tree goes through this mount, and FUSE invalidates what each
-/// request changes, so the cache only has to tolerate changes made to the
-/// source behind the mount's back.
-const TTL: Duration = Duration::from_secs(1);
-
 /// The FOPEN flags of an open with the caller's `flags`, answered `how`.
 ///
 /// Cached opens keep the kernel's page cache across opens when they may: a
@@ -65,6 +59,11 @@ pub struct Tuning {
     pub max_write: u32,
     /// Background requests the kernel may keep in flight (at least 1).
     pub max_background: u16,
+    /// How long the kernel may keep names and attributes below the root.
+    /// Every change through the mount updates or invalidates what it
+    /// changes, so this only bounds how long a change made to the source
+    /// behind the mount's back can go unseen (config `cache_timeout_ms`).
+    pub cache_timeout: Duration,
 }
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
@@ -103,7 +102,7 @@ impl Adapter {
         if let Ok(e) = &r {
             self.learn(parent, name, e);
         }
-        reply_entry(reply, parent, r);
+        self.reply_entry(reply, parent, r);
     }
 
     fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) {
@@ -123,9 +122,30 @@ impl Adapter {
 
     fn attr_ttl(&self, node: NodeId) -> Duration {
         if self.core.attr_cacheable(node) {
-            TTL
+            self.tuning.cache_timeout
         } else {
             Duration::ZERO
+        }
+    }
+
+    /// How long the kernel may cache a name in `parent`: never in the mount
+    /// root, whose names depend on the caller's binding, so that every path
+    /// walk from the root asks again.
+    fn entry_ttl(&self, parent: INodeNo, e: &Entry) -> Duration {
+        if e.cacheable && parent != INodeNo(NodeId::ROOT.0) {
+            self.tuning.cache_timeout
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
+        match r {
+            Ok(e) => {
+                let ttl = self.entry_ttl(parent, &e);
+                reply.entry(&ttl, &attr(e.node, &e.stat), Generation(e.generation))
+            }
+            Err(e) => reply.error(err(e)),
         }
     }
 }
@@ -201,27 +221,6 @@ fn attr(id: NodeId, st: &Stat) -> FileAttr {
         rdev: st.st_rdev as u32,
         blksize: st.st_blksize as u32,
         flags: 0,
-    }
-}
-
-/// How long the kernel may cache a name in `parent`: never in the mount
-/// root, whose names depend on the caller's binding, so that every path
-/// walk from the root asks again.
-fn entry_ttl(parent: INodeNo, e: &Entry) -> Duration {
-    if e.cacheable && parent != INodeNo(NodeId::ROOT.0) {
-        TTL
-    } else {
-        Duration::ZERO
-    }
-}
-
-fn reply_entry(reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
-    match r {
-        Ok(e) => {
-            let ttl = entry_ttl(parent, &e);
-            reply.entry(&ttl, &attr(e.node, &e.stat), Generation(e.generation))
-        }
-        Err(e) => reply.error(err(e)),
     }
 }
 
@@ -434,7 +433,7 @@ impl Filesystem for Adapter {
             let r = self.core.mkdir(p, name, mode, caller(req, umask));
             unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
         });
-        reply_entry(reply, parent, r);
+        self.reply_entry(reply, parent, r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -572,7 +571,7 @@ impl Filesystem for Adapter {
             Ok((e, fh, how)) => {
                 self.learn(parent, name, &e);
                 let (ttl, attr, generation) = (
-                    entry_ttl(parent, &e),
+                    self.entry_ttl(parent, &e),
                     attr(e.node, &e.stat),
                     Generation(e.generation),
                 );

@@ -65,6 +65,11 @@ struct Cli {
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     max_background: u16,
+    /// How long the kernel may keep names and attributes below the mount
+    /// root: changes made to the source behind the mount's back show
+    /// within this time.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    cache_timeout_ms: u64,
     /// Which opens the kernel serves from the host file itself (FUSE
     /// passthrough, kernel 6.9+): `auto` read-only opens of main and of
     /// snapshots' pre-images; `on` main's writers too; `off` none.
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         tuning: Tuning {
             max_write: cli.max_write,
             max_background: cli.max_background,
+            cache_timeout: std::time::Duration::from_millis(cli.cache_timeout_ms),
         },
         passthrough: cli.passthrough,
         isolation: if cli.strict_isolation {

@@ -90,6 +90,36 @@ fn cached_pages_give_way_to_a_change_behind_the_mount() {
     assert_eq!(fs::read(&f).unwrap(), b"through");
 }
 
+/// `--cache-timeout-ms` (config `fuse.cache_timeout_ms`) is how long
+/// names and attributes below the root stay cached: with 0 a change made
+/// behind the mount shows at once; with a long one the old attributes are
+/// served until it runs out (the root's names are never cached).
+#[test]
+fn the_cache_timeout_bounds_how_long_a_change_behind_the_mount_goes_unseen() {
+    for (ms, shows_at_once) in [("0", true), ("600000", false)] {
+        let m = Mount::builder()
+            .populate(|s| {
+                fs::create_dir(s.join("d")).unwrap();
+                fs::write(s.join("d/f"), b"short").unwrap();
+            })
+            .arg("--cache-timeout-ms")
+            .arg(ms)
+            .start();
+        let f = m.path().join("d/f");
+        assert_eq!(fs::metadata(&f).unwrap().len(), 5);
+        fs::write(m.source().join("d/f"), b"longer now").unwrap();
+        let len = fs::metadata(&f).unwrap().len();
+        assert_eq!(
+            len == 10,
+            shows_at_once,
+            "cache timeout {ms} ms: size {len}"
+        );
+        // Through the mount, a change shows at once whatever the timeout.
+        fs::write(&f, b"through the mount").unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().len(), 17, "{ms} ms");
+    }
+}
+
 #[test]
 fn append_and_truncate() {
     let m = Mount::sandboxed();

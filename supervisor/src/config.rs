@@ -83,6 +83,8 @@ pub struct Fuse {
     pub max_write: u32,
     /// Outstanding background requests.
     pub max_background: u32,
+    /// How long the kernel may keep names and attributes below the root.
+    pub cache_timeout_ms: u32,
     /// Kernel write-back cache.
     pub writeback_cache: bool,
     /// FUSE passthrough.
@@ -149,6 +151,7 @@ struct RawFuse {
     threads: Option<Spanned<i64>>,
     max_write: Option<Spanned<i64>>,
     max_background: Option<Spanned<i64>>,
+    cache_timeout_ms: Option<Spanned<i64>>,
     #[serde(default)]
     writeback_cache: bool,
     #[serde(default)]
@@ -309,6 +312,12 @@ pub fn parse(
             64,
             1..=65535,
         )?,
+        cache_timeout_ms: int(
+            "fuse.cache_timeout_ms",
+            &raw.fuse.cache_timeout_ms,
+            1000,
+            0..=3_600_000,
+        )?,
         writeback_cache: raw.fuse.writeback_cache,
         passthrough: raw.fuse.passthrough,
     };
@@ -463,6 +472,7 @@ hang_timeout_sec = 10
         let c = parse_str(text).unwrap();
         assert_eq!(c.access.users, vec!["alice".to_owned()]);
         assert!(c.fuse.writeback_cache);
+        assert_eq!(c.fuse.cache_timeout_ms, 1000);
         assert_eq!(c.source_line, 2);
     }
 
@@ -535,6 +545,7 @@ hang_timeout_sec = 10
             Just("threads".to_owned()),
             Just("max_write".to_owned()),
             Just("max_background".to_owned()),
+            Just("cache_timeout_ms".to_owned()),
             Just("writeback_cache".to_owned()),
             Just("passthrough".to_owned()),
             Just("burst".to_owned()),
