@@ -36,7 +36,7 @@ const HEADER: usize = 4096;
 
 /// Size the supervisor gives the journal: two halves of 64 MiB, a million
 /// nodes each at typical handle and name sizes. Pages cost memory only
-/// once written.
+/// once written, and a half's are given back when it is folded away.
 pub const SIZE: u64 = HEADER as u64 + 2 * (64 << 20);
 
 /// How to find one node again.
@@ -198,7 +198,7 @@ pub struct Journal {
     len: usize,
     /// Serialises appends and folds.
     writer: Mutex<bool>,
-    _fd: OwnedFd,
+    fd: OwnedFd,
 }
 
 // SAFETY: the mapping is only written under `writer`, and the header
@@ -244,7 +244,7 @@ impl Journal {
             base: base.cast(),
             len,
             writer: Mutex::new(true),
-            _fd: fd,
+            fd,
         };
         let held = if resume {
             if j.word(0).load(Ordering::Acquire) != MAGIC {
@@ -333,7 +333,31 @@ impl Journal {
             }
         }
         self.active_word().store(half as u32, Ordering::Release);
+        self.release_half(1 - half);
         true
+    }
+
+    /// Gives the memory of inactive `half` back (a touched page of a memfd
+    /// stays allocated until punched out): the journal costs what its
+    /// active half holds, not twice the most it ever held.
+    fn release_half(&self, half: usize) {
+        let at = (HEADER + half * self.half_len()) as i64;
+        // SAFETY: plain fallocate on our memfd; the range is inside it and
+        // no longer read (the other half is active).
+        let r = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at,
+                self.half_len() as i64,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "handoff journal: cannot release the inactive half: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 
     fn put(&self, half: usize, rec: &[u8]) -> bool {
@@ -721,6 +745,30 @@ mod tests {
         drop(j);
         let _ = Journal::open(dup(&fd), true).unwrap();
         assert_eq!(identity_of(fd.as_fd()).unwrap(), b"source=/a\0state_dir=/b");
+    }
+
+    #[test]
+    fn a_folded_half_gives_its_memory_back() {
+        let fd = small(HEADER as i64 + 2 * (1 << 20));
+        let (j, _) = Journal::open(dup(&fd), false).unwrap();
+        let h = HostHandle::new(1, vec![9; 8]).unwrap();
+        let allocated = || nix::sys::stat::fstat(&fd).unwrap().st_blocks * 512;
+        // A half filled with records of ids that are all forgotten again.
+        let mut i = 0;
+        while j.active() == 0 {
+            j.append(&Record::Node {
+                id: i,
+                generation: 1,
+                origin: Origin::Main(h.clone()),
+            });
+            j.append(&Record::Forget(i));
+            i += 1;
+        }
+        assert!(
+            allocated() < 256 << 10,
+            "{} bytes still allocated after folding a 1 MiB half",
+            allocated()
+        );
     }
 
     #[test]
