@@ -371,11 +371,18 @@ fn serve_connection(conn: UnixStream, handler: &dyn Handler) -> io::Result<()> {
                     result: Some(v),
                     error: None,
                 },
-                Err(e) => Reply {
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                },
+                Err(e) => {
+                    // The host failing a change belongs in the log; a
+                    // caller's mistake (a wrong name) only in the reply.
+                    if matches!(e.kind, ErrorKind::NoSpace | ErrorKind::Io) {
+                        tracing::warn!("control request failed: {}", e.message);
+                    }
+                    Reply {
+                        ok: false,
+                        result: None,
+                        error: Some(e),
+                    }
+                }
             },
             Err(e) => Reply {
                 ok: false,

@@ -1168,7 +1168,9 @@ impl FsCore {
             for fd in fds {
                 let h = hostfs::handle_of(*fd)?;
                 if !latest.born.lock().unwrap().contains(&h) {
-                    self.store.preserve(*fd, &h, tag)?;
+                    self.store.preserve(*fd, &h, tag).inspect_err(|e| {
+                        preserve_failed(tag, e);
+                    })?;
                 }
             }
         }
@@ -2409,6 +2411,24 @@ fn snapshot_name(catalog: &Catalog, name: Option<String>) -> Result<String, Cont
     Ok(name)
 }
 
+/// Logs that a change of main was refused because its pre-image could not
+/// be stored (the caller gets the errno): at most once a minute, as a
+/// full disk refuses every such change.
+fn preserve_failed(epoch: u64, e: &io::Error) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now.saturating_sub(LAST.load(Ordering::Relaxed)) >= 60 {
+        LAST.store(now, Ordering::Relaxed);
+        tracing::warn!(
+            epoch,
+            "a change of main was refused: its pre-image for the snapshots could not be \
+             stored in the state directory: {e}; free space there (or delete snapshots)"
+        );
+    }
+}
+
 fn catalog_error(e: &crate::snapshot::CatalogError) -> ControlError {
     let kind = match e {
         crate::snapshot::CatalogError::Io(_, io) if io.raw_os_error() == Some(libc::ENOSPC) => {
@@ -2416,9 +2436,13 @@ fn catalog_error(e: &crate::snapshot::CatalogError) -> ControlError {
         }
         _ => ErrorKind::Io,
     };
+    let advice = match kind {
+        ErrorKind::NoSpace => "; free space in the state directory and retry",
+        _ => "",
+    };
     ControlError::new(
         kind,
-        format!("cannot write the catalog: {e}; nothing was changed"),
+        format!("cannot write the catalog: {e}; nothing was changed{advice}"),
     )
 }
 

@@ -819,6 +819,110 @@ fn appends_survive_a_lost_connection_and_a_fresh_mount_over_the_source() {
         assert_eq!(lines(&log), shown, "the source holds what the mount showed");
     }
 }
+/// A tmpfs of `size` at `at`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap();
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The supervised service with a state directory that fills up: callers
+/// get errors that say so (over the bus and from the file system), the
+/// log says so, nothing stored changes, the worker keeps serving, and all
+/// works again once space is freed.
+#[test]
+fn a_full_state_directory_under_the_supervisor_refuses_cleanly_and_recovers() {
+    use std::io::Write;
+    let dir = tempdir();
+    let statefs = Tmpfs::mount(&dir.path().join("statefs"), "1m");
+    let state = statefs.0.join("full");
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("full", &format!("state_dir = \"{}\"\n", state.display()));
+    fs::write(src.join("big"), vec![7u8; 3 << 20]).unwrap();
+    fs::write(src.join("small"), "small").unwrap();
+    ok(&s.manager("StartMount", "s", &["full"]));
+    ok(&s.mount_call("full", "CreateSnapshot", "ss", &["", "s1"]));
+    let pid = s.property("full", "WorkerPid");
+    // The pre-image of "big" (3 MiB) cannot be kept in 1 MiB: ENOSPC.
+    let e = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .and_then(|mut f| f.write_all(b"x"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // A full disk: snapshots are refused with a named error.
+    let filler = state.join("filler");
+    let _ = fs::write(&filler, vec![0u8; 2 << 20]);
+    let refused = fails_with(
+        &s.mount_call("full", "CreateSnapshot", "ss", &["", "s2"]),
+        "org.agentfs.Error.NoSpace",
+    );
+    assert!(
+        refused.contains("catalog") && refused.contains("free space"),
+        "{refused}"
+    );
+    assert_eq!(
+        fs::read(mnt.join("big")).unwrap(),
+        vec![7u8; 3 << 20],
+        "main unchanged"
+    );
+    assert_eq!(
+        fs::read(mnt.join(".agentfs/snapshots/s1/big")).unwrap(),
+        vec![7u8; 3 << 20],
+        "the snapshot unchanged"
+    );
+    assert_eq!(
+        s.property("full", "WorkerPid"),
+        pid,
+        "the worker kept serving"
+    );
+    let log = s.log_text();
+    assert!(
+        log.contains("pre-image for the snapshots could not be stored")
+            && log.contains("cannot write the catalog")
+            && log.contains("No space left on device"),
+        "the log says why: {log}"
+    );
+    // Space freed: everything works again.
+    fs::remove_file(&filler).unwrap();
+    ok(&s.mount_call("full", "DeleteSnapshot", "s", &["s1"]));
+    ok(&s.mount_call("full", "CreateSnapshot", "ss", &["", "s2"]));
+    fs::write(mnt.join("small"), "changed").unwrap();
+    assert_eq!(
+        fs::read_to_string(mnt.join(".agentfs/snapshots/s2/small")).unwrap(),
+        "small"
+    );
+    ok(&s.manager("StopMount", "s", &["full"]));
+    let check = Command::new(target_dir().join("agentfs-mount-worker"))
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 #[test]
 fn users_may_do_only_what_the_config_grants() {
     let dir = tempdir();
