@@ -100,6 +100,12 @@ impl Supervisor {
     }
 
     fn start_with_worker(dir: &Path, worker: &Path) -> Supervisor {
+        Supervisor::start_through(dir, worker, &[])
+    }
+
+    /// A supervisor started through `prefix` (a command that ends by
+    /// executing its arguments), e.g. in a namespace of its own.
+    fn start_through(dir: &Path, worker: &Path, prefix: &[&str]) -> Supervisor {
         let bus = Bus::start(dir);
         assert!(
             worker.exists(),
@@ -108,7 +114,16 @@ impl Supervisor {
         );
         fs::create_dir_all(dir.join("mounts")).unwrap();
         let log = dir.join("supervisor.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_agentfs-supervisor"))
+        let supervisor = env!("CARGO_BIN_EXE_agentfs-supervisor");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(supervisor);
+                c
+            }
+            None => Command::new(supervisor),
+        };
+        let child = cmd
             .arg("--bus-address")
             .arg(&bus.address)
             .arg("--config-dir")
@@ -921,6 +936,55 @@ fn a_full_state_directory_under_the_supervisor_refuses_cleanly_and_recovers() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+}
+
+/// /dev/fuse missing (the fuse module not loaded) under the supervisor:
+/// StartMount fails with an error naming /dev/fuse, the log and LastError
+/// say so, nothing is mounted, and once /dev/fuse is there StartMount
+/// works. The supervisor runs in a mount namespace of its own whose /dev
+/// lacks it (the host's stays untouched).
+#[test]
+fn a_missing_dev_fuse_fails_start_mount_by_name_and_recovers() {
+    let dir = tempdir();
+    let dev = "mount -t tmpfs -o mode=755 agentfs-test-dev /dev && \
+               mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 && \
+               mknod -m 666 /dev/urandom c 1 9 && exec \"$0\" \"$@\"";
+    let s = Supervisor::start_through(
+        dir.path(),
+        &target_dir().join("agentfs-mount-worker"),
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            dev,
+        ],
+    );
+    let pid = s.child.as_ref().unwrap().id().to_string();
+    let in_namespace = |script: &str| {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let (src, mnt) = s.configure("nofuse", "");
+    fs::write(src.join("f"), "here").unwrap();
+    let why = fails_with(&s.manager("StartMount", "s", &["nofuse"]), "");
+    assert!(why.contains("/dev/fuse"), "{why}");
+    assert_eq!(s.property("nofuse", "State"), "s \"failed\"");
+    assert!(s.property("nofuse", "LastError").contains("/dev/fuse"));
+    assert!(s.log_text().contains("/dev/fuse"), "{}", s.log_text());
+    let mounted = format!("grep -q ' {} ' /proc/self/mountinfo", mnt.display());
+    assert!(!in_namespace(&mounted).status.success(), "nothing mounted");
+    // The fault goes away.
+    ok(&in_namespace("mknod -m 666 /dev/fuse c 10 229"));
+    ok(&s.manager("StartMount", "s", &["nofuse"]));
+    let cat = in_namespace(&format!("cat '{}'", mnt.join("f").display()));
+    assert_eq!(ok(&cat), "here");
+    ok(&s.manager("StopMount", "s", &["nofuse"]));
+    assert!(!in_namespace(&mounted).status.success(), "unmounted");
 }
 
 #[test]
