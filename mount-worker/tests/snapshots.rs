@@ -451,6 +451,74 @@ fn a_failing_state_disk_refuses_changes_and_damages_nothing() {
     );
 }
 
+/// The state directory's disk fails with EIO (a disk that answers every
+/// read, write and flush with an I/O error, under ext4 on a loop device):
+/// changes that need the state directory are refused with an errno, not
+/// made; snapshots are refused with a named error; nothing stored is
+/// damaged, and after repair everything works again.
+#[test]
+fn a_state_disk_failing_with_eio_refuses_changes_and_damages_nothing() {
+    let mut m = Mount::builder()
+        .state_on_failing_disk(64)
+        .populate(|s| fs::write(s.join("f"), b"before").unwrap())
+        .start();
+    let p = m.path().to_owned();
+    create(&m, "s");
+    common::branch(&m, "s", "b");
+    m.fail_state_disk_with_eio();
+    // A change in main needs a pre-image it cannot store durably.
+    let e = fs::write(p.join("f"), b"after").unwrap_err();
+    let errno = e.raw_os_error();
+    assert!(
+        matches!(errno, Some(libc::EIO) | Some(libc::EROFS)),
+        "a change of main: {e}"
+    );
+    assert_eq!(fs::read(m.source().join("f")).unwrap(), b"before");
+    // A branch cannot copy the file up.
+    let e = fs::write(p.join(".agentfs/branches/b/f"), b"b").unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EROFS)),
+        "a copy-up: {e}"
+    );
+    // Snapshots cannot be recorded: a named error.
+    let e = control::call(
+        m.state_dir(),
+        &Request::SnapshotCreate {
+            branch: None,
+            name: Some("t".into()),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Io, "{}", e.message);
+    assert!(
+        e.message.contains("catalog.json") && e.message.contains("nothing was changed"),
+        "{}",
+        e.message
+    );
+    // Repaired (the disk works again; unmount, e2fsck, mount) and started
+    // again: everything works, nothing was damaged.
+    m.stop();
+    m.repair_state_disk();
+    m.restart(&[]);
+    assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
+    fs::write(p.join("f"), b"after").unwrap();
+    fs::write(p.join(".agentfs/branches/b/f"), b"b").unwrap();
+    create(&m, "t");
+    assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
+    assert_eq!(fs::read(snap(&m, "t").join("f")).unwrap(), b"after");
+    assert_eq!(fs::read(p.join(".agentfs/branches/b/f")).unwrap(), b"b");
+    let check = std::process::Command::new(common::WORKER)
+        .args(["--check", "--state-dir"])
+        .arg(m.state_dir())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 #[test]
 fn the_control_directory_name_cannot_be_changed_in_the_root() {
     // A source that has its own `.agentfs`: hidden by the control directory,

@@ -4,6 +4,8 @@
 //! test panics).
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod failing_disk;
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -112,7 +114,7 @@ impl Mount {
     /// through ext4's trigger_fs_error).
     pub fn fail_state_disk(&self) {
         assert!(
-            matches!(self.state_fs, Some(StateFs::Ext4(_))),
+            matches!(self.state_fs, Some(StateFs::Ext4 { .. })),
             "needs state_on_ext4"
         );
         let source = Command::new("findmnt")
@@ -135,10 +137,13 @@ impl Mount {
     /// mount again. The worker must be stopped.
     pub fn repair_state_disk(&mut self) {
         assert!(self.child.is_none(), "stop the worker first");
-        let Some(StateFs::Ext4(image)) = &self.state_fs else {
+        let Some(StateFs::Ext4 { image, disk }) = &self.state_fs else {
             panic!("needs state_on_ext4");
         };
         nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::empty()).unwrap();
+        if let Some(d) = disk {
+            d.fail(false);
+        }
         let fsck = Command::new("e2fsck")
             .arg("-fy")
             .arg(image)
@@ -146,7 +151,18 @@ impl Mount {
             .unwrap();
         // 0: clean, 1: errors corrected.
         assert!(fsck.status.code().is_some_and(|c| c <= 1), "{fsck:?}");
-        mount_ext4(image, &self.state_dir);
+        let device = disk.as_ref().map_or_else(|| image.clone(), |d| d.path());
+        mount_ext4(&device, &self.state_dir);
+    }
+
+    /// Makes the disk under the state directory's ext4 answer EIO to every
+    /// read, write and flush from now on (needs
+    /// [`MountBuilder::state_on_failing_disk`]).
+    pub fn fail_state_disk_with_eio(&self) {
+        let Some(StateFs::Ext4 { disk: Some(d), .. }) = &self.state_fs else {
+            panic!("needs state_on_failing_disk");
+        };
+        d.fail(true);
     }
 
     /// Starts a new worker on the same directories (after [`Mount::kill`]).
@@ -184,8 +200,16 @@ impl Drop for Mount {
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        if self.state_fs.is_some() {
-            let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(fs) = self.state_fs.take() {
+            if let StateFs::Ext4 { disk: Some(d), .. } = &fs {
+                d.fail(false);
+            }
+            // Unmounted for good before its disk goes (a lazy unmount would
+            // keep the loop device, and so the disk, busy).
+            if nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::empty()).is_err() {
+                let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
+            }
+            drop(fs);
         }
     }
 }
@@ -193,7 +217,12 @@ impl Drop for Mount {
 /// A file system of the test's own under the state directory.
 enum StateFs {
     Tmpfs,
-    Ext4(PathBuf),
+    /// An ext4 image on a loop device; its file served by a
+    /// [`failing_disk::FailingDisk`] if `disk` is set.
+    Ext4 {
+        image: PathBuf,
+        disk: Option<failing_disk::FailingDisk>,
+    },
 }
 
 fn mount_ext4(image: &Path, at: &Path) {
@@ -216,6 +245,7 @@ pub struct MountBuilder {
     supervised: bool,
     state_tmpfs_size: Option<String>,
     state_ext4_mib: Option<u64>,
+    state_failing_disk: bool,
     open_files: Option<u64>,
     args: Vec<String>,
     populate: Option<Populate>,
@@ -247,6 +277,15 @@ impl MountBuilder {
     /// device), to make it fail ([`Mount::fail_state_disk`]).
     pub fn state_on_ext4(mut self, mib: u64) -> Self {
         self.state_ext4_mib = Some(mib);
+        self
+    }
+
+    /// As [`MountBuilder::state_on_ext4`], with the image served by a
+    /// disk that can be made to fail with EIO
+    /// ([`Mount::fail_state_disk_with_eio`]).
+    pub fn state_on_failing_disk(mut self, mib: u64) -> Self {
+        self.state_ext4_mib = Some(mib);
+        self.state_failing_disk = true;
         self
     }
 
@@ -317,8 +356,14 @@ impl MountBuilder {
                 .unwrap();
             assert!(mkfs.success(), "mkfs.ext4");
             fs::create_dir(&state_dir).unwrap();
-            mount_ext4(&image, &state_dir);
-            state_fs = Some(StateFs::Ext4(image));
+            let disk = self.state_failing_disk.then(|| {
+                let at = dir.path().join("disk");
+                fs::create_dir(&at).unwrap();
+                failing_disk::FailingDisk::serve(&image, &at)
+            });
+            let device = disk.as_ref().map_or_else(|| image.clone(), |d| d.path());
+            mount_ext4(&device, &state_dir);
+            state_fs = Some(StateFs::Ext4 { image, disk });
         }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let child = if self.supervised {
