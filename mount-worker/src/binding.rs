@@ -61,6 +61,8 @@ pub struct Bindings {
     /// Answers of [`Bindings::resolve`] per process, valid for one
     /// generation of the bindings.
     cache: Mutex<HashMap<i32, Cached>>,
+    /// Held by a change from reading the list to swapping it.
+    changing: Mutex<()>,
 }
 
 struct State {
@@ -232,6 +234,7 @@ impl Bindings {
                 inherited: HashMap::new(),
             }),
             cache: Mutex::new(HashMap::new()),
+            changing: Mutex::new(()),
         }
     }
 
@@ -249,13 +252,20 @@ impl Bindings {
     }
 
     /// Replaces the list with `edit`'s result once `persist` accepted it.
+    /// Changes are made one at a time, but the list is locked only to
+    /// swap it: persisting (a catalog write and fsync) must not hold off
+    /// `resolve`, which every FUSE request entering at the root needs, nor
+    /// `records`; a stream of binds would otherwise starve them.
     fn change<T>(
         &self,
         edit: impl FnOnce(&mut Vec<Binding>) -> Result<T, ControlError>,
         persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
     ) -> Result<T, ControlError> {
-        let mut st = self.state.write().unwrap();
-        let mut next: Vec<Binding> = st
+        let _one_at_a_time = self.changing.lock().unwrap();
+        let mut next: Vec<Binding> = self
+            .state
+            .read()
+            .unwrap()
             .list
             .iter()
             .filter(|b| is_live(&b.subject))
@@ -263,6 +273,7 @@ impl Bindings {
             .collect();
         let out = edit(&mut next)?;
         persist(&next)?;
+        let mut st = self.state.write().unwrap();
         let kept: Vec<(i32, u64)> = next
             .iter()
             .filter_map(|b| match b.subject {

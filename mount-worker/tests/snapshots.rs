@@ -360,16 +360,8 @@ fn full_state_directory_refuses_the_change_and_damages_nothing() {
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NoSpace, "{}", e.message);
     fs::remove_file(&filler).unwrap();
-    let check = std::process::Command::new(common::WORKER)
-        .args(["--check", "--state-dir"])
-        .arg(m.state_dir())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        check.status.success() && report.contains("0 garbage"),
-        "{report}"
-    );
+    let report = common::check_state(m.state_dir());
+    assert!(report.contains("0 garbage"), "{report}");
     // Space freed: everything works again.
     create(&m, "t");
     control::call(
@@ -439,16 +431,7 @@ fn a_failing_state_disk_refuses_changes_and_damages_nothing() {
     assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
     assert_eq!(fs::read(snap(&m, "t").join("f")).unwrap(), b"after");
     assert_eq!(fs::read(p.join(".agentfs/branches/b/f")).unwrap(), b"b");
-    let check = std::process::Command::new(common::WORKER)
-        .args(["--check", "--state-dir"])
-        .arg(m.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    common::check_state(m.state_dir());
 }
 
 /// The state directory's disk fails with EIO (a disk that answers every
@@ -507,16 +490,7 @@ fn a_state_disk_failing_with_eio_refuses_changes_and_damages_nothing() {
     assert_eq!(fs::read(snap(&m, "s").join("f")).unwrap(), b"before");
     assert_eq!(fs::read(snap(&m, "t").join("f")).unwrap(), b"after");
     assert_eq!(fs::read(p.join(".agentfs/branches/b/f")).unwrap(), b"b");
-    let check = std::process::Command::new(common::WORKER)
-        .args(["--check", "--state-dir"])
-        .arg(m.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    common::check_state(m.state_dir());
 }
 
 #[test]

@@ -330,6 +330,24 @@ fn fails_with(out: &Output, error: &str) -> String {
     err
 }
 
+/// Asserts that `agentfs-mount-worker --check` finds the state directory
+/// consistent (its mount stopped).
+fn check_state(state_dir: &Path) {
+    let out = Command::new(target_dir().join("agentfs-mount-worker"))
+        .arg("--check")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "state check of {}: {}{}",
+        state_dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tempdir() -> tempfile::TempDir {
     // /var/tmp: not a tmpfs (state dirs need xattrs); `aft-` so that
     // scripts/test.sh can clean up after a crash.
@@ -925,17 +943,7 @@ fn a_full_state_directory_under_the_supervisor_refuses_cleanly_and_recovers() {
         "small"
     );
     ok(&s.manager("StopMount", "s", &["full"]));
-    let check = Command::new(target_dir().join("agentfs-mount-worker"))
-        .arg("--check")
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    check_state(&state);
 }
 
 /// /dev/fuse missing (the fuse module not loaded) under the supervisor:
@@ -1286,18 +1294,7 @@ fn applications_never_see_a_worker_crash() {
         mounts_under(dir.path()).is_empty(),
         "no mount is left behind"
     );
-    let check = Command::new(target_dir().join("agentfs-mount-worker"))
-        .arg("--check")
-        .arg("--state-dir")
-        .arg(dir.path().join("state/steady"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "state check: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    check_state(&dir.path().join("state/steady"));
 }
 
 #[test]
@@ -1529,17 +1526,7 @@ fn ten_thousand_bindings_are_kept_and_the_service_stays_responsive() {
     assert_eq!(count(&s), 0);
     eprintln!("{N} cgroup bindings made in {bound:?}, removed in {unbound:?}");
     ok(&s.manager("StopMount", "s", &["many"]));
-    let check = Command::new(target_dir().join("agentfs-mount-worker"))
-        .arg("--check")
-        .arg("--state-dir")
-        .arg(dir.path().join("state/many"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    check_state(&dir.path().join("state/many"));
 }
 
 #[test]
