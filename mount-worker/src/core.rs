@@ -154,6 +154,65 @@ pub struct SetAttr {
     pub atime: Option<Time>,
     /// New modification time; `None` leaves it.
     pub mtime: Option<Time>,
+    /// What becomes of the set-id bits when the size changes.
+    pub set_id: SetIdBits,
+}
+
+/// Whether a change of a regular file's data clears its set-user-ID bit,
+/// and its set-group-ID bit if group-executable, as a local file system
+/// does for a caller without CAP_FSETID. The worker changes host files
+/// with CAP_FSETID, so the host keeps them: with FUSE_HANDLE_KILLPRIV_V2
+/// the kernel leaves it to the worker (instead of asking for
+/// `security.capability` before every write, one round trip each) and
+/// says which callers lack the capability. The host still drops a file's
+/// `security.capability` on every change, as it does for anyone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SetIdBits {
+    /// Kept: the caller may keep them, or the kernel clears them itself.
+    #[default]
+    Keep,
+    /// Cleared: the kernel said the caller lacks CAP_FSETID.
+    Clear,
+    /// Cleared unless process `pid` has CAP_FSETID: for changes the kernel
+    /// sends no such word with (fallocate, copy_file_range). Its
+    /// capabilities are read only when the file has such a bit.
+    ClearUnlessCapable(u32),
+}
+
+impl SetIdBits {
+    /// Clears them on the host file `fd` after a change, if they go.
+    fn apply(self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if self == SetIdBits::Keep {
+            return Ok(());
+        }
+        let st = hostfs::stat(fd)?;
+        let mut gone = st.st_mode & libc::S_ISUID;
+        if st.st_mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            gone |= libc::S_ISGID;
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || gone == 0 {
+            return Ok(());
+        }
+        if let SetIdBits::ClearUnlessCapable(pid) = self {
+            if has_cap_fsetid(pid) {
+                return Ok(());
+            }
+        }
+        hostfs::chmod(fd, st.st_mode & 0o7777 & !gone)
+    }
+}
+
+/// Whether process `pid` has CAP_FSETID in its effective set (false if it
+/// is gone: clearing is the safe side).
+fn has_cap_fsetid(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|eff| eff & caps::Capability::CAP_FSETID.bitmask() != 0)
 }
 
 /// A time to set: now, or an exact point with nanoseconds.
@@ -1213,6 +1272,7 @@ impl FsCore {
                 Some(OpenFile::Main(file)) => file.set_len(size)?,
                 _ => hostfs::reopen(fd, libc::O_WRONLY)?.set_len(size)?,
             }
+            attr.set_id.apply(fd)?;
         }
         if attr.atime.is_some() || attr.mtime.is_some() {
             let ts = |t: Option<Time>| match t {
@@ -1554,27 +1614,34 @@ impl FsCore {
     /// Runs `f` on the host file behind `fh` for a change of `node`:
     /// main's file after preserving it for the snapshots, a branch's file
     /// in its top layer (reopened there if the layer it was opened in has
-    /// frozen since). EBADF for files not open for writing.
+    /// frozen since); then clears the set-id bits if `set_id` says so.
+    /// EBADF for files not open for writing.
     fn change_file<T>(
         &self,
         node: NodeId,
         fh: FileHandle,
+        set_id: SetIdBits,
         f: impl FnOnce(&File) -> io::Result<T>,
     ) -> io::Result<T> {
         let file = self.file(fh)?;
         if !file.writable() {
             return Err(errno(libc::EBADF));
         }
+        let changed = |host: &File| {
+            let done = f(host)?;
+            set_id.apply(host.as_fd())?;
+            Ok(done)
+        };
         match &*file {
             OpenFile::Main(host) => {
                 let obj = self.obj(node)?;
                 let _change = self.before_change(&[obj.main_fd()?])?;
-                f(host)
+                changed(host)
             }
             OpenFile::Layer { obj, flags, file } => {
                 let layers = self.layers_of(obj)?;
                 let current = self.layer_file(obj, *flags, file, &layers)?;
-                f(current.file.file())
+                changed(current.file.file())
             }
             _ => unreachable!("only main and layer files are writable"),
         }
@@ -1747,8 +1814,9 @@ impl FsCore {
         offset: u64,
         data: &[u8],
         again: bool,
+        set_id: SetIdBits,
     ) -> io::Result<usize> {
-        self.change_file(node, fh, |f| write_all_at(f, data, offset, again))
+        self.change_file(node, fh, set_id, |f| write_all_at(f, data, offset, again))
     }
 
     /// Closes a file handle.
@@ -1789,7 +1857,11 @@ impl FsCore {
             OpenFile::Main(_) => {
                 let obj = self.obj(node)?;
                 let fd = obj.main_fd()?;
-                match for_writers.then(|| hostfs::reopen(fd, libc::O_RDWR)) {
+                // Writes through the backing file are the worker's, which
+                // keep set-id bits: writers of such a file go through the
+                // worker, which clears them (`SetIdBits`).
+                let set_id = hostfs::stat(fd)?.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+                match (for_writers && !set_id).then(|| hostfs::reopen(fd, libc::O_RDWR)) {
                     Some(Ok(f)) => Ok((f, true)),
                     // A read-only file system, an immutable file, a binary
                     // being run (ETXTBSY): readers can still share it.
@@ -1854,8 +1926,11 @@ impl FsCore {
         offset: u64,
         len: u64,
         mode: i32,
+        set_id: SetIdBits,
     ) -> io::Result<()> {
-        self.change_file(node, fh, |f| hostfs::fallocate(f, mode, offset, len))
+        self.change_file(node, fh, set_id, |f| {
+            hostfs::fallocate(f, mode, offset, len)
+        })
     }
 
     /// SEEK_DATA / SEEK_HOLE.
@@ -1872,15 +1947,14 @@ impl FsCore {
         }
     }
 
-    /// Copies a range between two open files on the host.
+    /// Copies `len` bytes on the host from open file `src` at an offset to
+    /// open file `dst` of node `dst_node` at an offset.
     pub fn copy_file_range(
         &self,
-        src: FileHandle,
-        src_off: u64,
-        dst_node: NodeId,
-        dst: FileHandle,
-        dst_off: u64,
+        (src, src_off): (FileHandle, u64),
+        (dst_node, dst, dst_off): (NodeId, FileHandle, u64),
         len: u64,
+        set_id: SetIdBits,
     ) -> io::Result<usize> {
         let sf = self.file(src)?;
         let s = match &*sf {
@@ -1890,7 +1964,7 @@ impl FsCore {
             // write, which re-check.
             OpenFile::SnapLive(..) | OpenFile::Layer { .. } => return Err(errno(libc::EXDEV)),
         };
-        self.change_file(dst_node, dst, |d| {
+        self.change_file(dst_node, dst, set_id, |d| {
             hostfs::copy_file_range(s, src_off, d, dst_off, len)
         })
     }

@@ -18,7 +18,7 @@ use fuser::{
 
 use std::sync::Arc;
 
-use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, Time};
+use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits, Time};
 use crate::hostfs::{Stat, XattrReply};
 use crate::passthrough::{Open, Passthrough};
 use crate::trim::Trimmer;
@@ -32,11 +32,12 @@ use crate::trim::Trimmer;
 /// attributes show a change made to the source behind the mount's back.
 /// Without it every open dropped the file's cached pages.
 ///
-/// Read-only opens skip FLUSH on close. The worker's FLUSH does nothing
-/// (writes go through at once, locks are the kernel's), but the kernel
-/// writes an inode's dirty mapped pages back before sending it, so only
-/// descriptors that cannot have dirtied pages (read-only ones) skip that
-/// round trip.
+/// Opens that are not read-write skip FLUSH on close. The worker's FLUSH
+/// does nothing (writes go through at once, locks are the kernel's), but
+/// the kernel writes an inode's dirty mapped pages back before sending it,
+/// so only descriptors that cannot have dirtied pages skip that round
+/// trip: a shared writable map needs a descriptor open for reading and
+/// writing.
 fn fopen_flags(flags: i32, how: Open) -> FopenFlags {
     let mut f = match how {
         Open::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
@@ -46,7 +47,7 @@ fn fopen_flags(flags: i32, how: Open) -> FopenFlags {
         } => FopenFlags::FOPEN_DIRECT_IO,
         Open::Passthrough { .. } => FopenFlags::empty(),
     };
-    if flags & libc::O_ACCMODE == libc::O_RDONLY {
+    if flags & libc::O_ACCMODE != libc::O_RDWR {
         f |= FopenFlags::FOPEN_NOFLUSH;
     }
     f
@@ -72,6 +73,10 @@ pub struct Adapter {
     tuning: Tuning,
     trim: Arc<Trimmer>,
     passthrough: Passthrough,
+    /// The kernel refused FUSE_HANDLE_KILLPRIV_V2 and clears set-id bits
+    /// itself. Assumed granted after a takeover (no FUSE_INIT then): the
+    /// only cost of being wrong is clearing them twice.
+    kernel_clears_set_id: bool,
 }
 
 impl Adapter {
@@ -88,6 +93,17 @@ impl Adapter {
             tuning,
             trim,
             passthrough,
+            kernel_clears_set_id: false,
+        }
+    }
+
+    /// What a change of file data by `req`'s caller does to set-id bits,
+    /// for changes the kernel does not flag (fallocate, copy_file_range).
+    fn set_id_unflagged(&self, req: &Request) -> SetIdBits {
+        if self.kernel_clears_set_id {
+            SetIdBits::Keep
+        } else {
+            SetIdBits::ClearUnlessCapable(req.pid())
         }
     }
 
@@ -306,6 +322,14 @@ impl Filesystem for Adapter {
         if let Err(missing) = config.add_capabilities(acl) {
             tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are not enforced");
         }
+        // Without it the kernel asks for `security.capability` before
+        // every write (the worker clears set-id bits instead, `SetIdBits`).
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_err()
+        {
+            self.kernel_clears_set_id = true;
+        }
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
             tracing::warn!(
                 "kernel lacks {missing:?}: cached file pages outlive changes made to the source behind the mount"
@@ -375,6 +399,7 @@ impl Filesystem for Adapter {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
+        kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
         let change = SetAttr {
@@ -384,6 +409,11 @@ impl Filesystem for Adapter {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
+            set_id: if kill_suidgid {
+                SetIdBits::Clear
+            } else {
+                SetIdBits::Keep
+            },
         };
         let fh = fh.map(|f| FileHandle(f.0));
         match self
@@ -617,14 +647,19 @@ impl Filesystem for Adapter {
         fh: fuser::FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let set_id = if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            SetIdBits::Clear
+        } else {
+            SetIdBits::Keep
+        };
         let r = self.at(req, ino).and_then(|n| {
             self.core
-                .write(n, FileHandle(fh.0), offset, data, resent(req))
+                .write(n, FileHandle(fh.0), offset, data, resent(req), set_id)
         });
         match r {
             Ok(n) => reply.written(n as u32),
@@ -799,8 +834,14 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         let r = self.at(req, ino).and_then(|n| {
-            self.core
-                .fallocate(n, FileHandle(fh.0), offset, length, mode)
+            self.core.fallocate(
+                n,
+                FileHandle(fh.0),
+                offset,
+                length,
+                mode,
+                self.set_id_unflagged(req),
+            )
         });
         reply_empty(reply, r);
     }
@@ -839,12 +880,10 @@ impl Filesystem for Adapter {
         let r = self.at(req, ino_in).and_then(|_| {
             let out = self.at(req, ino_out)?;
             self.core.copy_file_range(
-                FileHandle(fh_in.0),
-                offset_in,
-                out,
-                FileHandle(fh_out.0),
-                offset_out,
+                (FileHandle(fh_in.0), offset_in),
+                (out, FileHandle(fh_out.0), offset_out),
                 len,
+                self.set_id_unflagged(req),
             )
         });
         match r {

@@ -948,3 +948,105 @@ fn xattrs_of_a_symlink_stay_on_the_symlink() {
         "the target must not get the symlink's xattr"
     );
 }
+
+/// The mode bits a change by `who` (root if None) leaves on a 06777 file
+/// `f` in `dir`, after running Python `change` on its descriptor `fd`:
+/// as seen through the mount and, if given, in the `host` directory.
+fn set_id_bits_after(dir: &Path, host: Option<&Path>, who: Option<u32>, change: &str) -> u32 {
+    let f = dir.join("f");
+    fs::write(&f, b"0123456789").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+    let script = format!("import os\nfd = os.open('f', os.O_RDWR)\n{change}\n");
+    let out = match who {
+        Some(uid) => common::run_as(uid, uid, dir, &format!("/usr/bin/python3 -c \"{script}\"")),
+        None => std::process::Command::new("/usr/bin/python3")
+            .args(["-c", &script])
+            .current_dir(dir)
+            .output()
+            .unwrap(),
+    };
+    assert!(
+        out.status.success(),
+        "{change}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = fs::metadata(&f).unwrap().mode() & 0o7777;
+    if let Some(host) = host {
+        let on_host = fs::metadata(host.join("f")).unwrap().mode() & 0o7777;
+        assert_eq!(seen, on_host, "{change}: the mount and the host disagree");
+    }
+    seen
+}
+
+#[test]
+fn a_change_of_data_clears_set_id_bits_unless_the_caller_has_cap_fsetid() {
+    let changes = [
+        ("write", "os.pwrite(fd, b'x', 3)"),
+        ("truncate", "os.ftruncate(fd, 4)"),
+        ("fallocate", "os.posix_fallocate(fd, 0, 8192)"),
+        (
+            "copy_file_range",
+            "s = os.open('src', os.O_RDONLY); os.copy_file_range(s, fd, 4, 0, 0)",
+        ),
+    ];
+    for policy in ["auto", "on"] {
+        let m = Mount::builder().arg("--passthrough").arg(policy).start();
+        common::snapshot(&m, None, "base");
+        common::branch(&m, "base", "b");
+        let branch = common::branch_dir(&m, "b");
+        let places = [
+            (m.path().to_owned(), Some(m.source().to_owned())),
+            (branch, None),
+        ];
+        for (dir, host) in &places {
+            let host = host.as_deref();
+            fs::write(dir.join("src"), b"abcd").unwrap();
+            fs::set_permissions(dir.join("src"), fs::Permissions::from_mode(0o644)).unwrap();
+            for (what, change) in changes {
+                let at = format!("{what} in {} with passthrough {policy}", dir.display());
+                // As on a local file system: a caller without CAP_FSETID
+                // loses set-user-id, and set-group-id with group execute...
+                assert_eq!(
+                    set_id_bits_after(dir, host, Some(65534), change),
+                    0o0777,
+                    "{at} by nobody"
+                );
+                // ... root keeps both.
+                assert_eq!(
+                    set_id_bits_after(dir, host, None, change),
+                    0o6777,
+                    "{at} by root"
+                );
+            }
+            // Set-group-id without group execute is a locking mark: kept.
+            let f = dir.join("f");
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o2767)).unwrap();
+            let out = common::run_as(
+                65534,
+                65534,
+                dir,
+                "/usr/bin/python3 -c \"import os; os.write(os.open('f', os.O_WRONLY), b'y')\"",
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                fs::metadata(&f).unwrap().mode() & 0o7777,
+                0o2767,
+                "{}",
+                dir.display()
+            );
+            // A chown clears set-user-id, even root's.
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o4755)).unwrap();
+            std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+            assert_eq!(
+                fs::metadata(&f).unwrap().mode() & 0o7777,
+                0o0755,
+                "{}",
+                dir.display()
+            );
+        }
+    }
+}

@@ -415,6 +415,12 @@ mod op {
                 None
             }
         }
+        /// The file system is to clear the set-user-ID and set-group-ID bits
+        /// (FUSE_HANDLE_KILLPRIV_V2: a truncate by a caller without
+        /// CAP_FSETID, or a chown).
+        pub(crate) fn kill_suidgid(&self) -> bool {
+            self.valid().contains(FattrFlags::FATTR_KILL_SUIDGID)
+        }
         /// The value set by the [`Open`] method. See [`FileHandle`].
         ///
         /// This will only be set if the user passed a file-descriptor to set the
