@@ -990,7 +990,12 @@ fn a_change_of_data_clears_set_id_bits_unless_the_caller_has_cap_fsetid() {
         ),
     ];
     for policy in ["auto", "on"] {
-        let m = Mount::builder().arg("--passthrough").arg(policy).start();
+        // Sandboxed: the worker reads callers' capabilities in /proc there.
+        let m = Mount::builder()
+            .supervised()
+            .arg("--passthrough")
+            .arg(policy)
+            .start();
         common::snapshot(&m, None, "base");
         common::branch(&m, "base", "b");
         let branch = common::branch_dir(&m, "b");
