@@ -155,12 +155,18 @@ impl Adapter {
         }
     }
 
+    /// Names and attributes are cached for their own times: a name in the
+    /// root is looked up again on every walk, but the node it gives keeps
+    /// its attributes (they are the node's, whoever asked). Without that,
+    /// every absolute path cost a GETATTR of its first component.
     fn reply_entry(&self, reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
         match r {
-            Ok(e) => {
-                let ttl = self.entry_ttl(parent, &e);
-                reply.entry(&ttl, &attr(e.node, &e.stat), Generation(e.generation))
-            }
+            Ok(e) => reply.entry_with_ttls(
+                &self.attr_ttl(e.node),
+                &self.entry_ttl(parent, &e),
+                &attr(e.node, &e.stat),
+                Generation(e.generation),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
