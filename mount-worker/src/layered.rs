@@ -75,8 +75,8 @@ fn is_whiteout(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<bool> {
 }
 
 /// Marks a new object as a user's device if it could pass for a whiteout.
-fn mark_device(fd: BorrowedFd<'_>) -> io::Result<()> {
-    if looks_like_whiteout(&hostfs::stat(fd)?) {
+fn mark_device(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
+    if looks_like_whiteout(st) {
         hostfs::setxattr(fd, OsStr::new(DEVICE_XATTR), b"y", 0)?;
     }
     Ok(())
@@ -439,7 +439,7 @@ impl Part {
             _ => hostfs::mknod(work, tmp, st.st_mode, st.st_rdev)?,
         }
         let fd = hostfs::open_node(work, tmp)?;
-        mark_device(fd.as_fd())?;
+        mark_device(fd.as_fd(), &hostfs::stat(fd.as_fd())?)?;
         hostfs::setxattr(
             fd.as_fd(),
             OsStr::new(ID_XATTR),
@@ -881,39 +881,63 @@ impl LayerObj {
         make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
     ) -> io::Result<LayerObj> {
         let pu = self.upper(cx, layers)?;
-        match self.lookup(cx, layers, name) {
-            Ok(_) => return Err(errno(libc::EEXIST)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
-        }
+        let over_whiteout = match Part::Layer(pu.clone()).child(cx, name)? {
+            Child::Found { .. } => return Err(errno(libc::EEXIST)),
+            Child::Whiteout => true,
+            Child::Missing if self.lower_has(cx, layers, name)? => return Err(errno(libc::EEXIST)),
+            Child::Missing => false,
+        };
         let cname = hostfs::component(name)?;
-        if !self.whiteout_at(&pu, &cname)? {
+        let (fd, st) = if !over_whiteout {
             make(pu.as_fd(), &cname)?;
             // A crash before the mark leaves a whiteout of a name that no
             // layer has: the unacknowledged device is simply not there.
-            mark_device(hostfs::open_node(pu.as_fd(), &cname)?.as_fd())?;
+            let fd = hostfs::open_node(pu.as_fd(), &cname)?;
+            let st = hostfs::stat(fd.as_fd())?;
+            mark_device(fd.as_fd(), &st)?;
+            (fd, st)
         } else {
             let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
             let tmp = self.view.tmp_name();
             make(work, &tmp)?;
             let replaced = (|| {
                 let fd = hostfs::open_node(work, &tmp)?;
-                mark_device(fd.as_fd())?;
-                if is_dir(&hostfs::stat(fd.as_fd())?) {
+                let st = hostfs::stat(fd.as_fd())?;
+                mark_device(fd.as_fd(), &st)?;
+                if is_dir(&st) {
                     // A directory cannot replace a whiteout; swap them.
                     set_opaque(fd.as_fd())?;
                     hostfs::rename(work, &tmp, pu.as_fd(), &cname, libc::RENAME_EXCHANGE)?;
-                    hostfs::unlink(work, &tmp, false)
+                    hostfs::unlink(work, &tmp, false)?;
                 } else {
-                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, 0)
+                    hostfs::rename(work, &tmp, pu.as_fd(), &cname, 0)?;
                 }
+                Ok((fd, st))
             })();
-            if let Err(e) = replaced {
-                let _ = remove_tree(work, &tmp);
-                return Err(e);
+            match replaced {
+                Ok(made) => made,
+                Err(e) => {
+                    let _ = remove_tree(work, &tmp);
+                    return Err(e);
+                }
             }
-        }
-        self.lookup(cx, layers, name)
+        };
+        // Nothing below shows through a name new in the top layer: a file
+        // hides any lower one, a directory was either made opaque above or
+        // has no namesake below (checked before it was made).
+        Ok(LayerObj {
+            view: self.view.clone(),
+            // `make` may link an inode copied up from below: its id stays.
+            id: layer_id(fd.as_fd(), &st)?,
+            is_dir: is_dir(&st),
+            place: Mutex::new(Some((self.clone(), cname))),
+            state: RwLock::new(State {
+                generation: layers.generation,
+                upper: Some(Arc::new(fd)),
+                lowers: Vec::new(),
+            }),
+            copies: AtomicU64::new(0),
+        })
     }
 
     fn whiteout_at(&self, dir: &OwnedFd, name: &CStr) -> io::Result<bool> {

@@ -20,7 +20,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -134,6 +134,10 @@ pub struct PreImage {
     pub dir: PathBuf,
     /// The inode's attributes at the time.
     pub meta: Meta,
+    /// A directory's entries, read once (a pre-image never changes) and
+    /// sorted by name, so that each lookup in a big directory is a binary
+    /// search rather than a parse of the whole list.
+    entries: OnceLock<Vec<EntryRec>>,
 }
 
 impl PreImage {
@@ -142,10 +146,27 @@ impl PreImage {
         File::open(self.dir.join("data"))
     }
 
-    /// The preserved entries of a directory.
-    pub fn entries(&self) -> io::Result<Vec<EntryRec>> {
+    /// The preserved entries of a directory, sorted by name.
+    pub fn entries(&self) -> io::Result<&[EntryRec]> {
+        if let Some(e) = self.entries.get() {
+            return Ok(e);
+        }
         let text = fs::read(self.dir.join("entries.json"))?;
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let mut list: Vec<EntryRec> = serde_json::from_slice(&text)
+            .map_err(|e| invalid(format!("{}: {e}", self.dir.display())))?;
+        list.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Ok(self.entries.get_or_init(|| list))
+    }
+
+    /// The preserved entry `name` of a directory.
+    pub fn entry(&self, name: &OsStr) -> io::Result<Option<&EntryRec>> {
+        // Hex keeps the order of the bytes it encodes.
+        let want = hex::encode(name.as_bytes());
+        let list = self.entries()?;
+        Ok(list
+            .binary_search_by(|e| e.name.as_str().cmp(&want))
+            .ok()
+            .map(|i| &list[i]))
     }
 }
 
@@ -216,7 +237,11 @@ impl PreImageStore {
         let meta = fs::read(dir.join("meta.json"))?;
         let meta = serde_json::from_slice(&meta)
             .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-        Ok(Some(PreImage { dir, meta }))
+        Ok(Some(PreImage {
+            dir,
+            meta,
+            entries: OnceLock::new(),
+        }))
     }
 
     /// Stores the current state of the inode behind `node` (whose handle
@@ -325,4 +350,45 @@ fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<EntryRec>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preserved_name_is_found_and_no_other() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // Bytes whose order differs from their order as text, non-UTF-8.
+        let names: [&[u8]; 8] = [
+            b"a",
+            b"B",
+            b"\xff\x01",
+            b"\x01",
+            b"zz",
+            b"a0",
+            b"\xc3\xa9",
+            b"~",
+        ];
+        for n in names {
+            fs::write(src.join(OsStr::from_bytes(n)), b"x").unwrap();
+        }
+        let store = PreImageStore::open(t.path()).unwrap();
+        let dir = hostfs::open_dir_path(&src).unwrap();
+        let h = hostfs::handle_of(dir.as_fd()).unwrap();
+        store.preserve(dir.as_fd(), &h, 1).unwrap();
+        fs::remove_file(src.join("a")).unwrap();
+
+        let p = store.find(&h, 1).unwrap().expect("preserved");
+        assert_eq!(p.entries().unwrap().len(), names.len());
+        for n in names {
+            let e = p.entry(OsStr::from_bytes(n)).unwrap();
+            assert_eq!(e.map(|e| hex::decode(&e.name).unwrap()), Some(n.to_vec()));
+        }
+        for n in ["b", "A", "a1", "", "zzz"] {
+            assert!(p.entry(OsStr::new(n)).unwrap().is_none(), "{n:?}");
+        }
+    }
 }

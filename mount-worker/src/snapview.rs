@@ -34,6 +34,11 @@ pub struct SnapObj {
     /// The pre-image, once main has changed the inode (final once set: the
     /// first pre-image at or after the epoch never changes).
     pre: OnceLock<PreImage>,
+    /// The live inode of a directory, kept once it has been searched or
+    /// listed: lookups in one directory come in runs, and opening it by
+    /// handle for each cost a third of a branch lookup. Files are not
+    /// kept: a descriptor would hold the space of a file main deletes.
+    live_dir: OnceLock<OwnedFd>,
 }
 
 /// Where an object's state comes from right now.
@@ -41,7 +46,7 @@ pub enum Source<'a> {
     /// Main changed it: its pre-image.
     Pre(&'a PreImage),
     /// Unchanged since the snapshot: the live inode.
-    Live(OwnedFd),
+    Live(BorrowedFd<'a>),
 }
 
 /// A child found by name in a snapshot directory.
@@ -76,6 +81,7 @@ impl SnapObj {
             handle,
             ino,
             pre: OnceLock::new(),
+            live_dir: OnceLock::new(),
         }
     }
 
@@ -90,29 +96,64 @@ impl SnapObj {
 
     /// Runs `read` on the object's current source, redoing it from the
     /// pre-image if one appeared while it read the live inode.
-    pub fn read<T>(
+    fn read<T>(
         &self,
         store: &PreImageStore,
         mount_fd: BorrowedFd<'_>,
         read: impl Fn(Source<'_>) -> io::Result<T>,
     ) -> io::Result<T> {
+        self.read_kept(store, mount_fd, false, read)
+    }
+
+    /// [`SnapObj::read`] of a directory, whose live inode stays open.
+    fn read_dir<T>(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        read: impl Fn(Source<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.read_kept(store, mount_fd, true, read)
+    }
+
+    fn read_kept<T>(
+        &self,
+        store: &PreImageStore,
+        mount_fd: BorrowedFd<'_>,
+        keep: bool,
+        read: impl Fn(Source<'_>) -> io::Result<T>,
+    ) -> io::Result<T> {
         if let Some(p) = self.pre(store)? {
             return read(Source::Pre(p));
         }
-        let live = match hostfs::open_handle(mount_fd, &self.handle) {
-            Ok(fd) => fd,
-            // Gone from main: it must have been preserved before it went.
-            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
-                return match self.pre(store)? {
-                    Some(p) => read(Source::Pre(p)),
-                    None => Err(gone(&format!(
-                        "inode {} of snapshot {}",
-                        self.ino, self.snap.0
-                    ))),
+        let opened;
+        let live = match self.live_dir.get() {
+            Some(fd) => fd.as_fd(),
+            None => {
+                let fd = match hostfs::open_handle(mount_fd, &self.handle) {
+                    Ok(fd) => fd,
+                    // Gone from main: it must have been preserved before it went.
+                    Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                        return match self.pre(store)? {
+                            Some(p) => read(Source::Pre(p)),
+                            None => Err(gone(&format!(
+                                "inode {} of snapshot {}",
+                                self.ino, self.snap.0
+                            ))),
+                        };
+                    }
+                    Err(e) => return Err(e),
                 };
+                if keep {
+                    self.live_dir.get_or_init(|| fd).as_fd()
+                } else {
+                    opened = fd;
+                    opened.as_fd()
+                }
             }
-            Err(e) => return Err(e),
         };
+        // A kept descriptor outlives the inode's removal from main: this
+        // check covers that as it covers a change during the read (main
+        // preserves an inode before it changes or removes it).
         let value = read(Source::Live(live))?;
         match self.pre(store)? {
             Some(p) => read(Source::Pre(p)),
@@ -149,13 +190,10 @@ impl SnapObj {
         name: &OsStr,
     ) -> io::Result<Found> {
         let cname = hostfs::component(name)?;
-        self.read(store, mount_fd, |src| match src {
+        self.read_dir(store, mount_fd, |src| match src {
             Source::Pre(p) => {
-                let want = hex::encode(name.as_bytes());
                 let e = p
-                    .entries()?
-                    .into_iter()
-                    .find(|e| e.name == want)
+                    .entry(name)?
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
                 let handle = HostHandle::from_hex(&e.handle)
                     .ok_or_else(|| gone(&format!("bad handle in {}", p.dir.display())))?;
@@ -173,10 +211,10 @@ impl SnapObj {
 
     /// All entries of this directory.
     pub fn list(&self, store: &PreImageStore, mount_fd: BorrowedFd<'_>) -> io::Result<Vec<Listed>> {
-        self.read(store, mount_fd, |src| match src {
+        self.read_dir(store, mount_fd, |src| match src {
             Source::Pre(p) => Ok(p
                 .entries()?
-                .into_iter()
+                .iter()
                 .filter_map(|e| {
                     Some(Listed {
                         ino: e.ino,
