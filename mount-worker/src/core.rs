@@ -1212,6 +1212,17 @@ impl FsCore {
         }
     }
 
+    /// Whether the kernel may cache the names it finds in directory `dir`.
+    /// Not in the mount root: they depend on the caller's binding, so every
+    /// path walk from the root must ask again. Nor in the root of a branch
+    /// (or of a snapshot of one): a process bound to the branch changes
+    /// those names through the mount root, which the kernel takes for
+    /// another directory, so a name cached under `.agentfs/branches/<name>`
+    /// would outlive its removal there.
+    pub fn names_cacheable(&self, dir: NodeId) -> bool {
+        dir != NodeId::ROOT && !matches!(self.obj(dir).as_deref(), Ok(Obj::Layer(o)) if o.is_root())
+    }
+
     /// Whether the kernel may cache a node's attributes: not for the
     /// virtual directories, whose listings change with the catalog.
     /// Nor for the mount root, whose attributes depend on the caller.

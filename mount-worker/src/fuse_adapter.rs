@@ -144,11 +144,10 @@ impl Adapter {
         }
     }
 
-    /// How long the kernel may cache a name in `parent`: never in the mount
-    /// root, whose names depend on the caller's binding, so that every path
-    /// walk from the root asks again.
+    /// How long the kernel may cache a name in `parent` (see
+    /// [`FsCore::names_cacheable`]).
     fn entry_ttl(&self, parent: INodeNo, e: &Entry) -> Duration {
-        if e.cacheable && parent != INodeNo(NodeId::ROOT.0) {
+        if e.cacheable && self.core.names_cacheable(node(parent)) {
             self.tuning.cache_timeout
         } else {
             Duration::ZERO

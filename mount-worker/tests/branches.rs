@@ -582,6 +582,42 @@ fn bound_processes_see_their_branch_at_the_same_path() {
 }
 
 #[test]
+fn a_branch_by_path_follows_what_a_bound_process_changes_at_once() {
+    let m = Mount::builder().populate(populate_views).start();
+    make_views(&m);
+    let mut a = Agent::spawn();
+    tick();
+    bind_pid(&m, "a", a.pid);
+    let (pa, root) = (branch_dir(&m, "a"), m.path());
+    let run = |a: &mut Agent, argv: &[&Path]| {
+        let got = a.call(&json!({"op": "exec", "argv": argv}));
+        assert_eq!(got["status"], 0, "{argv:?}: {got}");
+    };
+    // Each name is seen by path first, so the kernel could cache it there.
+    let write = |name: &str| json!({"op": "write", "path": root.join(name), "data": name});
+    assert_eq!(a.call(&write("gone")), json!({}));
+    assert_eq!(fs::read(pa.join("gone")).unwrap(), b"gone");
+    run(&mut a, &[Path::new("rm"), &root.join("gone")]);
+    assert!(!pa.join("gone").exists(), "removed by the bound process");
+
+    assert_eq!(a.call(&write("old")), json!({}));
+    assert_eq!(fs::read(pa.join("old")).unwrap(), b"old");
+    run(
+        &mut a,
+        &[Path::new("mv"), &root.join("old"), &root.join("new")],
+    );
+    assert!(!pa.join("old").exists(), "renamed by the bound process");
+    assert_eq!(fs::read(pa.join("new")).unwrap(), b"old");
+
+    // And the other way round.
+    let read = |name: &str| json!({"op": "read", "path": root.join(name)});
+    fs::write(pa.join("by-path"), b"p").unwrap();
+    assert_eq!(a.call(&read("by-path")), json!({"data": "p"}));
+    fs::remove_file(pa.join("by-path")).unwrap();
+    assert_eq!(a.call(&read("by-path")), json!({"errno": libc::ENOENT}));
+}
+
+#[test]
 fn pid_bindings_of_live_processes_survive_a_worker_kill() {
     let mut m = Mount::builder().populate(populate_views).start();
     let (a_id, b_id) = make_views(&m);
