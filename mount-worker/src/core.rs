@@ -1223,6 +1223,24 @@ impl FsCore {
         dir != NodeId::ROOT && !matches!(self.obj(dir).as_deref(), Ok(Obj::Layer(o)) if o.is_root())
     }
 
+    /// Whether the kernel may remember that `name` is absent from `dir`,
+    /// for as long as it caches names: in the tree's directories where it
+    /// may cache names (above), where a name can only appear through the
+    /// mount (the kernel then drops what it remembered) or behind its back
+    /// (seen within the same time as any change there). Not in the virtual
+    /// directories, whose names come with the catalog, nor under strict
+    /// isolation, where a confined caller holding another branch's
+    /// directory must be refused rather than told what it lacks.
+    pub fn absence_cacheable(&self, dir: NodeId) -> bool {
+        self.isolation == Isolation::Routed
+            && dir != NodeId::ROOT
+            && match self.obj(dir).as_deref() {
+                Ok(Obj::Main(_) | Obj::Snap(_)) => true,
+                Ok(Obj::Layer(o)) => !o.is_root(),
+                _ => false,
+            }
+    }
+
     /// Whether the kernel may cache a node's attributes: not for the
     /// virtual directories, whose listings change with the catalog.
     /// Nor for the mount root, whose attributes depend on the caller.

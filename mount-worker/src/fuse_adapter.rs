@@ -65,6 +65,11 @@ pub struct Tuning {
     /// changes, so this only bounds how long a change made to the source
     /// behind the mount's back can go unseen (config `cache_timeout_ms`).
     pub cache_timeout: Duration,
+    /// Whether the kernel may also remember, for `cache_timeout`, that a
+    /// name is absent. Only for a mount over its own source: where the
+    /// source can be changed behind the mount's back, a name made there
+    /// would be listed by readdir yet not found for that long.
+    pub remember_absence: bool,
 }
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
@@ -366,7 +371,20 @@ impl Filesystem for Adapter {
                 Err(refused)
             }
         });
-        self.entry(reply, parent, name, r);
+        match r {
+            // A zero node id with a time: the kernel remembers the absence.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if self.tuning.remember_absence && self.core.absence_cacheable(node(parent)) {
+                    // SAFETY: an all-zero `struct stat` is a valid value.
+                    let none: Stat = unsafe { std::mem::zeroed() };
+                    let ttl = self.tuning.cache_timeout;
+                    reply.entry(&ttl, &attr(NodeId(0), &none), Generation(0));
+                } else {
+                    reply.error(Errno::ENOENT);
+                }
+            }
+            r => self.entry(reply, parent, name, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

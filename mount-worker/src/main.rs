@@ -95,9 +95,16 @@ fn main() -> ExitCode {
     if cli.check {
         return check(&cli.state_dir);
     }
+    let (source, mountpoint) = (
+        cli.source.expect("required by clap"),
+        cli.mountpoint.expect("required by clap"),
+    );
+    // Paths as given: two spellings of one directory only cost the cache
+    // of absent names.
+    let remember_absence = source == mountpoint;
     let opts = Options {
-        source: cli.source.expect("required by clap"),
-        mountpoint: cli.mountpoint.expect("required by clap"),
+        source,
+        mountpoint,
         state_dir: cli.state_dir,
         allow_other: cli.allow_other,
         fuse_fd: cli.fuse_fd,
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
             max_write: cli.max_write,
             max_background: cli.max_background,
             cache_timeout: std::time::Duration::from_millis(cli.cache_timeout_ms),
+            remember_absence,
         },
         passthrough: cli.passthrough,
         isolation: if cli.strict_isolation {

@@ -583,7 +583,10 @@ fn bound_processes_see_their_branch_at_the_same_path() {
 
 #[test]
 fn a_branch_by_path_follows_what_a_bound_process_changes_at_once() {
-    let m = Mount::builder().populate(populate_views).start();
+    let m = Mount::builder()
+        .over_source()
+        .populate(populate_views)
+        .start();
     make_views(&m);
     let mut a = Agent::spawn();
     tick();
@@ -609,12 +612,47 @@ fn a_branch_by_path_follows_what_a_bound_process_changes_at_once() {
     assert!(!pa.join("old").exists(), "renamed by the bound process");
     assert_eq!(fs::read(pa.join("new")).unwrap(), b"old");
 
+    // A name the path did not find appears there once the bound process
+    // makes it.
+    assert!(!pa.join("later").exists());
+    assert_eq!(a.call(&write("later")), json!({}));
+    assert_eq!(fs::read(pa.join("later")).unwrap(), b"later");
+    // Below the branch root both ways lead to the same directory.
+    assert!(!pa.join("d/later").exists());
+    assert_eq!(a.call(&write("d/later")), json!({}));
+    assert_eq!(fs::read(pa.join("d/later")).unwrap(), b"d/later");
+
     // And the other way round.
     let read = |name: &str| json!({"op": "read", "path": root.join(name)});
     fs::write(pa.join("by-path"), b"p").unwrap();
     assert_eq!(a.call(&read("by-path")), json!({"data": "p"}));
     fs::remove_file(pa.join("by-path")).unwrap();
     assert_eq!(a.call(&read("by-path")), json!({"errno": libc::ENOENT}));
+}
+
+#[test]
+fn new_branches_and_snapshots_appear_at_once() {
+    let m = Mount::builder()
+        .over_source()
+        .populate(populate_views)
+        .start();
+    let agentfs = m.path().join(".agentfs");
+    let (s, b) = (agentfs.join("snapshots/s"), agentfs.join("branches/b"));
+    assert!(!s.exists() && !b.exists());
+    snapshot(&m, None, "s");
+    assert!(
+        s.join("d").is_dir(),
+        "a snapshot looked for before it was taken"
+    );
+    branch(&m, "s", "b");
+    assert!(
+        b.join("d").is_dir(),
+        "a branch looked for before it was made"
+    );
+    let sb = agentfs.join("snapshots/sb");
+    assert!(!sb.exists());
+    snapshot(&m, Some("b"), "sb");
+    assert!(sb.join("d").is_dir(), "a snapshot of a branch");
 }
 
 #[test]

@@ -56,10 +56,14 @@ fn pjdfstest_main_view() {
 
 /// The same on a worker serving as under the supervisor: sandboxed, so
 /// every system call the suite makes it use is in its allow-list and
-/// beneath its Landlock rules.
+/// beneath its Landlock rules, and mounted over its source as by default
+/// (where the kernel also remembers absent names).
 #[test]
 fn pjdfstest_main_view_sandboxed() {
-    pjdfstest_main(common::Mount::builder().supervised(), "main-view-sandboxed");
+    pjdfstest_main(
+        common::Mount::builder().supervised().over_source(),
+        "main-view-sandboxed",
+    );
 }
 
 fn pjdfstest_main(builder: common::MountBuilder, label: &str) {
@@ -79,8 +83,8 @@ fn pjdfstest_branch_view() {
     pjdfstest_in_a_branch(false, Worker::Standalone);
 }
 
-/// The same in a sandboxed worker (copy-up, whiteouts, FICLONE, pre-images
-/// all under the allow-list).
+/// The same in a sandboxed worker mounted over its source (copy-up,
+/// whiteouts, FICLONE, pre-images all under the allow-list).
 #[test]
 fn pjdfstest_branch_view_sandboxed() {
     pjdfstest_in_a_branch(false, Worker::Sandboxed);
@@ -125,7 +129,7 @@ fn pjdfstest_in_a_branch(bound: bool, worker: Worker) {
     let builder = common::Mount::builder();
     let mut m = match worker {
         Worker::Standalone => builder.start(),
-        Worker::Sandboxed => builder.supervised().start(),
+        Worker::Sandboxed => builder.supervised().over_source().start(),
         Worker::SandboxedStrict => builder.supervised().arg("--strict-isolation").start(),
     };
     common::snapshot(&m, None, "base");

@@ -11,7 +11,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use common::Mount;
 
@@ -117,6 +118,57 @@ fn the_cache_timeout_bounds_how_long_a_change_behind_the_mount_goes_unseen() {
         // Through the mount, a change shows at once whatever the timeout.
         fs::write(&f, b"through the mount").unwrap();
         assert_eq!(fs::metadata(&f).unwrap().len(), 17, "{ms} ms");
+
+        // With the source in reach, an absent name is not remembered: a
+        // name made there is found as soon as a listing shows it.
+        let later = m.path().join("d/later");
+        assert!(!later.exists());
+        fs::write(m.source().join("d/later"), b"").unwrap();
+        assert!(later.exists(), "cache timeout {ms} ms");
+    }
+}
+
+#[test]
+fn over_its_source_the_mount_remembers_absent_names_for_the_cache_timeout() {
+    for (ms, shows_at_once) in [("0", true), ("600000", false)] {
+        // The one way to the source under the mount: a descriptor opened
+        // before it.
+        let under = Arc::new(Mutex::new(None));
+        let keep = under.clone();
+        let m = Mount::builder()
+            .over_source()
+            .populate(move |s| {
+                fs::create_dir(s.join("d")).unwrap();
+                *keep.lock().unwrap() = Some(File::open(s).unwrap());
+            })
+            .arg("--cache-timeout-ms")
+            .arg(ms)
+            .start();
+        let under = under.lock().unwrap().take().unwrap();
+        let behind = PathBuf::from(format!("/proc/self/fd/{}/d/later", under.as_raw_fd()));
+        let later = m.path().join("d/later");
+        assert!(!later.exists());
+        fs::write(&behind, b"").unwrap();
+        assert_eq!(later.exists(), shows_at_once, "cache timeout {ms} ms");
+
+        // A name made through the mount shows at once whatever the timeout.
+        let made = m.path().join("d/made");
+        assert!(!made.exists());
+        fs::write(&made, b"").unwrap();
+        assert!(made.exists(), "{ms} ms");
+        fs::remove_file(&made).unwrap();
+        assert!(!made.exists(), "{ms} ms");
+        fs::create_dir(&made).unwrap();
+        assert!(made.is_dir(), "{ms} ms");
+        // Also in a branch, and in its root by path.
+        common::snapshot(&m, None, "s");
+        common::branch(&m, "s", "b");
+        let b = common::branch_dir(&m, "b");
+        for name in ["d/new", "new"] {
+            assert!(!b.join(name).exists());
+            fs::write(b.join(name), b"").unwrap();
+            assert!(b.join(name).exists(), "{name}, {ms} ms");
+        }
     }
 }
 
