@@ -130,6 +130,7 @@ impl Adapter {
         if e.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
             self.trim.named(e.node.0, parent.0, name);
         }
+        self.trim.counted(self.core.node_count());
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use fuser::{INodeNo, Notifier};
@@ -33,6 +33,10 @@ pub struct Trimmer {
     high: usize,
     /// Node count they are dropped down to.
     low: usize,
+    /// Set (and signalled) when the count has passed the high mark, so
+    /// that the trimmer starts at once: parallel lookups (`git status`'s
+    /// preloading threads) make thousands of nodes between two periods.
+    due: (Mutex<bool>, Condvar),
 }
 
 /// Both directions of one relation: a node's latest name, and the node a
@@ -75,6 +79,16 @@ impl Trimmer {
             names: Mutex::default(),
             high,
             low: high / 4 * 3,
+            due: (Mutex::new(false), Condvar::new()),
+        }
+    }
+
+    /// The kernel now knows `nodes` nodes: wakes the trimmer if that is
+    /// past the high mark.
+    pub fn counted(&self, nodes: usize) {
+        if nodes > self.high {
+            *self.due.0.lock().unwrap() = true;
+            self.due.1.notify_one();
         }
     }
 
@@ -152,7 +166,12 @@ impl Trimmer {
             .name("trim".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(PERIOD);
+                    {
+                        let due = self.due.0.lock().unwrap();
+                        let (mut due, _) =
+                            self.due.1.wait_timeout_while(due, PERIOD, |d| !*d).unwrap();
+                        *due = false;
+                    }
                     let victims = self.victims(nodes());
                     if victims.is_empty() {
                         continue;

@@ -1588,6 +1588,52 @@ fn strict_isolation_off_old_descriptors_still_reach_out() {
 /// branch all work (the trimmer makes the kernel drop names), and the
 /// control channel still answers.
 #[test]
+fn parallel_walks_of_a_tree_larger_than_the_open_file_limit_work() {
+    let m = Mount::builder().open_file_limit(4096).start();
+    common::snapshot(&m, None, "base");
+    common::branch(&m, "base", "b");
+    let roots = [
+        m.path().join("main"),
+        m.path().join(".agentfs/branches/b/x"),
+    ];
+    for root in &roots {
+        for d in 0..16 {
+            fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+            for i in 0..500 {
+                fs::write(root.join(format!("d{d}/f{i}")), b"").unwrap();
+            }
+        }
+    }
+    // Eight threads stat every file at once, as `git status` does with
+    // its preloading threads: thousands of nodes are made between two of
+    // the trimmer's periods, and no lookup may fail for want of
+    // descriptors (it did before the trimmer was woken at the high mark).
+    for _ in 0..2 {
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let roots = &roots;
+                s.spawn(move || {
+                    for root in roots {
+                        for k in 0..16 {
+                            let d = root.join(format!("d{}", (t + k) % 16));
+                            for i in 0..500 {
+                                let f = d.join(format!("f{i}"));
+                                fs::symlink_metadata(&f)
+                                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let fds = fs::read_dir(format!("/proc/{}/fd", m.worker_pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 4096, "the worker holds {fds} descriptors");
+}
+
+#[test]
 fn trees_far_larger_than_the_open_file_limit_work() {
     let m = Mount::builder().open_file_limit(1024).start();
     common::snapshot(&m, None, "base");
