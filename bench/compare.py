@@ -197,12 +197,14 @@ class Supervised:
     """AgentFS as the service runs it: agentfs-supervisor on a private bus
     mounts and hands the connection to a sandboxed worker that keeps a
     handoff journal (crash takeover) and shares one /dev/fuse descriptor
-    among its threads. Main only: branches cost the same as above."""
+    among its threads, mounted over its source as a config without
+    `mountpoint` has it (so the kernel also remembers absent names). Main
+    only: branches cost the same as above."""
 
     def __init__(self, base, passthrough):
         d = base / "sup"
-        self.mnt, conf = d / "mnt", d / "mounts"
-        for p in (self.mnt, conf, d / "src"):
+        self.mnt, conf = d / "src", d / "mounts"
+        for p in (self.mnt, conf):
             p.mkdir(parents=True)
         (d / "bus.conf").write_text(
             '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"'
@@ -214,7 +216,7 @@ class Supervised:
         self.address = f"unix:path={d / 'bus'}"
         self.bus = subprocess.Popen(["dbus-daemon", f"--config-file={d / 'bus.conf'}", "--nofork"],
                                     stderr=subprocess.DEVNULL)
-        (conf / "bench.toml").write_text(f'source = "{d / "src"}"\nmountpoint = "{self.mnt}"\n'
+        (conf / "bench.toml").write_text(f'source = "{self.mnt}"\n'
                                          f'[fuse]\npassthrough = "{passthrough}"\n')
         for _ in range(200):
             if (d / "bus").exists():
