@@ -1233,12 +1233,11 @@ impl FsCore {
     /// directory must be refused rather than told what it lacks.
     pub fn absence_cacheable(&self, dir: NodeId) -> bool {
         self.isolation == Isolation::Routed
-            && dir != NodeId::ROOT
-            && match self.obj(dir).as_deref() {
-                Ok(Obj::Main(_) | Obj::Snap(_)) => true,
-                Ok(Obj::Layer(o)) => !o.is_root(),
-                _ => false,
-            }
+            && self.names_cacheable(dir)
+            && matches!(
+                self.obj(dir).as_deref(),
+                Ok(Obj::Main(_) | Obj::Snap(_) | Obj::Layer(_))
+            )
     }
 
     /// Whether the kernel may cache a node's attributes: not for the

@@ -374,15 +374,15 @@ impl Filesystem for Adapter {
         });
         match r {
             // A zero node id with a time: the kernel remembers the absence.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if self.tuning.remember_absence && self.core.absence_cacheable(node(parent)) {
-                    // SAFETY: an all-zero `struct stat` is a valid value.
-                    let none: Stat = unsafe { std::mem::zeroed() };
-                    let ttl = self.tuning.cache_timeout;
-                    reply.entry(&ttl, &attr(NodeId(0), &none), Generation(0));
-                } else {
-                    reply.error(Errno::ENOENT);
-                }
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOENT)
+                    && self.tuning.remember_absence
+                    && self.core.absence_cacheable(node(parent)) =>
+            {
+                // SAFETY: an all-zero `struct stat` is a valid value.
+                let none: Stat = unsafe { std::mem::zeroed() };
+                let ttl = self.tuning.cache_timeout;
+                reply.entry(&ttl, &attr(NodeId(0), &none), Generation(0));
             }
             r => self.entry(reply, parent, name, r),
         }

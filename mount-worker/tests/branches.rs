@@ -1582,20 +1582,65 @@ fn strict_isolation_off_old_descriptors_still_reach_out() {
     );
 }
 
-/// A worker holds a host descriptor per node the kernel knows, and the
-/// kernel keeps nodes until memory runs short: with an open-file limit of
-/// 1024, thousands of files made, listed, read and removed in main and in a
-/// branch all work (the trimmer makes the kernel drop names), and the
-/// control channel still answers.
-#[test]
-fn parallel_walks_of_a_tree_larger_than_the_open_file_limit_work() {
-    let m = Mount::builder().open_file_limit(4096).start();
+/// A worker that cannot raise its open-file limit above `limit`, with a
+/// branch `b`, and a directory to fill in main and one in `b`.
+fn limited_mount(limit: u64) -> (Mount, [PathBuf; 2]) {
+    let m = Mount::builder().open_file_limit(limit).start();
     common::snapshot(&m, None, "base");
     common::branch(&m, "base", "b");
     let roots = [
         m.path().join("main"),
         m.path().join(".agentfs/branches/b/x"),
     ];
+    (m, roots)
+}
+
+fn assert_descriptors_below(m: &Mount, limit: usize) {
+    let fds = fs::read_dir(format!("/proc/{}/fd", m.worker_pid()))
+        .unwrap()
+        .count();
+    assert!(fds < limit, "the worker holds {fds} descriptors");
+}
+
+/// A worker holds a host descriptor per node the kernel knows, and the
+/// kernel keeps nodes until memory runs short: with an open-file limit of
+/// 1024, thousands of files made, listed, read and removed in main and in a
+/// branch all work (the trimmer makes the kernel drop names), and the
+/// control channel still answers.
+#[test]
+fn trees_far_larger_than_the_open_file_limit_work() {
+    let (m, roots) = limited_mount(1024);
+    for root in &roots {
+        fs::create_dir(root).unwrap();
+        for d in 0..4 {
+            fs::create_dir(root.join(format!("d{d}"))).unwrap();
+            for i in 0..400 {
+                fs::write(root.join(format!("d{d}/f{i}")), format!("{d}/{i}")).unwrap();
+            }
+        }
+    }
+    for root in &roots {
+        for d in 0..4 {
+            let dir = root.join(format!("d{d}"));
+            assert_eq!(fs::read_dir(&dir).unwrap().count(), 400);
+            for i in 0..400 {
+                let f = dir.join(format!("f{i}"));
+                assert_eq!(fs::read_to_string(&f).unwrap(), format!("{d}/{i}"));
+                fs::rename(&f, dir.join(format!("g{i}"))).unwrap();
+            }
+        }
+    }
+    assert_descriptors_below(&m, 1024);
+    common::snapshot(&m, Some("b"), "after");
+    for root in &roots {
+        fs::remove_dir_all(root).unwrap();
+    }
+}
+
+/// The same with many lookups at once.
+#[test]
+fn parallel_walks_of_a_tree_larger_than_the_open_file_limit_work() {
+    let (m, roots) = limited_mount(4096);
     for root in &roots {
         for d in 0..16 {
             fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
@@ -1627,47 +1672,5 @@ fn parallel_walks_of_a_tree_larger_than_the_open_file_limit_work() {
             }
         });
     }
-    let fds = fs::read_dir(format!("/proc/{}/fd", m.worker_pid()))
-        .unwrap()
-        .count();
-    assert!(fds < 4096, "the worker holds {fds} descriptors");
-}
-
-#[test]
-fn trees_far_larger_than_the_open_file_limit_work() {
-    let m = Mount::builder().open_file_limit(1024).start();
-    common::snapshot(&m, None, "base");
-    common::branch(&m, "base", "b");
-    let roots = [
-        m.path().join("main"),
-        m.path().join(".agentfs/branches/b/x"),
-    ];
-    for root in &roots {
-        fs::create_dir(root).unwrap();
-        for d in 0..4 {
-            fs::create_dir(root.join(format!("d{d}"))).unwrap();
-            for i in 0..400 {
-                fs::write(root.join(format!("d{d}/f{i}")), format!("{d}/{i}")).unwrap();
-            }
-        }
-    }
-    for root in &roots {
-        for d in 0..4 {
-            let dir = root.join(format!("d{d}"));
-            assert_eq!(fs::read_dir(&dir).unwrap().count(), 400);
-            for i in 0..400 {
-                let f = dir.join(format!("f{i}"));
-                assert_eq!(fs::read_to_string(&f).unwrap(), format!("{d}/{i}"));
-                fs::rename(&f, dir.join(format!("g{i}"))).unwrap();
-            }
-        }
-    }
-    let fds = fs::read_dir(format!("/proc/{}/fd", m.worker_pid()))
-        .unwrap()
-        .count();
-    assert!(fds < 1024, "the worker holds {fds} descriptors");
-    common::snapshot(&m, Some("b"), "after");
-    for root in &roots {
-        fs::remove_dir_all(root).unwrap();
-    }
+    assert_descriptors_below(&m, 4096);
 }
