@@ -8,14 +8,16 @@
 //! Contract 2.3/2.4, specs/semantics.md "Bindings".
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ErrorKind};
 use crate::proc_events::ForkEvents;
+use crate::root_cache::RootCache;
 use crate::snapshot::BranchId;
 
 /// What a binding applies to.
@@ -63,6 +65,9 @@ pub struct Bindings {
     cache: Mutex<HashMap<i32, Cached>>,
     /// Held by a change from reading the list to swapping it.
     changing: Mutex<()>,
+    /// The kernel's cache of the mount root, shared while nothing is
+    /// bound; installed by [`Bindings::share_root`].
+    root: OnceLock<RootCache>,
 }
 
 struct State {
@@ -235,6 +240,28 @@ impl Bindings {
             }),
             cache: Mutex::new(HashMap::new()),
             changing: Mutex::new(()),
+            root: OnceLock::new(),
+        }
+    }
+
+    /// Whether the kernel may cache the mount root's attributes: only
+    /// while nothing is bound, when the root is main's for everyone.
+    pub fn root_shared(&self) -> bool {
+        self.root.get().is_some_and(RootCache::shared)
+    }
+
+    /// Whether the kernel may cache what a reply says of `name` at the
+    /// mount root (see [`RootCache::cacheable`]).
+    pub fn root_name_cacheable(&self, name: &OsStr) -> bool {
+        self.root.get().is_some_and(|r| r.cacheable(name))
+    }
+
+    /// Lets the kernel cache the mount root while nothing is bound.
+    pub fn share_root(&self, root: RootCache) {
+        let _one_at_a_time = self.changing.lock().unwrap();
+        let empty = self.state.read().unwrap().list.is_empty();
+        if let (Ok(()), true) = (self.root.set(root), empty) {
+            self.root.get().expect("just set").start();
         }
     }
 
@@ -273,6 +300,12 @@ impl Bindings {
             .collect();
         let out = edit(&mut next)?;
         persist(&next)?;
+        let root = self.root.get();
+        let was_empty = self.state.read().unwrap().list.is_empty();
+        if let (Some(root), true, false) = (root, was_empty, next.is_empty()) {
+            root.stop();
+        }
+        let emptied = !was_empty && next.is_empty();
         let mut st = self.state.write().unwrap();
         let kept: Vec<(i32, u64)> = next
             .iter()
@@ -284,6 +317,10 @@ impl Bindings {
         st.inherited.retain(|_, i| kept.contains(&i.from));
         st.list = next;
         st.generation += 1;
+        drop(st);
+        if let (Some(root), true) = (root, emptied) {
+            root.start();
+        }
         Ok(out)
     }
 

@@ -40,8 +40,10 @@ use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
 use crate::proc_events::ForkEvents;
+use crate::root_cache::RootCache;
 use crate::snapshot::{Branch, Catalog, LayerId, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
+use crate::watch::SourceWatch;
 
 /// A FUSE node id. `NodeId::ROOT` is the mount root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -410,6 +412,8 @@ pub struct FsCore {
     /// writes, shared maps of a passthrough file), by file handle: every
     /// snapshot preserves them when it is taken.
     unseen: Mutex<HashMap<u64, NodeId>>,
+    /// Marks main's directories for changes made behind the mount's back.
+    watch: Option<Arc<SourceWatch>>,
 }
 
 /// What changes to main must preserve, as of the newest snapshot of main.
@@ -509,6 +513,7 @@ impl FsCore {
             started: SystemTime::now(),
             handoff: None,
             unseen: Mutex::default(),
+            watch: None,
         };
         core.open_layers()?;
         Ok(core)
@@ -828,6 +833,7 @@ impl FsCore {
             Origin::Main(handle) => {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
                 let st = hostfs::stat(fd.as_fd())?;
+                self.watch_dir(fd.as_fd(), &st);
                 (Obj::Main(fd), NodeKey::Host(st.st_dev, st.st_ino))
             }
             Origin::Snap {
@@ -869,6 +875,42 @@ impl FsCore {
         let node = t.by_id.get_mut(&id.0).expect("just inserted");
         node.resumed = true;
         Ok(node.obj.clone())
+    }
+
+    /// Has `watch` mark main's directories as the kernel learns them (the
+    /// root at once).
+    pub fn with_watch(mut self, watch: Arc<SourceWatch>) -> FsCore {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// Marks main's directory `fd` (of device `dev`) for the watch, if any.
+    /// A directory left unmarked only loses the watch's promptness: its
+    /// changes behind the mount show within the cache timeout.
+    fn watch_dir(&self, fd: BorrowedFd<'_>, st: &Stat) {
+        if let Some(w) = &self.watch
+            && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+            && let Err(e) = w.watch(fd, st)
+        {
+            tracing::warn!(
+                ino = st.st_ino,
+                "cannot watch a directory of the source: {e}"
+            );
+        }
+    }
+
+    /// The node of main's inode behind `handle`, if the kernel knows one.
+    pub fn main_node_of(&self, handle: &HostHandle) -> Option<NodeId> {
+        let fd = hostfs::open_handle(self.mount_fd(), handle).ok()?;
+        let st = hostfs::stat(fd.as_fd()).ok()?;
+        self.main_node(st.st_dev, st.st_ino)
+    }
+
+    /// The node of main's inode `ino` on device `dev`, if the kernel knows
+    /// one.
+    pub fn main_node(&self, dev: u64, ino: u64) -> Option<NodeId> {
+        let t = self.nodes.lock().unwrap();
+        t.by_key.get(&NodeKey::Host(dev, ino)).map(|&id| NodeId(id))
     }
 
     /// Serves bound processes with `isolation` from now on.
@@ -1023,7 +1065,10 @@ impl FsCore {
         Ok(self.register(
             NodeKey::Host(stat.st_dev, own),
             id,
-            || Obj::Main(fd),
+            || {
+                self.watch_dir(fd.as_fd(), &stat);
+                Obj::Main(fd)
+            },
             origin,
             stat,
         ))
@@ -1188,6 +1233,9 @@ impl FsCore {
         let key = entry.key.clone();
         t.by_id.remove(&node.0);
         t.by_key.remove(&key);
+        if let (Some(w), NodeKey::Host(_, ino)) = (&self.watch, &key) {
+            w.forgotten(*ino);
+        }
         self.journal(|| Some(Record::Forget(node.0)));
         self.held(|h| h.nodes.remove(&node.0));
         true
@@ -1212,15 +1260,20 @@ impl FsCore {
         }
     }
 
-    /// Whether the kernel may cache the names it finds in directory `dir`.
-    /// Not in the mount root: they depend on the caller's binding, so every
-    /// path walk from the root must ask again. Nor in the root of a branch
+    /// Whether the kernel may cache what it finds of `name` in directory
+    /// `dir` (asked once per reply: at the root the name is remembered).
+    /// In the mount root only while nothing is bound: they depend on the
+    /// caller's binding, so while anything is, every path walk from the
+    /// root must ask again. Not in the root of a branch
     /// (or of a snapshot of one): a process bound to the branch changes
     /// those names through the mount root, which the kernel takes for
     /// another directory, so a name cached under `.agentfs/branches/<name>`
     /// would outlive its removal there.
-    pub fn names_cacheable(&self, dir: NodeId) -> bool {
-        dir != NodeId::ROOT && !matches!(self.obj(dir).as_deref(), Ok(Obj::Layer(o)) if o.is_root())
+    pub fn names_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
+        if dir == NodeId::ROOT {
+            return self.bindings.root_name_cacheable(name);
+        }
+        !matches!(self.obj(dir).as_deref(), Ok(Obj::Layer(o)) if o.is_root())
     }
 
     /// Whether the kernel may remember that `name` is absent from `dir`,
@@ -1231,9 +1284,9 @@ impl FsCore {
     /// directories, whose names come with the catalog, nor under strict
     /// isolation, where a confined caller holding another branch's
     /// directory must be refused rather than told what it lacks.
-    pub fn absence_cacheable(&self, dir: NodeId) -> bool {
+    pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
         self.isolation == Isolation::Routed
-            && self.names_cacheable(dir)
+            && self.names_cacheable(dir, name)
             && matches!(
                 self.obj(dir).as_deref(),
                 Ok(Obj::Main(_) | Obj::Snap(_) | Obj::Layer(_))
@@ -1241,10 +1294,20 @@ impl FsCore {
     }
 
     /// Whether the kernel may cache a node's attributes: not for the
-    /// virtual directories, whose listings change with the catalog.
-    /// Nor for the mount root, whose attributes depend on the caller.
+    /// virtual directories, whose listings change with the catalog. For
+    /// the mount root, whose attributes depend on the caller, only while
+    /// nothing is bound.
     pub fn attr_cacheable(&self, node: NodeId) -> bool {
-        node != NodeId::ROOT && (node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE)
+        if node == NodeId::ROOT {
+            return self.bindings.root_shared();
+        }
+        node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE
+    }
+
+    /// Lets the kernel cache names and attributes at the mount root while
+    /// nothing is bound (see [`RootCache`]).
+    pub fn share_root(&self, root: RootCache) {
+        self.bindings.share_root(root);
     }
 
     /// Stores pre-images of the inodes behind `fds` if a snapshot of main

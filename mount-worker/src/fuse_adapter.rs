@@ -62,8 +62,9 @@ pub struct Tuning {
     pub max_background: u16,
     /// How long the kernel may keep names and attributes below the root.
     /// Every change through the mount updates or invalidates what it
-    /// changes, so this only bounds how long a change made to the source
-    /// behind the mount's back can go unseen (config `cache_timeout_ms`).
+    /// changes, and the source watch ([`crate::watch`]) what others change
+    /// behind the mount's back, so this only bounds how long a change the
+    /// watch does not see can go unseen (config `cache_timeout_ms`).
     pub cache_timeout: Duration,
     /// Whether the kernel may also remember, for `cache_timeout`, that a
     /// name is absent. Only for a mount over its own source: where the
@@ -120,17 +121,20 @@ impl Adapter {
     /// Replies with a new name's entry, which the trimmer learns unless it
     /// is a directory's.
     fn entry(&self, reply: ReplyEntry, parent: INodeNo, name: &OsStr, r: io::Result<Entry>) {
-        if let Ok(e) = &r {
-            self.learn(parent, name, e);
+        let crowded = r.as_ref().is_ok_and(|e| self.learn(parent, name, e));
+        self.reply_entry(reply, parent, name, r);
+        if crowded {
+            self.trim.throttle();
         }
-        self.reply_entry(reply, parent, r);
     }
 
-    fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) {
+    /// Tells the trimmer the name of a new entry; true if the session
+    /// thread should [`Trimmer::throttle`] after replying.
+    fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) -> bool {
         if e.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
             self.trim.named(e.node.0, parent.0, name);
         }
-        self.trim.counted(self.core.node_count());
+        self.trim.counted(self.core.node_count())
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of
@@ -152,8 +156,8 @@ impl Adapter {
 
     /// How long the kernel may cache a name in `parent` (see
     /// [`FsCore::names_cacheable`]).
-    fn entry_ttl(&self, parent: INodeNo, e: &Entry) -> Duration {
-        if e.cacheable && self.core.names_cacheable(node(parent)) {
+    fn entry_ttl(&self, parent: INodeNo, name: &OsStr, e: &Entry) -> Duration {
+        if e.cacheable && self.core.names_cacheable(node(parent), name) {
             self.tuning.cache_timeout
         } else {
             Duration::ZERO
@@ -164,11 +168,11 @@ impl Adapter {
     /// root is looked up again on every walk, but the node it gives keeps
     /// its attributes (they are the node's, whoever asked). Without that,
     /// every absolute path cost a GETATTR of its first component.
-    fn reply_entry(&self, reply: ReplyEntry, parent: INodeNo, r: io::Result<Entry>) {
+    fn reply_entry(&self, reply: ReplyEntry, parent: INodeNo, name: &OsStr, r: io::Result<Entry>) {
         match r {
             Ok(e) => reply.entry_with_ttls(
                 &self.attr_ttl(e.node),
-                &self.entry_ttl(parent, &e),
+                &self.entry_ttl(parent, name, &e),
                 &attr(e.node, &e.stat),
                 Generation(e.generation),
             ),
@@ -377,7 +381,7 @@ impl Filesystem for Adapter {
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOENT)
                     && self.tuning.remember_absence
-                    && self.core.absence_cacheable(node(parent)) =>
+                    && self.core.absence_cacheable(node(parent), name) =>
             {
                 // SAFETY: an all-zero `struct stat` is a valid value.
                 let none: Stat = unsafe { std::mem::zeroed() };
@@ -487,7 +491,7 @@ impl Filesystem for Adapter {
             let r = self.core.mkdir(p, name, mode, caller(req, umask));
             unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
         });
-        self.reply_entry(reply, parent, r);
+        self.reply_entry(reply, parent, name, r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -623,9 +627,9 @@ impl Filesystem for Adapter {
         });
         match r {
             Ok((e, fh, how)) => {
-                self.learn(parent, name, &e);
+                let crowded = self.learn(parent, name, &e);
                 let (ttl, attr, generation) = (
-                    self.entry_ttl(parent, &e),
+                    self.entry_ttl(parent, name, &e),
                     attr(e.node, &e.stat),
                     Generation(e.generation),
                 );
@@ -638,6 +642,9 @@ impl Filesystem for Adapter {
                         reply.created_passthrough(&ttl, &attr, generation, fh, fopen, &backing);
                         backing.into_raw();
                     }
+                }
+                if crowded {
+                    self.trim.throttle();
                 }
             }
             Err(e) => reply.error(err(e)),

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agentfs_mount_worker::core::Isolation;
-use agentfs_mount_worker::fuse_adapter::Tuning;
 use agentfs_mount_worker::passthrough::Policy;
 use agentfs_mount_worker::worker::{self, Handoff, Options};
 use clap::Parser;
@@ -66,10 +65,15 @@ struct Cli {
           value_parser = clap::value_parser!(u16).range(1..))]
     max_background: u16,
     /// How long the kernel may keep names and attributes below the mount
-    /// root: changes made to the source behind the mount's back show
-    /// within this time.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    cache_timeout_ms: u64,
+    /// root: changes made to the source behind the mount's back that the
+    /// source watch does not see show within this time. Default: 60 000
+    /// with the watch, 1 000 without.
+    #[arg(long, value_name = "MS")]
+    cache_timeout_ms: Option<u64>,
+    /// Do not watch the source for changes made behind the mount's back
+    /// (fanotify); they then show within the cache timeout.
+    #[arg(long)]
+    no_source_watch: bool,
     /// Which opens the kernel serves from the host file itself (FUSE
     /// passthrough, kernel 6.9+): `auto` read-only opens of main and of
     /// snapshots' pre-images; `on` main's writers too; `off` none.
@@ -99,9 +103,6 @@ fn main() -> ExitCode {
         cli.source.expect("required by clap"),
         cli.mountpoint.expect("required by clap"),
     );
-    // Paths as given: two spellings of one directory only cost the cache
-    // of absent names.
-    let remember_absence = source == mountpoint;
     let opts = Options {
         source,
         mountpoint,
@@ -114,12 +115,10 @@ fn main() -> ExitCode {
             takeover: cli.takeover,
         }),
         threads: cli.threads,
-        tuning: Tuning {
-            max_write: cli.max_write,
-            max_background: cli.max_background,
-            cache_timeout: std::time::Duration::from_millis(cli.cache_timeout_ms),
-            remember_absence,
-        },
+        max_write: cli.max_write,
+        max_background: cli.max_background,
+        cache_timeout: cli.cache_timeout_ms.map(std::time::Duration::from_millis),
+        watch_source: !cli.no_source_watch,
         passthrough: cli.passthrough,
         isolation: if cli.strict_isolation {
             Isolation::Strict

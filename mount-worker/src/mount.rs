@@ -5,9 +5,11 @@
 //! (`--fuse-fd`) both end in the same place: a /dev/fuse descriptor that the
 //! session serves.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -98,6 +100,25 @@ pub fn device_of(mountpoint: &Path) -> io::Result<u64> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
+/// Whether anything is mounted inside the mount with device number `dev`
+/// (in this mount namespace).
+pub fn has_mounts_inside(dev: u64) -> io::Result<bool> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    // mount id, parent id, major:minor
+    let mounts: Vec<(&str, &str, u64)> = info
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let (id, parent) = (f.next()?, f.next()?);
+            let (major, minor) = f.next()?.split_once(':')?;
+            let dev = nix::sys::stat::makedev(major.parse().ok()?, minor.parse().ok()?);
+            Some((id, parent, dev))
+        })
+        .collect();
+    let ours: Vec<&str> = mounts.iter().filter(|m| m.2 == dev).map(|m| m.0).collect();
+    Ok(mounts.iter().any(|m| ours.contains(&m.1)))
+}
+
 /// Decodes the octal escapes of /proc/self/mountinfo.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -160,6 +181,44 @@ pub fn clear_stale(mountpoint: &Path) -> Result<(), StartupError> {
             }
         }
     }
+}
+
+/// FUSE_NOTIFY_INC_EPOCH (Linux 6.16): every name the kernel cached, and
+/// every one a lookup in flight will cache, is looked up again.
+pub const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// Sends the kernel a notification that has no payload (fuser knows only
+/// the older ones): just `struct fuse_out_header` { len, error = the
+/// notify code, unique = 0 }.
+pub fn notify_bare(fuse: BorrowedFd<'_>, code: i32) -> io::Result<()> {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&16u32.to_le_bytes());
+    header[4..8].copy_from_slice(&code.to_le_bytes());
+    nix::unistd::write(fuse, &header)?;
+    Ok(())
+}
+
+/// FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY (Linux 6.2): the kernel
+/// keeps `name` in directory `parent` but looks it up again at its next
+/// use; unlike an invalidation, this keeps what is mounted on it.
+pub fn notify_expire_entry(fuse: BorrowedFd<'_>, parent: u64, name: &OsStr) -> io::Result<()> {
+    const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
+    const FUSE_EXPIRE_ONLY: u32 = 1;
+    let name = name.as_bytes();
+    let len = 16 + 16 + name.len() + 1;
+    let mut msg = Vec::with_capacity(len);
+    // struct fuse_out_header { len, error (the notify code), unique 0 }
+    msg.extend_from_slice(&(len as u32).to_le_bytes());
+    msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_le_bytes());
+    msg.extend_from_slice(&0u64.to_le_bytes());
+    // struct fuse_notify_inval_entry_out { parent, namelen, flags }
+    msg.extend_from_slice(&parent.to_le_bytes());
+    msg.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_le_bytes());
+    msg.extend_from_slice(name);
+    msg.push(0);
+    nix::unistd::write(fuse, &msg)?;
+    Ok(())
 }
 
 /// Opens /dev/fuse and mounts it at `mountpoint`; returns the connection.

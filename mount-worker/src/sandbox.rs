@@ -260,6 +260,9 @@ pub fn allowed() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_openat2,
         libc::SYS_open_by_handle_at,
         libc::SYS_name_to_handle_at,
+        // The source watch marks main's directories as the kernel learns
+        // them (its group is made before the sandbox).
+        libc::SYS_fanotify_mark,
         libc::SYS_close,
         libc::SYS_close_range,
         libc::SYS_dup,

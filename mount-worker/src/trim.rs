@@ -14,7 +14,9 @@
 //! the kernel's FORGET closes the worker's descriptor; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
 //! what memory pressure would do, done for descriptors. Directories are
-//! never dropped this way: that would detach any mount below them.
+//! never dropped this way: that would detach any mount below them. Past a
+//! hard mark, session threads wait a little after their replies
+//! ([`Trimmer::throttle`]) so that parallel lookups cannot outrun it.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -26,6 +28,10 @@ use fuser::{INodeNo, Notifier};
 /// How often the node count is checked.
 const PERIOD: Duration = Duration::from_millis(50);
 
+/// How long a session thread waits for the trimmer after a reply that
+/// left the nodes past the hard mark ([`Trimmer::throttle`]).
+const THROTTLE: Duration = Duration::from_millis(10);
+
 /// The names under which the kernel knows non-directory nodes.
 pub struct Trimmer {
     names: Mutex<Names>,
@@ -33,6 +39,13 @@ pub struct Trimmer {
     high: usize,
     /// Node count they are dropped down to.
     low: usize,
+    /// Node count past which session threads wait for the trimmer: lookups
+    /// can make nodes faster than the kernel drops names (it must take each
+    /// directory's lock, which the lookups in it hold), and past the limit
+    /// every lookup fails with EMFILE.
+    hard: usize,
+    /// Signalled after each round of the trimmer.
+    trimmed: (Mutex<()>, Condvar),
     /// Set (and signalled) when the count has passed the high mark, so
     /// that the trimmer starts at once: parallel lookups (`git status`'s
     /// preloading threads) make thousands of nodes between two periods.
@@ -79,17 +92,31 @@ impl Trimmer {
             names: Mutex::default(),
             high,
             low: high / 4 * 3,
+            hard: high / 2 * 3,
+            trimmed: (Mutex::new(()), Condvar::new()),
             due: (Mutex::new(false), Condvar::new()),
         }
     }
 
     /// The kernel now knows `nodes` nodes: wakes the trimmer if that is
-    /// past the high mark.
-    pub fn counted(&self, nodes: usize) {
+    /// past the high mark. True past the hard mark: the caller should
+    /// [`Trimmer::throttle`] once its reply is sent.
+    pub fn counted(&self, nodes: usize) -> bool {
         if nodes > self.high {
             *self.due.0.lock().unwrap() = true;
             self.due.1.notify_one();
         }
+        nodes > self.hard
+    }
+
+    /// Waits for the trimmer's next round, at most [`THROTTLE`]. Only after
+    /// a reply: a request still unanswered would hold its directory's lock
+    /// in the kernel, which the trimmer may need. With fewer threads
+    /// reading requests, lookups queue in the kernel instead of making
+    /// nodes, and the trimmer catches up.
+    pub fn throttle(&self) {
+        let quiet = self.trimmed.0.lock().unwrap();
+        drop(self.trimmed.1.wait_timeout(quiet, THROTTLE).unwrap());
     }
 
     /// The kernel now knows `node` (not a directory) as `name` in `parent`.
@@ -174,6 +201,7 @@ impl Trimmer {
                     }
                     let victims = self.victims(nodes());
                     if victims.is_empty() {
+                        self.trimmed.1.notify_all();
                         continue;
                     }
                     tracing::debug!(names = victims.len(), "dropping cached names");
@@ -188,6 +216,7 @@ impl Trimmer {
                             }
                         }
                     }
+                    self.trimmed.1.notify_all();
                 }
             })
             .map(drop)

@@ -6,6 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use fuser::{Config, Session, SessionACL};
 
@@ -17,9 +18,11 @@ use crate::handoff::Journal;
 use crate::mount;
 use crate::passthrough::{Passthrough, Policy};
 use crate::proc_events::ForkEvents;
+use crate::root_cache::RootCache;
 use crate::sandbox;
 use crate::state::StateDir;
 use crate::trim::Trimmer;
+use crate::watch::SourceWatch;
 
 /// What one worker serves and how.
 #[derive(Clone, Debug)]
@@ -41,8 +44,17 @@ pub struct Options {
     pub handoff: Option<Handoff>,
     /// Session threads.
     pub threads: usize,
-    /// Kernel tuning.
-    pub tuning: Tuning,
+    /// Largest WRITE request the kernel may send.
+    pub max_write: u32,
+    /// Background requests the kernel may keep in flight (at least 1).
+    pub max_background: u16,
+    /// How long the kernel may cache names and attributes below the root;
+    /// `None`: [`WATCHED_TIMEOUT`] if the source is watched, else
+    /// [`UNWATCHED_TIMEOUT`].
+    pub cache_timeout: Option<Duration>,
+    /// Watch the source for changes made behind the mount's back
+    /// ([`crate::watch`]).
+    pub watch_source: bool,
     /// Which opens use FUSE passthrough.
     pub passthrough: Policy,
     /// How far processes bound to a branch reach.
@@ -54,6 +66,15 @@ pub struct Options {
     /// Answer the control channel's `sandbox-probe` (tests only).
     pub test_fault_hook: bool,
 }
+
+/// The default cache timeout when changes behind the mount's back are
+/// watched: they are then invalidated as they happen, and the timeout only
+/// bounds what the watch cannot see (see [`crate::watch`]).
+pub const WATCHED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default cache timeout when they are not: the longest such a change
+/// goes unseen.
+pub const UNWATCHED_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shared-memory journal a successor takes over the connection with
 /// ([`crate::handoff`]).
@@ -137,6 +158,32 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let given = opts.fuse_fd.map(given_fuse_fd).transpose()?;
     // Subscribing needs CAP_NET_ADMIN, which the sandbox drops.
     let fork_events = ForkEvents::subscribe();
+    // Before the sandbox: fanotify_init is not among its system calls.
+    let watch = opts
+        .watch_source
+        .then(|| SourceWatch::new(source.as_fd()))
+        .transpose()
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                source = %opts.source.display(),
+                "changes made to the source behind the mount's back are not watched ({e}); \
+                 they show within the cache timeout"
+            );
+            None
+        })
+        .map(Arc::new);
+    let tuning = Tuning {
+        max_write: opts.max_write,
+        max_background: opts.max_background,
+        cache_timeout: opts.cache_timeout.unwrap_or(if watch.is_some() {
+            WATCHED_TIMEOUT
+        } else {
+            UNWATCHED_TIMEOUT
+        }),
+        // Paths as given: two spellings of one directory only cost the
+        // cache of absent names.
+        remember_absence: opts.source == opts.mountpoint,
+    };
     match (&given, opts.sandbox) {
         (Some(_), true) => {
             let state_fd = fs::OpenOptions::new()
@@ -158,6 +205,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     let core = FsCore::new(source.as_fd(), state.path(), fork_events)
         .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?
         .with_isolation(opts.isolation);
+    let core = match &watch {
+        Some(w) => core.with_watch(w.clone()),
+        None => core,
+    };
     let core = match opts.handoff {
         Some(h) => {
             let fd = owned_fd(h.fd)
@@ -215,7 +266,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         .try_clone()
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     let passthrough = Passthrough::new(opts.passthrough, fuse, &core);
-    let adapter = Adapter::new(core.clone(), opts.tuning.clone(), trim.clone(), passthrough);
+    let adapter = Adapter::new(core.clone(), tuning.clone(), trim.clone(), passthrough);
     let takeover = opts.handoff.is_some_and(|h| h.takeover);
     let session = if takeover {
         let session = Session::from_initialized_fd(adapter, fd, acl, config);
@@ -225,9 +276,20 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         Session::from_fd(adapter, fd, acl, config)
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?
     };
-    let core = Arc::downgrade(&core);
+    share_root(&core, &session, &mountpoint)
+        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let weak = Arc::downgrade(&core);
+    let watched = watch.is_some();
+    if let Some(w) = watch {
+        let fuse = session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+        w.start(weak.clone(), session.notifier(), fuse)
+            .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    }
     trim.start(session.notifier(), move || {
-        core.upgrade().map_or(0, |c| c.node_count())
+        weak.upgrade().map_or(0, |c| c.node_count())
     })
     .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(
@@ -236,6 +298,8 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         threads = opts.threads,
         isolation = ?opts.isolation,
         open_files,
+        cache_timeout_ms = tuning.cache_timeout.as_millis() as u64,
+        watched,
         "serving"
     );
     if open_files < wanted_fds {
@@ -259,16 +323,39 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     }
 }
 
+/// Lets the kernel cache the mount root while nothing is bound
+/// ([`RootCache`]), if it can be made to forget it again (Linux 6.16).
+/// `mountpoint` is where the mount is, to see what is mounted inside it.
+fn share_root(core: &FsCore, session: &Session<Adapter>, mountpoint: &Path) -> std::io::Result<()> {
+    let dev = match mount::device_of(mountpoint) {
+        Ok(dev) => dev,
+        Err(e) => {
+            tracing::info!(
+                mountpoint = %mountpoint.display(),
+                "names in the mount root are never cached: the mount is not found in \
+                 /proc/self/mountinfo ({e}), so what is mounted inside it cannot be seen"
+            );
+            return Ok(());
+        }
+    };
+    let fuse = session.as_fd().try_clone_to_owned()?;
+    match RootCache::new(session.notifier(), fuse, dev) {
+        Ok(root) => core.share_root(root),
+        Err(e) => tracing::info!(
+            "names in the mount root are never cached by this worker: the kernel could not \
+             be made to forget them when a process is bound ({e}; FUSE_NOTIFY_INC_EPOCH \
+             needs Linux 6.16)"
+        ),
+    }
+    Ok(())
+}
+
 /// FUSE_NOTIFY_RESEND (kernel 6.9+): requests the dead predecessor read
 /// and never answered go back to the queue, for this worker to serve.
 /// Without it their callers would wait forever.
 fn resend_in_flight(fuse: std::os::fd::BorrowedFd<'_>) {
     const FUSE_NOTIFY_RESEND: i32 = 7;
-    // struct fuse_out_header { len, error (the notify code), unique 0 }
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&16u32.to_le_bytes());
-    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
-    match nix::unistd::write(fuse, &header) {
+    match mount::notify_bare(fuse, FUSE_NOTIFY_RESEND) {
         Ok(_) => tracing::info!("took over the FUSE connection; requests in flight sent again"),
         Err(e) => tracing::error!(
             "took over the FUSE connection, but the kernel refused FUSE_NOTIFY_RESEND ({e}; \

@@ -581,6 +581,122 @@ fn bound_processes_see_their_branch_at_the_same_path() {
     assert_eq!(b.call(&op), eb);
 }
 
+/// An agent bound to branch `a` that reads `shared` (shared.txt at the
+/// root) and sees a's content at once, and the read request.
+fn bound_reader(m: &Mount, shared: &Path) -> (Agent, Value) {
+    let mut a = Agent::spawn();
+    tick();
+    bind_pid(m, "a", a.pid);
+    let read = json!({"op": "read", "path": shared});
+    assert_eq!(
+        a.call(&read),
+        json!({"data": content("a")}),
+        "bound: its branch at once"
+    );
+    (a, read)
+}
+
+/// While nothing is bound the kernel caches the mount root's names too
+/// (a `git status` at the root then costs no lookup per path). The first
+/// binding makes it forget them, so a bound process never meets main's
+/// names at the root; while anything is bound none is cached; after the
+/// last unbinding they are cached again. What is cached shows here as a
+/// change behind the mount that is not seen (no source watch, a long
+/// timeout).
+#[test]
+fn root_names_are_cached_only_while_nothing_is_bound() {
+    let under = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = under.clone();
+    let m = Mount::builder()
+        .over_source()
+        .populate(move |s| {
+            populate_views(s);
+            *keep.lock().unwrap() = Some(File::open(s).unwrap());
+        })
+        .arg("--no-source-watch")
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    let under = under.lock().unwrap().take().unwrap();
+    let behind = |name: &str| {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", under.as_raw_fd()))
+    };
+    make_views(&m);
+    let root = m.path();
+    let shared = root.join("shared.txt");
+    // An absence stays cached while nothing is bound, a name too.
+    assert_eq!(fs::read_to_string(&shared).unwrap(), content("main"));
+    assert!(!root.join("late").exists());
+    fs::write(behind("late"), b"").unwrap();
+    assert!(
+        !root.join("late").exists(),
+        "nothing bound: the absence is cached"
+    );
+
+    let (mut a, read) = bound_reader(&m, &shared);
+    assert!(root.join("late").exists(), "forgotten at the first binding");
+    fs::write(behind("later"), b"").unwrap();
+    assert!(
+        root.join("later").exists(),
+        "something bound: nothing cached at the root"
+    );
+
+    ctl(&m, Request::UnbindPid { pid: a.pid as i32 }).expect("unbind-pid");
+    assert_eq!(
+        a.call(&read),
+        json!({"data": content("main")}),
+        "unbound: main at once"
+    );
+    assert!(!root.join("latest").exists());
+    fs::write(behind("latest"), b"").unwrap();
+    assert!(
+        !root.join("latest").exists(),
+        "nothing bound again: cached again"
+    );
+}
+
+/// A file system mounted inside the mount while nothing is bound (root
+/// names cached) survives the first binding: the root's names are then
+/// expired one by one instead of all names forgotten, which would detach
+/// it; the bound process still sees its branch at the root at once.
+#[test]
+fn a_mount_inside_the_mount_survives_the_first_binding() {
+    /// Unmounts the tmpfs inside the mount in all cases.
+    struct Inner(PathBuf);
+    impl Drop for Inner {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let m = Mount::builder()
+        .over_source()
+        .populate(|s| {
+            populate_views(s);
+            fs::create_dir(s.join("inner")).unwrap();
+        })
+        .start();
+    make_views(&m);
+    let shared = m.path().join("shared.txt");
+    assert_eq!(fs::read_to_string(&shared).unwrap(), content("main"));
+    let inner = Inner(m.path().join("inner"));
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "agentfs-test-inner"])
+        .arg(&inner.0)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a tmpfs inside the mount");
+    fs::write(inner.0.join("on-tmpfs"), b"kept").unwrap();
+
+    let (_bound, _) = bound_reader(&m, &shared);
+    assert_eq!(
+        fs::read(inner.0.join("on-tmpfs")).unwrap(),
+        b"kept",
+        "the tmpfs inside is still mounted"
+    );
+    assert!(common::mounts().iter().any(|(p, _)| *p == inner.0));
+}
+
 #[test]
 fn a_branch_by_path_follows_what_a_bound_process_changes_at_once() {
     let m = Mount::builder()

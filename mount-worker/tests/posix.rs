@@ -10,11 +10,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::Mount;
+use common::{Mount, soon};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -65,11 +65,15 @@ fn read_write_and_source_in_place() {
 
 /// File pages stay cached across opens (FOPEN_KEEP_CACHE), but a change
 /// made to the source behind the mount, even of the same size, shows once
-/// the attributes expire (1 s): FUSE_AUTO_INVAL_DATA drops the stale pages.
+/// the attributes expire (here 1 s, without the source watch):
+/// FUSE_AUTO_INVAL_DATA drops the stale pages.
 #[test]
 fn cached_pages_give_way_to_a_change_behind_the_mount() {
     let m = Mount::builder()
         .populate(|s| fs::write(s.join("f"), vec![b'a'; 64 * 1024]).unwrap())
+        .arg("--no-source-watch")
+        .arg("--cache-timeout-ms")
+        .arg("1000")
         .start();
     let f = m.path().join("f");
     assert_eq!(fs::read(&f).unwrap(), vec![b'a'; 64 * 1024]);
@@ -92,9 +96,10 @@ fn cached_pages_give_way_to_a_change_behind_the_mount() {
 }
 
 /// `--cache-timeout-ms` (config `fuse.cache_timeout_ms`) is how long
-/// names and attributes below the root stay cached: with 0 a change made
-/// behind the mount shows at once; with a long one the old attributes are
-/// served until it runs out (the root's names are never cached).
+/// names and attributes below the root stay cached: without the source
+/// watch, with 0 a change made behind the mount shows at once; with a long
+/// one the old attributes are served until it runs out (the root's names
+/// are never cached).
 #[test]
 fn the_cache_timeout_bounds_how_long_a_change_behind_the_mount_goes_unseen() {
     for (ms, shows_at_once) in [("0", true), ("600000", false)] {
@@ -103,6 +108,7 @@ fn the_cache_timeout_bounds_how_long_a_change_behind_the_mount_goes_unseen() {
                 fs::create_dir(s.join("d")).unwrap();
                 fs::write(s.join("d/f"), b"short").unwrap();
             })
+            .arg("--no-source-watch")
             .arg("--cache-timeout-ms")
             .arg(ms)
             .start();
@@ -128,24 +134,30 @@ fn the_cache_timeout_bounds_how_long_a_change_behind_the_mount_goes_unseen() {
     }
 }
 
+/// A mount over its source (with directory `d`) started with `args`, the
+/// one way to the source under it (a descriptor opened before it), and
+/// the path `d/later` through that descriptor.
+fn over_source_with_a_way_under(args: &[&str]) -> (Mount, File, PathBuf) {
+    let under = Arc::new(Mutex::new(None));
+    let keep = under.clone();
+    let mut b = Mount::builder().over_source().populate(move |s| {
+        fs::create_dir(s.join("d")).unwrap();
+        *keep.lock().unwrap() = Some(File::open(s).unwrap());
+    });
+    for a in args {
+        b = b.arg(a);
+    }
+    let m = b.start();
+    let under = under.lock().unwrap().take().unwrap();
+    let behind = PathBuf::from(format!("/proc/self/fd/{}/d/later", under.as_raw_fd()));
+    (m, under, behind)
+}
+
 #[test]
 fn over_its_source_the_mount_remembers_absent_names_for_the_cache_timeout() {
     for (ms, shows_at_once) in [("0", true), ("600000", false)] {
-        // The one way to the source under the mount: a descriptor opened
-        // before it.
-        let under = Arc::new(Mutex::new(None));
-        let keep = under.clone();
-        let m = Mount::builder()
-            .over_source()
-            .populate(move |s| {
-                fs::create_dir(s.join("d")).unwrap();
-                *keep.lock().unwrap() = Some(File::open(s).unwrap());
-            })
-            .arg("--cache-timeout-ms")
-            .arg(ms)
-            .start();
-        let under = under.lock().unwrap().take().unwrap();
-        let behind = PathBuf::from(format!("/proc/self/fd/{}/d/later", under.as_raw_fd()));
+        let (m, _under, behind) =
+            over_source_with_a_way_under(&["--no-source-watch", "--cache-timeout-ms", ms]);
         let later = m.path().join("d/later");
         assert!(!later.exists());
         fs::write(&behind, b"").unwrap();
@@ -170,6 +182,94 @@ fn over_its_source_the_mount_remembers_absent_names_for_the_cache_timeout() {
             assert!(b.join(name).exists(), "{name}, {ms} ms");
         }
     }
+}
+
+/// The source watch (the default): a change made to the source behind the
+/// mount's back shows through it at once, whatever the cache timeout,
+/// even one the timeout could never show (same size and mtime), and
+/// through descriptors opened before. The same changes go unseen for the
+/// timeout without the watch (the two tests above).
+#[test]
+fn the_source_watch_shows_changes_behind_the_mount_at_once() {
+    let m = Mount::builder()
+        .supervised()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"short").unwrap();
+            fs::write(s.join("d/data"), vec![b'a'; 64 * 1024]).unwrap();
+            fs::write(s.join("top"), b"top").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    let (p, s) = (m.path(), m.source());
+    // Attributes, of a file in a directory and of one in the root.
+    assert_eq!(fs::metadata(p.join("d/f")).unwrap().len(), 5);
+    assert_eq!(fs::metadata(p.join("top")).unwrap().len(), 3);
+    fs::write(s.join("d/f"), b"longer now").unwrap();
+    fs::write(s.join("top"), b"top and more").unwrap();
+    assert!(soon(|| fs::metadata(p.join("d/f")).unwrap().len() == 10));
+    assert!(soon(|| fs::metadata(p.join("top")).unwrap().len() == 12));
+    fs::set_permissions(s.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(soon(
+        || fs::metadata(p.join("d/f")).unwrap().mode() & 0o777 == 0o600
+    ));
+
+    // Data: same size and the old mtime put back, which no attribute
+    // shows; through a descriptor opened before too.
+    let data = p.join("d/data");
+    assert_eq!(fs::read(&data).unwrap(), vec![b'a'; 64 * 1024]);
+    let kept = File::open(&data).unwrap();
+    let mtime = fs::metadata(s.join("d/data")).unwrap().modified().unwrap();
+    let behind = OpenOptions::new()
+        .write(true)
+        .open(s.join("d/data"))
+        .unwrap();
+    behind.write_all_at(&vec![b'b'; 64 * 1024], 0).unwrap();
+    behind
+        .set_times(fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    drop(behind);
+    assert_eq!(fs::metadata(&data).unwrap().len(), 64 * 1024);
+    assert!(soon(|| fs::read(&data).unwrap() == vec![b'b'; 64 * 1024]));
+    let mut again = Vec::new();
+    (&kept).read_to_end(&mut again).unwrap();
+    assert_eq!(
+        again,
+        vec![b'b'; 64 * 1024],
+        "through a descriptor opened before"
+    );
+
+    // Names: made, removed, renamed, and a directory's own attributes.
+    assert!(!p.join("d/new").exists());
+    fs::write(s.join("d/new"), b"").unwrap();
+    assert!(soon(|| p.join("d/new").exists()));
+    fs::remove_file(s.join("d/new")).unwrap();
+    assert!(soon(|| !p.join("d/new").exists()));
+    fs::rename(s.join("d/f"), s.join("d/g")).unwrap();
+    assert!(soon(|| !p.join("d/f").exists() && p.join("d/g").exists()));
+    fs::create_dir(s.join("d/sub")).unwrap();
+    assert!(soon(|| p.join("d/sub").is_dir()));
+    fs::set_permissions(s.join("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(soon(
+        || fs::metadata(p.join("d")).unwrap().mode() & 0o777 == 0o700
+    ));
+    // Changes through the mount are the kernel's own: at once.
+    fs::write(p.join("d/g"), b"through").unwrap();
+    assert_eq!(fs::read(p.join("d/g")).unwrap(), b"through");
+    assert_eq!(fs::read(s.join("d/g")).unwrap(), b"through");
+}
+
+/// Over its source the mount remembers absent names; with the watch a name
+/// made behind it (through a descriptor opened before the mount) shows at
+/// once all the same.
+#[test]
+fn the_source_watch_forgets_an_absent_name_made_behind_the_mount() {
+    let (m, _under, behind) = over_source_with_a_way_under(&["--cache-timeout-ms", "600000"]);
+    let later = m.path().join("d/later");
+    assert!(!later.exists());
+    fs::write(&behind, b"").unwrap();
+    assert!(soon(|| later.exists()));
 }
 
 #[test]

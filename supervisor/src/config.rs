@@ -83,8 +83,12 @@ pub struct Fuse {
     pub max_write: u32,
     /// Outstanding background requests.
     pub max_background: u32,
-    /// How long the kernel may keep names and attributes below the root.
-    pub cache_timeout_ms: u32,
+    /// How long the kernel may keep names and attributes below the root;
+    /// `None`: the worker's default (60 s with the source watch, 1 s
+    /// without).
+    pub cache_timeout_ms: Option<u32>,
+    /// Watch the source for changes made behind the mount's back.
+    pub watch_source: bool,
     /// Kernel write-back cache.
     pub writeback_cache: bool,
     /// FUSE passthrough.
@@ -152,6 +156,7 @@ struct RawFuse {
     max_write: Option<Spanned<i64>>,
     max_background: Option<Spanned<i64>>,
     cache_timeout_ms: Option<Spanned<i64>>,
+    watch_source: Option<bool>,
     #[serde(default)]
     writeback_cache: bool,
     #[serde(default)]
@@ -312,12 +317,11 @@ pub fn parse(
             64,
             1..=65535,
         )?,
-        cache_timeout_ms: int(
-            "fuse.cache_timeout_ms",
-            &raw.fuse.cache_timeout_ms,
-            1000,
-            0..=3_600_000,
-        )?,
+        cache_timeout_ms: match &raw.fuse.cache_timeout_ms {
+            None => None,
+            given => Some(int("fuse.cache_timeout_ms", given, 0, 0..=3_600_000)?),
+        },
+        watch_source: raw.fuse.watch_source.unwrap_or(true),
         writeback_cache: raw.fuse.writeback_cache,
         passthrough: raw.fuse.passthrough,
     };
@@ -472,8 +476,21 @@ hang_timeout_sec = 10
         let c = parse_str(text).unwrap();
         assert_eq!(c.access.users, vec!["alice".to_owned()]);
         assert!(c.fuse.writeback_cache);
-        assert_eq!(c.fuse.cache_timeout_ms, 1000);
+        assert_eq!(c.fuse.cache_timeout_ms, None);
+        assert!(c.fuse.watch_source);
         assert_eq!(c.source_line, 2);
+    }
+
+    #[test]
+    fn the_source_watch_and_the_cache_timeout_can_be_set() {
+        let c =
+            parse_str("source = \"/srv/p\"\n[fuse]\nwatch_source = false\ncache_timeout_ms = 0\n")
+                .unwrap();
+        assert!(!c.fuse.watch_source);
+        assert_eq!(c.fuse.cache_timeout_ms, Some(0));
+        let e = parse_str("source = \"/srv/p\"\n[fuse]\nwatch_source = \"yes\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("watch_source"), "{e}");
     }
 
     #[test]
@@ -546,6 +563,7 @@ hang_timeout_sec = 10
             Just("max_write".to_owned()),
             Just("max_background".to_owned()),
             Just("cache_timeout_ms".to_owned()),
+            Just("watch_source".to_owned()),
             Just("writeback_cache".to_owned()),
             Just("passthrough".to_owned()),
             Just("burst".to_owned()),

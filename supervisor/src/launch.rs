@@ -195,7 +195,6 @@ async fn spawn(
         .args(["--max-write", &cfg.fuse.max_write.to_string()])
         .args(["--max-background", &cfg.fuse.max_background.to_string()])
         .args(["--passthrough", cfg.fuse.passthrough.as_arg()])
-        .args(["--cache-timeout-ms", &cfg.fuse.cache_timeout_ms.to_string()])
         .stdin(Stdio::null())
         // systemd's notification socket is the supervisor's alone.
         .env_remove("NOTIFY_SOCKET")
@@ -205,6 +204,12 @@ async fn spawn(
         // supervisor must not kill the workers behind its back.
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(ms) = cfg.fuse.cache_timeout_ms {
+        cmd.args(["--cache-timeout-ms", &ms.to_string()]);
+    }
+    if !cfg.fuse.watch_source {
+        cmd.arg("--no-source-watch");
+    }
     if cfg.allow_other {
         cmd.arg("--allow-other");
     }

@@ -194,10 +194,10 @@ until_ok() {
 
 # Long-lived shells to bind: /usr/local/sbin/agentfs-test-shell DIR runs
 # DIR/cmd in a child (forked after any bind) whenever it appears.
-start_shell() { # start_shell NAME USER: sets $shell_pid
-  local name=$1 user=$2
+start_shell() { # start_shell NAME USER [WORKING_DIRECTORY]: sets $shell_pid
+  local name=$1 user=$2 cwd=${3:-/}
   c sh -c "mkdir -p /run/agentfs-test/$name && chown $user: /run/agentfs-test/$name &&
-    systemd-run --quiet --unit=agentfs-test-shell-$name --uid=$user \
+    systemd-run --quiet --unit=agentfs-test-shell-$name --uid=$user --working-directory=$cwd \
       /usr/local/sbin/agentfs-test-shell /run/agentfs-test/$name &&
     for i in \$(seq 100); do [ -s /run/agentfs-test/$name/pid ] && break; sleep 0.1; done &&
     cat /run/agentfs-test/$name/pid"
@@ -332,6 +332,11 @@ expect "a source /srv/agent1 and its config /etc/agentfs/mounts/agent1.toml" "" 
   mkdir -p /srv/agent1 /srv/bad && echo main >/srv/agent1/f &&
   printf "%s\n" "source = \"/srv/agent1\"" "allow_other = true" "" "[access]" "users = [\"alice\"]" \
     >/etc/agentfs/mounts/agent1.toml'
+# A process whose working directory is the source from before the mount:
+# it changes the source behind the mount's back.
+expect "a file /srv/agent1/w, and a shell working in /srv/agent1 before the mount" "" sh -c '
+  echo watch >/srv/agent1/w && touch -r /srv/agent1/w /srv/agent1/w.time'
+start_shell behind root /srv/agent1
 c systemctl start agentfs@agent1
 started=$?
 record $started "systemctl start agentfs@agent1" systemctl start agentfs@agent1
@@ -350,6 +355,16 @@ sandboxed='p=$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.age
   echo "$s" | grep -qE "^CapEff:\s+000000008820001f$" && echo "$s" | grep -qE "^CapBnd:\s+000000008820001f$"'
 expect "its worker is sandboxed: no_new_privs, seccomp, 8 capabilities" "" sh -c "$sandboxed"
 expect "/srv/agent1 is an AgentFS mount" "^fuse.agentfs$" findmnt -n -o FSTYPE --mountpoint /srv/agent1
+# specs/semantics.md section 1: the source watch works under the service's
+# own sandbox. Same size and the old mtime put back: without the watch the
+# cached pages would stay.
+expect "an unbound process reads w through the mount (its pages cached)" "^watch$" cat /srv/agent1/w
+shell_sees "the shell rewrites w behind the mount, same size and mtime" behind \
+  'printf WATCH | dd of=w bs=5 count=1 conv=notrunc 2>/dev/null && touch -r w.time w && rm w.time && echo done' done
+expect "... and the mount shows the new data (the source watch)" "" sh -c '
+  for i in $(seq 50); do [ "$(cat /srv/agent1/w)" = WATCH ] && exit 0; sleep 0.1; done; cat /srv/agent1/w; exit 1'
+expect "... the shell working behind the mount is stopped" "" sh -c '
+  systemctl stop agentfs-test-shell-behind && rm /srv/agent1/w'
 expect "ListMounts says agent1 is running" '"agent1" "running" "/org/agentfs/mount/agent1"' \
   busctl call org.agentfs /org/agentfs org.agentfs.Manager1 ListMounts
 

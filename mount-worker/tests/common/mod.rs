@@ -753,6 +753,22 @@ pub fn assert_read_only(dir: &Path) {
     );
 }
 
+/// Whether `cond` holds within five seconds (checked every 10 ms): for
+/// what the source watch shows of a change made behind the mount, a few
+/// milliseconds after it.
+pub fn soon(mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Sends one control request to the mount's worker.
 pub fn ctl(
     m: &Mount,
