@@ -1233,8 +1233,8 @@ impl FsCore {
         let key = entry.key.clone();
         t.by_id.remove(&node.0);
         t.by_key.remove(&key);
-        if let (Some(w), NodeKey::Host(_, ino)) = (&self.watch, &key) {
-            w.forgotten(*ino);
+        if let (Some(w), NodeKey::Host(dev, ino)) = (&self.watch, &key) {
+            w.forgotten(*dev, *ino);
         }
         self.journal(|| Some(Record::Forget(node.0)));
         self.held(|h| h.nodes.remove(&node.0));

@@ -548,12 +548,24 @@ impl Filesystem for Adapter {
                 Ok(())
             })
         });
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         if r.is_ok() {
-            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
             self.trim
                 .renamed(parent.0, name, newparent.0, newname, exchange);
         }
+        let ok = r.is_ok();
         reply_empty(reply, r);
+        // The kernel moves the renamed entry with the time it was cached
+        // for: into a directory whose names it may not cache (the root
+        // while anything is bound, a branch's root by path) it must go.
+        if ok {
+            let moved = [(newparent, newname)].into_iter();
+            for (dir, n) in moved.chain(exchange.then_some((parent, name))) {
+                if !self.core.names_cacheable(node(dir), n) {
+                    self.trim.forget_soon(dir.0, n);
+                }
+            }
+        }
     }
 
     fn link(

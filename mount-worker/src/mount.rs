@@ -188,12 +188,12 @@ pub fn clear_stale(mountpoint: &Path) -> Result<(), StartupError> {
 pub const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
 
 /// Sends the kernel a notification that has no payload (fuser knows only
-/// the older ones): just `struct fuse_out_header` { len, error = the
+/// the older ones), in the host's byte order as all of FUSE: just `struct fuse_out_header` { len, error = the
 /// notify code, unique = 0 }.
 pub fn notify_bare(fuse: BorrowedFd<'_>, code: i32) -> io::Result<()> {
     let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&16u32.to_le_bytes());
-    header[4..8].copy_from_slice(&code.to_le_bytes());
+    header[..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&code.to_ne_bytes());
     nix::unistd::write(fuse, &header)?;
     Ok(())
 }
@@ -208,13 +208,13 @@ pub fn notify_expire_entry(fuse: BorrowedFd<'_>, parent: u64, name: &OsStr) -> i
     let len = 16 + 16 + name.len() + 1;
     let mut msg = Vec::with_capacity(len);
     // struct fuse_out_header { len, error (the notify code), unique 0 }
-    msg.extend_from_slice(&(len as u32).to_le_bytes());
-    msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_le_bytes());
-    msg.extend_from_slice(&0u64.to_le_bytes());
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_ne_bytes());
+    msg.extend_from_slice(&0u64.to_ne_bytes());
     // struct fuse_notify_inval_entry_out { parent, namelen, flags }
-    msg.extend_from_slice(&parent.to_le_bytes());
-    msg.extend_from_slice(&(name.len() as u32).to_le_bytes());
-    msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_le_bytes());
+    msg.extend_from_slice(&parent.to_ne_bytes());
+    msg.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+    msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_ne_bytes());
     msg.extend_from_slice(name);
     msg.push(0);
     nix::unistd::write(fuse, &msg)?;

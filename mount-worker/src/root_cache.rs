@@ -16,14 +16,25 @@
 //! mounts), twice, [`SETTLE`] apart, for lookups in flight. The last
 //! unbinding forgets again (replies routed to a branch are not cached, but
 //! one computed just before it may be cached just after) and sharing
-//! starts again, unless something is mounted inside.
+//! starts again, unless something is mounted inside. "Inside" is as seen
+//! in the worker's mount namespace; mounts made in other namespaces on
+//! directories of the mount are detached all the same.
+//!
+//! A worker that took over the connection does not know which root names
+//! its predecessor let the kernel cache: it starts unshared (forgetting
+//! every name, unless something is mounted inside), and until the cache
+//! timeout has passed the first binding forgets every name.
+//!
+//! A name renamed into the root keeps the time the kernel cached it for in
+//! its old directory; the adapter has the trimmer drop it when the root's
+//! names may not be cached ([`crate::trim::Trimmer::forget_soon`]).
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 
@@ -45,33 +56,52 @@ pub struct RootCache {
     fuse: OwnedFd,
     /// The mount's device, to find what is mounted inside it.
     dev: u64,
-    /// `Some`: shared, with the names the kernel may have cached (`None`
-    /// inside when there were too many to remember).
-    state: Mutex<Option<Option<HashSet<OsString>>>>,
+    state: Mutex<State>,
+}
+
+enum State {
+    /// The kernel may cache the root; the names it may have cached (`None`
+    /// when there were too many to remember).
+    Shared(Option<HashSet<OsString>>),
+    /// It may not; until the instant given, it may still hold names a
+    /// predecessor let it cache (a worker that took over the connection).
+    Unshared(Option<Instant>),
 }
 
 impl RootCache {
-    /// The root cache of the mount with device `dev` served through `fuse`,
-    /// if the kernel can be made to forget every name (Linux 6.16), which
-    /// is tried here: so not while something is mounted inside (a worker
-    /// taking over a mount), which that would detach. Not shared yet: see
-    /// [`RootCache::start`].
-    pub fn new(notifier: Notifier, fuse: OwnedFd, dev: u64) -> io::Result<RootCache> {
-        if mount::has_mounts_inside(dev)? {
-            return Err(io::Error::other("something is mounted inside the mount"));
-        }
-        mount::notify_bare(fuse.as_fd(), mount::FUSE_NOTIFY_INC_EPOCH)?;
-        Ok(RootCache {
+    /// Whether the kernel can be made to forget every name
+    /// (FUSE_NOTIFY_INC_EPOCH, Linux 6.16).
+    pub fn supported() -> bool {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 16)
+    }
+
+    /// The root cache of the mount with device `dev` served through `fuse`;
+    /// `inherited`: this worker took the connection over from one that may
+    /// have let the kernel cache the root for that long. Not shared yet:
+    /// see [`RootCache::start`].
+    pub fn new(
+        notifier: Notifier,
+        fuse: OwnedFd,
+        dev: u64,
+        inherited: Option<Duration>,
+    ) -> RootCache {
+        RootCache {
             notifier,
             fuse,
             dev,
-            state: Mutex::new(None),
-        })
+            state: Mutex::new(State::Unshared(inherited.map(|t| Instant::now() + t))),
+        }
     }
 
     /// Whether the kernel may cache the root's attributes now.
     pub fn shared(&self) -> bool {
-        self.state.lock().unwrap().is_some()
+        matches!(*self.state.lock().unwrap(), State::Shared(_))
     }
 
     /// Whether the kernel may cache what a reply says of `name` in the
@@ -79,7 +109,7 @@ impl RootCache {
     /// reply goes (under the same lock as `stop`, so none is missed).
     pub fn cacheable(&self, name: &OsStr) -> bool {
         let mut state = self.state.lock().unwrap();
-        let Some(names) = state.as_mut() else {
+        let State::Shared(names) = &mut *state else {
             return false;
         };
         if let Some(set) = names {
@@ -95,8 +125,12 @@ impl RootCache {
     /// Before the first binding takes effect: from now on nothing at the
     /// root is cached, and what was is forgotten.
     pub fn stop(&self) {
-        let Some(names) = self.state.lock().unwrap().take() else {
-            return;
+        let names = match std::mem::replace(&mut *self.state.lock().unwrap(), State::Unshared(None))
+        {
+            State::Shared(names) => names,
+            // What a predecessor let the kernel cache: names unknown.
+            State::Unshared(Some(until)) if Instant::now() < until => None,
+            State::Unshared(_) => return,
         };
         self.forget_attrs();
         match (names, self.mounts_inside()) {
@@ -110,9 +144,9 @@ impl RootCache {
             }
             (None, true) => {
                 tracing::warn!(
-                    "too many names cached at the mount root to expire one by one: the first \
-                     binding makes the kernel forget every name, which detaches what is \
-                     mounted inside the mount"
+                    "the names cached at the mount root are not known one by one (too many, \
+                     or cached for the previous worker): the first binding makes the kernel \
+                     forget every name, which detaches what is mounted inside the mount"
                 );
                 self.forget_names();
             }
@@ -125,12 +159,12 @@ impl RootCache {
     /// again, unless something is mounted inside the mount.
     pub fn start(&self) {
         let mut state = self.state.lock().unwrap();
-        if state.is_some() || self.mounts_inside() {
+        if matches!(*state, State::Shared(_)) || self.mounts_inside() {
             return;
         }
         self.forget_attrs();
         self.forget_names();
-        *state = Some(Some(HashSet::new()));
+        *state = State::Shared(Some(HashSet::new()));
     }
 
     fn mounts_inside(&self) -> bool {

@@ -46,6 +46,8 @@ pub struct Trimmer {
     hard: usize,
     /// Signalled after each round of the trimmer.
     trimmed: (Mutex<()>, Condvar),
+    /// Names to drop at once ([`Trimmer::forget_soon`]).
+    soon: Mutex<Vec<(u64, OsString)>>,
     /// Set (and signalled) when the count has passed the high mark, so
     /// that the trimmer starts at once: parallel lookups (`git status`'s
     /// preloading threads) make thousands of nodes between two periods.
@@ -94,6 +96,7 @@ impl Trimmer {
             low: high / 4 * 3,
             hard: high / 2 * 3,
             trimmed: (Mutex::new(()), Condvar::new()),
+            soon: Mutex::default(),
             due: (Mutex::new(false), Condvar::new()),
         }
     }
@@ -125,6 +128,14 @@ impl Trimmer {
             .lock()
             .unwrap()
             .insert(node, parent, name.to_owned());
+    }
+
+    /// Has the kernel drop `name` in `parent` as soon as the trimmer runs
+    /// (never on a request's thread: see [`Trimmer::start`]).
+    pub fn forget_soon(&self, parent: u64, name: &OsStr) {
+        self.soon.lock().unwrap().push((parent, name.to_owned()));
+        *self.due.0.lock().unwrap() = true;
+        self.due.1.notify_one();
     }
 
     /// `name` in `parent` was removed.
@@ -199,12 +210,12 @@ impl Trimmer {
                             self.due.1.wait_timeout_while(due, PERIOD, |d| !*d).unwrap();
                         *due = false;
                     }
-                    let victims = self.victims(nodes());
-                    if victims.is_empty() {
-                        self.trimmed.1.notify_all();
-                        continue;
+                    let mut victims = std::mem::take(&mut *self.soon.lock().unwrap());
+                    let trimmed = self.victims(nodes());
+                    if !trimmed.is_empty() {
+                        tracing::debug!(names = trimmed.len(), "dropping cached names");
                     }
-                    tracing::debug!(names = victims.len(), "dropping cached names");
+                    victims.extend(trimmed);
                     for (parent, name) in victims {
                         match notifier.inval_entry(INodeNo(parent), &name) {
                             Ok(()) => {}

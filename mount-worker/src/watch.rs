@@ -16,8 +16,9 @@
 //! each would cost as much as a request. Each invalidation is sent again
 //! [`REPEAT`] later: a lookup the worker answered just before the change
 //! may reach the kernel's cache only after the first invalidation, which
-//! then found nothing to drop. A full queue (`FAN_Q_OVERFLOW`) lost events:
-//! then every cached name is dropped at once (FUSE_NOTIFY_INC_EPOCH).
+//! then found nothing to drop. The queue is unlimited; should it overflow
+//! anyway (`FAN_Q_OVERFLOW`), every cached name is dropped at once
+//! (FUSE_NOTIFY_INC_EPOCH).
 //!
 //! Not seen: writes through shared memory maps (fanotify reports none),
 //! changes in file systems mounted inside the source (only the source's
@@ -47,8 +48,8 @@ const BATCH: Duration = Duration::from_millis(20);
 /// When an invalidation is sent again.
 const REPEAT: Duration = Duration::from_millis(200);
 
-/// Invalidations waiting for their second sending, at most: a burst past
-/// it is handled as an overflow (every cached name dropped at once).
+/// Invalidations waiting for their second sending, at most (a bound on
+/// memory; a burst past it goes without its second round).
 const MAX_REPEATS: usize = 100_000;
 
 /// What a directory's mark reports: changes of its names, and of the
@@ -138,6 +139,10 @@ impl SourceWatch {
         let fan = unsafe {
             libc::fanotify_init(
                 libc::FAN_CLASS_NOTIF
+                    // The worker's own changes make events too; a queue that
+                    // overflowed would make the kernel forget every name.
+                    | libc::FAN_UNLIMITED_QUEUE
+                    | libc::FAN_UNLIMITED_MARKS
                     | libc::FAN_REPORT_FID
                     | libc::FAN_REPORT_DFID_NAME
                     | libc::FAN_NONBLOCK
@@ -193,8 +198,12 @@ impl SourceWatch {
         Ok(())
     }
 
-    /// The kernel forgot main's inode `ino` (a directory or not).
-    pub fn forgotten(&self, ino: u64) {
+    /// The kernel forgot main's inode `ino` on device `dev` (a directory
+    /// or not).
+    pub fn forgotten(&self, dev: u64, ino: u64) {
+        if dev != self.dev {
+            return;
+        }
         let mut dirs = self.dirs.lock().unwrap();
         if let Some(h) = dirs.by_ino.remove(&ino) {
             dirs.by_handle.remove(&h);
@@ -232,7 +241,11 @@ impl SourceWatch {
             let wait = repeats
                 .first()
                 .map(|(due, _)| due.saturating_duration_since(Instant::now()));
-            if self.wait(wait).is_err() {
+            if let Err(e) = self.wait(wait) {
+                tracing::error!(
+                    "the source watch stops ({e}): changes behind the mount's back show \
+                     within the cache timeout from now on"
+                );
                 return;
             }
             std::thread::sleep(BATCH);
@@ -248,21 +261,22 @@ impl SourceWatch {
                 }
                 overflow |= self.parse(&buf[..n as usize], &core, &mut now);
             }
-            if overflow || repeats.len() + now.len() > MAX_REPEATS {
+            if overflow {
+                // Not with an unlimited queue; should it happen anyway.
                 tracing::warn!(
-                    "too many changes behind the mount's back to follow one by one: \
-                     every cached name is looked up again"
+                    "the source watch lost events: every cached name is looked up again"
                 );
                 new_epoch(fuse.as_fd());
-                repeats.clear();
-                now.clear();
             }
             let due = Instant::now() + REPEAT;
             for inval in now {
                 if !send(&notifier, &inval) {
                     return;
                 }
-                repeats.push((due, inval));
+                // Past the bound, a burst goes without its second round.
+                if repeats.len() < MAX_REPEATS {
+                    repeats.push((due, inval));
+                }
             }
             let ripe = repeats.partition_point(|(due, _)| *due <= Instant::now());
             for (_, inval) in repeats.drain(..ripe) {
@@ -338,34 +352,41 @@ impl SourceWatch {
                 kind,
                 libc::FAN_EVENT_INFO_TYPE_DFID_NAME | libc::FAN_EVENT_INFO_TYPE_DFID
             );
-            // A child's own change comes with its FID record; the
-            // directory's record matters when names changed.
-            if (is_dir && !names_changed) || (!is_dir && kind != libc::FAN_EVENT_INFO_TYPE_FID) {
-                continue;
-            }
             // header (4), fsid (8), handle_bytes (4), handle_type (4),
             // handle, then for a directory record the name (NUL-ended)
-            if record.len() < 20 || [read_i32(record, 4), read_i32(record, 8)] != self.fsid {
+            if !(is_dir || kind == libc::FAN_EVENT_INFO_TYPE_FID)
+                || record.len() < 20
+                || [read_i32(record, 4), read_i32(record, 8)] != self.fsid
+            {
                 continue;
             }
             let size = read_i32(record, 12) as usize;
             let Some(bytes) = record.get(20..20 + size) else {
                 continue;
             };
+            let name = if is_dir {
+                &record[20 + size..]
+            } else {
+                &[][..]
+            };
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            // A directory's record with a child's name matters when names
+            // changed (the child's own change comes with its FID record);
+            // with "." (or none) the event is the directory's own.
+            let child = !name.is_empty() && name != b".";
+            if is_dir && child && !names_changed {
+                continue;
+            }
             let Some(handle) = HostHandle::new(read_i32(record, 16), bytes.to_vec()) else {
                 continue;
             };
             let Some(node) = self.node_of(&handle, core) else {
                 continue;
             };
-            if is_dir {
-                // The name, and the directory's attributes and listing.
-                let name = &record[20 + size..];
-                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                if !name.is_empty() && name != b"." {
-                    out.insert(Inval::Entry(node, OsStr::from_bytes(name).to_owned()));
-                }
+            if is_dir && child {
+                out.insert(Inval::Entry(node, OsStr::from_bytes(name).to_owned()));
             }
+            // Attributes and pages (a directory's listing).
             out.insert(Inval::Inode(node));
         }
     }
@@ -386,9 +407,19 @@ fn send(notifier: &Notifier, inval: &Inval) -> bool {
         // ENOENT: the kernel holds no such name or node (any more).
         Ok(()) => true,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-        Err(e) => {
+        // The connection is gone: the mount with it.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::EBADF | libc::ENOTCONN)
+            ) =>
+        {
             tracing::debug!("source watch stops: {e}");
             false
+        }
+        Err(e) => {
+            tracing::warn!("the source watch could not invalidate a cached entry: {e}");
+            true
         }
     }
 }

@@ -259,8 +259,6 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     } else {
         core.clone()
     };
-    let _control = control::serve(state.path(), handler)
-        .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let trim = Arc::new(Trimmer::new(open_files));
     let fuse = fd
         .try_clone()
@@ -276,8 +274,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         Session::from_fd(adapter, fd, acl, config)
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?
     };
-    share_root(&core, &session, &mountpoint)
-        .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    // Before any binding can arrive: it must find the root cache in place.
+    share_root(
+        &core,
+        &session,
+        &mountpoint,
+        takeover.then_some(tuning.cache_timeout),
+    )
+    .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    let _control = control::serve(state.path(), handler)
+        .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let weak = Arc::downgrade(&core);
     let watched = watch.is_some();
     if let Some(w) = watch {
@@ -325,8 +331,22 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
 
 /// Lets the kernel cache the mount root while nothing is bound
 /// ([`RootCache`]), if it can be made to forget it again (Linux 6.16).
-/// `mountpoint` is where the mount is, to see what is mounted inside it.
-fn share_root(core: &FsCore, session: &Session<Adapter>, mountpoint: &Path) -> std::io::Result<()> {
+/// `mountpoint` is where the mount is, to see what is mounted inside it;
+/// `inherited` is the cache timeout of a predecessor whose connection this
+/// worker took over (it may have cached the root for that long).
+fn share_root(
+    core: &FsCore,
+    session: &Session<Adapter>,
+    mountpoint: &Path,
+    inherited: Option<Duration>,
+) -> std::io::Result<()> {
+    if !RootCache::supported() {
+        tracing::info!(
+            "names in the mount root are never cached: the kernel cannot be made to forget \
+             them when a process is bound (FUSE_NOTIFY_INC_EPOCH needs Linux 6.16)"
+        );
+        return Ok(());
+    }
     let dev = match mount::device_of(mountpoint) {
         Ok(dev) => dev,
         Err(e) => {
@@ -339,14 +359,7 @@ fn share_root(core: &FsCore, session: &Session<Adapter>, mountpoint: &Path) -> s
         }
     };
     let fuse = session.as_fd().try_clone_to_owned()?;
-    match RootCache::new(session.notifier(), fuse, dev) {
-        Ok(root) => core.share_root(root),
-        Err(e) => tracing::info!(
-            "names in the mount root are never cached by this worker: the kernel could not \
-             be made to forget them when a process is bound ({e}; FUSE_NOTIFY_INC_EPOCH \
-             needs Linux 6.16)"
-        ),
-    }
+    core.share_root(RootCache::new(session.notifier(), fuse, dev, inherited));
     Ok(())
 }
 

@@ -656,6 +656,44 @@ fn root_names_are_cached_only_while_nothing_is_bound() {
     );
 }
 
+/// The kernel moves a renamed name with the time it was cached for. Moved
+/// into the root while something is bound, it must not stay there for
+/// the others: main's for a bound process, a branch's for an unbound one.
+#[test]
+fn a_name_renamed_into_the_root_is_not_seen_by_the_other_views() {
+    let m = Mount::builder()
+        .over_source()
+        .populate(|s| {
+            populate_views(s);
+            fs::create_dir(s.join("sub")).unwrap();
+            fs::write(s.join("sub/x"), b"main x").unwrap();
+            fs::write(s.join("sub/y"), b"main y").unwrap();
+        })
+        .start();
+    make_views(&m);
+    let root = m.path();
+    let (mut a, _) = bound_reader(&m, &root.join("shared.txt"));
+    let read = |p: &Path| json!({"op": "read", "path": p});
+    // Main's sub/x, cached, renamed into the root by an unbound process.
+    assert_eq!(fs::read(root.join("sub/x")).unwrap(), b"main x");
+    fs::rename(root.join("sub/x"), root.join("x")).unwrap();
+    assert!(
+        common::soon(|| a.call(&read(&root.join("x"))) == json!({"errno": libc::ENOENT})),
+        "the bound process meets main's x at the root"
+    );
+    // The branch's sub/y, renamed into the root by the bound process.
+    let y = root.join("sub/y");
+    assert_eq!(a.call(&read(&y)), json!({"data": "main y"}));
+    let mv = json!({"op": "exec", "argv": ["mv", y, root.join("y")]});
+    assert_eq!(a.call(&mv)["status"], 0);
+    assert!(
+        common::soon(|| !root.join("y").exists()),
+        "an unbound process meets a's y at the root"
+    );
+    assert_eq!(fs::read(root.join("sub/y")).unwrap(), b"main y");
+    assert_eq!(fs::read(branch_dir(&m, "a").join("y")).unwrap(), b"main y");
+}
+
 /// A file system mounted inside the mount while nothing is bound (root
 /// names cached) survives the first binding: the root's names are then
 /// expired one by one instead of all names forgotten, which would detach

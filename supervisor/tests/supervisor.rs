@@ -623,6 +623,51 @@ fn kill_worker(s: &Supervisor, name: &str, round: u32) -> Duration {
     killed.elapsed()
 }
 
+/// A worker that took over the connection does not know which names at
+/// the mount root its predecessor let the kernel cache (while nothing was
+/// bound): the first binding within the cache timeout makes the kernel
+/// forget every name, even with something mounted inside (which that
+/// detaches), so the bound process sees its branch, not main's cached
+/// names.
+#[test]
+fn after_a_worker_crash_the_first_binding_forgets_the_root_cached_before() {
+    /// Unmounts the tmpfs inside the mount in all cases.
+    struct Inner(PathBuf);
+    impl Drop for Inner {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("taken", "[restart]\nburst = 5\ninterval_sec = 600\n");
+    fs::write(src.join("README"), "main\n").unwrap();
+    fs::create_dir(src.join("inner")).unwrap();
+    ok(&s.manager("StartMount", "s", &["taken"]));
+    ok(&s.mount_call("taken", "CreateSnapshot", "ss", &["", "base"]));
+    ok(&s.mount_call("taken", "CreateBranch", "ss", &["base", "a"]));
+    fs::write(mnt.join(".agentfs/branches/a/README"), "a\n").unwrap();
+    assert_eq!(fs::read_to_string(mnt.join("README")).unwrap(), "main\n");
+    let inner = Inner(mnt.join("inner"));
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "agentfs-test-inner"])
+        .arg(&inner.0)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a tmpfs inside the mount");
+    kill_worker(&s, "taken", 1);
+    let seen = in_branch(
+        &s,
+        "taken",
+        "a",
+        &format!("cat {}", mnt.join("README").display()),
+    );
+    assert_eq!(
+        seen, "a\n",
+        "the bound shell met main's README cached before the crash"
+    );
+}
+
 #[test]
 fn a_killed_worker_is_replaced_until_the_restart_limit() {
     let dir = tempdir();
