@@ -213,6 +213,21 @@ fn is_live(s: &Subject) -> bool {
     }
 }
 
+/// Whether binding `b` still applies: its subject lives, or (a pid
+/// binding whose process exited) a process that inherited it from there
+/// does: children stay bound after their bound parent exits.
+fn in_effect(st: &State, b: &Binding) -> bool {
+    if is_live(&b.subject) {
+        return true;
+    }
+    let Subject::Pid { pid, start, .. } = b.subject else {
+        return true;
+    };
+    st.inherited.iter().any(|(&(p, s), i)| {
+        i.from == (pid, start) && proc_stat(p).is_some_and(|now| now.start == s)
+    })
+}
+
 fn not_bound(what: String) -> ControlError {
     ControlError::new(
         ErrorKind::NotFound,
@@ -268,12 +283,10 @@ impl Bindings {
     /// The current bindings (what the catalog persists and `binding-list`
     /// shows), dropping pid bindings whose process has exited.
     pub fn records(&self) -> Vec<Binding> {
-        self.state
-            .read()
-            .unwrap()
-            .list
+        let st = self.state.read().unwrap();
+        st.list
             .iter()
-            .filter(|b| is_live(&b.subject))
+            .filter(|b| in_effect(&st, b))
             .cloned()
             .collect()
     }
@@ -289,15 +302,14 @@ impl Bindings {
         persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
     ) -> Result<T, ControlError> {
         let _one_at_a_time = self.changing.lock().unwrap();
-        let mut next: Vec<Binding> = self
-            .state
-            .read()
-            .unwrap()
-            .list
-            .iter()
-            .filter(|b| is_live(&b.subject))
-            .cloned()
-            .collect();
+        let mut next: Vec<Binding> = {
+            let st = self.state.read().unwrap();
+            st.list
+                .iter()
+                .filter(|b| in_effect(&st, b))
+                .cloned()
+                .collect()
+        };
         let out = edit(&mut next)?;
         persist(&next)?;
         let root = self.root.get();
@@ -756,6 +768,43 @@ mod tests {
             b.resolve(orphan) == Some(BranchId(5))
         });
         assert!(seen, "the orphaned grandchild lost the binding");
+    }
+
+    #[test]
+    fn children_keep_their_branch_when_the_bound_process_exits_and_bindings_change() {
+        use std::io::{BufRead, Write};
+        let b = Arc::new(Bindings::new(Vec::new()));
+        b.follow_forks(ForkEvents::subscribe());
+        // A bound shell that starts a sleep in the background and exits.
+        let mut sh = Command::new("sh")
+            .args(["-c", "read go; sleep 30 >/dev/null 2>&1 & echo $!"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        b.bind_pid(sh.id() as i32, BranchId(5), ok).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        sh.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(sh.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let orphan: u32 = line.trim().parse().unwrap();
+        let _reap = scopeguard(orphan);
+        sh.wait().unwrap();
+        let seen = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            b.resolve(orphan) == Some(BranchId(5))
+        });
+        assert!(seen, "the orphan lost the binding of its exited parent");
+        // Any later change of the bindings (here another process bound).
+        let me = std::process::id() as i32;
+        b.bind_pid(me, BranchId(6), ok).unwrap();
+        assert_eq!(
+            b.resolve(orphan),
+            Some(BranchId(5)),
+            "after another binding"
+        );
     }
 
     /// Kills the process `pid` (started by the test) when dropped.
