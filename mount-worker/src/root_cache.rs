@@ -112,8 +112,10 @@ impl RootCache {
         let State::Shared(names) = &mut *state else {
             return false;
         };
-        if let Some(set) = names {
-            if set.len() >= MAX_NAMES && !set.contains(name) {
+        if let Some(set) = names
+            && !set.contains(name)
+        {
+            if set.len() >= MAX_NAMES {
                 *names = None;
             } else {
                 set.insert(name.to_owned());
