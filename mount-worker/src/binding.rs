@@ -302,14 +302,7 @@ impl Bindings {
         persist: impl FnOnce(&[Binding]) -> Result<(), ControlError>,
     ) -> Result<T, ControlError> {
         let _one_at_a_time = self.changing.lock().unwrap();
-        let mut next: Vec<Binding> = {
-            let st = self.state.read().unwrap();
-            st.list
-                .iter()
-                .filter(|b| in_effect(&st, b))
-                .cloned()
-                .collect()
-        };
+        let mut next = self.records();
         let out = edit(&mut next)?;
         persist(&next)?;
         let root = self.root.get();

@@ -548,12 +548,11 @@ impl Filesystem for Adapter {
                 Ok(())
             })
         });
-        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        if r.is_ok() {
+        let (ok, exchange) = (r.is_ok(), flags.contains(RenameFlags::RENAME_EXCHANGE));
+        if ok {
             self.trim
                 .renamed(parent.0, name, newparent.0, newname, exchange);
         }
-        let ok = r.is_ok();
         reply_empty(reply, r);
         // The kernel moves the renamed entry with the time it was cached
         // for: into a directory whose names it may not cache (the root

@@ -99,13 +99,9 @@ fn main() -> ExitCode {
     if cli.check {
         return check(&cli.state_dir);
     }
-    let (source, mountpoint) = (
-        cli.source.expect("required by clap"),
-        cli.mountpoint.expect("required by clap"),
-    );
     let opts = Options {
-        source,
-        mountpoint,
+        source: cli.source.expect("required by clap"),
+        mountpoint: cli.mountpoint.expect("required by clap"),
         state_dir: cli.state_dir,
         allow_other: cli.allow_other,
         fuse_fd: cli.fuse_fd,

@@ -106,10 +106,15 @@ impl Trimmer {
     /// [`Trimmer::throttle`] once its reply is sent.
     pub fn counted(&self, nodes: usize) -> bool {
         if nodes > self.high {
-            *self.due.0.lock().unwrap() = true;
-            self.due.1.notify_one();
+            self.wake();
         }
         nodes > self.hard
+    }
+
+    /// Starts the trimmer's next round now.
+    fn wake(&self) {
+        *self.due.0.lock().unwrap() = true;
+        self.due.1.notify_one();
     }
 
     /// Waits for the trimmer's next round, at most [`THROTTLE`]. Only after
@@ -134,8 +139,7 @@ impl Trimmer {
     /// (never on a request's thread: see [`Trimmer::start`]).
     pub fn forget_soon(&self, parent: u64, name: &OsStr) {
         self.soon.lock().unwrap().push((parent, name.to_owned()));
-        *self.due.0.lock().unwrap() = true;
-        self.due.1.notify_one();
+        self.wake();
     }
 
     /// `name` in `parent` was removed.
