@@ -21,9 +21,10 @@
 //! directories of the mount are detached all the same.
 //!
 //! A worker that took over the connection does not know which root names
-//! its predecessor let the kernel cache: it starts unshared (forgetting
-//! every name, unless something is mounted inside), and until the cache
-//! timeout has passed the first binding forgets every name.
+//! its predecessor let the kernel cache: it shares the root without
+//! forgetting them (they are main's) unless something is mounted inside,
+//! and its first binding forgets every name (while nothing is mounted
+//! inside, or within the cache timeout of the take-over).
 //!
 //! A name renamed into the root keeps the time the kernel cached it for in
 //! its old directory; the adapter has the trimmer drop it when the root's
@@ -158,15 +159,27 @@ impl RootCache {
 
     /// After the last unbinding took effect (and at start): what the kernel
     /// cached for a bound caller is forgotten, and it may cache the root
-    /// again, unless something is mounted inside the mount.
+    /// again, unless something is mounted inside the mount. At the start of
+    /// a worker that took over, what the kernel holds is main's (nothing
+    /// was bound, or nothing at the root was cached) and stays: forgetting
+    /// every name there would evict inodes while lookups of the same nodes
+    /// come in, whose FORGET the worker cannot tell from its own lookups'
+    /// yet (`FsCore::forget` on resumed nodes). The names stay unknown, so
+    /// the first binding forgets every name.
     pub fn start(&self) {
         let mut state = self.state.lock().unwrap();
-        if matches!(*state, State::Shared(_)) || self.mounts_inside() {
+        let inherited = match *state {
+            State::Shared(_) => return,
+            State::Unshared(until) => until.is_some_and(|u| Instant::now() < u),
+        };
+        if self.mounts_inside() {
             return;
         }
-        self.forget_attrs();
-        self.forget_names();
-        *state = State::Shared(Some(HashSet::new()));
+        if !inherited {
+            self.forget_attrs();
+            self.forget_names();
+        }
+        *state = State::Shared((!inherited).then(HashSet::new));
     }
 
     fn mounts_inside(&self) -> bool {
