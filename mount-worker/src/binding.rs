@@ -3,7 +3,8 @@
 //! descendant forked after the bind) or by cgroup v2 subtree. A request's
 //! pid is a thread id; it is mapped to its process through `/proc`.
 //! Descendants are recognised by the kernel's fork events as they are
-//! born ([`Bindings::follow_forks`]) and by their parent chain.
+//! born ([`Bindings::follow_processes`]) and by their parent chain; exit
+//! events end the bindings of processes that are gone.
 //!
 //! Contract 2.3/2.4, specs/semantics.md "Bindings".
 
@@ -11,12 +12,13 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ErrorKind};
-use crate::proc_events::ForkEvents;
+use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::root_cache::RootCache;
 use crate::snapshot::BranchId;
 
@@ -68,6 +70,10 @@ pub struct Bindings {
     /// The kernel's cache of the mount root, shared while nothing is
     /// bound; installed by [`Bindings::share_root`].
     root: OnceLock<RootCache>,
+    /// Processes covered by a binding (directly or inherited) with a
+    /// thread that exited, for [`Bindings::prune`]; `exits` wakes it.
+    exited: Mutex<Vec<i32>>,
+    exits: Condvar,
 }
 
 struct State {
@@ -100,9 +106,14 @@ const MAX_DEPTH: usize = 128;
 /// The start time [`Bindings::on_fork`] records for a child that exited
 /// before its fork event was read: no live process has it.
 const UNKNOWN_START: u64 = u64::MAX;
+/// How long exits are gathered before [`Bindings::prune`] looks at them:
+/// a shell that exits after its last command ends a stream of them.
+const PRUNE_BATCH: Duration = Duration::from_millis(20);
 
 /// What `/proc/PID/stat` says about a process.
 struct ProcStat {
+    /// State `Z`: every thread has exited, or only the first one has.
+    zombie: bool,
     ppid: i32,
     start: u64,
 }
@@ -114,9 +125,32 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(ProcStat {
+        zombie: *f.first()? == "Z",
         ppid: f.get(1)?.parse().ok()?,
         start: f.get(19)?.parse().ok()?,
     })
+}
+
+/// Whether the process `pid` that started at `start` still lives. A
+/// zombie does not: it waits to be reaped and makes no requests, so a
+/// binding must not outlive the process on a parent slow to reap it.
+/// Unless its first thread exited while others run: it is then a
+/// zombie in `/proc` too, with more than one thread counted.
+fn lives(pid: i32, start: u64) -> bool {
+    proc_stat(pid).is_some_and(|p| p.start == start && (!p.zombie || threads(pid) > 1))
+}
+
+/// The number of threads of process `pid` (a zombie's first thread
+/// counts until it is reaped).
+fn threads(pid: i32) -> usize {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The process (thread group) of thread `tid`.
@@ -208,7 +242,7 @@ fn cgroup_within(path: &str, bound: &str) -> bool {
 
 fn is_live(s: &Subject) -> bool {
     match s {
-        Subject::Pid { pid, start, .. } => proc_stat(*pid).is_some_and(|p| p.start == *start),
+        Subject::Pid { pid, start, .. } => lives(*pid, *start),
         Subject::Cgroup { .. } => true,
     }
 }
@@ -223,9 +257,9 @@ fn in_effect(st: &State, b: &Binding) -> bool {
     let Subject::Pid { pid, start, .. } = b.subject else {
         return true;
     };
-    st.inherited.iter().any(|(&(p, s), i)| {
-        i.from == (pid, start) && proc_stat(p).is_some_and(|now| now.start == s)
-    })
+    st.inherited
+        .iter()
+        .any(|(&(p, s), i)| i.from == (pid, start) && lives(p, s))
 }
 
 fn not_bound(what: String) -> ControlError {
@@ -256,6 +290,8 @@ impl Bindings {
             cache: Mutex::new(HashMap::new()),
             changing: Mutex::new(()),
             root: OnceLock::new(),
+            exited: Mutex::new(Vec::new()),
+            exits: Condvar::new(),
         }
     }
 
@@ -305,6 +341,14 @@ impl Bindings {
         let mut next = self.records();
         let out = edit(&mut next)?;
         persist(&next)?;
+        self.install(next);
+        Ok(out)
+    }
+
+    /// Makes `next` the list; the caller holds `changing`. The kernel
+    /// forgets what it cached at the root before the first binding takes
+    /// effect, and caches it again once none is left.
+    fn install(&self, next: Vec<Binding>) {
         let root = self.root.get();
         let was_empty = self.state.read().unwrap().list.is_empty();
         if let (Some(root), true, false) = (root, was_empty, next.is_empty()) {
@@ -326,7 +370,33 @@ impl Bindings {
         if let (Some(root), true) = (root, emptied) {
             root.start();
         }
-        Ok(out)
+    }
+
+    /// Looks at processes `pids` after one of their threads exited: drops
+    /// what they inherited if they are gone, and every pid binding that no
+    /// longer applies (its process and all that inherited from it are
+    /// gone), so that a bound process that exits without unbinding does
+    /// not keep the root uncached. The catalog keeps such bindings until
+    /// the next change; a worker that starts drops them too.
+    fn prune(&self, pids: &[i32]) {
+        let _one_at_a_time = self.changing.lock().unwrap();
+        self.state
+            .write()
+            .unwrap()
+            .inherited
+            .retain(|&(p, s), _| !pids.contains(&p) || lives(p, s));
+        let next = self.records();
+        if next.len() != self.state.read().unwrap().list.len() {
+            tracing::debug!(
+                left = next.len(),
+                "bindings of processes that have exited dropped"
+            );
+            self.install(next);
+        }
+        let mut cache = self.cache.lock().unwrap();
+        for p in pids {
+            cache.remove(p);
+        }
     }
 
     /// Binds process `pid` (a thread id names its process) to `branch`,
@@ -471,34 +541,87 @@ impl Bindings {
 
     /// Feeds the kernel's fork events to [`Bindings::on_fork`] from a
     /// thread of its own, so that a bound process's children stay bound
-    /// even when it exits before they use the mount. Without the events
-    /// (no CAP_NET_ADMIN) children are still found through their parent
-    /// chain while it lasts. The caller subscribes ([`ForkEvents::subscribe`]):
+    /// even when it exits before they use the mount, and its exit events
+    /// to [`Bindings::prune`] from another. Without the events (no
+    /// CAP_NET_ADMIN) children are still found through their parent chain
+    /// while it lasts, and bindings of exited processes are dropped at the
+    /// next change only. The caller subscribes ([`ProcEvents::subscribe`]):
     /// the worker does so before it drops CAP_NET_ADMIN.
-    pub fn follow_forks(self: &Arc<Self>, events: std::io::Result<ForkEvents>) {
+    pub fn follow_processes(self: &Arc<Self>, events: std::io::Result<ProcEvents>) {
         let events = match events {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(
-                    "no fork events ({e}): a child of a bound process whose parent exits before it uses the mount sees main"
+                    "no process events ({e}): a child of a bound process whose parent exits before it uses the mount sees main"
                 );
                 return;
             }
         };
         let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("fork-events".into())
+        let read = std::thread::Builder::new()
+            .name("proc-events".into())
             .spawn(move || {
                 while let Some(b) = weak.upgrade() {
-                    if let Err(e) = events.next(|p, c| b.on_fork(p, c)) {
-                        tracing::warn!("fork events stopped: {e}");
+                    let on = |e| match e {
+                        ProcEvent::Fork { parent, child } => b.on_fork(parent, child),
+                        ProcEvent::Exit { tgid } => b.on_exit(tgid),
+                    };
+                    if let Err(e) = events.next(on) {
+                        tracing::warn!("process events stopped: {e}");
                         return;
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start the fork-events thread: {e}");
+        let weak = Arc::downgrade(self);
+        let prune = std::thread::Builder::new()
+            .name("binding-pruner".into())
+            .spawn(move || {
+                while let Some(b) = weak.upgrade() {
+                    let pids = b.exited_batch();
+                    if !pids.is_empty() {
+                        b.prune(&pids);
+                    }
+                }
+            });
+        if let Err(e) = read.and(prune) {
+            tracing::warn!("cannot start the process-events threads: {e}");
         }
+    }
+
+    /// A thread of process `tgid` exited: if a binding covers it, it is
+    /// looked at soon ([`Bindings::prune`]).
+    fn on_exit(&self, tgid: i32) {
+        let covered = {
+            let st = self.state.read().unwrap();
+            st.list
+                .iter()
+                .any(|b| matches!(b.subject, Subject::Pid { pid, .. } if pid == tgid))
+                || st.inherited.keys().any(|&(p, _)| p == tgid)
+        };
+        if covered {
+            let mut exited = self.exited.lock().unwrap();
+            if !exited.contains(&tgid) {
+                exited.push(tgid);
+            }
+            self.exits.notify_one();
+        }
+    }
+
+    /// Waits for exits to look at, then gathers them for [`PRUNE_BATCH`].
+    /// Gives up after a second (empty), so that the pruner's thread ends
+    /// soon after the bindings are dropped.
+    fn exited_batch(&self) -> Vec<i32> {
+        let exited = self.exited.lock().unwrap();
+        let (exited, _) = self
+            .exits
+            .wait_timeout_while(exited, Duration::from_secs(1), |e| e.is_empty())
+            .unwrap();
+        if exited.is_empty() {
+            return Vec::new();
+        }
+        drop(exited);
+        std::thread::sleep(PRUNE_BATCH);
+        std::mem::take(&mut *self.exited.lock().unwrap())
     }
 
     /// Process `parent` forked `child` (both thread group ids, from
@@ -742,7 +865,7 @@ mod tests {
     #[test]
     fn children_stay_bound_after_their_bound_parent_exits() {
         let b = Arc::new(Bindings::new(Vec::new()));
-        b.follow_forks(ForkEvents::subscribe());
+        b.follow_processes(ProcEvents::subscribe());
         let me = std::process::id() as i32;
         b.bind_pid(me, BranchId(5), ok).unwrap();
         std::thread::sleep(Duration::from_millis(30));
@@ -767,7 +890,7 @@ mod tests {
     fn children_keep_their_branch_when_the_bound_process_exits_and_bindings_change() {
         use std::io::{BufRead, Write};
         let b = Arc::new(Bindings::new(Vec::new()));
-        b.follow_forks(ForkEvents::subscribe());
+        b.follow_processes(ProcEvents::subscribe());
         // A bound shell that starts a sleep in the background and exits.
         let mut sh = Command::new("sh")
             .args(["-c", "read go; sleep 30 >/dev/null 2>&1 & echo $!"])
@@ -798,6 +921,42 @@ mod tests {
             Some(BranchId(5)),
             "after another binding"
         );
+        // The last process that inherited it exits: the binding ends, the
+        // other stays.
+        drop(_reap);
+        assert!(
+            soon(|| listed(&b) == vec![BranchId(6)]),
+            "the binding outlived every process it covered"
+        );
+    }
+
+    /// A bound process that exits without unbinding ends its binding at
+    /// once, even while its parent has not reaped it (a zombie).
+    #[test]
+    fn a_binding_ends_when_its_process_exits_unreaped() {
+        let b = Arc::new(Bindings::new(Vec::new()));
+        b.follow_processes(ProcEvents::subscribe());
+        let mut s = Sleeper::start();
+        b.bind_pid(s.pid() as i32, BranchId(4), ok).unwrap();
+        assert_eq!(listed(&b), vec![BranchId(4)]);
+        s.0.kill().unwrap();
+        assert!(soon(|| listed(&b).is_empty()), "a zombie kept its binding");
+        s.0.wait().unwrap();
+    }
+
+    /// The branches of the list itself (what decides whether the root is
+    /// cached), not of [`Bindings::records`], which filters on each call.
+    fn listed(b: &Bindings) -> Vec<BranchId> {
+        let st = b.state.read().unwrap();
+        st.list.iter().map(|b| b.branch).collect()
+    }
+
+    /// Whether `cond` holds within two seconds.
+    fn soon(mut cond: impl FnMut() -> bool) -> bool {
+        (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            cond()
+        })
     }
 
     /// Kills the process `pid` (started by the test) when dropped.

@@ -39,7 +39,7 @@ use crate::handoff::{Held, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
-use crate::proc_events::ForkEvents;
+use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::snapshot::{Branch, Catalog, LayerId, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
@@ -464,12 +464,12 @@ impl FsCore {
     /// Serves the directory behind `source` (any descriptor of it; it is
     /// reopened as `O_PATH`) with the snapshots of state directory `state`.
     /// Taking a descriptor rather than a path is what lets the worker mount
-    /// over the source itself. `fork_events` feeds the bindings (see
-    /// [`Bindings::follow_forks`]).
+    /// over the source itself. `proc_events` feeds the bindings (see
+    /// [`Bindings::follow_processes`]).
     pub fn new(
         source: BorrowedFd<'_>,
         state: &Path,
-        fork_events: io::Result<ForkEvents>,
+        proc_events: io::Result<ProcEvents>,
     ) -> io::Result<FsCore> {
         let fd = hostfs::path_fd_of(source)?;
         let st = hostfs::stat(fd.as_fd())?;
@@ -492,7 +492,7 @@ impl FsCore {
         let root = table.by_id[&NodeId::ROOT.0].obj.clone();
         let handle_dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let bindings = Arc::new(Bindings::new(catalog.bindings.clone()));
-        bindings.follow_forks(fork_events);
+        bindings.follow_processes(proc_events);
         let core = FsCore {
             handle_dir,
             nodes: Mutex::new(table),

@@ -1,7 +1,8 @@
-//! Fork events from the kernel's process connector (netlink, root only):
-//! how a pid binding follows every child its process forks, even one whose
-//! parent exits before the child first touches the mount (its `PPid` then
-//! no longer leads to the bound process). See [`crate::binding`].
+//! Fork and exit events from the kernel's process connector (netlink,
+//! root only): how a pid binding follows every child its process forks,
+//! even one whose parent exits before the child first touches the mount
+//! (its `PPid` then no longer leads to the bound process), and learns when
+//! the processes it covers are gone. See [`crate::binding`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,6 +12,7 @@ const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
 const PROC_CN_MCAST_LISTEN: u32 = 1;
 const PROC_EVENT_FORK: u32 = 1;
+const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 const NLMSG_DONE: u16 = 3;
 /// `struct nlmsghdr`.
 const NLMSG_HDR: usize = 16;
@@ -27,14 +29,34 @@ fn cvt(ret: isize) -> io::Result<isize> {
     }
 }
 
+/// One event of [`ProcEvents`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcEvent {
+    /// Process `parent` forked the new process `child` (thread group ids;
+    /// new threads are not reported).
+    Fork {
+        /// The forking process.
+        parent: i32,
+        /// The new process.
+        child: i32,
+    },
+    /// A thread of process `tgid` is exiting (the last one or not: the
+    /// kernel reports every thread). The process may still be in `/proc`
+    /// for a moment, then as a zombie until its parent reaps it.
+    Exit {
+        /// The thread's process.
+        tgid: i32,
+    },
+}
+
 /// A subscription to the kernel's process events.
-pub struct ForkEvents {
+pub struct ProcEvents {
     sock: OwnedFd,
 }
 
-impl ForkEvents {
+impl ProcEvents {
     /// Subscribes (needs CAP_NET_ADMIN).
-    pub fn subscribe() -> io::Result<ForkEvents> {
+    pub fn subscribe() -> io::Result<ProcEvents> {
         // SAFETY: plain socket(2); the result is checked and owned below.
         let fd = cvt(unsafe {
             libc::socket(
@@ -72,13 +94,12 @@ impl ForkEvents {
         msg.extend(PROC_CN_MCAST_LISTEN.to_ne_bytes());
         // SAFETY: msg is valid for its length.
         cvt(unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) })?;
-        Ok(ForkEvents { sock })
+        Ok(ProcEvents { sock })
     }
 
-    /// Waits for the next batch of events and calls `fork(parent, child)`
-    /// with the process ids (thread group ids) of each new process; new
-    /// threads are left out.
-    pub fn next(&self, mut fork: impl FnMut(i32, i32)) -> io::Result<()> {
+    /// Waits for the next batch of events and calls `on` with each fork
+    /// and exit in it.
+    pub fn next(&self, mut on: impl FnMut(ProcEvent)) -> io::Result<()> {
         let mut buf = [0u8; 8192];
         // SAFETY: buf is valid for its length.
         let n = match cvt(unsafe {
@@ -86,7 +107,8 @@ impl ForkEvents {
         }) {
             Ok(n) => n as usize,
             // Events were dropped (a burst of forks): the parent chain walk
-            // in `binding` still covers the processes concerned.
+            // in `binding` still covers the processes concerned, and any
+            // later exit of a bound process looks at all of them.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
@@ -102,14 +124,23 @@ impl ForkEvents {
             }
             let ev = pos + NLMSG_HDR + CN_MSG_HDR;
             let data = ev + PROC_EVENT_HDR;
-            if u32_at(&buf, ev) == Some(PROC_EVENT_FORK) {
+            let f = |k: usize| u32_at(&buf, data + 4 * k).map(|v| v as i32);
+            match u32_at(&buf, ev) {
                 // parent_pid, parent_tgid, child_pid, child_tgid
-                let f = |k: usize| u32_at(&buf, data + 4 * k).map(|v| v as i32);
-                if let (Some(ptgid), Some(cpid), Some(ctgid)) = (f(1), f(2), f(3)) {
-                    if cpid == ctgid {
-                        fork(ptgid, ctgid);
+                Some(PROC_EVENT_FORK) => {
+                    if let (Some(parent), Some(cpid), Some(child)) = (f(1), f(2), f(3)) {
+                        if cpid == child {
+                            on(ProcEvent::Fork { parent, child });
+                        }
                     }
                 }
+                // process_pid, process_tgid, exit_code, ...
+                Some(PROC_EVENT_EXIT) => {
+                    if let Some(tgid) = f(1) {
+                        on(ProcEvent::Exit { tgid });
+                    }
+                }
+                _ => {}
             }
             pos += (len + 3) & !3;
         }
@@ -125,14 +156,14 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn reports_the_forks_of_a_process() {
-        let events = ForkEvents::subscribe().expect("subscribe (needs root)");
+    fn reports_the_fork_and_the_exit_of_a_process() {
+        let events = ProcEvents::subscribe().expect("subscribe (needs root)");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             loop {
                 if events
-                    .next(|p, c| {
-                        let _ = tx.send((p, c));
+                    .next(|e| {
+                        let _ = tx.send(e);
                     })
                     .is_err()
                 {
@@ -141,12 +172,22 @@ mod tests {
             }
         });
         let mut child = Command::new("sleep").arg("5").spawn().unwrap();
-        let want = (std::process::id() as i32, child.id() as i32);
-        let found = (0..10_000)
-            .map_while(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
-            .any(|e| e == want);
+        let pid = child.id() as i32;
+        let seen = |want: ProcEvent| {
+            (0..10_000)
+                .map_while(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+                .any(|e| e == want)
+        };
+        let forked = seen(ProcEvent::Fork {
+            parent: std::process::id() as i32,
+            child: pid,
+        });
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(found, "no fork event for {want:?}");
+        assert!(forked, "no fork event for {pid}");
+        assert!(
+            seen(ProcEvent::Exit { tgid: pid }),
+            "no exit event for {pid}"
+        );
     }
 }

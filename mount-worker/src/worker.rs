@@ -17,7 +17,7 @@ use crate::fuse_adapter::{Adapter, Tuning};
 use crate::handoff::Journal;
 use crate::mount;
 use crate::passthrough::{Passthrough, Policy};
-use crate::proc_events::ForkEvents;
+use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::sandbox;
 use crate::state::StateDir;
@@ -157,7 +157,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     tracing::debug!(state_dir = %state.path().display(), "state directory locked");
     let given = opts.fuse_fd.map(given_fuse_fd).transpose()?;
     // Subscribing needs CAP_NET_ADMIN, which the sandbox drops.
-    let fork_events = ForkEvents::subscribe();
+    let proc_events = ProcEvents::subscribe();
     // Before the sandbox: fanotify_init is not among its system calls.
     let watch = opts
         .watch_source
@@ -202,7 +202,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         (Some(_), false) => tracing::warn!("not sandboxed (--no-sandbox)"),
         (None, _) => tracing::debug!("not sandboxed: this worker mounts, so it must unmount"),
     }
-    let core = FsCore::new(source.as_fd(), state.path(), fork_events)
+    let core = FsCore::new(source.as_fd(), state.path(), proc_events)
         .map_err(|e| StartupError::StateContent(state.path().to_owned(), e))?
         .with_isolation(opts.isolation);
     let core = match &watch {

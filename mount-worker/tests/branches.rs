@@ -596,15 +596,11 @@ fn bound_reader(m: &Mount, shared: &Path) -> (Agent, Value) {
     (a, read)
 }
 
-/// While nothing is bound the kernel caches the mount root's names too
-/// (a `git status` at the root then costs no lookup per path). The first
-/// binding makes it forget them, so a bound process never meets main's
-/// names at the root; while anything is bound none is cached; after the
-/// last unbinding they are cached again. What is cached shows here as a
-/// change behind the mount that is not seen (no source watch, a long
-/// timeout).
-#[test]
-fn root_names_are_cached_only_while_nothing_is_bound() {
+/// A mount over its own source with the views of [`populate_views`],
+/// no source watch and a long cache timeout, so that what the kernel
+/// caches shows as a change behind the mount that is not seen; and a
+/// way under the mount to make such changes.
+fn over_source_unwatched() -> (Mount, File) {
     let under = std::sync::Arc::new(std::sync::Mutex::new(None));
     let keep = under.clone();
     let m = Mount::builder()
@@ -618,6 +614,17 @@ fn root_names_are_cached_only_while_nothing_is_bound() {
         .arg("600000")
         .start();
     let under = under.lock().unwrap().take().unwrap();
+    (m, under)
+}
+
+/// While nothing is bound the kernel caches the mount root's names too
+/// (a `git status` at the root then costs no lookup per path). The first
+/// binding makes it forget them, so a bound process never meets main's
+/// names at the root; while anything is bound none is cached; after the
+/// last unbinding they are cached again.
+#[test]
+fn root_names_are_cached_only_while_nothing_is_bound() {
+    let (m, under) = over_source_unwatched();
     let behind = |name: &str| {
         use std::os::fd::AsRawFd;
         PathBuf::from(format!("/proc/self/fd/{}/{name}", under.as_raw_fd()))
@@ -654,6 +661,52 @@ fn root_names_are_cached_only_while_nothing_is_bound() {
         !root.join("latest").exists(),
         "nothing bound again: cached again"
     );
+}
+
+/// Agents rarely unbind: a bound shell exits, and with it its binding,
+/// once no process that inherited it is left; the root is then cached
+/// again. Nothing else changes the bindings here.
+#[test]
+fn root_names_are_cached_again_once_the_bound_processes_have_exited() {
+    let (m, under) = over_source_unwatched();
+    make_views(&m);
+    let root = m.path();
+    // Whether an absence at the root is cached: a name looked up, then
+    // made behind the mount, is still not seen.
+    let mut probes = 0;
+    let mut cached = || {
+        use std::os::fd::AsRawFd;
+        probes += 1;
+        let name = format!("probe{probes}");
+        let seen = root.join(&name).exists();
+        fs::write(format!("/proc/self/fd/{}/{name}", under.as_raw_fd()), b"").unwrap();
+        !seen && !root.join(&name).exists()
+    };
+    let (mut a, _) = bound_reader(&m, &root.join("shared.txt"));
+    // A child it starts in the background outlives it.
+    let bg = json!({"op": "exec", "argv": ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"]});
+    let out = a.call(&bg);
+    /// Kills the background child in all cases.
+    struct Orphan(u32);
+    impl Drop for Orphan {
+        fn drop(&mut self) {
+            common::signal(self.0, libc::SIGKILL);
+        }
+    }
+    let orphan = Orphan(out["stdout"].as_str().unwrap().trim().parse().unwrap());
+    drop(a);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !cached(),
+        "a process that inherited the binding still lives"
+    );
+    drop(orphan);
+    assert!(
+        common::soon(&mut cached),
+        "the root stayed uncached after every bound process exited"
+    );
+    let list = ctl(&m, Request::BindingList {}).expect("binding-list");
+    assert_eq!(list, json!([]));
 }
 
 /// The kernel moves a renamed name with the time it was cached for. Moved
