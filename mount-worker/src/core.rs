@@ -35,7 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
-use crate::handoff::{Held, Journal, Origin, Record};
+use crate::handoff::{Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
@@ -270,12 +270,9 @@ struct Node {
     obj: Arc<Obj>,
     key: NodeKey,
     generation: u64,
-    /// Lookups the kernel holds on this node; at 0 the node is dropped.
+    /// Lookups the kernel holds on this node, this worker's and its
+    /// predecessors' (from the handoff journal); at 0 the node is dropped.
     lookups: u64,
-    /// Found again from the handoff journal after a takeover: `lookups`
-    /// counts only this worker's, and the kernel's one FORGET at eviction
-    /// carries more than that.
-    resumed: bool,
 }
 
 /// Never forgotten: the root and the virtual directories.
@@ -297,7 +294,6 @@ impl NodeTable {
                 key,
                 generation,
                 lookups,
-                resumed: false,
             },
         );
     }
@@ -826,7 +822,9 @@ impl FsCore {
     }
 
     fn find_held(&self, id: NodeId) -> io::Result<Arc<Obj>> {
-        let (generation, origin) = self
+        let HeldNode {
+            generation, origin, ..
+        } = self
             .held(|h| h.nodes.get(&id.0).cloned())
             .ok_or_else(|| errno(libc::ESTALE))?;
         let (obj, key) = match origin {
@@ -871,10 +869,13 @@ impl FsCore {
                 return Err(errno(libc::ESTALE));
             }
         }
-        t.insert(id.0, obj, key, generation, 0);
-        let node = t.by_id.get_mut(&id.0).expect("just inserted");
-        node.resumed = true;
-        Ok(node.obj.clone())
+        // Read under the table's lock, as `forget` changes it: the
+        // predecessors' lookups become this node's.
+        let lookups = self
+            .held(|h| h.nodes.get(&id.0).map(|n| n.lookups))
+            .ok_or_else(|| errno(libc::ESTALE))?;
+        t.insert(id.0, obj, key, generation, lookups);
+        Ok(t.by_id[&id.0].obj.clone())
     }
 
     /// Has `watch` mark main's directories as the kernel learns them (the
@@ -999,6 +1000,7 @@ impl FsCore {
         if let Some(&existing) = t.by_key.get(&key) {
             let node = t.by_id.get_mut(&existing).expect("tables agree");
             node.lookups += 1;
+            self.journal(|| Some(Record::Lookup { id: existing, n: 1 }));
             return Entry {
                 node: NodeId(existing),
                 generation: node.generation,
@@ -1012,38 +1014,45 @@ impl FsCore {
         // object's only if the predecessor recorded the same origin (an
         // inode number, which main and native branch ids are made of, can
         // be reused by another file once the dead worker's descriptors are
-        // gone): then it keeps its generation. Otherwise it is taken, as a
-        // live node's is: the kernel's old node answers ESTALE instead of
-        // reaching the new file.
+        // gone): then it keeps its generation and the predecessors'
+        // lookups. Otherwise it is taken, as a live node's is: the kernel's
+        // old node answers ESTALE instead of reaching the new file.
         let held = |id: u64| {
             self.held(|h| {
-                let (generation, was) = h.nodes.get(&id)?;
-                let same = Some(was) == origin.as_ref();
-                Some((same, *generation))
+                let was = h.nodes.get(&id)?;
+                let same = Some(&was.origin) == origin.as_ref();
+                Some(same.then_some((was.generation, was.lookups)))
             })
         };
         let (id, inherited) = match id {
             Some(id) if !t.by_id.contains_key(&id) => match held(id) {
                 None => (id, None),
-                Some((true, generation)) => (id, Some(generation)),
-                Some((false, _)) => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
+                Some(Some(was)) => (id, Some(was)),
+                Some(None) => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
             },
             _ => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
         };
-        let generation =
-            inherited.unwrap_or_else(|| self.next_generation.fetch_add(1, Ordering::Relaxed));
         // Before the reply hands the id to the kernel.
-        if let Some(origin) = origin {
-            self.journal(|| {
-                Some(Record::Node {
-                    id,
-                    generation,
-                    origin,
-                })
-            });
-        }
-        t.insert(id, obj, key, generation, 1);
-        t.by_id.get_mut(&id).expect("just inserted").resumed = inherited.is_some();
+        let (generation, lookups) = match inherited {
+            Some((generation, lookups)) => {
+                self.journal(|| Some(Record::Lookup { id, n: 1 }));
+                (generation, lookups + 1)
+            }
+            None => {
+                let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                if let Some(origin) = origin {
+                    self.journal(|| {
+                        Some(Record::Node {
+                            id,
+                            generation,
+                            origin,
+                        })
+                    });
+                }
+                (generation, 1)
+            }
+        };
+        t.insert(id, obj, key, generation, lookups);
         Entry {
             node: NodeId(id),
             generation,
@@ -1210,25 +1219,15 @@ impl FsCore {
     /// (the node and its host descriptor are gone).
     pub fn forget(&self, node: NodeId, n: u64) -> bool {
         let mut t = self.nodes.lock().unwrap();
+        self.journal(|| Some(Record::Forget { id: node.0, n }));
         let Some(entry) = t.by_id.get_mut(&node.0) else {
             // Held from a predecessor and never used since.
-            if self.held(|h| h.nodes.remove(&node.0)).is_some() {
-                self.journal(|| Some(Record::Forget(node.0)));
-            }
+            self.held(|h| h.forget(node.0, n).then_some(()));
             return false;
         };
-        if entry.resumed {
-            // Only the eviction's FORGET exceeds this worker's count (the
-            // other FORGETs return a lookup this worker just answered).
-            if n <= entry.lookups {
-                entry.lookups -= n;
-                return false;
-            }
-        } else {
-            entry.lookups = entry.lookups.saturating_sub(n);
-            if entry.lookups > 0 {
-                return false;
-            }
+        entry.lookups = entry.lookups.saturating_sub(n);
+        if entry.lookups > 0 {
+            return false;
         }
         let key = entry.key.clone();
         t.by_id.remove(&node.0);
@@ -1236,7 +1235,6 @@ impl FsCore {
         if let (Some(w), NodeKey::Host(dev, ino)) = (&self.watch, &key) {
             w.forgotten(*dev, *ino);
         }
-        self.journal(|| Some(Record::Forget(node.0)));
         self.held(|h| h.nodes.remove(&node.0));
         true
     }
@@ -1582,9 +1580,9 @@ impl FsCore {
                 // Held from a predecessor and not used since.
                 let id = NodeId::in_view(obj.view.number as u64, obj.id).0;
                 let moved = |h: &mut Held| {
-                    let (generation, o) = h.nodes.get_mut(&id)?;
-                    *o = origin.clone();
-                    Some(*generation)
+                    let node = h.nodes.get_mut(&id)?;
+                    node.origin = origin.clone();
+                    Some(node.generation)
                 };
                 match self.held(moved) {
                     Some(generation) => (id, generation),

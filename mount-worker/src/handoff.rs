@@ -6,7 +6,9 @@
 //! can only answer for those if it can find their objects again. This
 //! journal, in shared memory the supervisor owns (a memfd), records how:
 //! a main node by its host file handle, a snapshot node by snapshot and
-//! handle, a branch node by its parent node and name; an open file by its
+//! handle, a branch node by its parent node and name, each with the
+//! lookups the kernel holds on it (its FORGETs carry them all, however
+//! many workers answered the lookups); an open file by its
 //! node and open flags; a directory stream by its node; the backing file
 //! id a node's passthrough opens share (the kernel refuses another one
 //! while any is open, `crate::passthrough`). A record is
@@ -70,14 +72,17 @@ pub enum Origin {
 pub enum Record {
     /// The kernel was given node `id` with a generation (the kernel takes
     /// a known id with another generation for a reused one, and fails
-    /// every I/O on its old inode).
+    /// every I/O on its old inode): its first lookup. For an id held
+    /// already, its new origin (it was renamed); the lookups stay.
     Node {
         id: u64,
         generation: u64,
         origin: Origin,
     },
-    /// The kernel forgot node `id`.
-    Forget(u64),
+    /// The kernel was given node `id`, held already, `n` more times.
+    Lookup { id: u64, n: u64 },
+    /// The kernel forgot `n` lookups of node `id`; at none left, the node.
+    Forget { id: u64, n: u64 },
     /// File handle `fh` is node `node` opened with `flags`.
     File { fh: u64, node: u64, flags: i32 },
     /// Directory handle `dh` is a stream of node `node`.
@@ -90,11 +95,22 @@ pub enum Record {
     Unbacked(u64),
 }
 
+/// A node the kernel holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldNode {
+    /// Its generation.
+    pub generation: u64,
+    /// How to find it.
+    pub origin: Origin,
+    /// The lookups the kernel holds on it (its FORGETs add up to them).
+    pub lookups: u64,
+}
+
 /// What the kernel held when the journal was read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Held {
-    /// Node ids: their generation and how to find them.
-    pub nodes: HashMap<u64, (u64, Origin)>,
+    /// Node ids.
+    pub nodes: HashMap<u64, HeldNode>,
     /// Open file handles: node and open flags.
     pub files: HashMap<u64, (u64, i32)>,
     /// Open directory handles: node.
@@ -111,10 +127,21 @@ impl Held {
                 generation,
                 origin,
             } => {
-                self.nodes.insert(id, (generation, origin));
+                let node = self.nodes.entry(id).or_insert(HeldNode {
+                    generation,
+                    origin: origin.clone(),
+                    lookups: 0,
+                });
+                (node.generation, node.origin) = (generation, origin);
+                node.lookups = node.lookups.max(1);
             }
-            Record::Forget(id) => {
-                self.nodes.remove(&id);
+            Record::Lookup { id, n } => {
+                if let Some(node) = self.nodes.get_mut(&id) {
+                    node.lookups = node.lookups.saturating_add(n);
+                }
+            }
+            Record::Forget { id, n } => {
+                self.forget(id, n);
             }
             Record::File { fh, node, flags } => {
                 self.files.insert(fh, (node, flags));
@@ -135,15 +162,32 @@ impl Held {
         }
     }
 
+    /// Drops `n` lookups of node `id`; true if that was its last.
+    pub fn forget(&mut self, id: u64, n: u64) -> bool {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups > 0 {
+            return false;
+        }
+        self.nodes.remove(&id);
+        true
+    }
+
     fn records(&self) -> impl Iterator<Item = Record> + '_ {
-        let nodes = self
-            .nodes
-            .iter()
-            .map(|(&id, (generation, origin))| Record::Node {
+        let nodes = self.nodes.iter().flat_map(|(&id, node)| {
+            let more = (node.lookups > 1).then(|| Record::Lookup {
                 id,
-                generation: *generation,
-                origin: origin.clone(),
+                n: node.lookups - 1,
             });
+            std::iter::once(Record::Node {
+                id,
+                generation: node.generation,
+                origin: node.origin.clone(),
+            })
+            .chain(more)
+        });
         let files = self
             .files
             .iter()
@@ -161,7 +205,7 @@ impl Held {
 
     /// The largest generation held (new ones go above it).
     pub fn max_generation(&self) -> u64 {
-        self.nodes.values().map(|(g, _)| *g).max().unwrap_or(0)
+        self.nodes.values().map(|n| n.generation).max().unwrap_or(0)
     }
 
     /// The largest file or directory handle held (new ones go above it).
@@ -421,12 +465,16 @@ impl Journal {
 const NODE_MAIN: u8 = 1;
 const NODE_SNAP: u8 = 2;
 const NODE_LAYER: u8 = 3;
-const FORGET: u8 = 4;
+/// The whole node forgotten: written by workers that did not count
+/// lookups (read, never written).
+const FORGET_ALL: u8 = 4;
 const FILE: u8 = 5;
 const DIR: u8 = 6;
 const RELEASE: u8 = 7;
 const BACKING: u8 = 8;
 const UNBACKED: u8 = 9;
+const LOOKUP: u8 = 10;
+const FORGET: u8 = 11;
 
 fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(&h.handle_type().to_le_bytes());
@@ -471,9 +519,15 @@ fn encode(r: &Record) -> Vec<u8> {
                 out.extend_from_slice(name);
             }
         },
-        Record::Forget(id) => {
+        Record::Lookup { id, n } => {
+            out.push(LOOKUP);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        Record::Forget { id, n } => {
             out.push(FORGET);
             out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&n.to_le_bytes());
         }
         Record::File { fh, node, flags } => {
             out.push(FILE);
@@ -561,7 +615,18 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
                 name: std::mem::take(&mut f.0).to_vec(),
             })
         })?,
-        FORGET => Record::Forget(f.u64()?),
+        LOOKUP => Record::Lookup {
+            id: f.u64()?,
+            n: f.u64()?,
+        },
+        FORGET => Record::Forget {
+            id: f.u64()?,
+            n: f.u64()?,
+        },
+        FORGET_ALL => Record::Forget {
+            id: f.u64()?,
+            n: u64::MAX,
+        },
         FILE => Record::File {
             fh: f.u64()?,
             node: f.u64()?,
@@ -648,7 +713,20 @@ mod tests {
             },
         ));
         j.append(&node(12, Origin::Main(h.clone())));
-        j.append(&Record::Forget(12));
+        j.append(&Record::Forget { id: 12, n: 1 });
+        // Looked up three times in all, forgotten twice: one left.
+        j.append(&Record::Lookup { id: 10, n: 1 });
+        j.append(&Record::Lookup { id: 10, n: 1 });
+        j.append(&Record::Forget { id: 10, n: 2 });
+        // Given again after a rename: a new origin, the same lookups.
+        j.append(&Record::Lookup { id: 11, n: 4 });
+        j.append(&node(
+            11,
+            Origin::Layer {
+                parent: 10,
+                name: b"moved".to_vec(),
+            },
+        ));
         j.append(&Record::File {
             fh: 5,
             node: 11,
@@ -667,7 +745,22 @@ mod tests {
         drop(j);
         let (j2, held) = Journal::open(dup(&fd), true).unwrap();
         assert_eq!(held.nodes.len(), 2);
-        assert_eq!(held.nodes[&10], (110, Origin::Main(h)));
+        assert_eq!(
+            held.nodes[&10],
+            HeldNode {
+                generation: 110,
+                origin: Origin::Main(h),
+                lookups: 1
+            }
+        );
+        assert_eq!(held.nodes[&11].lookups, 5);
+        assert_eq!(
+            held.nodes[&11].origin,
+            Origin::Layer {
+                parent: 10,
+                name: b"moved".to_vec()
+            }
+        );
         assert_eq!(held.max_generation(), 111);
         assert_eq!(
             held.files.get(&5),
@@ -695,7 +788,7 @@ mod tests {
                 origin: Origin::Main(h.clone()),
             });
             if i >= 3 {
-                j.append(&Record::Forget(i - 3));
+                j.append(&Record::Forget { id: i - 3, n: 1 });
             }
         }
         drop(j);
@@ -741,7 +834,7 @@ mod tests {
         use std::os::fd::AsFd;
         let fd = create_memfd("t", b"source=/a\0state_dir=/b").unwrap();
         let (j, _) = Journal::open(dup(&fd), false).unwrap();
-        j.append(&Record::Forget(1));
+        j.append(&Record::Forget { id: 1, n: 1 });
         drop(j);
         let _ = Journal::open(dup(&fd), true).unwrap();
         assert_eq!(identity_of(fd.as_fd()).unwrap(), b"source=/a\0state_dir=/b");
@@ -761,7 +854,7 @@ mod tests {
                 generation: 1,
                 origin: Origin::Main(h.clone()),
             });
-            j.append(&Record::Forget(i));
+            j.append(&Record::Forget { id: i, n: 1 });
             i += 1;
         }
         assert!(
@@ -769,6 +862,29 @@ mod tests {
             "{} bytes still allocated after folding a 1 MiB half",
             allocated()
         );
+    }
+
+    /// A journal of a worker that did not count lookups: its FORGET
+    /// records drop the whole node.
+    #[test]
+    fn a_forget_of_an_older_worker_drops_the_node() {
+        let h = HostHandle::new(1, vec![9; 8]).unwrap();
+        let mut bytes = encode(&Record::Node {
+            id: 3,
+            generation: 1,
+            origin: Origin::Main(h),
+        });
+        bytes.extend(encode(&Record::Lookup { id: 3, n: 2 }));
+        bytes.extend([9, 0, 0, 0, FORGET_ALL]);
+        bytes.extend(3u64.to_le_bytes());
+        let mut held = Held::default();
+        let mut at = 0;
+        while let Some((r, next)) = decode(&bytes, at) {
+            held.apply(r);
+            at = next;
+        }
+        assert_eq!(at, bytes.len());
+        assert!(held.nodes.is_empty());
     }
 
     #[test]

@@ -162,10 +162,8 @@ impl RootCache {
     /// again, unless something is mounted inside the mount. At the start of
     /// a worker that took over, what the kernel holds is main's (nothing
     /// was bound, or nothing at the root was cached) and stays: forgetting
-    /// every name there would evict inodes while lookups of the same nodes
-    /// come in, whose FORGET the worker cannot tell from its own lookups'
-    /// yet (`FsCore::forget` on resumed nodes). The names stay unknown, so
-    /// the first binding forgets every name.
+    /// it would only cost every cached path its lookups again. The names
+    /// stay unknown, so the first binding forgets every name.
     pub fn start(&self) {
         let mut state = self.state.lock().unwrap();
         let inherited = match *state {
