@@ -21,6 +21,7 @@ trap cleanup EXIT
 
 echo "| files | snapshot-create (ms) | branch-create (ms) | snapshot of a branch (ms) | worker RSS after (MiB) |"
 echo "|---|---|---|---|---|"
+log="$work/worker.log"
 for n in "${sizes[@]}"; do
   rm -rf "$work/src" "$work/state"; mkdir -p "$work/src" "$work/mnt"
   # n files in directories of 1000.
@@ -33,20 +34,27 @@ for i in range(n):
         os.mkdir(d)
     os.close(os.open(os.path.join(d, "f%d" % i), os.O_CREAT | os.O_WRONLY, 0o644))
 PY
-  "$bin/agentfs-mount-worker" --source "$work/src" --mountpoint "$work/mnt" --state-dir "$work/state" 2>/dev/null &
+  "$bin/agentfs-mount-worker" --source "$work/src" --mountpoint "$work/mnt" --state-dir "$work/state" 2>"$log" &
   pid=$!
   for _ in $(seq 100); do grep -q " $work/mnt fuse.agentfs " /proc/self/mounts && break; sleep 0.05; done
-  # Median of 5 runs of one control command; {} in it is the run number.
+  # Median of 5 microsecond counts, as milliseconds.
+  median() {
+    local m; m=$(printf '%s\n' "$@" | sort -n | sed -n 3p)
+    printf '%d.%03d' $((m / 1000)) $((m % 1000))
+  }
+  # Median of 5 runs of one control command; {} in it is the run number:
+  # end to end, then (in parentheses) inside the worker, from the
+  # took_us of its log line.
   median_ms() {
-    local times=() t0 t1
+    local times=() inside=() t0 t1
     for i in 1 2 3 4 5; do
       t0=$(date +%s%N)
       "$bin/agentfs-workerctl" --state-dir "$work/state" "${@//\{\}/$i}" >/dev/null
       t1=$(date +%s%N)
       times+=($(( (t1 - t0) / 1000 )))
+      inside+=($(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'took_us=[0-9]*' | tail -1 | cut -d= -f2))
     done
-    local m; m=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
-    printf '%d.%03d' $((m / 1000)) $((m % 1000))
+    printf '%s (%s)' "$(median "${times[@]}")" "$(median "${inside[@]}")"
   }
   snap=$(median_ms snapshot-create --name 's{}')
   "$bin/agentfs-workerctl" --state-dir "$work/state" snapshot-create --name base >/dev/null
@@ -57,4 +65,4 @@ PY
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 done
 echo
-echo "Measured end to end (client start, socket, catalog write with fsync), on $(uname -r), $(nproc) cores."
+echo "Each cell: end to end (client start, socket, catalog write with fsync), then in parentheses inside the worker (from the request to the catalog saved and the view open); on $(uname -r), $(nproc) cores."

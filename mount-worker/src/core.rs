@@ -31,7 +31,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
@@ -2296,6 +2296,7 @@ impl FsCore {
     /// Takes a snapshot of main (O(1): one catalog write). `name` defaults
     /// to `snap-<id>`.
     pub fn snapshot_create(&self, name: Option<String>) -> Result<Snapshot, ControlError> {
+        let started = Instant::now();
         // Wait for changes in flight and hold new ones off: the snapshot
         // must not fall between a change's preservation check and the change.
         let mut latest = self.latest.write().unwrap();
@@ -2307,7 +2308,7 @@ impl FsCore {
         next.save(&self.state).map_err(|e| catalog_error(&e))?;
         *catalog = next;
         *latest = Latest::new(Some(snap.epoch));
-        tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, "snapshot of main created");
+        tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, took_us = micros(started), "snapshot of main created");
         Ok(snap)
     }
 
@@ -2350,6 +2351,7 @@ impl FsCore {
         key: &str,
         name: Option<String>,
     ) -> Result<Snapshot, ControlError> {
+        let started = Instant::now();
         let b = self.find_branch(key)?;
         let view = self.open_view_of(b.id.0)?;
         // Wait for the branch's changes in flight and hold new ones off.
@@ -2373,7 +2375,7 @@ impl FsCore {
         // Lock order: views before catalog (opendir of .agentfs/branches).
         drop((layers, catalog));
         self.open_view(snap.id.0, None, &snap.layers, b.snapshot, snap.epoch)?;
-        tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, "snapshot of branch created");
+        tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");
         Ok(snap)
     }
 
@@ -2461,6 +2463,7 @@ impl FsCore {
         snapshot: &str,
         name: Option<String>,
     ) -> Result<Branch, ControlError> {
+        let started = Instant::now();
         let mut catalog = self.catalog.lock().unwrap();
         let from = catalog.find(snapshot).cloned().ok_or_else(|| {
             ControlError::new(
@@ -2495,7 +2498,7 @@ impl FsCore {
         *catalog = next;
         drop(catalog);
         self.open_branch_view(&b)?;
-        tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, "branch created");
+        tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, took_us = micros(started), "branch created");
         Ok(b)
     }
 
@@ -2556,6 +2559,12 @@ impl FsCore {
         *catalog = next;
         Ok(())
     }
+}
+
+/// Microseconds since `t`, for the log: how long a snapshot or branch
+/// took inside the worker (`bench/create.sh` reads it).
+fn micros(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
 }
 
 /// The name for a new snapshot: `name`, validated and unused, or
