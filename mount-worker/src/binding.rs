@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -70,23 +69,22 @@ pub struct Bindings {
     /// The kernel's cache of the mount root, shared while nothing is
     /// bound; installed by [`Bindings::share_root`].
     root: OnceLock<RootCache>,
-    /// Processes covered by a binding (directly or inherited) with a
-    /// thread that exited, for [`Bindings::prune`]; `exits` wakes it.
-    exited: Mutex<Vec<i32>>,
-    exits: Condvar,
 }
 
 struct State {
     list: Vec<Binding>,
-    /// Advances with every change of `list` (and of `inherited`).
+    /// Advances with every change of `list`.
     generation: u64,
-    /// Processes that reached a branch through a bound ancestor: they keep
-    /// it when that ancestor exits and they are reparented. In memory only.
-    inherited: HashMap<(i32, u64), Inherited>,
+    /// Processes that reached a branch through a bound ancestor, by pid:
+    /// they keep it when that ancestor exits and they are reparented. In
+    /// memory only.
+    inherited: HashMap<i32, Inherited>,
 }
 
 #[derive(Clone, Copy)]
 struct Inherited {
+    /// The process's start time (a reused pid has another).
+    start: u64,
     branch: BranchId,
     /// The pid binding it comes from.
     from: (i32, u64),
@@ -106,9 +104,6 @@ const MAX_DEPTH: usize = 128;
 /// The start time [`Bindings::on_fork`] records for a child that exited
 /// before its fork event was read: no live process has it.
 const UNKNOWN_START: u64 = u64::MAX;
-/// How long exits are gathered before [`Bindings::prune`] looks at them:
-/// a shell that exits after its last command ends a stream of them.
-const PRUNE_BATCH: Duration = Duration::from_millis(20);
 
 /// What `/proc/PID/stat` says about a process.
 struct ProcStat {
@@ -259,7 +254,17 @@ fn in_effect(st: &State, b: &Binding) -> bool {
     };
     st.inherited
         .iter()
-        .any(|(&(p, s), i)| i.from == (pid, start) && lives(p, s))
+        .any(|(&p, i)| i.from == (pid, start) && lives(p, i.start))
+}
+
+/// Whether a binding covers process `tgid`: its own pid binding, or one
+/// it inherited.
+fn covers(st: &State, tgid: i32) -> bool {
+    st.inherited.contains_key(&tgid)
+        || st
+            .list
+            .iter()
+            .any(|b| matches!(b.subject, Subject::Pid { pid, .. } if pid == tgid))
 }
 
 fn not_bound(what: String) -> ControlError {
@@ -290,8 +295,6 @@ impl Bindings {
             cache: Mutex::new(HashMap::new()),
             changing: Mutex::new(()),
             root: OnceLock::new(),
-            exited: Mutex::new(Vec::new()),
-            exits: Condvar::new(),
         }
     }
 
@@ -377,14 +380,16 @@ impl Bindings {
     /// longer applies (its process and all that inherited from it are
     /// gone), so that a bound process that exits without unbinding does
     /// not keep the root uncached. The catalog keeps such bindings until
-    /// the next change; a worker that starts drops them too.
+    /// the next change; a worker that starts drops them too. Called once
+    /// every fork event before the exits has been read: a binding is in
+    /// effect through any child it knows of.
     fn prune(&self, pids: &[i32]) {
         let _one_at_a_time = self.changing.lock().unwrap();
         self.state
             .write()
             .unwrap()
             .inherited
-            .retain(|&(p, s), _| !pids.contains(&p) || lives(p, s));
+            .retain(|p, i| !pids.contains(p) || lives(*p, i.start));
         let next = self.records();
         if next.len() != self.state.read().unwrap().list.len() {
             tracing::debug!(
@@ -392,10 +397,6 @@ impl Bindings {
                 "bindings of processes that have exited dropped"
             );
             self.install(next);
-        }
-        let mut cache = self.cache.lock().unwrap();
-        for p in pids {
-            cache.remove(p);
         }
     }
 
@@ -421,7 +422,10 @@ impl Bindings {
             )
         };
         let tgid = tgid_of(pid).ok_or_else(gone)?;
-        let start = proc_stat(tgid).ok_or_else(gone)?.start;
+        let start = proc_stat(tgid)
+            .filter(|p| lives(tgid, p.start))
+            .ok_or_else(gone)?
+            .start;
         let binding = Binding {
             subject: Subject::Pid {
                 pid: tgid,
@@ -440,6 +444,10 @@ impl Bindings {
             },
             persist,
         )?;
+        // Its exit event may have come before the binding was listed.
+        if !lives(tgid, start) {
+            self.prune(&[tgid]);
+        }
         Ok(binding)
     }
 
@@ -542,7 +550,7 @@ impl Bindings {
     /// Feeds the kernel's fork events to [`Bindings::on_fork`] from a
     /// thread of its own, so that a bound process's children stay bound
     /// even when it exits before they use the mount, and its exit events
-    /// to [`Bindings::prune`] from another. Without the events (no
+    /// to [`Bindings::prune`]. Without the events (no
     /// CAP_NET_ADMIN) children are still found through their parent chain
     /// while it lasts, and bindings of exited processes are dropped at the
     /// next change only. The caller subscribes ([`ProcEvents::subscribe`]):
@@ -558,70 +566,35 @@ impl Bindings {
             }
         };
         let weak = Arc::downgrade(self);
-        let read = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("proc-events".into())
             .spawn(move || {
+                // Covered processes with a thread that exited, kept until
+                // every event before them has been read: the kernel sends
+                // an exit once the process is a zombie, but the forks of
+                // its children may still wait in the socket.
+                let mut exited = Vec::new();
                 while let Some(b) = weak.upgrade() {
                     let on = |e| match e {
                         ProcEvent::Fork { parent, child } => b.on_fork(parent, child),
-                        ProcEvent::Exit { tgid } => b.on_exit(tgid),
+                        ProcEvent::Exit { tgid } => {
+                            if covers(&b.state.read().unwrap(), tgid) && !exited.contains(&tgid) {
+                                exited.push(tgid);
+                            }
+                        }
                     };
                     if let Err(e) = events.next(on) {
                         tracing::warn!("process events stopped: {e}");
                         return;
                     }
-                }
-            });
-        let weak = Arc::downgrade(self);
-        let prune = std::thread::Builder::new()
-            .name("binding-pruner".into())
-            .spawn(move || {
-                while let Some(b) = weak.upgrade() {
-                    let pids = b.exited_batch();
-                    if !pids.is_empty() {
-                        b.prune(&pids);
+                    if !exited.is_empty() && !events.pending() {
+                        b.prune(&std::mem::take(&mut exited));
                     }
                 }
             });
-        if let Err(e) = read.and(prune) {
-            tracing::warn!("cannot start the process-events threads: {e}");
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the process-events thread: {e}");
         }
-    }
-
-    /// A thread of process `tgid` exited: if a binding covers it, it is
-    /// looked at soon ([`Bindings::prune`]).
-    fn on_exit(&self, tgid: i32) {
-        let covered = {
-            let st = self.state.read().unwrap();
-            st.list
-                .iter()
-                .any(|b| matches!(b.subject, Subject::Pid { pid, .. } if pid == tgid))
-                || st.inherited.keys().any(|&(p, _)| p == tgid)
-        };
-        if covered {
-            let mut exited = self.exited.lock().unwrap();
-            if !exited.contains(&tgid) {
-                exited.push(tgid);
-            }
-            self.exits.notify_one();
-        }
-    }
-
-    /// Waits for exits to look at, then gathers them for [`PRUNE_BATCH`].
-    /// Gives up after a second (empty), so that the pruner's thread ends
-    /// soon after the bindings are dropped.
-    fn exited_batch(&self) -> Vec<i32> {
-        let exited = self.exited.lock().unwrap();
-        let (exited, _) = self
-            .exits
-            .wait_timeout_while(exited, Duration::from_secs(1), |e| e.is_empty())
-            .unwrap();
-        if exited.is_empty() {
-            return Vec::new();
-        }
-        drop(exited);
-        std::thread::sleep(PRUNE_BATCH);
-        std::mem::take(&mut *self.exited.lock().unwrap())
     }
 
     /// Process `parent` forked `child` (both thread group ids, from
@@ -629,16 +602,10 @@ impl Bindings {
     /// inheritance, the child is from now on, whatever becomes of the
     /// parent.
     pub fn on_fork(&self, parent: i32, child: i32) {
-        let found = {
+        let (found, generation) = {
             let st = self.state.read().unwrap();
-            let bound = |tgid: i32| {
-                st.list
-                    .iter()
-                    .any(|b| matches!(b.subject, Subject::Pid { pid, .. } if pid == tgid))
-                    || st.inherited.keys().any(|&(p, _)| p == tgid)
-            };
             // Most forks on the host are not ours: no /proc reads for them.
-            if !bound(parent) {
+            if !covers(&st, parent) {
                 return;
             }
             // Either may be gone by the time the event is read (a shell
@@ -658,26 +625,39 @@ impl Bindings {
                 _ => None,
             });
             let via = direct.or_else(|| {
-                let i = match p_start {
-                    Some(s) => st.inherited.get(&(parent, s))?,
-                    None => st.inherited.iter().find(|(k, _)| k.0 == parent)?.1,
-                };
+                let i = st
+                    .inherited
+                    .get(&parent)
+                    .filter(|i| p_start.is_none_or(|s| s == i.start))?;
                 Some((i.branch, i.from, 0))
             });
-            match via {
-                Some((branch, from, since)) if c_start >= since => {
-                    Some(((child, c_start), Inherited { branch, from }))
-                }
+            let found = match via {
+                Some((branch, from, since)) if c_start >= since => Some(Inherited {
+                    start: c_start,
+                    branch,
+                    from,
+                }),
                 _ => None,
-            }
+            };
+            (found, st.generation)
         };
-        if let Some((key, inherited)) = found {
-            let mut st = self.state.write().unwrap();
-            if st.inherited.len() >= CACHE_MAX {
-                st.inherited.clear();
-            }
-            st.inherited.insert(key, inherited);
+        if let Some(inherited) = found {
+            self.inherit(child, inherited, generation);
         }
+    }
+
+    /// Records that process `pid` inherited a binding, found in the
+    /// bindings of `generation`: not if they changed since (the binding
+    /// may be gone).
+    fn inherit(&self, pid: i32, inherited: Inherited, generation: u64) {
+        let mut st = self.state.write().unwrap();
+        if st.generation != generation {
+            return;
+        }
+        if st.inherited.len() >= CACHE_MAX {
+            st.inherited.clear();
+        }
+        st.inherited.insert(pid, inherited);
     }
 
     /// The branch the thread `tid` (a FUSE request's pid) sees at the mount
@@ -701,13 +681,13 @@ impl Bindings {
         let generation = st.generation;
         drop(st);
         if let Some(from) = via {
-            let mut st = self.state.write().unwrap();
-            if st.inherited.len() >= CACHE_MAX {
-                st.inherited.clear();
-            }
             let branch = answer.expect("inherited from a bound ancestor");
-            st.inherited
-                .insert((tgid, me.start), Inherited { branch, from });
+            let inherited = Inherited {
+                start: me.start,
+                branch,
+                from,
+            };
+            self.inherit(tgid, inherited, generation);
         }
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= CACHE_MAX {
@@ -742,7 +722,7 @@ fn resolve_in(st: &State, tgid: i32, me: &ProcStat) -> (Option<BranchId>, Option
     if let Some((branch, _)) = pid_binding(tgid, me.start) {
         return (Some(branch), None);
     }
-    if let Some(i) = st.inherited.get(&(tgid, me.start)) {
+    if let Some(i) = st.inherited.get(&tgid).filter(|i| i.start == me.start) {
         return (Some(i.branch), None);
     }
     // The nearest bound ancestor, if the process below it on the chain
@@ -759,7 +739,7 @@ fn resolve_in(st: &State, tgid: i32, me: &ProcStat) -> (Option<BranchId>, Option
             }
             break;
         }
-        if let Some(i) = st.inherited.get(&(cur, p.start)) {
+        if let Some(i) = st.inherited.get(&cur).filter(|i| i.start == p.start) {
             return (Some(i.branch), Some(i.from));
         }
         (below_start, cur) = (p.start, p.ppid);
@@ -891,9 +871,10 @@ mod tests {
         use std::io::{BufRead, Write};
         let b = Arc::new(Bindings::new(Vec::new()));
         b.follow_processes(ProcEvents::subscribe());
-        // A bound shell that starts a sleep in the background and exits.
+        // A bound shell whose subshell starts a sleep in the background;
+        // both exit at once, the sleep is left.
         let mut sh = Command::new("sh")
-            .args(["-c", "read go; sleep 30 >/dev/null 2>&1 & echo $!"])
+            .args(["-c", "read go; (sleep 30 >/dev/null 2>&1 & echo $!)"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -913,6 +894,12 @@ mod tests {
             b.resolve(orphan) == Some(BranchId(5))
         });
         assert!(seen, "the orphan lost the binding of its exited parent");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            listed(&b),
+            vec![BranchId(5)],
+            "the orphan keeps it in effect"
+        );
         // Any later change of the bindings (here another process bound).
         let me = std::process::id() as i32;
         b.bind_pid(me, BranchId(6), ok).unwrap();

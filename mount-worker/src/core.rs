@@ -273,6 +273,9 @@ struct Node {
     /// Lookups the kernel holds on this node, this worker's and its
     /// predecessors' (from the handoff journal); at 0 the node is dropped.
     lookups: u64,
+    /// Whether the handoff journal knows it (from its first lookup, or
+    /// its rename): only then do its lookups and FORGETs go there too.
+    journaled: bool,
 }
 
 /// Never forgotten: the root and the virtual directories.
@@ -294,6 +297,7 @@ impl NodeTable {
                 key,
                 generation,
                 lookups,
+                journaled: false,
             },
         );
     }
@@ -875,7 +879,9 @@ impl FsCore {
             .held(|h| h.nodes.get(&id.0).map(|n| n.lookups))
             .ok_or_else(|| errno(libc::ESTALE))?;
         t.insert(id.0, obj, key, generation, lookups);
-        Ok(t.by_id[&id.0].obj.clone())
+        let node = t.by_id.get_mut(&id.0).expect("just inserted");
+        node.journaled = true;
+        Ok(node.obj.clone())
     }
 
     /// Has `watch` mark main's directories as the kernel learns them (the
@@ -1000,7 +1006,9 @@ impl FsCore {
         if let Some(&existing) = t.by_key.get(&key) {
             let node = t.by_id.get_mut(&existing).expect("tables agree");
             node.lookups += 1;
-            self.journal(|| Some(Record::Lookup { id: existing, n: 1 }));
+            if node.journaled {
+                self.journal(|| Some(Record::Lookup { id: existing, n: 1 }));
+            }
             return Entry {
                 node: NodeId(existing),
                 generation: node.generation,
@@ -1033,6 +1041,7 @@ impl FsCore {
             _ => (self.next_synthetic.fetch_add(1, Ordering::Relaxed), None),
         };
         // Before the reply hands the id to the kernel.
+        let journaled = inherited.is_some() || origin.is_some();
         let (generation, lookups) = match inherited {
             Some((generation, lookups)) => {
                 self.journal(|| Some(Record::Lookup { id, n: 1 }));
@@ -1053,6 +1062,7 @@ impl FsCore {
             }
         };
         t.insert(id, obj, key, generation, lookups);
+        t.by_id.get_mut(&id).expect("just inserted").journaled = journaled;
         Entry {
             node: NodeId(id),
             generation,
@@ -1219,12 +1229,20 @@ impl FsCore {
     /// (the node and its host descriptor are gone).
     pub fn forget(&self, node: NodeId, n: u64) -> bool {
         let mut t = self.nodes.lock().unwrap();
-        self.journal(|| Some(Record::Forget { id: node.0, n }));
+        let forgotten = || Some(Record::Forget { id: node.0, n });
         let Some(entry) = t.by_id.get_mut(&node.0) else {
             // Held from a predecessor and never used since.
-            self.held(|h| h.forget(node.0, n).then_some(()));
+            if self
+                .held(|h| h.nodes.contains_key(&node.0).then(|| h.forget(node.0, n)))
+                .is_some()
+            {
+                self.journal(forgotten);
+            }
             return false;
         };
+        if entry.journaled {
+            self.journal(forgotten);
+        }
         entry.lookups = entry.lookups.saturating_sub(n);
         if entry.lookups > 0 {
             return false;
@@ -1570,12 +1588,22 @@ impl FsCore {
     /// Journals the new place of a layered object that was renamed: a
     /// successor finds it by its new name.
     fn renamed(&self, obj: &LayerObj) {
-        let t = self.nodes.lock().unwrap();
+        let mut t = self.nodes.lock().unwrap();
         let Some(origin) = layer_origin(&t, obj) else {
             return;
         };
+        // Lookups the journal does not have yet: all of a node it learns
+        // of only now.
+        let mut unrecorded = 0;
         let (id, generation) = match t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
-            Some(id) => (*id, t.by_id[id].generation),
+            Some(&id) => {
+                let node = t.by_id.get_mut(&id).expect("tables agree");
+                if !node.journaled {
+                    node.journaled = true;
+                    unrecorded = node.lookups.saturating_sub(1);
+                }
+                (id, node.generation)
+            }
             None => {
                 // Held from a predecessor and not used since.
                 let id = NodeId::in_view(obj.view.number as u64, obj.id).0;
@@ -1597,6 +1625,9 @@ impl FsCore {
                 origin,
             })
         });
+        if unrecorded > 0 {
+            self.journal(|| Some(Record::Lookup { id, n: unrecorded }));
+        }
     }
 
     /// Renames with `renameat2` flags.

@@ -103,6 +103,8 @@ pub struct HeldNode {
     /// How to find it.
     pub origin: Origin,
     /// The lookups the kernel holds on it (its FORGETs add up to them).
+    /// A successor reads it when it takes the node into its own table,
+    /// which counts from then on: it is not kept up to date here.
     pub lookups: u64,
 }
 

@@ -97,6 +97,21 @@ impl ProcEvents {
         Ok(ProcEvents { sock })
     }
 
+    /// Whether events wait to be read.
+    pub fn pending(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: a one-byte buffer; MSG_PEEK leaves the event queued.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0
+    }
+
     /// Waits for the next batch of events and calls `on` with each fork
     /// and exit in it.
     pub fn next(&self, mut on: impl FnMut(ProcEvent)) -> io::Result<()> {
