@@ -20,16 +20,22 @@
 //! kept even once the journal is full, so that a successor never hands out
 //! one of them again; from byte 512 the identity of the mount the
 //! supervisor made the connection for) and two halves of length-prefixed
-//! records. When the active half
-//! is full, its records are folded (the last record of each id wins,
-//! forgotten ids go) into the other half, which then becomes active; a
-//! crash midway leaves the old half active and whole.
+//! records. Once the active half
+//! has used half the room its last fold left, a thread folds its records
+//! (the last record of each id wins, lookups add up, forgotten ids go)
+//! into the other half while appends go on, then copies the records
+//! appended meanwhile after them and makes that half active; a crash
+//! midway leaves the old half active and whole. A half that fills before
+//! the fold ends waits for it (or is folded in place). With a million
+//! nodes cached a fold takes seconds: made in place, it held up every
+//! request for that long.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
 
 use crate::hostfs::HostHandle;
 
@@ -240,20 +246,70 @@ const MARK_NODE: usize = 6;
 
 /// The journal, mapped.
 pub struct Journal {
+    shared: Arc<Shared>,
+}
+
+/// The mapping, shared by the workers' threads and the fold thread.
+struct Shared {
     base: *mut u8,
     len: usize,
-    /// Serialises appends and folds.
-    writer: Mutex<bool>,
+    /// Serialises appends, the switch of halves and folds made in place.
+    writer: Mutex<Writer>,
+    /// Wakes the fold thread (a fold is wanted) and appenders that wait
+    /// for it to end (their half is full).
+    folding: Condvar,
     fd: OwnedFd,
 }
 
-// SAFETY: the mapping is only written under `writer`, and the header
-// words are atomics.
-unsafe impl Send for Journal {}
+struct Writer {
+    /// False once the journal is full even when folded.
+    enabled: bool,
+    fold: Fold,
+    /// Bytes the active half held when it became active (a fold's
+    /// result): the next fold is wanted once half the room left after
+    /// them is used, not at a fixed mark a big fold may already pass.
+    folded: usize,
+}
+
+/// Where the fold in the background stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    Idle,
+    /// The active half is half full: the fold thread is to start.
+    Wanted,
+    /// The fold thread writes the other half, or gives the memory of the
+    /// half it folded away back.
+    Running,
+    /// Its result did not fit: the next fold is made in place, when the
+    /// active half is full.
+    Failed,
+    /// The journal was dropped: the fold thread ends.
+    Closed,
+}
+
+// SAFETY: the mapping is written by appenders under `writer`, and by the
+// fold thread in the inactive half only, which nothing else touches while
+// a fold runs; the header words are atomics.
+unsafe impl Send for Shared {}
 // SAFETY: as above.
-unsafe impl Sync for Journal {}
+unsafe impl Sync for Shared {}
 
 impl Drop for Journal {
+    /// Waits for a fold in progress and stops the fold thread: nothing
+    /// writes the journal once its owner lets it go (a successor in the
+    /// same process, as in tests, may open it next).
+    fn drop(&mut self) {
+        let j = &*self.shared;
+        let mut w = j.writer.lock().unwrap();
+        while w.fold == Fold::Running {
+            w = j.folding.wait(w).unwrap();
+        }
+        w.fold = Fold::Closed;
+        j.folding.notify_all();
+    }
+}
+
+impl Drop for Shared {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `open` mapped.
         unsafe { libc::munmap(self.base.cast(), self.len) };
@@ -263,7 +319,8 @@ impl Drop for Journal {
 impl Journal {
     /// Maps the journal in `fd`. A new connection (`resume` false) starts
     /// it empty; a takeover reads what the predecessor left, folds it into
-    /// a fresh half and returns it.
+    /// a fresh half and returns it. Starts the thread that folds it in
+    /// the background.
     pub fn open(fd: OwnedFd, resume: bool) -> io::Result<(Journal, Held)> {
         let st = nix::sys::stat::fstat(&fd)?;
         let len = st.st_size as usize;
@@ -286,10 +343,15 @@ impl Journal {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let j = Journal {
+        let mut j = Shared {
             base: base.cast(),
             len,
-            writer: Mutex::new(true),
+            writer: Mutex::new(Writer {
+                enabled: true,
+                fold: Fold::Idle,
+                folded: 0,
+            }),
+            folding: Condvar::new(),
             fd,
         };
         let held = if resume {
@@ -298,15 +360,18 @@ impl Journal {
                     "the handoff journal was never written: nothing to take over",
                 ));
             }
-            let held = j.read(j.active());
-            let mut w = j.writer.lock().unwrap();
-            if !j.fold_into(&held, 1 - j.active()) {
+            let held = j.read(j.active(), usize::MAX);
+            let fits = j.fold_into(&held, 1 - j.active());
+            let folded = j.used(j.active()).load(Ordering::Relaxed) as usize;
+            let w = j.writer.get_mut().unwrap();
+            if fits {
+                w.folded = folded;
+            } else {
                 tracing::error!(
                     "handoff journal full even when folded; later ids cannot be taken over"
                 );
-                *w = false;
+                w.enabled = false;
             }
-            drop(w);
             held
         } else {
             j.used(0).store(0, Ordering::Relaxed);
@@ -318,9 +383,126 @@ impl Journal {
             j.word(0).store(MAGIC, Ordering::Release);
             Held::default()
         };
-        Ok((j, held))
+        let shared = Arc::new(j);
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("handoff-fold".into())
+            .spawn(move || fold_in_background(weak))?;
+        Ok((Journal { shared }, held))
     }
 
+    /// The highest ids ever recorded, by this worker and its predecessors.
+    pub fn high_water(&self) -> HighWater {
+        let w = |i| self.shared.word(i).load(Ordering::Acquire);
+        HighWater {
+            handle: w(MARK_HANDLE),
+            generation: w(MARK_GENERATION),
+            node: w(MARK_NODE),
+        }
+    }
+
+    /// Appends one record. Once the active half is half full its records
+    /// are folded into the other half in the background, so that appends
+    /// (made under the worker's node table) never wait for a fold of a
+    /// million nodes; a half that fills before the fold ends waits for it,
+    /// or is folded in place.
+    pub fn append(&self, r: &Record) {
+        let j = &*self.shared;
+        // Marks first, and even when the records no longer fit.
+        match *r {
+            Record::Node { id, generation, .. } => {
+                j.word(MARK_NODE).fetch_max(id, Ordering::AcqRel);
+                j.word(MARK_GENERATION)
+                    .fetch_max(generation, Ordering::AcqRel);
+            }
+            Record::File { fh: h, .. } | Record::Dir { dh: h, .. } => {
+                j.word(MARK_HANDLE).fetch_max(h, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        let mut w = j.writer.lock().unwrap();
+        if !w.enabled {
+            return;
+        }
+        let rec = encode(r);
+        if !j.put(j.active(), &rec) {
+            while w.fold == Fold::Running {
+                w = j.folding.wait(w).unwrap();
+            }
+            let active = j.active();
+            if j.put(active, &rec) {
+                return;
+            }
+            let held = j.read(active, usize::MAX);
+            if !j.fold_into(&held, 1 - active) {
+                tracing::error!(
+                    "handoff journal full: ids handed out from now on cannot be taken over after a crash"
+                );
+                w.enabled = false;
+                return;
+            }
+            (w.fold, w.folded) = (
+                Fold::Idle,
+                j.used(1 - active).load(Ordering::Relaxed) as usize,
+            );
+            if !j.put(1 - active, &rec) {
+                w.enabled = false;
+                return;
+            }
+        }
+        let used = j.used(j.active()).load(Ordering::Relaxed) as usize;
+        if w.fold == Fold::Idle && used - w.folded > (j.half_len() - w.folded) / 2 {
+            w.fold = Fold::Wanted;
+            j.folding.notify_all();
+        }
+    }
+}
+
+/// The fold thread: waits for a fold to be wanted, folds the records of
+/// the active half written so far into the other half without holding
+/// the writer, then, holding it, copies the records appended meanwhile
+/// after them and makes that half the active one. Ends with the journal.
+fn fold_in_background(weak: Weak<Shared>) {
+    while let Some(j) = weak.upgrade() {
+        let (active, upto) = {
+            let w = j.writer.lock().unwrap();
+            let (mut w, _) = j
+                .folding
+                .wait_timeout_while(w, Duration::from_secs(1), |w| {
+                    !matches!(w.fold, Fold::Wanted | Fold::Closed)
+                })
+                .unwrap();
+            match w.fold {
+                Fold::Wanted => {}
+                Fold::Closed => return,
+                _ => continue,
+            }
+            w.fold = Fold::Running;
+            let active = j.active();
+            (active, j.used(active).load(Ordering::Acquire) as usize)
+        };
+        let held = j.read(active, upto);
+        let folded = j.write_half(&held, 1 - active);
+        let mut w = j.writer.lock().unwrap();
+        let done = folded && j.copy_tail(active, upto, 1 - active);
+        if !done {
+            w.fold = Fold::Failed;
+            j.folding.notify_all();
+            continue;
+        }
+        j.active_word().store(1 - active as u32, Ordering::Release);
+        w.folded = j.used(1 - active).load(Ordering::Relaxed) as usize;
+        // Still Running: no fold in place may write the old half while
+        // its pages are punched out, which takes a while for 64 MiB.
+        drop(w);
+        j.release_half(active);
+        let mut w = j.writer.lock().unwrap();
+        w.fold = Fold::Idle;
+        j.folding.notify_all();
+    }
+}
+
+impl Shared {
     fn word(&self, i: usize) -> &AtomicU64 {
         // SAFETY: in the header page, aligned (the mapping is page aligned).
         unsafe { &*(self.base.add(i * 8) as *const AtomicU64) }
@@ -348,10 +530,14 @@ impl Journal {
         unsafe { self.base.add(HEADER + half * self.half_len()) }
     }
 
-    /// The records of one half, applied in order.
-    fn read(&self, half: usize) -> Held {
-        let used = (self.used(half).load(Ordering::Acquire) as usize).min(self.half_len());
-        // SAFETY: the first `used` bytes of the half are written.
+    /// The records of one half up to byte `upto` (at most what is
+    /// written), applied in order.
+    fn read(&self, half: usize, upto: usize) -> Held {
+        let used = (self.used(half).load(Ordering::Acquire) as usize)
+            .min(self.half_len())
+            .min(upto);
+        // SAFETY: the first `used` bytes of the half are written and no
+        // longer change.
         let bytes = unsafe { std::slice::from_raw_parts(self.half(half), used) };
         let mut held = Held::default();
         let mut at = 0;
@@ -369,18 +555,31 @@ impl Journal {
         held
     }
 
-    /// Writes `held` into `half`, then makes it the active one. False if
-    /// it does not fit.
+    /// Writes `held` into `half`, then makes it the active one and gives
+    /// the other's memory back. False if it does not fit.
     fn fold_into(&self, held: &Held, half: usize) -> bool {
-        self.used(half).store(0, Ordering::Release);
-        for r in held.records() {
-            if !self.put(half, &encode(&r)) {
-                return false;
-            }
+        let fits = self.write_half(held, half);
+        if fits {
+            self.active_word().store(half as u32, Ordering::Release);
+            self.release_half(1 - half);
         }
-        self.active_word().store(half as u32, Ordering::Release);
-        self.release_half(1 - half);
-        true
+        fits
+    }
+
+    /// Writes `held` into inactive `half` from its start. False if it does
+    /// not fit.
+    fn write_half(&self, held: &Held, half: usize) -> bool {
+        self.used(half).store(0, Ordering::Release);
+        held.records().all(|r| self.put(half, &encode(&r)))
+    }
+
+    /// Appends the records of `from` after byte `upto` to `to`. False if
+    /// they do not fit.
+    fn copy_tail(&self, from: usize, upto: usize, to: usize) -> bool {
+        let end = self.used(from).load(Ordering::Acquire) as usize;
+        // SAFETY: written bytes of `from`; the caller holds the writer.
+        let tail = unsafe { std::slice::from_raw_parts(self.half(from).add(upto), end - upto) };
+        self.put(to, tail)
     }
 
     /// Gives the memory of inactive `half` back (a touched page of a memfd
@@ -406,12 +605,13 @@ impl Journal {
         }
     }
 
+    /// Appends `rec` (whole records) to `half`; false if it does not fit.
     fn put(&self, half: usize, rec: &[u8]) -> bool {
         let used = self.used(half).load(Ordering::Relaxed) as usize;
         if used + rec.len() > self.half_len() {
             return false;
         }
-        // SAFETY: within the half; only the writer writes.
+        // SAFETY: within the half; only one writer writes a half at a time.
         unsafe {
             std::ptr::copy_nonoverlapping(rec.as_ptr(), self.half(half).add(used), rec.len())
         };
@@ -419,48 +619,6 @@ impl Journal {
         self.used(half)
             .store((used + rec.len()) as u64, Ordering::Release);
         true
-    }
-
-    /// The highest ids ever recorded, by this worker and its predecessors.
-    pub fn high_water(&self) -> HighWater {
-        let w = |i| self.word(i).load(Ordering::Acquire);
-        HighWater {
-            handle: w(MARK_HANDLE),
-            generation: w(MARK_GENERATION),
-            node: w(MARK_NODE),
-        }
-    }
-
-    /// Appends one record (folding the log when its half is full).
-    pub fn append(&self, r: &Record) {
-        // Marks first, and even when the records no longer fit.
-        match *r {
-            Record::Node { id, generation, .. } => {
-                self.word(MARK_NODE).fetch_max(id, Ordering::AcqRel);
-                self.word(MARK_GENERATION)
-                    .fetch_max(generation, Ordering::AcqRel);
-            }
-            Record::File { fh: h, .. } | Record::Dir { dh: h, .. } => {
-                self.word(MARK_HANDLE).fetch_max(h, Ordering::AcqRel);
-            }
-            _ => {}
-        }
-        let mut enabled = self.writer.lock().unwrap();
-        if !*enabled {
-            return;
-        }
-        let rec = encode(r);
-        let active = self.active();
-        if self.put(active, &rec) {
-            return;
-        }
-        let held = self.read(active);
-        if !(self.fold_into(&held, 1 - active) && self.put(1 - active, &rec)) {
-            tracing::error!(
-                "handoff journal full: ids handed out from now on cannot be taken over after a crash"
-            );
-            *enabled = false;
-        }
     }
 }
 
@@ -850,7 +1008,7 @@ mod tests {
         let allocated = || nix::sys::stat::fstat(&fd).unwrap().st_blocks * 512;
         // A half filled with records of ids that are all forgotten again.
         let mut i = 0;
-        while j.active() == 0 {
+        while j.shared.active() == 0 {
             j.append(&Record::Node {
                 id: i,
                 generation: 1,
@@ -859,11 +1017,57 @@ mod tests {
             j.append(&Record::Forget { id: i, n: 1 });
             i += 1;
         }
+        // What the active half holds (the records appended while the
+        // fold ran), not the half folded away as well; once the fold
+        // thread is done (dropping the journal waits for it).
+        let held = j.shared.used(1).load(Ordering::Acquire) as i64;
+        drop(j);
         assert!(
-            allocated() < 256 << 10,
-            "{} bytes still allocated after folding a 1 MiB half",
+            allocated() < HEADER as i64 + held + (64 << 10),
+            "{} bytes still allocated after folding, {held} in use",
             allocated()
         );
+    }
+
+    /// Records appended while the fold thread writes the other half are
+    /// carried over after its result: a successor reads exactly what was
+    /// appended, whenever the fold happened.
+    #[test]
+    fn a_fold_in_the_background_keeps_what_is_appended_meanwhile() {
+        let fd = small(HEADER as i64 + 2 * (4 << 20));
+        let (j, _) = Journal::open(dup(&fd), false).unwrap();
+        let h = HostHandle::new(1, vec![7; 8]).unwrap();
+        let mut model = Held::default();
+        let mut append = |r: Record| {
+            j.append(&r);
+            model.apply(r);
+        };
+        // About a thousand nodes alive at a time, each looked up three
+        // times and forgotten, until the halves have been switched a few
+        // times.
+        let (mut i, mut switches, mut active) = (0u64, 0, 0);
+        while switches < 4 {
+            append(Record::Node {
+                id: i,
+                generation: i,
+                origin: Origin::Main(h.clone()),
+            });
+            if let Some(id) = i.checked_sub(500) {
+                append(Record::Lookup { id, n: 2 });
+            }
+            if let Some(id) = i.checked_sub(1000) {
+                append(Record::Forget { id, n: 3 });
+            }
+            i += 1;
+            if j.shared.active() != active {
+                (active, switches) = (1 - active, switches + 1);
+            }
+            assert!(i < 5_000_000, "the halves were never switched");
+        }
+        drop(j);
+        let (_, held) = Journal::open(fd, true).unwrap();
+        assert_eq!(held.nodes.len(), model.nodes.len());
+        assert_eq!(held, model);
     }
 
     /// A journal of a worker that did not count lookups: its FORGET
