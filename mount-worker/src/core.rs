@@ -826,11 +826,25 @@ impl FsCore {
     }
 
     fn find_held(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+        // A rename may move the node while it is being found (a retry
+        // finds it at its new place); one that keeps moving is ESTALE.
+        for _ in 0..3 {
+            if let Some(obj) = self.find_held_once(id)? {
+                return Ok(obj);
+            }
+        }
+        Err(errno(libc::ESTALE))
+    }
+
+    /// One try of [`FsCore::find_held`]: `None` if the node was renamed
+    /// meanwhile (what was found at its old place may be another object).
+    fn find_held_once(&self, id: NodeId) -> io::Result<Option<Arc<Obj>>> {
         let HeldNode {
             generation, origin, ..
         } = self
             .held(|h| h.nodes.get(&id.0).cloned())
             .ok_or_else(|| errno(libc::ESTALE))?;
+        let found_by = origin.clone();
         let (obj, key) = match origin {
             Origin::Main(handle) => {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
@@ -859,9 +873,23 @@ impl FsCore {
             }
         };
         let mut t = self.nodes.lock().unwrap();
+        // Read under the table's lock, as `forget` and `renamed` change
+        // them: the predecessors' lookups become this node's.
+        let lookups = match self.held(|h| {
+            h.nodes
+                .get(&id.0)
+                .map(|n| (n.origin == found_by, n.lookups))
+        }) {
+            Some((true, lookups)) => lookups,
+            Some((false, _)) => return Ok(None),
+            None => match t.by_id.get(&id.0) {
+                Some(node) => return Ok(Some(node.obj.clone())),
+                None => return Err(errno(libc::ESTALE)),
+            },
+        };
         match t.by_key.get(&key) {
             // Resolved meanwhile by another request, or by a lookup.
-            Some(&known) if known == id.0 => return Ok(t.by_id[&known].obj.clone()),
+            Some(&known) if known == id.0 => return Ok(Some(t.by_id[&known].obj.clone())),
             // The name now leads elsewhere (renamed over, removed and
             // reused): the kernel's node is gone.
             Some(_) => return Err(errno(libc::ESTALE)),
@@ -873,15 +901,10 @@ impl FsCore {
                 return Err(errno(libc::ESTALE));
             }
         }
-        // Read under the table's lock, as `forget` changes it: the
-        // predecessors' lookups become this node's.
-        let lookups = self
-            .held(|h| h.nodes.get(&id.0).map(|n| n.lookups))
-            .ok_or_else(|| errno(libc::ESTALE))?;
         t.insert(id.0, obj, key, generation, lookups);
         let node = t.by_id.get_mut(&id.0).expect("just inserted");
         node.journaled = true;
-        Ok(node.obj.clone())
+        Ok(Some(node.obj.clone()))
     }
 
     /// Has `watch` mark main's directories as the kernel learns them (the
