@@ -602,7 +602,7 @@ impl Bindings {
     /// inheritance, the child is from now on, whatever becomes of the
     /// parent.
     pub fn on_fork(&self, parent: i32, child: i32) {
-        let (found, generation) = {
+        let found = {
             let st = self.state.read().unwrap();
             // Most forks on the host are not ours: no /proc reads for them.
             if !covers(&st, parent) {
@@ -631,27 +631,29 @@ impl Bindings {
                     .filter(|i| p_start.is_none_or(|s| s == i.start))?;
                 Some((i.branch, i.from, 0))
             });
-            let found = match via {
+            match via {
                 Some((branch, from, since)) if c_start >= since => Some(Inherited {
                     start: c_start,
                     branch,
                     from,
                 }),
                 _ => None,
-            };
-            (found, st.generation)
+            }
         };
         if let Some(inherited) = found {
-            self.inherit(child, inherited, generation);
+            self.inherit(child, inherited);
         }
     }
 
-    /// Records that process `pid` inherited a binding, found in the
-    /// bindings of `generation`: not if they changed since (the binding
-    /// may be gone).
-    fn inherit(&self, pid: i32, inherited: Inherited, generation: u64) {
+    /// Records that process `pid` inherited a binding, unless that binding
+    /// went while it was being found (it must not come back this way).
+    fn inherit(&self, pid: i32, inherited: Inherited) {
         let mut st = self.state.write().unwrap();
-        if st.generation != generation {
+        let listed = st.list.iter().any(|b| match b.subject {
+            Subject::Pid { pid, start, .. } => (pid, start) == inherited.from,
+            Subject::Cgroup { .. } => false,
+        });
+        if !listed {
             return;
         }
         if st.inherited.len() >= CACHE_MAX {
@@ -687,7 +689,7 @@ impl Bindings {
                 branch,
                 from,
             };
-            self.inherit(tgid, inherited, generation);
+            self.inherit(tgid, inherited);
         }
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= CACHE_MAX {
