@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ErrorKind};
+use crate::hostfs;
 use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::root_cache::RootCache;
 use crate::snapshot::BranchId;
@@ -138,22 +139,14 @@ fn lives(pid: i32, start: u64) -> bool {
 /// The number of threads of process `pid` (a zombie's first thread
 /// counts until it is reaped).
 fn threads(pid: i32) -> usize {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
+    hostfs::proc_status(pid, "Threads")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
 /// The process (thread group) of thread `tid`.
 fn tgid_of(tid: i32) -> Option<i32> {
-    let text = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
+    hostfs::proc_status(tid, "Tgid")?.parse().ok()
 }
 
 /// The cgroup v2 path of a process (`0::` line of `/proc/PID/cgroup`).

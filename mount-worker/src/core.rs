@@ -207,13 +207,8 @@ impl SetIdBits {
 /// Whether process `pid` has CAP_FSETID in its effective set (false if it
 /// is gone: clearing is the safe side).
 fn has_cap_fsetid(pid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    hostfs::proc_status(pid, "CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|eff| eff & caps::Capability::CAP_FSETID.bitmask() != 0)
 }
 

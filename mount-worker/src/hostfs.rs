@@ -643,6 +643,15 @@ pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The value of field `key` in `/proc/<pid>/status` (`pid` may be
+/// `self`), trimmed; `None` if the process is gone or has no such field.
+pub fn proc_status(pid: impl std::fmt::Display, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
 /// Every entry of an open directory except `.` and `..`.
 pub fn read_dir_all(dir: &File) -> io::Result<Vec<DirEntry>> {
     let mut out = Vec::new();

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::fs;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
@@ -125,13 +124,8 @@ pub fn enter(source: BorrowedFd<'_>, state: BorrowedFd<'_>) -> Result<Report, Sa
 }
 
 fn thread_count() -> usize {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
+    crate::hostfs::proc_status("self", "Threads")
+        .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
 
