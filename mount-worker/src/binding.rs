@@ -133,7 +133,13 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
 /// Unless its first thread exited while others run: it is then a
 /// zombie in `/proc` too, with more than one thread counted.
 fn lives(pid: i32, start: u64) -> bool {
-    proc_stat(pid).is_some_and(|p| p.start == start && (!p.zombie || threads(pid) > 1))
+    proc_stat(pid).is_some_and(|p| p.start == start && alive(pid, &p))
+}
+
+/// Whether process `pid`, as `/proc` shows it in `p`, is not a zombie
+/// that only waits to be reaped (see [`lives`]).
+fn alive(pid: i32, p: &ProcStat) -> bool {
+    !p.zombie || threads(pid) > 1
 }
 
 /// The number of threads of process `pid` (a zombie's first thread
@@ -416,7 +422,7 @@ impl Bindings {
         };
         let tgid = tgid_of(pid).ok_or_else(gone)?;
         let start = proc_stat(tgid)
-            .filter(|p| lives(tgid, p.start))
+            .filter(|p| alive(tgid, p))
             .ok_or_else(gone)?
             .start;
         let binding = Binding {
@@ -642,11 +648,8 @@ impl Bindings {
     /// went while it was being found (it must not come back this way).
     fn inherit(&self, pid: i32, inherited: Inherited) {
         let mut st = self.state.write().unwrap();
-        let listed = st.list.iter().any(|b| match b.subject {
-            Subject::Pid { pid, start, .. } => (pid, start) == inherited.from,
-            Subject::Cgroup { .. } => false,
-        });
-        if !listed {
+        let (from_pid, from_start) = inherited.from;
+        if pid_binding(&st, from_pid, from_start).is_none() {
             return;
         }
         if st.inherited.len() >= CACHE_MAX {
@@ -702,19 +705,22 @@ impl Bindings {
 
 /// The branch of process `tgid`, and the pid binding it inherits it from
 /// if that is how it was found.
+/// The branch and bind time of the pid binding of process `pid` started
+/// at `start`, if it is listed.
+fn pid_binding(st: &State, pid: i32, start: u64) -> Option<(BranchId, u64)> {
+    st.list.iter().find_map(|b| match b.subject {
+        Subject::Pid {
+            pid: p,
+            start: s,
+            since,
+            ..
+        } if p == pid && s == start => Some((b.branch, since)),
+        _ => None,
+    })
+}
+
 fn resolve_in(st: &State, tgid: i32, me: &ProcStat) -> (Option<BranchId>, Option<(i32, u64)>) {
-    let pid_binding = |pid: i32, start: u64| {
-        st.list.iter().find_map(|b| match b.subject {
-            Subject::Pid {
-                pid: p,
-                start: s,
-                since,
-                ..
-            } if p == pid && s == start => Some((b.branch, since)),
-            _ => None,
-        })
-    };
-    if let Some((branch, _)) = pid_binding(tgid, me.start) {
+    if let Some((branch, _)) = pid_binding(st, tgid, me.start) {
         return (Some(branch), None);
     }
     if let Some(i) = st.inherited.get(&tgid).filter(|i| i.start == me.start) {
@@ -728,7 +734,7 @@ fn resolve_in(st: &State, tgid: i32, me: &ProcStat) -> (Option<BranchId>, Option
             break;
         }
         let Some(p) = proc_stat(cur) else { break };
-        if let Some((branch, since)) = pid_binding(cur, p.start) {
+        if let Some((branch, since)) = pid_binding(st, cur, p.start) {
             if below_start >= since {
                 return (Some(branch), Some((cur, p.start)));
             }
