@@ -1250,10 +1250,7 @@ impl FsCore {
         let forgotten = || Some(Record::Forget { id: node.0, n });
         let Some(entry) = t.by_id.get_mut(&node.0) else {
             // Held from a predecessor and never used since.
-            if self
-                .held(|h| h.nodes.contains_key(&node.0).then(|| h.forget(node.0, n)))
-                .is_some()
-            {
+            if self.held(|h| h.forget(node.0, n)).is_some() {
                 self.journal(forgotten);
             }
             return false;

@@ -135,13 +135,14 @@ impl Held {
                 generation,
                 origin,
             } => {
-                let node = self.nodes.entry(id).or_insert(HeldNode {
+                // A first lookup, or a new origin with the lookups kept.
+                let lookups = self.nodes.get(&id).map_or(1, |n| n.lookups.max(1));
+                let node = HeldNode {
                     generation,
-                    origin: origin.clone(),
-                    lookups: 0,
-                });
-                (node.generation, node.origin) = (generation, origin);
-                node.lookups = node.lookups.max(1);
+                    origin,
+                    lookups,
+                };
+                self.nodes.insert(id, node);
             }
             Record::Lookup { id, n } => {
                 if let Some(node) = self.nodes.get_mut(&id) {
@@ -170,17 +171,16 @@ impl Held {
         }
     }
 
-    /// Drops `n` lookups of node `id`; true if that was its last.
-    pub fn forget(&mut self, id: u64, n: u64) -> bool {
-        let Some(node) = self.nodes.get_mut(&id) else {
-            return false;
-        };
+    /// Drops `n` lookups of node `id`: whether that was its last, `None`
+    /// if it is not held.
+    pub fn forget(&mut self, id: u64, n: u64) -> Option<bool> {
+        let node = self.nodes.get_mut(&id)?;
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups > 0 {
-            return false;
+            return Some(false);
         }
         self.nodes.remove(&id);
-        true
+        Some(true)
     }
 
     fn records(&self) -> impl Iterator<Item = Record> + '_ {
@@ -434,18 +434,15 @@ impl Journal {
                 return;
             }
             let held = j.read(active, usize::MAX);
-            if !j.fold_into(&held, 1 - active) {
+            let folded = j.fold_into(&held, 1 - active);
+            if folded {
+                w.fold = Fold::Idle;
+                w.folded = j.used(1 - active).load(Ordering::Relaxed) as usize;
+            }
+            if !(folded && j.put(1 - active, &rec)) {
                 tracing::error!(
                     "handoff journal full: ids handed out from now on cannot be taken over after a crash"
                 );
-                w.enabled = false;
-                return;
-            }
-            (w.fold, w.folded) = (
-                Fold::Idle,
-                j.used(1 - active).load(Ordering::Relaxed) as usize,
-            );
-            if !j.put(1 - active, &rec) {
                 w.enabled = false;
                 return;
             }
