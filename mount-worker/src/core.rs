@@ -30,7 +30,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
@@ -362,12 +362,44 @@ struct OpenView {
     root: NodeId,
 }
 
+/// A directory the kernel opened. Its stream is made at the first READDIR
+/// (or FSYNCDIR): the kernel opens a directory whose listing it keeps
+/// ([`FsCore::listing_cacheable`]) only to read that listing, so making
+/// the stream at OPENDIR (a host open, or a merge of layers) was wasted.
+struct OpenDir {
+    node: NodeId,
+    stream: OnceLock<DirStream>,
+}
+
+impl OpenDir {
+    fn new(node: NodeId) -> OpenDir {
+        OpenDir {
+            node,
+            stream: OnceLock::new(),
+        }
+    }
+}
+
 /// An open directory stream.
 enum DirStream {
     /// A main directory, read from the host as the kernel asks.
     Host { dir: Mutex<File>, is_root: bool },
-    /// Entries fixed at opendir (snapshots and virtual directories).
+    /// Entries fixed when first read (snapshots, branches and virtual
+    /// directories).
     Listed(Vec<(u64, u8, Vec<u8>)>),
+}
+
+/// Where a name made in the source behind the mount's back is seen, so
+/// that the kernel may remember an absent name ([`FsCore::absence_cacheable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbsenceScope {
+    /// Nowhere: the mountpoint is elsewhere and nothing watches the source.
+    Nowhere,
+    /// In main's directories, for which the source watch reports changes
+    /// (what snapshots and branches show of main changes unreported).
+    Main,
+    /// Everywhere: a mount over its own source, out of reach behind it.
+    Everywhere,
 }
 
 /// The core of one mount.
@@ -383,7 +415,7 @@ pub struct FsCore {
     next_synthetic: AtomicU64,
     next_generation: AtomicU64,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
-    dirs: RwLock<HashMap<u64, Arc<DirStream>>>,
+    dirs: RwLock<HashMap<u64, Arc<OpenDir>>>,
     next_handle: AtomicU64,
     /// Where the catalog lives.
     state: PathBuf,
@@ -1309,19 +1341,20 @@ impl FsCore {
 
     /// Whether the kernel may remember that `name` is absent from `dir`,
     /// for as long as it caches names: in the tree's directories where it
-    /// may cache names (above), where a name can only appear through the
-    /// mount (the kernel then drops what it remembered) or behind its back
-    /// (seen within the same time as any change there). Not in the virtual
-    /// directories, whose names come with the catalog, nor under strict
-    /// isolation, where a confined caller holding another branch's
-    /// directory must be refused rather than told what it lacks.
-    pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
+    /// may cache names (above) and where `scope` says a name made behind
+    /// the mount's back is seen (the kernel drops what it remembered of a
+    /// name made through the mount). Not in the virtual directories, whose
+    /// names come with the catalog, nor under strict isolation, where a
+    /// confined caller holding another branch's directory must be refused
+    /// rather than told what it lacks.
+    pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr, scope: AbsenceScope) -> bool {
         self.isolation == Isolation::Routed
             && self.names_cacheable(dir, name)
-            && matches!(
-                self.obj(dir).as_deref(),
-                Ok(Obj::Main(_) | Obj::Snap(_) | Obj::Layer(_))
-            )
+            && match self.obj(dir).as_deref() {
+                Ok(Obj::Main(_)) => scope != AbsenceScope::Nowhere,
+                Ok(Obj::Snap(_) | Obj::Layer(_)) => scope == AbsenceScope::Everywhere,
+                Ok(Obj::Virtual) | Err(_) => false,
+            }
     }
 
     /// Whether the kernel may cache a node's attributes: not for the
@@ -1333,6 +1366,23 @@ impl FsCore {
             return self.bindings.root_shared();
         }
         node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE
+    }
+
+    /// Whether the kernel may keep a directory's listing across opens
+    /// (FOPEN_CACHE_DIR): only where every change to it reaches the
+    /// kernel, which then drops the listing itself (a change through the
+    /// mount) or is told to (the source watch's invalidation of main's
+    /// directories). So main's directories below the root while the watch
+    /// runs, and nothing else: the root's names depend on the caller,
+    /// `.agentfs/` changes with the catalog, and what snapshots and
+    /// branches show of main changes with a change behind the mount
+    /// (which is not preserved), unseen by the watch, which knows main's
+    /// nodes only: a kept listing would then name what a lookup no longer
+    /// finds.
+    pub fn listing_cacheable(&self, dir: NodeId) -> bool {
+        dir != NodeId::ROOT
+            && self.watch.is_some()
+            && matches!(self.obj(dir).as_deref(), Ok(Obj::Main(_)))
     }
 
     /// Lets the kernel cache names and attributes at the mount root while
@@ -2104,12 +2154,15 @@ impl FsCore {
         })
     }
 
-    /// Opens a directory stream.
+    /// Opens a directory (its stream is made when first read).
     pub fn opendir(&self, node: NodeId) -> io::Result<DirHandle> {
-        let stream = self.dir_stream(node)?;
+        self.obj(node)?;
         let dh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.journal(|| Some(Record::Dir { dh, node: node.0 }));
-        self.dirs.write().unwrap().insert(dh, Arc::new(stream));
+        self.dirs
+            .write()
+            .unwrap()
+            .insert(dh, Arc::new(OpenDir::new(node)));
         Ok(DirHandle(dh))
     }
 
@@ -2186,24 +2239,37 @@ impl FsCore {
         Ok(stream)
     }
 
-    fn dir(&self, dh: DirHandle) -> io::Result<Arc<DirStream>> {
-        if let Some(d) = self.dirs.read().unwrap().get(&dh.0) {
-            return Ok(d.clone());
+    /// An open directory.
+    fn dir(&self, dh: DirHandle) -> io::Result<Arc<OpenDir>> {
+        let dir = match self.dirs.read().unwrap().get(&dh.0) {
+            Some(d) => d.clone(),
+            None => {
+                // Opened by a predecessor. A host directory's offsets are
+                // the host file system's cookies and hold for the new
+                // stream; a listed one is listed again.
+                let node = self
+                    .held(|h| h.dirs.get(&dh.0).copied())
+                    .ok_or_else(|| errno(libc::EBADF))?;
+                self.dirs
+                    .write()
+                    .unwrap()
+                    .entry(dh.0)
+                    .or_insert_with(|| Arc::new(OpenDir::new(NodeId(node))))
+                    .clone()
+            }
+        };
+        Ok(dir)
+    }
+
+    /// The stream of an open directory, made now if not yet read.
+    fn stream<'a>(&self, open: &'a OpenDir) -> io::Result<&'a DirStream> {
+        if let Some(stream) = open.stream.get() {
+            return Ok(stream);
         }
-        // Opened by a predecessor. A host directory's offsets are the host
-        // file system's cookies and hold for the new stream; a listed one
-        // is listed again.
-        let node = self
-            .held(|h| h.dirs.get(&dh.0).copied())
-            .ok_or_else(|| errno(libc::EBADF))?;
-        let stream = Arc::new(self.dir_stream(NodeId(node))?);
-        Ok(self
-            .dirs
-            .write()
-            .unwrap()
-            .entry(dh.0)
-            .or_insert(stream)
-            .clone())
+        let stream = self.dir_stream(open.node)?;
+        // Should two reads race (the kernel reads one at a time), the
+        // first stream made is kept.
+        Ok(open.stream.get_or_init(|| stream))
     }
 
     /// Feeds directory entries from `offset` to `add` until it returns true
@@ -2215,7 +2281,8 @@ impl FsCore {
         offset: u64,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> io::Result<()> {
-        match &*self.dir(dh)? {
+        let open = self.dir(dh)?;
+        match self.stream(&open)? {
             DirStream::Host { dir, is_root } => {
                 // One reader at a time: the host stream position is shared.
                 let dir = dir.lock().unwrap();
@@ -2270,7 +2337,8 @@ impl FsCore {
 
     /// Flushes a directory to the host disk.
     pub fn fsyncdir(&self, dh: DirHandle, datasync: bool) -> io::Result<()> {
-        match &*self.dir(dh)? {
+        let open = self.dir(dh)?;
+        match self.stream(&open)? {
             DirStream::Host { dir, .. } => {
                 let dir = dir.lock().unwrap();
                 if datasync {

@@ -18,7 +18,9 @@ use fuser::{
 
 use std::sync::Arc;
 
-use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits, Time};
+use crate::core::{
+    AbsenceScope, Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits, Time,
+};
 use crate::hostfs::{Stat, XattrReply};
 use crate::passthrough::{Open, Passthrough};
 use crate::trim::Trimmer;
@@ -66,11 +68,10 @@ pub struct Tuning {
     /// behind the mount's back, so this only bounds how long a change the
     /// watch does not see can go unseen (config `cache_timeout_ms`).
     pub cache_timeout: Duration,
-    /// Whether the kernel may also remember, for `cache_timeout`, that a
-    /// name is absent. Only for a mount over its own source: where the
-    /// source can be changed behind the mount's back, a name made there
-    /// would be listed by readdir yet not found for that long.
-    pub remember_absence: bool,
+    /// Where the kernel may also remember, for `cache_timeout`, that a
+    /// name is absent: where a name made in the source behind the mount's
+    /// back can be listed by readdir yet not found for that long, nowhere.
+    pub absence: AbsenceScope,
 }
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
@@ -380,8 +381,9 @@ impl Filesystem for Adapter {
             // A zero node id with a time: the kernel remembers the absence.
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOENT)
-                    && self.tuning.remember_absence
-                    && self.core.absence_cacheable(node(parent), name) =>
+                    && self
+                        .core
+                        .absence_cacheable(node(parent), name, self.tuning.absence) =>
             {
                 // SAFETY: an all-zero `struct stat` is a valid value.
                 let none: Stat = unsafe { std::mem::zeroed() };
@@ -752,8 +754,19 @@ impl Filesystem for Adapter {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.at(req, ino).and_then(|n| self.core.opendir(n)) {
-            Ok(dh) => reply.opened(fuser::FileHandle(dh.0), FopenFlags::empty()),
+        let r = self.at(req, ino).and_then(|n| {
+            let keep = self.core.listing_cacheable(n);
+            Ok((self.core.opendir(n)?, keep))
+        });
+        match r {
+            Ok((dh, keep)) => {
+                let flags = if keep {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(fuser::FileHandle(dh.0), flags)
+            }
             Err(e) => reply.error(err(e)),
         }
     }

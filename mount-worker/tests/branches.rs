@@ -753,13 +753,6 @@ fn a_name_renamed_into_the_root_is_not_seen_by_the_other_views() {
 /// it; the bound process still sees its branch at the root at once.
 #[test]
 fn a_mount_inside_the_mount_survives_the_first_binding() {
-    /// Unmounts the tmpfs inside the mount in all cases.
-    struct Inner(PathBuf);
-    impl Drop for Inner {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let m = Mount::builder()
         .over_source()
         .populate(|s| {
@@ -770,22 +763,16 @@ fn a_mount_inside_the_mount_survives_the_first_binding() {
     make_views(&m);
     let shared = m.path().join("shared.txt");
     assert_eq!(fs::read_to_string(&shared).unwrap(), content("main"));
-    let inner = Inner(m.path().join("inner"));
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "agentfs-test-inner"])
-        .arg(&inner.0)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount a tmpfs inside the mount");
-    fs::write(inner.0.join("on-tmpfs"), b"kept").unwrap();
+    let inner = common::Tmpfs::mount(&m.path().join("inner"));
+    fs::write(inner.path().join("on-tmpfs"), b"kept").unwrap();
 
     let (_bound, _) = bound_reader(&m, &shared);
     assert_eq!(
-        fs::read(inner.0.join("on-tmpfs")).unwrap(),
+        fs::read(inner.path().join("on-tmpfs")).unwrap(),
         b"kept",
         "the tmpfs inside is still mounted"
     );
-    assert!(common::mounts().iter().any(|(p, _)| *p == inner.0));
+    assert!(common::mounts().iter().any(|(p, _)| p == inner.path()));
 }
 
 #[test]

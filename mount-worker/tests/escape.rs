@@ -30,15 +30,6 @@ fn outside(m: &common::Mount) -> PathBuf {
     o
 }
 
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A directory the kernel has looked up is replaced on the host by a
 /// symlink to a directory outside. Creating a file in it through the mount
 /// either reaches the original directory (the worker holds it by
@@ -63,7 +54,7 @@ fn a_directory_swapped_for_a_symlink_does_not_redirect_the_worker() {
         &format!("echo new > {}/d/new", m.path().display()),
     );
     assert_eq!(
-        listing(&out),
+        common::names(&out),
         ["f"],
         "the worker wrote outside ({created:?})"
     );
@@ -90,7 +81,7 @@ fn a_hard_link_to_outside_is_copied_up_not_written_through() {
     fs::write(&in_branch, "branch\n").unwrap();
     assert_eq!(fs::read_to_string(&in_branch).unwrap(), "branch\n");
     assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "outside\n");
-    assert_eq!(listing(&out), ["f"]);
+    assert_eq!(common::names(&out), ["f"]);
 }
 
 /// Names with dots never leave the tree: `..` out of `.agentfs` and out of
@@ -104,7 +95,7 @@ fn dot_dot_through_agentfs_stays_in_the_mount() {
     common::branch(&m, "s", "b");
     let up = m.path().join(".agentfs/branches/b/../../../top");
     assert_eq!(fs::read_to_string(&up).unwrap(), "main\n");
-    assert_eq!(listing(&out), ["f"]);
+    assert_eq!(common::names(&out), ["f"]);
 }
 
 /// Directories of the race's source that hold files ("" is the root).
@@ -416,7 +407,7 @@ fn rename_races_during_copy_up_touch_nothing_outside() {
         symlink(&out, src.join(parent).join(format!(".l-{child}"))).unwrap();
     }
     let parent = src.parent().unwrap().to_path_buf();
-    let parent_before = listing(&parent);
+    let parent_before = common::names(&parent);
     let outside_before = common::tree(&out);
     let outside_mtime = fs::metadata(&out).unwrap().modified().unwrap();
     // Every open, read, write, change of attributes, creation, removal and
@@ -481,14 +472,14 @@ fn rename_races_during_copy_up_touch_nothing_outside() {
     let reads = AddWatchFlags::IN_OPEN | AddWatchFlags::IN_ACCESS | AddWatchFlags::IN_CLOSE_NOWRITE;
     events.retain(|e| !(e.name.as_deref() == Some("hl".as_ref()) && reads.contains(e.mask)));
     assert!(events.is_empty(), "events outside: {events:?}");
-    assert_eq!(listing(&out), ["f", "hl"], "new files outside");
+    assert_eq!(common::names(&out), ["f", "hl"], "new files outside");
     assert_eq!(common::tree(&out), outside_before, "outside changed");
     assert_eq!(
         fs::metadata(&out).unwrap().modified().unwrap(),
         outside_mtime
     );
     assert_eq!(
-        listing(&parent),
+        common::names(&parent),
         parent_before,
         "new files next to the source"
     );

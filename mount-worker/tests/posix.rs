@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, Permi
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::{Mount, soon};
+use common::{Mount, names, soon};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -275,6 +275,100 @@ fn the_source_watch_forgets_an_absent_name_made_behind_the_mount() {
     assert!(!later.exists());
     fs::write(&behind, b"").unwrap();
     assert!(soon(|| later.exists()));
+}
+
+/// With the source watch, the kernel keeps what it learnt of main's
+/// directories for the cache timeout, mountpoint elsewhere or not: that a
+/// name is absent, and a directory's listing (FOPEN_CACHE_DIR). Shown in
+/// a directory the watch cannot see into (a tmpfs mounted inside the
+/// source), where a change behind the mount goes unseen for the timeout;
+/// what the watch sees shows at once (the tests above), and so does every
+/// change through the mount.
+#[test]
+fn with_the_watch_absent_names_and_listings_are_kept() {
+    let m = Mount::builder()
+        .populate(|s| fs::create_dir(s.join("d")).unwrap())
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    let inner = common::Tmpfs::mount(&m.source().join("d"));
+    let d = m.path().join("d");
+    fs::write(inner.path().join("first"), b"").unwrap();
+    // The kernel checks a kept listing against the directory's attributes
+    // the first time it uses it, which it fetches after a listing is read.
+    assert_eq!(names(&d), ["first"]);
+    assert_eq!(names(&d), ["first"]);
+    assert!(!d.join("later").exists());
+    fs::write(inner.path().join("later"), b"").unwrap();
+    assert!(!d.join("later").exists(), "the absence is kept");
+    assert_eq!(names(&d), ["first"], "the listing is kept");
+
+    // A change through the mount drops both.
+    fs::write(d.join("made"), b"").unwrap();
+    assert_eq!(names(&d), ["first", "later", "made"]);
+    fs::remove_file(d.join("first")).unwrap();
+    assert_eq!(names(&d), ["later", "made"]);
+    fs::rename(d.join("made"), d.join("renamed")).unwrap();
+    assert_eq!(names(&d), ["later", "renamed"]);
+}
+
+/// Listings the kernel keeps follow every change, in main (through the
+/// mount and behind it), in a branch (by path and by its root), and not in
+/// a snapshot, which never changes.
+#[test]
+fn kept_listings_follow_every_change() {
+    let m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir_all(s.join("d/e")).unwrap();
+            fs::write(s.join("d/a"), b"").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    let d = m.path().join("d");
+    assert_eq!(names(&d), ["a", "e"]);
+    fs::write(m.source().join("d/behind"), b"").unwrap();
+    assert!(
+        soon(|| names(&d) == ["a", "behind", "e"]),
+        "{:?}",
+        names(&d)
+    );
+    fs::remove_file(m.source().join("d/behind")).unwrap();
+    assert!(soon(|| names(&d) == ["a", "e"]), "{:?}", names(&d));
+
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    let snap = m.path().join(".agentfs/snapshots/s/d");
+    let b = common::branch_dir(&m, "b");
+    for dir in [&snap, &b.join("d"), &b.join("d/e")] {
+        names(dir);
+    }
+    fs::write(d.join("new-in-main"), b"").unwrap();
+    fs::write(b.join("d/new-in-b"), b"").unwrap();
+    fs::rename(b.join("d/a"), b.join("d/e/a")).unwrap();
+    assert_eq!(names(&d), ["a", "e", "new-in-main"]);
+    assert_eq!(names(&snap), ["a", "e"]);
+    assert_eq!(names(&b.join("d")), ["e", "new-in-b"]);
+    assert_eq!(names(&b.join("d/e")), ["a"]);
+    // A process bound to the branch changes the same directories through
+    // the mount root.
+    let mnt = m.path().display();
+    let mut bound = common::held_command("sh")
+        .arg("-c")
+        .arg(format!(
+            "touch {mnt}/d/bound && mv {mnt}/d/new-in-b {mnt}/d/e/"
+        ))
+        .spawn()
+        .unwrap();
+    common::bind_pid(&m, "b", bound.id());
+    common::release(&mut bound);
+    assert!(bound.wait().unwrap().success());
+    assert_eq!(names(&b.join("d")), ["bound", "e"]);
+    assert_eq!(names(&b.join("d/e")), ["a", "new-in-b"]);
+    assert_eq!(names(&d), ["a", "e", "new-in-main"]);
+    fs::remove_dir_all(b.join("d/e")).unwrap();
+    assert_eq!(names(&b.join("d")), ["bound"]);
+    assert_eq!(names(&snap), ["a", "e"]);
 }
 
 #[test]

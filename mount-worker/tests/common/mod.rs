@@ -753,6 +753,41 @@ pub fn assert_read_only(dir: &Path) {
     );
 }
 
+/// The names in `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A tmpfs mounted at a directory, unmounted (lazily) in all cases.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path) -> Tmpfs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "agentfs-test-inner"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Whether `cond` holds within five seconds (checked every 10 ms): for
 /// what the source watch shows of a change made behind the mount, a few
 /// milliseconds after it.
