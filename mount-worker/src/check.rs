@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::control::validate_name;
 use crate::hostfs::HostHandle;
 use crate::preserve::{EntryRec, Meta};
-use crate::snapshot::{Catalog, LayerId, SnapshotId};
+use crate::snapshot::{Catalog, LayerId, Loaded, SnapshotId};
 
 /// What a check found.
 #[derive(Debug, Default)]
@@ -33,8 +33,16 @@ pub struct Report {
 /// Checks the state directory `state`.
 pub fn check(state: &Path) -> io::Result<Report> {
     let mut r = Report::default();
-    let catalog = match Catalog::load(state) {
-        Ok(c) => Some(c),
+    let catalog = match Loaded::read(state) {
+        Ok(l) => {
+            if l.torn > 0 {
+                r.garbage.push(format!(
+                    "catalog.log: {} bytes after the last whole line: an interrupted catalog write",
+                    l.torn
+                ));
+            }
+            Some(l.catalog)
+        }
         Err(e) => {
             r.problems.push(e.to_string());
             None

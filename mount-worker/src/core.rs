@@ -41,7 +41,7 @@ use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top
 use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
-use crate::snapshot::{Branch, Catalog, LayerId, Snapshot, SnapshotId};
+use crate::snapshot::{Branch, Catalog, CatalogWriter, LayerId, Loaded, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
 use crate::watch::SourceWatch;
 
@@ -420,6 +420,8 @@ pub struct FsCore {
     /// Where the catalog lives.
     state: PathBuf,
     catalog: Mutex<Catalog>,
+    /// Writes it; locked only while `catalog` is.
+    catalog_writer: Mutex<CatalogWriter>,
     store: PreImageStore,
     /// The newest snapshot of main and what main created since. Every
     /// change to main holds this for reading from its preservation to its
@@ -503,7 +505,10 @@ impl FsCore {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(errno(libc::ENOTDIR));
         }
-        let catalog = Catalog::load(state).map_err(|e| io::Error::other(e.to_string()))?;
+        let loaded = Loaded::read(state).map_err(|e| io::Error::other(e.to_string()))?;
+        let writer =
+            CatalogWriter::open(state, &loaded).map_err(|e| io::Error::other(e.to_string()))?;
+        let catalog = loaded.catalog;
         let store = PreImageStore::open(state)?;
         let mut table = NodeTable::default();
         table.insert(
@@ -533,6 +538,7 @@ impl FsCore {
             state: state.to_owned(),
             latest: RwLock::new(Latest::new(catalog.latest_epoch())),
             catalog: Mutex::new(catalog),
+            catalog_writer: Mutex::new(writer),
             store,
             views: RwLock::default(),
             bindings,
@@ -2407,6 +2413,12 @@ impl FsCore {
         hostfs::removexattr(fd.as_fd(), name)
     }
 
+    /// Makes `next` the saved catalog (the caller holds `catalog`'s lock
+    /// and replaces it on success).
+    fn save_catalog(&self, next: &Catalog) -> Result<(), crate::snapshot::CatalogError> {
+        self.catalog_writer.lock().unwrap().save(next)
+    }
+
     /// Takes a snapshot of main (O(1): one catalog write). `name` defaults
     /// to `snap-<id>`.
     pub fn snapshot_create(&self, name: Option<String>) -> Result<Snapshot, ControlError> {
@@ -2419,7 +2431,7 @@ impl FsCore {
         let mut next = catalog.clone();
         let snap = next.add(name);
         self.preserve_unseen(snap.epoch)?;
-        next.save(&self.state).map_err(|e| catalog_error(&e))?;
+        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
         *catalog = next;
         *latest = Latest::new(Some(snap.epoch));
         tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, took_us = micros(started), "snapshot of main created");
@@ -2477,7 +2489,7 @@ impl FsCore {
         let old_top = Part::Layer(self.open_tree(b.layers[0])?);
         self.create_layer(layer, &old_top)?;
         let top = self.open_top(layer)?;
-        if let Err(e) = next.save(&self.state) {
+        if let Err(e) = self.save_catalog(&next) {
             let _ = std::fs::remove_dir_all(self.layer_dir(layer));
             return Err(catalog_error(&e));
         }
@@ -2525,7 +2537,7 @@ impl FsCore {
         let mut catalog = self.catalog.lock().unwrap();
         let mut next = catalog.clone();
         let (removed, number) = edit(&mut next)?;
-        next.save(&self.state).map_err(|e| catalog_error(&e))?;
+        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
         let unused: Vec<LayerId> = catalog
             .layers_in_use()
             .difference(&next.layers_in_use())
@@ -2605,7 +2617,7 @@ impl FsCore {
         let b = next.add_branch(name, &from);
         let root = self.root_part(&from.layers, from.id, from.epoch)?;
         self.create_layer(b.layers[0], &root)?;
-        if let Err(e) = next.save(&self.state) {
+        if let Err(e) = self.save_catalog(&next) {
             let _ = std::fs::remove_dir_all(self.layer_dir(b.layers[0]));
             return Err(catalog_error(&e));
         }
@@ -2669,7 +2681,7 @@ impl FsCore {
         let mut catalog = self.catalog.lock().unwrap();
         let mut next = catalog.clone();
         next.bindings = list.to_vec();
-        next.save(&self.state).map_err(|e| catalog_error(&e))?;
+        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
         *catalog = next;
         Ok(())
     }

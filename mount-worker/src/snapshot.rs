@@ -1,10 +1,11 @@
 //! The catalog: snapshots, branches, their layers and the bindings,
-//! persisted atomically in `<state>/catalog.json` (see
+//! persisted in `<state>/catalog.json` and `<state>/catalog.log` (see
 //! specs/state-format.md). One owner: FsCore keeps the only live copy.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,9 +15,15 @@ use crate::binding::Binding;
 
 /// Name of the catalog file in the state directory.
 const CATALOG: &str = "catalog.json";
+/// Name of the catalog log: every change appends the whole new catalog as
+/// one line, which wins over `catalog.json`.
+const LOG: &str = "catalog.log";
+/// The log is folded into `catalog.json` once it is this long, or eight
+/// lines long for a larger catalog (many bindings).
+const LOG_LIMIT: u64 = 1 << 20;
 /// The format this worker writes. It also reads version 1 (snapshots of
-/// main only), which version 2 extends with defaulted fields.
-pub const FORMAT_VERSION: u32 = 2;
+/// main only) and 2 (no log), which version 3 extends.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Id of a snapshot. It is also the snapshot's view number in node ids, so
 /// ids are never reused within a state directory.
@@ -136,28 +143,16 @@ impl Catalog {
     /// Loads the catalog of `state`, or returns a new empty one when the
     /// state directory has none yet (it is written on the first change).
     pub fn load(state: &Path) -> Result<Catalog, CatalogError> {
-        let path = state.join(CATALOG);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Catalog {
-                    format: "agentfs-state".into(),
-                    version: FORMAT_VERSION,
-                    main_epoch: 1,
-                    next_id: 1,
-                    snapshots: Vec::new(),
-                    next_layer: 1,
-                    branches: Vec::new(),
-                    bindings: Vec::new(),
-                });
-            }
-            Err(e) => return Err(CatalogError::Io(path, e)),
-        };
-        let mut c: Catalog = serde_json::from_str(&text)
-            .map_err(|e| CatalogError::Invalid(path.clone(), e.to_string()))?;
+        Ok(Loaded::read(state)?.catalog)
+    }
+
+    /// Parses and checks one catalog text (of `path`, for errors).
+    fn parse(path: &Path, text: &[u8]) -> Result<Catalog, CatalogError> {
+        let mut c: Catalog = serde_json::from_slice(text)
+            .map_err(|e| CatalogError::Invalid(path.to_owned(), e.to_string()))?;
         if c.format != "agentfs-state" || !(1..=FORMAT_VERSION).contains(&c.version) {
             return Err(CatalogError::Invalid(
-                path,
+                path.to_owned(),
                 format!("format {:?} version {}", c.format, c.version),
             ));
         }
@@ -165,9 +160,22 @@ impl Catalog {
         Ok(c)
     }
 
-    /// Writes the catalog so that a crash leaves either the old or the new
-    /// one: temporary file, fsync, rename, fsync of the directory.
-    pub fn save(&self, state: &Path) -> Result<(), CatalogError> {
+    fn empty() -> Catalog {
+        Catalog {
+            format: "agentfs-state".into(),
+            version: FORMAT_VERSION,
+            main_epoch: 1,
+            next_id: 1,
+            snapshots: Vec::new(),
+            next_layer: 1,
+            branches: Vec::new(),
+            bindings: Vec::new(),
+        }
+    }
+
+    /// Replaces `catalog.json` so that a crash leaves either the old or the
+    /// new one: temporary file, fsync, rename, fsync of the directory.
+    fn write_json(&self, state: &Path) -> Result<(), CatalogError> {
         let tmp = state.join("catalog.json.tmp");
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
@@ -300,8 +308,285 @@ impl Catalog {
     }
 }
 
+/// The catalog as a state directory holds it, and where its log ends.
+pub struct Loaded {
+    /// The newest catalog: the log's last whole line, else `catalog.json`.
+    pub catalog: Catalog,
+    /// Whether `catalog.log` exists (the state is of format 3).
+    logged: bool,
+    /// The length of the log up to the end of its last whole line.
+    log_valid: u64,
+    /// Bytes after it: a line a crash cut off before it was acknowledged.
+    pub torn: u64,
+}
+
+impl Loaded {
+    /// Reads the catalog of `state`. `catalog.json` is parsed even when the
+    /// log has a newer catalog, so that damage to it is reported.
+    pub fn read(state: &Path) -> Result<Loaded, CatalogError> {
+        let path = state.join(CATALOG);
+        let mut catalog = match fs::read(&path) {
+            Ok(text) => Catalog::parse(&path, &text)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Catalog::empty(),
+            Err(e) => return Err(CatalogError::Io(path, e)),
+        };
+        let path = state.join(LOG);
+        let log = match fs::read(&path) {
+            Ok(log) => log,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Loaded {
+                    catalog,
+                    logged: false,
+                    log_valid: 0,
+                    torn: 0,
+                });
+            }
+            Err(e) => return Err(CatalogError::Io(path, e)),
+        };
+        // Whole lines end with a newline. A crash can leave the last one
+        // cut, or of the right length with pages of zeros inside: that
+        // line was never acknowledged (each is flushed before its change
+        // is), so the one before stands. Two bad lines are damage.
+        let mut ends: Vec<usize> = log
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'\n')
+            .map(|(i, _)| i + 1)
+            .collect();
+        let mut valid = 0;
+        for attempt in 0..2 {
+            let Some(&end) = ends.last() else { break };
+            ends.pop();
+            let start = ends.last().copied().unwrap_or(0);
+            match Catalog::parse(&path, &log[start..end]) {
+                Ok(c) => {
+                    catalog = c;
+                    valid = end;
+                    break;
+                }
+                Err(e) if attempt == 1 => {
+                    return Err(CatalogError::Invalid(
+                        path,
+                        format!("line {}: {e}", ends.len() + 1),
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(Loaded {
+            catalog,
+            logged: true,
+            log_valid: valid as u64,
+            torn: (log.len() - valid) as u64,
+        })
+    }
+}
+
+/// Writes each change of the catalog with one flush: appended to
+/// `catalog.log` and fdatasync'd, folded into `catalog.json` once the log
+/// is long.
+pub struct CatalogWriter {
+    state: PathBuf,
+    /// The log, once started (the state is then of format 3).
+    log: Option<File>,
+    /// Its length.
+    len: u64,
+    /// [`LOG_LIMIT`] (lower in tests).
+    limit: u64,
+}
+
+impl CatalogWriter {
+    /// The writer of `state`, whose catalog was `loaded`: a line a crash
+    /// cut off the log is cut off the file, so that the next one starts on
+    /// a line of its own.
+    pub fn open(state: &Path, loaded: &Loaded) -> Result<CatalogWriter, CatalogError> {
+        let path = state.join(LOG);
+        let log = if loaded.logged {
+            let log = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| CatalogError::Io(path.clone(), e))?;
+            if loaded.torn > 0 {
+                log.set_len(loaded.log_valid)
+                    .and_then(|()| log.sync_data())
+                    .map_err(|e| CatalogError::Io(path.clone(), e))?;
+            }
+            Some(log)
+        } else {
+            None
+        };
+        Ok(CatalogWriter {
+            state: state.to_owned(),
+            log,
+            len: loaded.log_valid,
+            limit: LOG_LIMIT,
+        })
+    }
+
+    /// Makes `c` the catalog, durably, or leaves the old one.
+    pub fn save(&mut self, c: &Catalog) -> Result<(), CatalogError> {
+        let mut line = serde_json::to_vec(c).expect("catalog serializes");
+        line.push(b'\n');
+        let limit = self.limit.max(8 * line.len() as u64);
+        match &self.log {
+            Some(_) if self.len + line.len() as u64 <= limit => self.append(&line),
+            _ => self.fold(c, &line),
+        }
+    }
+
+    /// Appends one line and flushes it; on failure the log is cut back.
+    fn append(&mut self, line: &[u8]) -> Result<(), CatalogError> {
+        let log = self.log.as_ref().expect("the log is started");
+        let r = log
+            .write_all_at(line, self.len)
+            .and_then(|()| log.sync_data());
+        if let Err(e) = r {
+            // ENOSPC or EIO: the old catalog stands. Should the cut fail
+            // too, the line is torn and the next start cuts it.
+            let _ = log.set_len(self.len);
+            return Err(CatalogError::Io(self.state.join(LOG), e));
+        }
+        self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Folds the log into `catalog.json` with `c` last. The log's last
+    /// line equals `catalog.json` throughout: `c` is appended first (the
+    /// change is then made), then `catalog.json` replaced, then the log
+    /// emptied. The first fold starts the log instead, after a
+    /// `catalog.json` of format 3 (the change is then made), which an
+    /// older worker refuses instead of missing what the log holds.
+    fn fold(&mut self, c: &Catalog, line: &[u8]) -> Result<(), CatalogError> {
+        let started = self.log.is_some();
+        if started {
+            self.append(line)?;
+        } else {
+            c.write_json(&self.state)?;
+        }
+        // The change is durable: what fails from here only leaves the log
+        // longer, to be folded at the next change.
+        if let Err(e) = self.finish_fold(c, started) {
+            tracing::warn!("the catalog log could not be folded (the change is saved): {e}");
+        }
+        Ok(())
+    }
+
+    fn finish_fold(&mut self, c: &Catalog, started: bool) -> Result<(), CatalogError> {
+        let path = self.state.join(LOG);
+        let io = |e| CatalogError::Io(path.clone(), e);
+        if started {
+            c.write_json(&self.state)?;
+            self.log.as_ref().expect("started").set_len(0).map_err(io)?;
+        } else {
+            let log = File::create(&path).map_err(io)?;
+            File::open(&self.state)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+            self.log = Some(log);
+        }
+        self.len = 0;
+        Ok(())
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(state: &Path) -> CatalogWriter {
+        CatalogWriter::open(state, &Loaded::read(state).unwrap()).unwrap()
+    }
+
+    fn names(state: &Path) -> Vec<String> {
+        let c = Loaded::read(state).unwrap().catalog;
+        c.snapshots.into_iter().map(|s| s.name).collect()
+    }
+
+    fn append_raw(state: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(state.join(LOG))
+            .unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    /// Saves snapshots `names` one by one, each a change of its own.
+    fn save_all(w: &mut CatalogWriter, c: &mut Catalog, names: &[&str]) {
+        for n in names {
+            c.add(n.to_string());
+            w.save(c).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_first_change_writes_format_3_then_changes_are_log_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["a", "b", "c"]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(d.path().join(CATALOG)).unwrap()).unwrap();
+        assert_eq!(json["version"], 3);
+        assert_eq!(json["snapshots"].as_array().unwrap().len(), 1);
+        let log = fs::read_to_string(d.path().join(LOG)).unwrap();
+        assert_eq!(log.lines().count(), 2, "{log}");
+        assert_eq!(names(d.path()), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_line_cut_by_a_crash_is_skipped_and_cut_off_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        save_all(&mut writer(d.path()), &mut c, &["a", "b"]);
+        // Cut short, and of full length with a page of zeros inside.
+        for torn in [&b"{\"format\":\"agentfs-st"[..], &[0u8; 300]] {
+            append_raw(d.path(), torn);
+            let loaded = Loaded::read(d.path()).unwrap();
+            assert_eq!(loaded.torn, torn.len() as u64);
+            assert_eq!(names(d.path()), ["a", "b"]);
+            let mut w = writer(d.path());
+            assert_eq!(Loaded::read(d.path()).unwrap().torn, 0);
+            c.add("c".into());
+            w.save(&c).unwrap();
+            c.snapshots.pop();
+            w.save(&c).unwrap();
+        }
+        append_raw(d.path(), b"\0\0\0\n");
+        assert_eq!(names(d.path()), ["a", "b"], "a whole line of zeros");
+        // Two bad lines are not a crash's doing.
+        append_raw(d.path(), b"{}\n");
+        let e = Loaded::read(d.path()).err().expect("damage");
+        assert!(e.to_string().contains("catalog.log"), "{e}");
+    }
+
+    #[test]
+    fn a_long_log_is_folded_into_catalog_json() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["a", "b"]);
+        w.limit = 0; // folds at eight times the line's length
+        let more: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        save_all(&mut w, &mut c, &more);
+        let json = Catalog::parse(
+            &d.path().join(CATALOG),
+            &fs::read(d.path().join(CATALOG)).unwrap(),
+        )
+        .unwrap();
+        assert!(json.snapshots.len() > 2, "folded");
+        let log = fs::read(d.path().join(LOG)).unwrap();
+        assert!(log.len() < 8 * 2000, "{} bytes", log.len());
+        assert_eq!(names(d.path()).len(), 32);
+        assert_eq!(names(d.path())[31], "s29");
+        // Appends after a fold.
+        save_all(&mut w, &mut c, &["k"]);
+        assert_eq!(names(d.path()).len(), 33);
+    }
 }

@@ -1534,21 +1534,55 @@ fn full_state_directory_fails_branch_changes_cleanly() {
     assert_eq!(fs::read(a.join("big")).unwrap(), vec![7u8; 3 << 20]);
     fs::write(a.join("small"), b"changed").unwrap();
     snapshot(&m, Some("a"), "a1");
-    // Fill the rest: creating a branch or a snapshot of one fails whole.
+    // Fill the rest: creating a branch or a snapshot of one fails whole
+    // once the catalog's log needs a page it cannot get (the room left in
+    // its last page may take a few more lines first; each is complete).
     let filler = m.state_dir().join("filler");
     let _ = fs::write(&filler, vec![0u8; 1 << 20]);
-    for req in [
-        Request::BranchCreate {
-            snapshot: "base".into(),
-            name: Some("b".into()),
-        },
-        Request::SnapshotCreate {
-            branch: Some("a".into()),
-            name: Some("a2".into()),
-        },
-    ] {
-        let e = ctl(&m, req.clone()).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::NoSpace, "{req:?}: {}", e.message);
+    let mut made = Vec::new();
+    for kind in ["branch", "snapshot"] {
+        let failed = (0..64).find_map(|i| {
+            let req = match kind {
+                "branch" => Request::BranchCreate {
+                    snapshot: "base".into(),
+                    name: Some(format!("full-b{i}")),
+                },
+                _ => Request::SnapshotCreate {
+                    branch: Some("a".into()),
+                    name: Some(format!("full-a{i}")),
+                },
+            };
+            match ctl(&m, req) {
+                Ok(_) => {
+                    made.push((kind, i));
+                    None
+                }
+                Err(e) => Some((i, e)),
+            }
+        });
+        let (i, e) = failed.expect("64 catalog lines fit in the room left");
+        assert_eq!(e.kind, ErrorKind::NoSpace, "{kind} {i}: {}", e.message);
+        let dir = match kind {
+            "branch" => branch_dir(&m, &format!("full-b{i}")),
+            _ => snapshot_dir(&m, &format!("full-a{i}")),
+        };
+        assert!(
+            !dir.exists(),
+            "a failed {kind} creation left {}",
+            dir.display()
+        );
+    }
+    for (kind, i) in made {
+        let f = match kind {
+            "branch" => branch_dir(&m, &format!("full-b{i}")).join("small"),
+            _ => snapshot_dir(&m, &format!("full-a{i}")).join("small"),
+        };
+        let want: &[u8] = if kind == "branch" {
+            b"small"
+        } else {
+            b"changed"
+        };
+        assert_eq!(fs::read(&f).unwrap(), want, "{}", f.display());
     }
     let e = fs::write(a.join("new"), vec![1u8; 64 << 10]).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");

@@ -419,7 +419,7 @@ fn a_failing_state_disk_refuses_changes_and_damages_nothing() {
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Io, "{}", e.message);
     assert!(
-        e.message.contains("catalog.json") && e.message.contains("nothing was changed"),
+        e.message.contains("catalog.log") && e.message.contains("nothing was changed"),
         "{}",
         e.message
     );
@@ -479,7 +479,7 @@ fn a_state_disk_failing_with_eio_refuses_changes_and_damages_nothing() {
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Io, "{}", e.message);
     assert!(
-        e.message.contains("catalog.json") && e.message.contains("nothing was changed"),
+        e.message.contains("catalog.log") && e.message.contains("nothing was changed"),
         "{}",
         e.message
     );
