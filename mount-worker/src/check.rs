@@ -157,7 +157,8 @@ pub fn check(state: &Path) -> io::Result<Report> {
 }
 
 /// Every layer a view uses is a directory with `tree/` and `work/`; layers
-/// nobody uses and files left in `work/` are garbage.
+/// nobody uses (but the spare, `crate::spare`) and files left in `work/`
+/// are garbage.
 fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
     let in_use = c.layers_in_use();
     for l in &in_use {
@@ -193,9 +194,12 @@ fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
         Err(e) => return Err(e),
     };
     for e in rd {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        let used = name.parse().is_ok_and(|id| in_use.contains(&LayerId(id)));
-        if !used {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = name.parse().ok().map(LayerId);
+        let used = id.is_some_and(|id| in_use.contains(&id));
+        let spare = id == Some(LayerId(c.next_layer)) && crate::spare::is_spare(&e.path());
+        if !used && !spare {
             r.garbage
                 .push(format!("layers/{name}: no snapshot or branch uses it"));
         }

@@ -43,6 +43,7 @@ use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::snapshot::{Branch, Catalog, CatalogWriter, LayerId, Loaded, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
+use crate::spare::{self, Spare};
 use crate::watch::SourceWatch;
 
 /// A FUSE node id. `NodeId::ROOT` is the mount root.
@@ -422,6 +423,8 @@ pub struct FsCore {
     catalog: Mutex<Catalog>,
     /// Writes it; locked only while `catalog` is.
     catalog_writer: Mutex<CatalogWriter>,
+    /// Keeps the next layer made ahead of time.
+    spare: Spare,
     store: PreImageStore,
     /// The newest snapshot of main and what main created since. Every
     /// change to main holds this for reading from its preservation to its
@@ -539,6 +542,7 @@ impl FsCore {
             latest: RwLock::new(Latest::new(catalog.latest_epoch())),
             catalog: Mutex::new(catalog),
             catalog_writer: Mutex::new(writer),
+            spare: Spare::start(state.join("layers"))?,
             store,
             views: RwLock::default(),
             bindings,
@@ -625,11 +629,20 @@ impl FsCore {
                         )?;
                     }
                 }
-                // Made by a branch-create or left by a deletion that a
-                // crash interrupted: no view uses it.
+                // The spare, kept.
+                Some(id) if id.0 == catalog.next_layer && spare::is_spare(&e.path()) => {}
+                // Made by a creation or left by a deletion that a crash
+                // interrupted: no view uses it.
                 _ => std::fs::remove_dir_all(e.path())?,
             }
         }
+        for b in &catalog.branches {
+            self.stamp_again(&b.layers, b.snapshot, b.epoch)?;
+        }
+        for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
+            self.stamp_again(&s.layers, s.id, s.epoch)?;
+        }
+        self.spare.want(LayerId(catalog.next_layer));
         for b in &catalog.branches {
             self.open_branch_view(b)?;
         }
@@ -695,24 +708,57 @@ impl FsCore {
         }
     }
 
-    /// Creates the directories of a new layer, its tree root looking like
-    /// `root` (the root of the view it goes on top of).
+    /// Stamps again, bottom up, the layers of a view (`layers` over main at
+    /// `epoch`) whose stamp a crash lost (see [`crate::spare`]).
+    fn stamp_again(&self, layers: &[LayerId], snap: SnapshotId, epoch: u64) -> io::Result<()> {
+        for i in (0..layers.len()).rev() {
+            let tree = self.open_tree(layers[i])?;
+            if spare::unstamped(tree.as_fd())? {
+                let below = self.root_part(&layers[i + 1..], snap, epoch)?;
+                spare::stamp(self.cx(), tree.as_fd(), &below)?;
+                hostfs::sync_dir(tree.as_fd())?;
+                tracing::info!(
+                    layer = layers[i].0,
+                    "layer root stamped again after a crash"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the directories of the new layer `id` (the catalog's next),
+    /// its tree root looking like `root` (the root of the view it goes on
+    /// top of): the spare's, stamped (durable with the catalog line that
+    /// uses it, see [`crate::spare`]), else made and flushed here.
     fn create_layer(&self, id: LayerId, root: &Part) -> io::Result<()> {
         let dir = self.layer_dir(id);
+        let spare = self.spare.take(id);
         let made = (|| {
-            std::fs::create_dir_all(dir.join("work"))?;
-            std::fs::create_dir(dir.join("index"))?;
-            std::fs::create_dir(dir.join("tree"))?;
+            if !spare {
+                std::fs::create_dir_all(dir.join("work"))?;
+                std::fs::create_dir(dir.join("index"))?;
+                std::fs::create_dir(dir.join("tree"))?;
+            }
             let tree = self.open_tree(id)?;
+            if spare {
+                return spare::stamp(self.cx(), tree.as_fd(), root);
+            }
             root.copy_meta(self.cx(), tree.as_fd())?;
             hostfs::sync_dir(tree.as_fd())?;
             File::open(&dir)?.sync_all()?;
             File::open(self.state.join("layers"))?.sync_all()
         })();
         if made.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
+            self.discard_layer(id);
         }
         made
+    }
+
+    /// Removes the new layer `id`, which the catalog does not take, and
+    /// has a spare made again in its place.
+    fn discard_layer(&self, id: LayerId) {
+        let _ = std::fs::remove_dir_all(self.layer_dir(id));
+        self.spare.want(id);
     }
 
     /// The layers of a layered node's view; ESTALE once the view is deleted.
@@ -2490,9 +2536,10 @@ impl FsCore {
         self.create_layer(layer, &old_top)?;
         let top = self.open_top(layer)?;
         if let Err(e) = self.save_catalog(&next) {
-            let _ = std::fs::remove_dir_all(self.layer_dir(layer));
+            self.discard_layer(layer);
             return Err(catalog_error(&e));
         }
+        self.spare.want(LayerId(next.next_layer));
         *catalog = next;
         if let Some(old) = layers.top.replace(top) {
             layers.indexes.insert(0, old.index);
@@ -2618,9 +2665,10 @@ impl FsCore {
         let root = self.root_part(&from.layers, from.id, from.epoch)?;
         self.create_layer(b.layers[0], &root)?;
         if let Err(e) = self.save_catalog(&next) {
-            let _ = std::fs::remove_dir_all(self.layer_dir(b.layers[0]));
+            self.discard_layer(b.layers[0]);
             return Err(catalog_error(&e));
         }
+        self.spare.want(LayerId(next.next_layer));
         *catalog = next;
         drop(catalog);
         self.open_branch_view(&b)?;

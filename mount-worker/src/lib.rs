@@ -25,6 +25,7 @@ pub mod root_cache;
 pub mod sandbox;
 pub mod snapshot;
 pub mod snapview;
+pub mod spare;
 pub mod state;
 pub mod trim;
 pub mod watch;

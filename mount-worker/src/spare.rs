@@ -1,0 +1,199 @@
+//! The spare layer: the directories of the next layer a branch or a
+//! snapshot of a branch will need (`layers/<next_layer>/`), made and
+//! flushed ahead of time on a thread of its own.
+//!
+//! Making a layer costs three flushes (its tree root, its directory and
+//! `layers/`), which kept branch creation over a millisecond. With a spare,
+//! creation only stamps the spare's tree root with the attributes of the
+//! view below (no flush) and appends the catalog line (one flush). The
+//! stamp may then be lost in a crash: a spare's tree root carries
+//! [`UNSTAMPED_XATTR`] until stamped, and a worker that starts stamps again
+//! every layer in use that still has it, from the frozen view below, which
+//! gives the same attributes. Should the stamp be durable, so is the
+//! marker's removal, made before it on the same inode; a user's change of
+//! the branch root comes after both.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::hostfs;
+use crate::layered::{self, Ctx, Part};
+use crate::snapshot::LayerId;
+
+/// Set on a spare's tree root until a creation stamps it.
+const UNSTAMPED_XATTR: &str = "trusted.agentfs.unstamped";
+
+/// The thread that keeps a spare layer ready.
+pub struct Spare {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    /// `<state>/layers`.
+    layers: PathBuf,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// The layer to make next.
+    wanted: Option<LayerId>,
+    /// The layer being made.
+    making: Option<LayerId>,
+    /// The layer made and flushed.
+    ready: Option<LayerId>,
+    closed: bool,
+}
+
+impl Spare {
+    /// Starts the thread for the layers in `layers` (`<state>/layers`).
+    pub fn start(layers: PathBuf) -> io::Result<Spare> {
+        let shared = Arc::new(Shared {
+            layers,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("spare-layer".into())
+            .spawn(move || s.run())?;
+        Ok(Spare {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Has the spare for `id` made, unless it is there already. `id` is
+    /// the catalog's next layer: no layer in use has it, so whatever is
+    /// at its place may be removed.
+    pub fn want(&self, id: LayerId) {
+        let mut st = self.shared.state.lock().unwrap();
+        if st.ready != Some(id) && st.making != Some(id) {
+            st.ready = None;
+            st.wanted = Some(id);
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Takes the spare for `id` if it is ready, after waiting for one being
+    /// made. False: there is none; the caller makes the layer itself (the
+    /// thread will not touch `id` unless it is wanted again).
+    pub fn take(&self, id: LayerId) -> bool {
+        let mut st = self.shared.state.lock().unwrap();
+        if st.wanted == Some(id) {
+            st.wanted = None;
+        }
+        while st.making == Some(id) {
+            st = self.shared.changed.wait(st).unwrap();
+        }
+        if st.ready == Some(id) {
+            st.ready = None;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().closed = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn run(&self) {
+        loop {
+            let id = {
+                let mut st = self.state.lock().unwrap();
+                loop {
+                    if st.closed {
+                        return;
+                    }
+                    if let Some(id) = st.wanted.take() {
+                        st.making = Some(id);
+                        break id;
+                    }
+                    st = self.changed.wait(st).unwrap();
+                }
+            };
+            let dir = self.layers.join(id.0.to_string());
+            let made = match is_spare(&dir) {
+                true => Ok(()),
+                false => make(&dir),
+            };
+            if let Err(e) = &made {
+                // Creations make their layers themselves meanwhile.
+                tracing::warn!("cannot make the spare layer {}: {e}", dir.display());
+                let _ = fs::remove_dir_all(&dir);
+            }
+            let mut st = self.state.lock().unwrap();
+            st.making = None;
+            if made.is_ok() {
+                st.ready = Some(id);
+            }
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// Whether `dir` is a whole spare layer: `work`, `index` and a `tree`
+/// still marked unstamped.
+pub fn is_spare(dir: &Path) -> bool {
+    dir.join("work").is_dir()
+        && dir.join("index").is_dir()
+        && hostfs::open_dir_path(&dir.join("tree"))
+            .and_then(|t| unstamped(t.as_fd()))
+            .unwrap_or(false)
+}
+
+/// Makes the spare layer `dir` (whatever was there goes) and flushes it.
+fn make(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    fs::create_dir_all(dir.join("work"))?;
+    fs::create_dir(dir.join("index"))?;
+    fs::create_dir(dir.join("tree"))?;
+    let tree = hostfs::open_dir_path(&dir.join("tree"))?;
+    hostfs::setxattr(tree.as_fd(), OsStr::new(UNSTAMPED_XATTR), b"", 0)?;
+    hostfs::sync_dir(tree.as_fd())?;
+    File::open(dir)?.sync_all()?;
+    File::open(dir.parent().expect("layers/<id>"))?.sync_all()
+}
+
+/// Whether the tree root `tree` still waits for its stamp.
+pub fn unstamped(tree: BorrowedFd<'_>) -> io::Result<bool> {
+    match hostfs::getxattr(tree, OsStr::new(UNSTAMPED_XATTR), 0) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives the tree root `tree` of a spare, or of a layer whose stamp a
+/// crash lost, the attributes of `below` (the root of the view it goes on
+/// top of), then drops its mark. Xattrs a stamp cut short left on it go
+/// first: a spare has none of its own.
+pub fn stamp(cx: Ctx<'_>, tree: BorrowedFd<'_>, below: &Part) -> io::Result<()> {
+    for (name, _) in hostfs::xattrs_if_any(tree)? {
+        if !layered::is_reserved_xattr(&name) {
+            hostfs::removexattr(tree, OsStr::from_bytes(&name))?;
+        }
+    }
+    below.copy_meta(cx, tree)?;
+    hostfs::removexattr(tree, OsStr::new(UNSTAMPED_XATTR))
+}
