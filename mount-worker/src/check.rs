@@ -37,7 +37,7 @@ pub fn check(state: &Path) -> io::Result<Report> {
         Ok(l) => {
             if l.torn > 0 {
                 r.garbage.push(format!(
-                    "catalog.log: {} bytes after the last whole line: an interrupted catalog write",
+                    "catalog.log: {} bytes after the last good line: an interrupted catalog write",
                     l.torn
                 ));
             }

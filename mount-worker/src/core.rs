@@ -542,7 +542,7 @@ impl FsCore {
             latest: RwLock::new(Latest::new(catalog.latest_epoch())),
             catalog: Mutex::new(catalog),
             catalog_writer: Mutex::new(writer),
-            spare: Spare::start(state.join("layers"))?,
+            spare: Spare::start(state.join("layers")),
             store,
             views: RwLock::default(),
             bindings,
@@ -735,6 +735,12 @@ impl FsCore {
         let spare = self.spare.take(id);
         let made = (|| {
             if !spare {
+                // What a failed spare or creation left: the id is the
+                // catalog's next, which no view uses.
+                match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
                 std::fs::create_dir_all(dir.join("work"))?;
                 std::fs::create_dir(dir.join("index"))?;
                 std::fs::create_dir(dir.join("tree"))?;
@@ -2534,7 +2540,9 @@ impl FsCore {
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
         let old_top = Part::Layer(self.open_tree(b.layers[0])?);
         self.create_layer(layer, &old_top)?;
-        let top = self.open_top(layer)?;
+        let top = self
+            .open_top(layer)
+            .inspect_err(|_| self.discard_layer(layer))?;
         if let Err(e) = self.save_catalog(&next) {
             self.discard_layer(layer);
             return Err(catalog_error(&e));

@@ -346,7 +346,8 @@ impl Loaded {
         // Whole lines end with a newline. A crash can leave the last one
         // cut, or of the right length with pages of zeros inside: that
         // line was never acknowledged (each is flushed before its change
-        // is), so the one before stands. Two bad lines are damage.
+        // is), so the one before stands. Two bad lines, or a last line of
+        // well-formed JSON that is no catalog of this format, are damage.
         let mut ends: Vec<usize> = log
             .iter()
             .enumerate()
@@ -358,13 +359,16 @@ impl Loaded {
             let Some(&end) = ends.last() else { break };
             ends.pop();
             let start = ends.last().copied().unwrap_or(0);
-            match Catalog::parse(&path, &log[start..end]) {
+            let line = &log[start..end];
+            match Catalog::parse(&path, line) {
                 Ok(c) => {
                     catalog = c;
                     valid = end;
                     break;
                 }
-                Err(e) if attempt == 1 => {
+                // Whole JSON is no crash's doing: a catalog of a newer
+                // format (or damage) must not be cut off as torn.
+                Err(e) if attempt == 1 || whole_json(line) => {
                     return Err(CatalogError::Invalid(
                         path,
                         format!("line {}: {e}", ends.len() + 1),
@@ -382,6 +386,12 @@ impl Loaded {
     }
 }
 
+/// Whether `line` is well-formed JSON, without the zeros of pages a crash
+/// did not write.
+fn whole_json(line: &[u8]) -> bool {
+    !line.contains(&0) && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
+}
+
 /// Writes each change of the catalog with one flush: appended to
 /// `catalog.log` and fdatasync'd, folded into `catalog.json` once the log
 /// is long.
@@ -391,6 +401,10 @@ pub struct CatalogWriter {
     log: Option<File>,
     /// Its length.
     len: u64,
+    /// Set when a failed append could not be cut off (and flushed): the
+    /// next save cuts first, as a crash could otherwise bring that line
+    /// back as the catalog.
+    uncut: bool,
     /// [`LOG_LIMIT`] (lower in tests).
     limit: u64,
 }
@@ -419,6 +433,7 @@ impl CatalogWriter {
             state: state.to_owned(),
             log,
             len: loaded.log_valid,
+            uncut: false,
             limit: LOG_LIMIT,
         })
     }
@@ -434,16 +449,23 @@ impl CatalogWriter {
         }
     }
 
-    /// Appends one line and flushes it; on failure the log is cut back.
+    /// Appends one line and flushes it; on failure the log is cut back,
+    /// durably (a line written whole but not known flushed may be on disk
+    /// and would win at the next start), or else before the next append.
     fn append(&mut self, line: &[u8]) -> Result<(), CatalogError> {
         let log = self.log.as_ref().expect("the log is started");
-        let r = log
-            .write_all_at(line, self.len)
+        let cut = |log: &File| log.set_len(self.len).and_then(|()| log.sync_data());
+        let mut r = Ok(());
+        if self.uncut {
+            r = cut(log);
+            self.uncut = r.is_err();
+        }
+        let r = r
+            .and_then(|()| log.write_all_at(line, self.len))
             .and_then(|()| log.sync_data());
         if let Err(e) = r {
-            // ENOSPC or EIO: the old catalog stands. Should the cut fail
-            // too, the line is torn and the next start cuts it.
-            let _ = log.set_len(self.len);
+            // ENOSPC or EIO: the old catalog stands.
+            self.uncut = cut(log).is_err();
             return Err(CatalogError::Io(self.state.join(LOG), e));
         }
         self.len += line.len() as u64;
@@ -557,6 +579,19 @@ mod tests {
             c.snapshots.pop();
             w.save(&c).unwrap();
         }
+        // A whole line of a newer format is not cut off as torn.
+        let newer = fs::read_to_string(d.path().join(LOG)).unwrap();
+        let newer = newer
+            .lines()
+            .last()
+            .unwrap()
+            .replace("\"version\":3", "\"version\":4");
+        append_raw(d.path(), format!("{newer}\n").as_bytes());
+        let e = Loaded::read(d.path()).err().expect("a newer format");
+        assert!(e.to_string().contains("version 4"), "{e}");
+        let log = fs::read(d.path().join(LOG)).unwrap();
+        fs::write(d.path().join(LOG), &log[..log.len() - newer.len() - 1]).unwrap();
+        assert_eq!(names(d.path()), ["a", "b"]);
         append_raw(d.path(), b"\0\0\0\n");
         assert_eq!(names(d.path()), ["a", "b"], "a whole line of zeros");
         // Two bad lines are not a crash's doing.

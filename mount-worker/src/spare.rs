@@ -9,9 +9,9 @@
 //! stamp may then be lost in a crash: a spare's tree root carries
 //! [`UNSTAMPED_XATTR`] until stamped, and a worker that starts stamps again
 //! every layer in use that still has it, from the frozen view below, which
-//! gives the same attributes. Should the stamp be durable, so is the
-//! marker's removal, made before it on the same inode; a user's change of
-//! the branch root comes after both.
+//! gives the same attributes. The mark goes last, on the same inode as the
+//! stamp: should its removal be durable, so is the stamp; a user's change
+//! of the branch root comes after both.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -55,7 +55,8 @@ struct State {
 
 impl Spare {
     /// Starts the thread for the layers in `layers` (`<state>/layers`).
-    pub fn start(layers: PathBuf) -> io::Result<Spare> {
+    /// Without the thread (it could not start), there is never a spare.
+    pub fn start(layers: PathBuf) -> Spare {
         let shared = Arc::new(Shared {
             layers,
             state: Mutex::default(),
@@ -64,11 +65,12 @@ impl Spare {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("spare-layer".into())
-            .spawn(move || s.run())?;
-        Ok(Spare {
-            shared,
-            thread: Some(thread),
-        })
+            .spawn(move || s.run())
+            .inspect_err(|e| {
+                tracing::warn!("no spare layers (creations make their own): {e}");
+            })
+            .ok();
+        Spare { shared, thread }
     }
 
     /// Has the spare for `id` made, unless it is there already. `id` is
@@ -130,8 +132,9 @@ impl Shared {
                 }
             };
             let dir = self.layers.join(id.0.to_string());
+            // One kept from before a restart may not be on disk yet.
             let made = match is_spare(&dir) {
-                true => Ok(()),
+                true => flush(&dir),
                 false => make(&dir),
             };
             if let Err(e) = &made {
@@ -170,7 +173,13 @@ fn make(dir: &Path) -> io::Result<()> {
     fs::create_dir(dir.join("tree"))?;
     let tree = hostfs::open_dir_path(&dir.join("tree"))?;
     hostfs::setxattr(tree.as_fd(), OsStr::new(UNSTAMPED_XATTR), b"", 0)?;
-    hostfs::sync_dir(tree.as_fd())?;
+    flush(dir)
+}
+
+/// Flushes the spare layer `dir`: its tree root with the mark, its
+/// entries, and its own entry in `layers/`.
+fn flush(dir: &Path) -> io::Result<()> {
+    hostfs::sync_dir(hostfs::open_dir_path(&dir.join("tree"))?.as_fd())?;
     File::open(dir)?.sync_all()?;
     File::open(dir.parent().expect("layers/<id>"))?.sync_all()
 }
