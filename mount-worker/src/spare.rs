@@ -131,6 +131,7 @@ impl Shared {
                     st = self.changed.wait(st).unwrap();
                 }
             };
+            let making = Making(self);
             let dir = self.layers.join(id.0.to_string());
             // One kept from before a restart may not be on disk yet.
             let made = match is_spare(&dir) {
@@ -142,13 +143,23 @@ impl Shared {
                 tracing::warn!("cannot make the spare layer {}: {e}", dir.display());
                 let _ = fs::remove_dir_all(&dir);
             }
-            let mut st = self.state.lock().unwrap();
-            st.making = None;
             if made.is_ok() {
-                st.ready = Some(id);
+                self.state.lock().unwrap().ready = Some(id);
             }
-            self.changed.notify_all();
+            drop(making);
         }
+    }
+}
+
+/// Ends the making of a spare however it ends, a panic included:
+/// [`Spare::take`] waits for it, holding the catalog's lock.
+struct Making<'a>(&'a Shared);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.making = None;
+        self.0.changed.notify_all();
     }
 }
 
