@@ -173,23 +173,30 @@ pub fn is_spare(dir: &Path) -> bool {
             .unwrap_or(false)
 }
 
-/// Makes the spare layer `dir` (whatever was there goes) and flushes it.
+/// Makes the spare layer `dir` and flushes it.
 fn make(dir: &Path) -> io::Result<()> {
+    make_dirs(dir)?;
+    let tree = hostfs::open_dir_path(&dir.join("tree"))?;
+    hostfs::setxattr(tree.as_fd(), OsStr::new(UNSTAMPED_XATTR), b"", 0)?;
+    flush(dir)
+}
+
+/// Makes the directories of an empty layer `dir` (`work`, `index`,
+/// `tree`), unflushed. Whatever was at `dir` goes: a layer is only made
+/// at the catalog's next id, which no view uses.
+pub fn make_dirs(dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
     fs::create_dir_all(dir.join("work"))?;
     fs::create_dir(dir.join("index"))?;
-    fs::create_dir(dir.join("tree"))?;
-    let tree = hostfs::open_dir_path(&dir.join("tree"))?;
-    hostfs::setxattr(tree.as_fd(), OsStr::new(UNSTAMPED_XATTR), b"", 0)?;
-    flush(dir)
+    fs::create_dir(dir.join("tree"))
 }
 
-/// Flushes the spare layer `dir`: its tree root with the mark, its
+/// Flushes the layer `dir`: its tree root (attributes and entries), its
 /// entries, and its own entry in `layers/`.
-fn flush(dir: &Path) -> io::Result<()> {
+pub fn flush(dir: &Path) -> io::Result<()> {
     hostfs::sync_dir(hostfs::open_dir_path(&dir.join("tree"))?.as_fd())?;
     File::open(dir)?.sync_all()?;
     File::open(dir.parent().expect("layers/<id>"))?.sync_all()
