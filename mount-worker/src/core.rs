@@ -262,6 +262,18 @@ enum NodeKey {
     Virtual(u64),
 }
 
+impl NodeKey {
+    /// The inode of main a node of a snapshot or branch stems from: its
+    /// id, unless it was made in a layer.
+    fn main_ino(&self) -> Option<u64> {
+        match *self {
+            NodeKey::Snap(_, ino) => Some(ino),
+            NodeKey::Layer(_, id) if id & layered::NATIVE == 0 => Some(id),
+            _ => None,
+        }
+    }
+}
+
 struct Node {
     obj: Arc<Obj>,
     key: NodeKey,
@@ -281,10 +293,17 @@ const PERMANENT: u64 = u64::MAX / 2;
 struct NodeTable {
     by_id: HashMap<u64, Node>,
     by_key: HashMap<NodeKey, u64>,
+    /// The nodes of snapshots and branches by the inode of main they stem
+    /// from ([`NodeKey::main_ino`]): where a change made to that inode
+    /// behind the mount shows too, unless the view has its own copy.
+    by_main_ino: HashMap<u64, Vec<u64>>,
 }
 
 impl NodeTable {
     fn insert(&mut self, id: u64, obj: Obj, key: NodeKey, generation: u64, lookups: u64) {
+        if let Some(ino) = key.main_ino() {
+            self.by_main_ino.entry(ino).or_default().push(id);
+        }
         self.by_key.insert(key.clone(), id);
         self.by_id.insert(
             id,
@@ -296,6 +315,26 @@ impl NodeTable {
                 journaled: false,
             },
         );
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Node> {
+        let node = self.by_id.remove(&id)?;
+        self.by_key.remove(&node.key);
+        if let Some(ino) = node.key.main_ino()
+            && let std::collections::hash_map::Entry::Occupied(mut e) = self.by_main_ino.entry(ino)
+        {
+            e.get_mut().retain(|&n| n != id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+        Some(node)
+    }
+
+    /// Whether a node shows main's inode `ino` of the source's device
+    /// (`dev`): main's own or a view's.
+    fn shows_main(&self, dev: u64, ino: u64) -> bool {
+        self.by_key.contains_key(&NodeKey::Host(dev, ino)) || self.by_main_ino.contains_key(&ino)
     }
 }
 
@@ -388,19 +427,6 @@ enum DirStream {
     /// Entries fixed when first read (snapshots, branches and virtual
     /// directories).
     Listed(Vec<(u64, u8, Vec<u8>)>),
-}
-
-/// Where a name made in the source behind the mount's back is seen, so
-/// that the kernel may remember an absent name ([`FsCore::absence_cacheable`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AbsenceScope {
-    /// Nowhere: the mountpoint is elsewhere and nothing watches the source.
-    Nowhere,
-    /// In main's directories, for which the source watch reports changes
-    /// (what snapshots and branches show of main changes unreported).
-    Main,
-    /// Everywhere: a mount over its own source, out of reach behind it.
-    Everywhere,
 }
 
 /// The core of one mount.
@@ -701,10 +727,7 @@ impl FsCore {
     /// Forgets a view that was deleted: its nodes answer ESTALE from now on.
     fn close_view(&self, number: u32) {
         if let Some(v) = self.views.write().unwrap().remove(&number) {
-            let mut t = self.nodes.lock().unwrap();
-            if let Some(n) = t.by_id.remove(&v.root.0) {
-                t.by_key.remove(&n.key);
-            }
+            self.nodes.lock().unwrap().remove(v.root.0);
         }
     }
 
@@ -766,6 +789,11 @@ impl FsCore {
     /// Registers an object of a layered view.
     fn register_layer(&self, obj: LayerObj, layers: &Layers) -> io::Result<Entry> {
         let stat = obj.stat(self.cx(), layers)?;
+        if obj.is_dir
+            && let Some(base) = obj.base(layers)
+        {
+            self.watch_main_dir(&base);
+        }
         let view = obj.view.number;
         let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
         let origin = |t: &NodeTable, obj: &Obj| match obj {
@@ -1002,18 +1030,43 @@ impl FsCore {
         }
     }
 
-    /// The node of main's inode behind `handle`, if the kernel knows one.
-    pub fn main_node_of(&self, handle: &HostHandle) -> Option<NodeId> {
-        let fd = hostfs::open_handle(self.mount_fd(), handle).ok()?;
-        let st = hostfs::stat(fd.as_fd()).ok()?;
-        self.main_node(st.st_dev, st.st_ino)
+    /// Marks main's directory `base` (as a snapshot or a branch shows it)
+    /// for the watch, unless it is marked already: the kernel may know it
+    /// only through snapshots and branches, which show main's changes
+    /// behind the mount too.
+    fn watch_main_dir(&self, base: &SnapObj) {
+        if let Some(w) = &self.watch
+            && !w.is_watched(base.ino)
+            && let Ok(fd) = hostfs::open_handle(self.mount_fd(), &base.handle)
+            && let Ok(st) = hostfs::stat(fd.as_fd())
+        {
+            self.watch_dir(fd.as_fd(), &st);
+        }
     }
 
-    /// The node of main's inode `ino` on device `dev`, if the kernel knows
-    /// one.
-    pub fn main_node(&self, dev: u64, ino: u64) -> Option<NodeId> {
+    /// The device and inode number of main's inode behind `handle`, if it
+    /// is still there.
+    pub fn main_ino_of(&self, handle: &HostHandle) -> Option<(u64, u64)> {
+        let fd = hostfs::open_handle(self.mount_fd(), handle).ok()?;
+        let st = hostfs::stat(fd.as_fd()).ok()?;
+        Some((st.st_dev, st.st_ino))
+    }
+
+    /// The nodes the kernel knows that show main's inode `ino` on device
+    /// `dev`: main's own, and those of the snapshots and branches that
+    /// share it. A change made to it behind the mount shows in them too
+    /// (it is not preserved); where a view has its own copy, dropping
+    /// what the kernel caches of it costs one lookup.
+    pub fn nodes_showing_main(&self, dev: u64, ino: u64) -> Vec<NodeId> {
         let t = self.nodes.lock().unwrap();
-        t.by_key.get(&NodeKey::Host(dev, ino)).map(|&id| NodeId(id))
+        let main = t.by_key.get(&NodeKey::Host(dev, ino)).copied();
+        let views = (dev == self.source_dev)
+            .then(|| t.by_main_ino.get(&ino))
+            .flatten()
+            .into_iter()
+            .flatten()
+            .copied();
+        main.into_iter().chain(views).map(NodeId).collect()
     }
 
     /// Serves bound processes with `isolation` from now on.
@@ -1192,6 +1245,9 @@ impl FsCore {
     /// Registers an inode of a snapshot view.
     fn register_snap(&self, obj: SnapObj) -> io::Result<Entry> {
         let stat = obj.stat(&self.store, self.mount_fd())?;
+        if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            self.watch_main_dir(&obj);
+        }
         let id = (obj.ino <= LOCAL_MAX).then(|| NodeId::in_view(obj.snap.0 as u64, obj.ino).0);
         let origin = |_: &NodeTable, obj: &Obj| match obj {
             Obj::Snap(s) => Some(Origin::Snap {
@@ -1340,11 +1396,15 @@ impl FsCore {
         if entry.lookups > 0 {
             return false;
         }
-        let key = entry.key.clone();
-        t.by_id.remove(&node.0);
-        t.by_key.remove(&key);
-        if let (Some(w), NodeKey::Host(dev, ino)) = (&self.watch, &key) {
-            w.forgotten(*dev, *ino);
+        let ino = match t.remove(node.0).expect("found above").key {
+            NodeKey::Host(dev, ino) => (dev == self.source_dev).then_some(ino),
+            key => key.main_ino(),
+        };
+        // A directory's mark stays while any node shows it.
+        if let (Some(w), Some(ino)) = (&self.watch, ino)
+            && !t.shows_main(self.source_dev, ino)
+        {
+            w.forgotten(self.source_dev, ino);
         }
         self.held(|h| h.nodes.remove(&node.0));
         true
@@ -1387,20 +1447,16 @@ impl FsCore {
 
     /// Whether the kernel may remember that `name` is absent from `dir`,
     /// for as long as it caches names: in the tree's directories where it
-    /// may cache names (above) and where `scope` says a name made behind
-    /// the mount's back is seen (the kernel drops what it remembered of a
-    /// name made through the mount). Not in the virtual directories, whose
-    /// names come with the catalog, nor under strict isolation, where a
-    /// confined caller holding another branch's directory must be refused
-    /// rather than told what it lacks.
-    pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr, scope: AbsenceScope) -> bool {
+    /// may cache names (above), main's and the views'. The caller knows
+    /// whether a name made behind the mount's back is seen (the kernel
+    /// drops what it remembered of a name made through the mount). Not in
+    /// the virtual directories, whose names come with the catalog, nor
+    /// under strict isolation, where a confined caller holding another
+    /// branch's directory must be refused rather than told what it lacks.
+    pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
         self.isolation == Isolation::Routed
             && self.names_cacheable(dir, name)
-            && match self.obj(dir).as_deref() {
-                Ok(Obj::Main(_)) => scope != AbsenceScope::Nowhere,
-                Ok(Obj::Snap(_) | Obj::Layer(_)) => scope == AbsenceScope::Everywhere,
-                Ok(Obj::Virtual) | Err(_) => false,
-            }
+            && !matches!(self.obj(dir).as_deref(), Ok(Obj::Virtual) | Err(_))
     }
 
     /// Whether the kernel may cache a node's attributes: not for the
@@ -1417,18 +1473,20 @@ impl FsCore {
     /// Whether the kernel may keep a directory's listing across opens
     /// (FOPEN_CACHE_DIR): only where every change to it reaches the
     /// kernel, which then drops the listing itself (a change through the
-    /// mount) or is told to (the source watch's invalidation of main's
-    /// directories). So main's directories below the root while the watch
-    /// runs, and nothing else: the root's names depend on the caller,
-    /// `.agentfs/` changes with the catalog, and what snapshots and
-    /// branches show of main changes with a change behind the mount
-    /// (which is not preserved), unseen by the watch, which knows main's
-    /// nodes only: a kept listing would then name what a lookup no longer
-    /// finds.
+    /// mount) or is told to (the source watch's invalidation of the
+    /// directories that show main's, in main, snapshots and branches). So
+    /// every directory below the root while the watch runs, but the root
+    /// (its names depend on the caller), a branch's root (a bound process
+    /// changes it through the mount root, which the kernel takes for
+    /// another directory) and `.agentfs/` (it changes with the catalog).
     pub fn listing_cacheable(&self, dir: NodeId) -> bool {
         dir != NodeId::ROOT
             && self.watch.is_some()
-            && matches!(self.obj(dir).as_deref(), Ok(Obj::Main(_)))
+            && match self.obj(dir).as_deref() {
+                Ok(Obj::Main(_) | Obj::Snap(_)) => true,
+                Ok(Obj::Layer(o)) => !o.is_root(),
+                Ok(Obj::Virtual) | Err(_) => false,
+            }
     }
 
     /// Lets the kernel cache names and attributes at the mount root while

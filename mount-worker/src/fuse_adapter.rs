@@ -18,9 +18,7 @@ use fuser::{
 
 use std::sync::Arc;
 
-use crate::core::{
-    AbsenceScope, Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits, Time,
-};
+use crate::core::{Caller, DirHandle, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits, Time};
 use crate::hostfs::{Stat, XattrReply};
 use crate::passthrough::{Open, Passthrough};
 use crate::trim::Trimmer;
@@ -68,10 +66,11 @@ pub struct Tuning {
     /// behind the mount's back, so this only bounds how long a change the
     /// watch does not see can go unseen (config `cache_timeout_ms`).
     pub cache_timeout: Duration,
-    /// Where the kernel may also remember, for `cache_timeout`, that a
-    /// name is absent: where a name made in the source behind the mount's
-    /// back can be listed by readdir yet not found for that long, nowhere.
-    pub absence: AbsenceScope,
+    /// Whether the kernel may also remember, for `cache_timeout`, that a
+    /// name is absent: only where a name made in the source behind the
+    /// mount's back is seen (the watch runs, or the mount hides the source);
+    /// elsewhere it would be listed by readdir yet not found for that long.
+    pub remember_absence: bool,
 }
 
 /// The `fuser::Filesystem` implementation: FsCore behind the FUSE protocol.
@@ -381,9 +380,8 @@ impl Filesystem for Adapter {
             // A zero node id with a time: the kernel remembers the absence.
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOENT)
-                    && self
-                        .core
-                        .absence_cacheable(node(parent), name, self.tuning.absence) =>
+                    && self.tuning.remember_absence
+                    && self.core.absence_cacheable(node(parent), name) =>
             {
                 // SAFETY: an all-zero `struct stat` is a valid value.
                 let none: Stat = unsafe { std::mem::zeroed() };

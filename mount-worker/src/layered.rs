@@ -542,6 +542,18 @@ impl LayerObj {
             .map(|(dir, name)| (dir.id, name.as_bytes().to_vec()))
     }
 
+    /// Main's object at the view's epoch, where this one shows it: the
+    /// bottom part it merges or stands on.
+    pub fn base(&self, layers: &Layers) -> Option<Arc<SnapObj>> {
+        self.current(layers)
+            .lowers
+            .into_iter()
+            .find_map(|p| match p {
+                Part::Base(s) => Some(s),
+                Part::Layer(_) => None,
+            })
+    }
+
     /// Whether this is the root of its view.
     pub fn is_root(&self) -> bool {
         self.place.lock().unwrap().is_none()

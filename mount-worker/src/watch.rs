@@ -6,10 +6,13 @@
 //! elsewhere, a descriptor or a mount namespace predates the mount) does
 //! not, and used to go unseen for as long as the kernel caches
 //! (`cache_timeout_ms`). The watch puts a fanotify mark on each directory
-//! of main the kernel knows (evictable: it goes with the inode once the
-//! worker lets go of it) and, for each change made by another process,
-//! asks the kernel to drop the name (FUSE_NOTIFY_INVAL_ENTRY) and the
-//! changed inode's attributes and pages (FUSE_NOTIFY_INVAL_INODE).
+//! of main the kernel knows, through main or through a snapshot or branch
+//! that shows it (evictable: it goes with the inode once the worker lets go
+//! of it) and, for each change made by another process, asks the kernel to
+//! drop the name (FUSE_NOTIFY_INVAL_ENTRY) and the changed inode's
+//! attributes and pages (FUSE_NOTIFY_INVAL_INODE), in main and in every
+//! snapshot and branch that shares the inode ([`FsCore::nodes_showing_main`]):
+//! changes behind the mount are not preserved, so they show there too.
 //!
 //! Events are read in batches ([`BATCH`]): the worker's own changes, which
 //! the kernel already knows about, also make events, and waking up for
@@ -210,13 +213,22 @@ impl SourceWatch {
         }
     }
 
-    /// The node of the inode behind `handle`: a marked directory's by its
-    /// number, anything else by opening it.
-    fn node_of(&self, handle: &HostHandle, core: &FsCore) -> Option<NodeId> {
+    /// Whether main's directory `ino` is marked.
+    pub fn is_watched(&self, ino: u64) -> bool {
+        self.dirs.lock().unwrap().by_ino.contains_key(&ino)
+    }
+
+    /// The nodes showing the inode behind `handle`, main's and those of
+    /// snapshots and branches; a marked directory's found by its number,
+    /// anything else by opening it.
+    fn nodes_of(&self, handle: &HostHandle, core: &FsCore) -> Vec<NodeId> {
         let dir = self.dirs.lock().unwrap().by_handle.get(handle).copied();
-        match dir {
-            Some(ino) => core.main_node(self.dev, ino),
-            None => core.main_node_of(handle),
+        match dir.or_else(|| {
+            core.main_ino_of(handle)
+                .and_then(|(dev, ino)| (dev == self.dev).then_some(ino))
+        }) {
+            Some(ino) => core.nodes_showing_main(self.dev, ino),
+            None => Vec::new(),
         }
     }
 
@@ -380,14 +392,13 @@ impl SourceWatch {
             let Some(handle) = HostHandle::new(read_i32(record, 16), bytes.to_vec()) else {
                 continue;
             };
-            let Some(node) = self.node_of(&handle, core) else {
-                continue;
-            };
-            if is_dir && child {
-                out.insert(Inval::Entry(node, OsStr::from_bytes(name).to_owned()));
+            for node in self.nodes_of(&handle, core) {
+                if is_dir && child {
+                    out.insert(Inval::Entry(node, OsStr::from_bytes(name).to_owned()));
+                }
+                // Attributes and pages (a directory's listing).
+                out.insert(Inval::Inode(node));
             }
-            // Attributes and pages (a directory's listing).
-            out.insert(Inval::Inode(node));
         }
     }
 }

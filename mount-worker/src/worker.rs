@@ -11,7 +11,7 @@ use std::time::Duration;
 use fuser::{Config, Session, SessionACL};
 
 use crate::control;
-use crate::core::{AbsenceScope, FsCore, Isolation};
+use crate::core::{FsCore, Isolation};
 use crate::error::StartupError;
 use crate::fuse_adapter::{Adapter, Tuning};
 use crate::handoff::Journal;
@@ -182,13 +182,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         }),
         // Paths as given: two spellings of one directory only cost the
         // cache of absent names.
-        absence: if opts.source == opts.mountpoint {
-            AbsenceScope::Everywhere
-        } else if watch.is_some() {
-            AbsenceScope::Main
-        } else {
-            AbsenceScope::Nowhere
-        },
+        remember_absence: opts.source == opts.mountpoint || watch.is_some(),
     };
     match (&given, opts.sandbox) {
         (Some(_), true) => {

@@ -265,6 +265,61 @@ fn the_source_watch_shows_changes_behind_the_mount_at_once() {
     assert_eq!(fs::read(s.join("d/g")).unwrap(), b"through");
 }
 
+/// Snapshots and branches share main's files until main changes them
+/// through the mount, so a change made behind the mount shows in them too
+/// (it is not preserved): at once, as in main, also in directories the
+/// kernel knows only through a snapshot or a branch.
+#[test]
+fn the_source_watch_shows_changes_behind_the_mount_in_snapshots_and_branches() {
+    let m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"short").unwrap();
+            fs::write(s.join("d/gone"), b"x").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    let (p, s) = (m.path(), m.source());
+    let views = [
+        p.join(".agentfs/snapshots/s/d"),
+        p.join(".agentfs/branches/b/d"),
+    ];
+    // Only through the views: main's `d` stays unknown to the kernel.
+    // Names, an absence and the listing, all kept by the kernel.
+    for v in &views {
+        assert_eq!(fs::read(v.join("f")).unwrap(), b"short");
+        assert!(v.join("gone").exists());
+        assert!(!v.join("new").exists());
+        assert_eq!(names(v), ["f", "gone"]);
+        assert_eq!(names(v), ["f", "gone"]);
+    }
+    fs::write(s.join("d/f"), b"longer now").unwrap();
+    fs::remove_file(s.join("d/gone")).unwrap();
+    fs::write(s.join("d/new"), b"").unwrap();
+    for v in &views {
+        let f = v.join("f");
+        assert!(
+            soon(|| fs::metadata(&f).unwrap().len() == 10),
+            "{}: size",
+            f.display()
+        );
+        assert_eq!(fs::read(&f).unwrap(), b"longer now", "{}", f.display());
+        assert!(soon(|| !v.join("gone").exists()), "{}", v.display());
+        assert!(soon(|| v.join("new").exists()), "{}", v.display());
+        assert!(soon(|| names(v) == ["f", "new"]), "{:?}", names(v));
+    }
+    // A branch's own copy is its own: a change behind the mount leaves it.
+    fs::write(views[1].join("f"), b"the branch's").unwrap();
+    fs::write(s.join("d/f"), b"main again").unwrap();
+    assert!(soon(
+        || fs::read(views[0].join("f")).unwrap() == b"main again"
+    ));
+    assert_eq!(fs::read(views[1].join("f")).unwrap(), b"the branch's");
+}
+
 /// Over its source the mount remembers absent names; with the watch a name
 /// made behind it (through a descriptor opened before the mount) shows at
 /// once all the same.
@@ -312,9 +367,44 @@ fn with_the_watch_absent_names_and_listings_are_kept() {
     assert_eq!(names(&d), ["later", "renamed"]);
 }
 
+/// In a branch too the kernel keeps absent names and listings (the watch
+/// drops those main changes behind the mount in every view that shares
+/// them, see above). Shown with names put straight into the branch's top
+/// layer in the state directory, which nothing reports; users never do.
+#[test]
+fn in_a_branch_absent_names_and_listings_are_kept_too() {
+    let m = Mount::builder()
+        .populate(|s| fs::create_dir_all(s.join("d/e")).unwrap())
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    // Below the branch's root, whose names are looked up at every walk
+    // (which brings the attributes of `d` again).
+    let e = common::branch_dir(&m, "b").join("d/e");
+    fs::write(e.join("first"), b"").unwrap();
+    // The branch's copy of `e`, in its top layer.
+    let top = fs::read_dir(m.state_dir().join("layers"))
+        .unwrap()
+        .map(|l| l.unwrap().path().join("tree/d/e"))
+        .find(|e| e.join("first").exists())
+        .expect("the branch's top layer holds d/e/first");
+    assert_eq!(names(&e), ["first"]);
+    assert_eq!(names(&e), ["first"]);
+    assert!(!e.join("later").exists());
+    fs::write(top.join("later"), b"").unwrap();
+    assert!(!e.join("later").exists(), "the absence is kept");
+    assert_eq!(names(&e), ["first"], "the listing is kept");
+
+    // A change through the mount drops both.
+    fs::write(e.join("made"), b"").unwrap();
+    assert_eq!(names(&e), ["first", "later", "made"]);
+}
+
 /// Listings the kernel keeps follow every change, in main (through the
-/// mount and behind it), in a branch (by path and by its root), and not in
-/// a snapshot, which never changes.
+/// mount and behind it) and in a branch (by path and by its root); a
+/// snapshot's stays as it was.
 #[test]
 fn kept_listings_follow_every_change() {
     let m = Mount::builder()
