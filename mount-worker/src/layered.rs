@@ -74,6 +74,21 @@ fn is_whiteout(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<bool> {
     }
 }
 
+/// Gives `to` the access and modification times in `st`.
+fn set_times(to: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
+    let t = |s, ns| libc::timespec {
+        tv_sec: s,
+        tv_nsec: ns,
+    };
+    hostfs::utimens(
+        to,
+        &[
+            t(st.st_atime, st.st_atime_nsec),
+            t(st.st_mtime, st.st_mtime_nsec),
+        ],
+    )
+}
+
 /// Marks a new object as a user's device if it could pass for a whiteout.
 fn mark_device(fd: BorrowedFd<'_>, st: &Stat) -> io::Result<()> {
     if looks_like_whiteout(st) {
@@ -462,17 +477,7 @@ impl Part {
         if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             hostfs::chmod(to, st.st_mode & 0o7777)?;
         }
-        let t = |s, ns| libc::timespec {
-            tv_sec: s,
-            tv_nsec: ns,
-        };
-        hostfs::utimens(
-            to,
-            &[
-                t(st.st_atime, st.st_atime_nsec),
-                t(st.st_mtime, st.st_mtime_nsec),
-            ],
-        )
+        set_times(to, st)
     }
 
     /// Makes the directory `to` (a new layer's tree root) look like this
@@ -863,10 +868,14 @@ impl LayerObj {
         if !self.is_dir || self.current(layers).lowers.is_empty() {
             return Ok(u);
         }
+        // Copying the entries up changes the directory's times, which the
+        // view must keep: the kernel caches them, and a move changes none.
+        let st = hostfs::stat(u.as_fd())?;
         for e in self.list(cx, layers)? {
             Arc::new(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers)?;
         }
         set_opaque(u.as_fd())?;
+        set_times(u.as_fd(), &st)?;
         self.state.write().unwrap().lowers.clear();
         Ok(u)
     }

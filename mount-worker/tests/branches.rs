@@ -64,6 +64,42 @@ fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.map(drop).unwrap_err().raw_os_error()
 }
 
+/// Moving a directory of the snapshot in a branch copies its tree up;
+/// the directories in it keep their times, as on the host, in what the
+/// kernel cached and in what the worker says afresh after a restart.
+#[test]
+fn a_moved_directory_keeps_the_times_of_the_directories_it_holds() {
+    let mut m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir_all(s.join("d/tree/sub/deeper")).unwrap();
+            fs::write(s.join("d/tree/sub/f"), b"f").unwrap();
+        })
+        .start();
+    snapshot(&m, None, "s");
+    branch(&m, "s", "b");
+    let d = branch_dir(&m, "b").join("d");
+    let times = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.mtime(), md.mtime_nsec())
+    };
+    let before = [
+        times(&d.join("tree/sub")),
+        times(&d.join("tree/sub/deeper")),
+    ];
+    fs::rename(d.join("tree"), d.join("moved")).unwrap();
+    let moved = || {
+        [
+            times(&d.join("moved/sub")),
+            times(&d.join("moved/sub/deeper")),
+        ]
+    };
+    assert_eq!(moved(), before, "as the kernel has them");
+    m.kill();
+    m.restart(&[]);
+    assert_eq!(moved(), before, "as the worker has them");
+    assert_eq!(fs::read(d.join("moved/sub/f")).unwrap(), b"f");
+}
+
 // ---------------------------------------------------------------------------
 // Divergence: two branches edited differently through their paths.
 
