@@ -1433,16 +1433,13 @@ impl FsCore {
     /// `dir` (asked once per reply: at the root the name is remembered).
     /// In the mount root only while nothing is bound: they depend on the
     /// caller's binding, so while anything is, every path walk from the
-    /// root must ask again. Not in the root of a branch
-    /// (or of a snapshot of one): a process bound to the branch changes
-    /// those names through the mount root, which the kernel takes for
-    /// another directory, so a name cached under `.agentfs/branches/<name>`
-    /// would outlive its removal there.
+    /// root must ask again. Everywhere else: the root of a branch by path
+    /// (`.agentfs/branches/<name>`) too, although a process bound to the
+    /// branch changes its names through the mount root, which the kernel
+    /// takes for another directory; the adapter has the kernel drop those
+    /// names there before it replies to such a change.
     pub fn names_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
-        if dir == NodeId::ROOT {
-            return self.bindings.root_name_cacheable(name);
-        }
-        !matches!(self.obj(dir).as_deref(), Ok(Obj::Layer(o)) if o.is_root())
+        dir != NodeId::ROOT || self.bindings.root_name_cacheable(name)
     }
 
     /// Whether the kernel may remember that `name` is absent from `dir`,

@@ -128,6 +128,18 @@ impl Adapter {
         }
     }
 
+    /// Names changed in the directory `parent` of the request, served as
+    /// `at` (what [`Adapter::at`] gave). The mount root of a process bound
+    /// to a branch is that branch's root, which the kernel, reaching it by
+    /// path (`.agentfs/branches/<name>/`), takes for another directory and
+    /// caches names and absences of: they go before the reply, so that the
+    /// path shows the change at once.
+    fn changed_names(&self, parent: INodeNo, at: NodeId, names: &[&OsStr]) {
+        if node(parent) == NodeId::ROOT && at != NodeId::ROOT {
+            self.trim.forget_now(at.0, names);
+        }
+    }
+
     /// Tells the trimmer the name of a new entry; true if the session
     /// thread should [`Trimmer::throttle`] after replying.
     fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) -> bool {
@@ -470,10 +482,11 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let p = self.at(req, parent);
-        let r = p.and_then(|p| {
+        let r = self.at(req, parent).and_then(|p| {
             let r = self.core.mknod(p, name, mode, rdev, caller(req, umask));
-            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
+            let e = unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))?;
+            self.changed_names(parent, p, &[name]);
+            Ok(e)
         });
         self.entry(reply, parent, name, r);
     }
@@ -489,7 +502,9 @@ impl Filesystem for Adapter {
     ) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.mkdir(p, name, mode, caller(req, umask));
-            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))
+            let e = unless_done(req, r, libc::EEXIST, || self.core.lookup(p, name))?;
+            self.changed_names(parent, p, &[name]);
+            Ok(e)
         });
         self.reply_entry(reply, parent, name, r);
     }
@@ -497,7 +512,9 @@ impl Filesystem for Adapter {
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.unlink(p, name);
-            unless_done(req, r, libc::ENOENT, || Ok(()))
+            unless_done(req, r, libc::ENOENT, || Ok(()))?;
+            self.changed_names(parent, p, &[name]);
+            Ok(())
         });
         if r.is_ok() {
             self.trim.removed(parent.0, name);
@@ -508,7 +525,9 @@ impl Filesystem for Adapter {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.rmdir(p, name);
-            unless_done(req, r, libc::ENOENT, || Ok(()))
+            unless_done(req, r, libc::ENOENT, || Ok(()))?;
+            self.changed_names(parent, p, &[name]);
+            Ok(())
         });
         reply_empty(reply, r);
     }
@@ -525,7 +544,9 @@ impl Filesystem for Adapter {
             let r = self
                 .core
                 .symlink(p, link_name, target.as_os_str(), caller(req, 0));
-            unless_done(req, r, libc::EEXIST, || self.core.lookup(p, link_name))
+            let e = unless_done(req, r, libc::EEXIST, || self.core.lookup(p, link_name))?;
+            self.changed_names(parent, p, &[link_name]);
+            Ok(e)
         });
         self.entry(reply, parent, link_name, r);
     }
@@ -546,7 +567,15 @@ impl Filesystem for Adapter {
             unless_done(req, r, libc::ENOENT, || {
                 self.core.renamed_before_takeover(np, newname);
                 Ok(())
-            })
+            })?;
+            match (p == np, parent == newparent) {
+                (true, true) => self.changed_names(parent, p, &[name, newname]),
+                _ => {
+                    self.changed_names(parent, p, &[name]);
+                    self.changed_names(newparent, np, &[newname]);
+                }
+            }
+            Ok(())
         });
         let (ok, exchange) = (r.is_ok(), flags.contains(RenameFlags::RENAME_EXCHANGE));
         if ok {
@@ -556,7 +585,7 @@ impl Filesystem for Adapter {
         reply_empty(reply, r);
         // The kernel moves the renamed entry with the time it was cached
         // for: into a directory whose names it may not cache (the root
-        // while anything is bound, a branch's root by path) it must go.
+        // while anything is bound) it must go.
         if ok {
             let moved = [(newparent, newname)].into_iter();
             for (dir, n) in moved.chain(exchange.then_some((parent, name))) {
@@ -578,7 +607,9 @@ impl Filesystem for Adapter {
         let r = self.at(req, ino).and_then(|n| {
             let np = self.at(req, newparent)?;
             let r = self.core.link(n, np, newname);
-            unless_done(req, r, libc::EEXIST, || self.core.lookup(np, newname))
+            let e = unless_done(req, r, libc::EEXIST, || self.core.lookup(np, newname))?;
+            self.changed_names(newparent, np, &[newname]);
+            Ok(e)
         });
         self.entry(reply, newparent, newname, r);
     }
@@ -629,7 +660,10 @@ impl Filesystem for Adapter {
                 }
             })?;
             match self.how(e.node, fh, flags) {
-                Ok(how) => Ok((e, fh, how)),
+                Ok(how) => {
+                    self.changed_names(parent, p, &[name]);
+                    Ok((e, fh, how))
+                }
                 Err(err) => {
                     self.core.forget(e.node, 1);
                     Err(err)

@@ -32,6 +32,10 @@ const PERIOD: Duration = Duration::from_millis(50);
 /// left the nodes past the hard mark ([`Trimmer::throttle`]).
 const THROTTLE: Duration = Duration::from_millis(10);
 
+/// How long a request waits, before its reply, for names to be dropped
+/// ([`Trimmer::forget_now`]).
+const NOW_WAIT: Duration = Duration::from_millis(50);
+
 /// The names under which the kernel knows non-directory nodes.
 pub struct Trimmer {
     names: Mutex<Names>,
@@ -47,11 +51,26 @@ pub struct Trimmer {
     /// Signalled after each round of the trimmer.
     trimmed: (Mutex<()>, Condvar),
     /// Names to drop at once ([`Trimmer::forget_soon`]).
-    soon: Mutex<Vec<(u64, OsString)>>,
+    soon: Mutex<Soon>,
     /// Set (and signalled) when the count has passed the high mark, so
     /// that the trimmer starts at once: parallel lookups (`git status`'s
     /// preloading threads) make thousands of nodes between two periods.
     due: (Mutex<bool>, Condvar),
+}
+
+/// Names to drop at the trimmer's next round, and the requests waiting
+/// for them to be dropped.
+#[derive(Default)]
+struct Soon {
+    names: Vec<(u64, OsString)>,
+    waiting: Vec<Arc<Dropped>>,
+}
+
+/// Set once names a request waits for are dropped.
+#[derive(Default)]
+struct Dropped {
+    done: Mutex<bool>,
+    cv: Condvar,
 }
 
 /// Both directions of one relation: a node's latest name, and the node a
@@ -138,8 +157,37 @@ impl Trimmer {
     /// Has the kernel drop `name` in `parent` as soon as the trimmer runs
     /// (never on a request's thread: see [`Trimmer::start`]).
     pub fn forget_soon(&self, parent: u64, name: &OsStr) {
-        self.soon.lock().unwrap().push((parent, name.to_owned()));
+        self.soon
+            .lock()
+            .unwrap()
+            .names
+            .push((parent, name.to_owned()));
         self.wake();
+    }
+
+    /// Has the kernel drop `names` in `parent` now, and waits until it has,
+    /// for at most [`NOW_WAIT`]. The trimmer's thread drops them, not the
+    /// caller's (see [`Trimmer::start`]): the kernel takes `parent`'s lock
+    /// for it, which a request in flight there may hold, and that request
+    /// may wait for a lock the caller's own request holds (a rename from
+    /// `parent` into the caller's directory). Past the wait they are
+    /// dropped soon after the reply, once that lock is free.
+    pub fn forget_now(&self, parent: u64, names: &[&OsStr]) {
+        let dropped = Arc::new(Dropped::default());
+        {
+            let mut soon = self.soon.lock().unwrap();
+            soon.names
+                .extend(names.iter().map(|&n| (parent, n.to_owned())));
+            soon.waiting.push(dropped.clone());
+        }
+        self.wake();
+        let done = dropped.done.lock().unwrap();
+        drop(
+            dropped
+                .cv
+                .wait_timeout_while(done, NOW_WAIT, |done| !*done)
+                .unwrap(),
+        );
     }
 
     /// `name` in `parent` was removed.
@@ -214,28 +262,43 @@ impl Trimmer {
                             self.due.1.wait_timeout_while(due, PERIOD, |d| !*d).unwrap();
                         *due = false;
                     }
-                    let mut victims = std::mem::take(&mut *self.soon.lock().unwrap());
+                    let soon = std::mem::take(&mut *self.soon.lock().unwrap());
+                    // Requests wait for theirs: before the trimming.
+                    if !drop_names(&notifier, soon.names) {
+                        return;
+                    }
+                    for d in soon.waiting {
+                        *d.done.lock().unwrap() = true;
+                        d.cv.notify_all();
+                    }
                     let trimmed = self.victims(nodes());
                     if !trimmed.is_empty() {
                         tracing::debug!(names = trimmed.len(), "dropping cached names");
                     }
-                    victims.extend(trimmed);
-                    for (parent, name) in victims {
-                        match notifier.inval_entry(INodeNo(parent), &name) {
-                            Ok(()) => {}
-                            // Already gone from the kernel's cache.
-                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                            Err(e) => {
-                                tracing::debug!("trimmer stops: {e}");
-                                return;
-                            }
-                        }
+                    if !drop_names(&notifier, trimmed) {
+                        return;
                     }
                     self.trimmed.1.notify_all();
                 }
             })
             .map(drop)
     }
+}
+
+/// Has the kernel drop `names`; false once the connection is gone.
+fn drop_names(notifier: &Notifier, names: Vec<(u64, OsString)>) -> bool {
+    for (parent, name) in names {
+        match notifier.inval_entry(INodeNo(parent), &name) {
+            Ok(()) => {}
+            // Already gone from the kernel's cache.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => {
+                tracing::debug!("trimmer stops: {e}");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
