@@ -789,11 +789,7 @@ impl FsCore {
     /// Registers an object of a layered view.
     fn register_layer(&self, obj: LayerObj, layers: &Layers) -> io::Result<Entry> {
         let stat = obj.stat(self.cx(), layers)?;
-        if obj.is_dir
-            && let Some(base) = obj.base(layers)
-        {
-            self.watch_main_dir(&base);
-        }
+        self.watch_layer_dir(&obj, layers);
         let view = obj.view.number;
         let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
         let origin = |t: &NodeTable, obj: &Obj| match obj {
@@ -961,6 +957,8 @@ impl FsCore {
             } => {
                 let snap = SnapshotId(snap);
                 let obj = SnapObj::new(snap, epoch, handle, ino);
+                // Only files are left unmarked (watch_dir checks).
+                self.watch_main_dir(&obj);
                 (Obj::Snap(Arc::new(obj)), NodeKey::Snap(snap, ino))
             }
             Origin::Layer { parent, name } => {
@@ -969,6 +967,7 @@ impl FsCore {
                 };
                 let layers = self.layers_of(dir)?;
                 let obj = dir.lookup(self.cx(), &layers, OsStr::from_bytes(&name))?;
+                self.watch_layer_dir(&obj, &layers);
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
             }
@@ -1044,6 +1043,16 @@ impl FsCore {
         }
     }
 
+    /// [`FsCore::watch_main_dir`] for a directory of a branch or of a
+    /// snapshot of one, where it shows main's.
+    fn watch_layer_dir(&self, obj: &LayerObj, layers: &Layers) {
+        if obj.is_dir
+            && let Some(base) = obj.base(layers)
+        {
+            self.watch_main_dir(&base);
+        }
+    }
+
     /// The device and inode number of main's inode behind `handle`, if it
     /// is still there.
     pub fn main_ino_of(&self, handle: &HostHandle) -> Option<(u64, u64)> {
@@ -1054,19 +1063,20 @@ impl FsCore {
 
     /// The nodes the kernel knows that show main's inode `ino` on device
     /// `dev`: main's own, and those of the snapshots and branches that
-    /// share it. A change made to it behind the mount shows in them too
+    /// share it (apart). A change made to it behind the mount shows in them too
     /// (it is not preserved); where a view has its own copy, dropping
     /// what the kernel caches of it costs one lookup.
-    pub fn nodes_showing_main(&self, dev: u64, ino: u64) -> Vec<NodeId> {
+    pub fn nodes_showing_main(&self, dev: u64, ino: u64) -> (Option<NodeId>, Vec<NodeId>) {
         let t = self.nodes.lock().unwrap();
-        let main = t.by_key.get(&NodeKey::Host(dev, ino)).copied();
+        let main = t.by_key.get(&NodeKey::Host(dev, ino)).map(|&id| NodeId(id));
         let views = (dev == self.source_dev)
             .then(|| t.by_main_ino.get(&ino))
             .flatten()
             .into_iter()
             .flatten()
-            .copied();
-        main.into_iter().chain(views).map(NodeId).collect()
+            .map(|&id| NodeId(id))
+            .collect();
+        (main, views)
     }
 
     /// Serves bound processes with `isolation` from now on.

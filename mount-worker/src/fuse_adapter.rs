@@ -140,6 +140,20 @@ impl Adapter {
         }
     }
 
+    /// [`Adapter::changed_names`] for a rename whose other directory is
+    /// `other` (as the kernel names it). When that is the branch's root by
+    /// path itself, the request holds that directory's lock in the kernel
+    /// until the reply, so the names can only go right after it.
+    fn renamed_names(&self, parent: INodeNo, at: NodeId, other: INodeNo, names: &[&OsStr]) {
+        if node(parent) == NodeId::ROOT && at != NodeId::ROOT && node(other) == at {
+            for name in names {
+                self.trim.forget_soon(at.0, name);
+            }
+        } else {
+            self.changed_names(parent, at, names);
+        }
+    }
+
     /// Tells the trimmer the name of a new entry; true if the session
     /// thread should [`Trimmer::throttle`] after replying.
     fn learn(&self, parent: INodeNo, name: &OsStr, e: &Entry) -> bool {
@@ -568,12 +582,11 @@ impl Filesystem for Adapter {
                 self.core.renamed_before_takeover(np, newname);
                 Ok(())
             })?;
-            match (p == np, parent == newparent) {
-                (true, true) => self.changed_names(parent, p, &[name, newname]),
-                _ => {
-                    self.changed_names(parent, p, &[name]);
-                    self.changed_names(newparent, np, &[newname]);
-                }
+            if parent == newparent {
+                self.changed_names(parent, p, &[name, newname]);
+            } else {
+                self.renamed_names(parent, p, newparent, &[name]);
+                self.renamed_names(newparent, np, parent, &[newname]);
             }
             Ok(())
         });
@@ -659,11 +672,9 @@ impl Filesystem for Adapter {
                     }
                 }
             })?;
+            self.changed_names(parent, p, &[name]);
             match self.how(e.node, fh, flags) {
-                Ok(how) => {
-                    self.changed_names(parent, p, &[name]);
-                    Ok((e, fh, how))
-                }
+                Ok(how) => Ok((e, fh, how)),
                 Err(err) => {
                     self.core.forget(e.node, 1);
                     Err(err)

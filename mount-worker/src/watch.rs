@@ -116,7 +116,13 @@ struct Dirs {
 /// One thing the kernel must forget.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Inval {
+    /// A name in main: dropped.
     Entry(NodeId, OsString),
+    /// A name in a snapshot or branch: expired, so that the kernel looks
+    /// it up again at its next use. Dropping it would detach what is
+    /// mounted on it, and the view may have its own object at that name,
+    /// which did not change.
+    Expire(NodeId, OsString),
     Inode(NodeId),
 }
 
@@ -218,17 +224,17 @@ impl SourceWatch {
         self.dirs.lock().unwrap().by_ino.contains_key(&ino)
     }
 
-    /// The nodes showing the inode behind `handle`, main's and those of
-    /// snapshots and branches; a marked directory's found by its number,
-    /// anything else by opening it.
-    fn nodes_of(&self, handle: &HostHandle, core: &FsCore) -> Vec<NodeId> {
+    /// The nodes showing the inode behind `handle`: main's, if the kernel
+    /// knows it, and those of snapshots and branches; a marked directory's
+    /// found by its number, anything else by opening it.
+    fn nodes_of(&self, handle: &HostHandle, core: &FsCore) -> (Option<NodeId>, Vec<NodeId>) {
         let dir = self.dirs.lock().unwrap().by_handle.get(handle).copied();
         match dir.or_else(|| {
             core.main_ino_of(handle)
                 .and_then(|(dev, ino)| (dev == self.dev).then_some(ino))
         }) {
             Some(ino) => core.nodes_showing_main(self.dev, ino),
-            None => Vec::new(),
+            None => (None, Vec::new()),
         }
     }
 
@@ -282,7 +288,7 @@ impl SourceWatch {
             }
             let due = Instant::now() + REPEAT;
             for inval in now {
-                if !send(&notifier, &inval) {
+                if !send(&notifier, fuse.as_fd(), &inval) {
                     return;
                 }
                 // Past the bound, a burst goes without its second round.
@@ -292,7 +298,7 @@ impl SourceWatch {
             }
             let ripe = repeats.partition_point(|(due, _)| *due <= Instant::now());
             for (_, inval) in repeats.drain(..ripe) {
-                if !send(&notifier, &inval) {
+                if !send(&notifier, fuse.as_fd(), &inval) {
                     return;
                 }
             }
@@ -392,9 +398,18 @@ impl SourceWatch {
             let Some(handle) = HostHandle::new(read_i32(record, 16), bytes.to_vec()) else {
                 continue;
             };
-            for node in self.nodes_of(&handle, core) {
+            let (main, views) = self.nodes_of(&handle, core);
+            let name = OsStr::from_bytes(name);
+            for (node, in_view) in main
+                .map(|m| (m, false))
+                .into_iter()
+                .chain(views.into_iter().map(|v| (v, true)))
+            {
                 if is_dir && child {
-                    out.insert(Inval::Entry(node, OsStr::from_bytes(name).to_owned()));
+                    out.insert(match in_view {
+                        false => Inval::Entry(node, name.to_owned()),
+                        true => Inval::Expire(node, name.to_owned()),
+                    });
                 }
                 // Attributes and pages (a directory's listing).
                 out.insert(Inval::Inode(node));
@@ -408,9 +423,10 @@ fn read_i32(b: &[u8], at: usize) -> i32 {
 }
 
 /// Sends one invalidation; false once the connection is gone.
-fn send(notifier: &Notifier, inval: &Inval) -> bool {
+fn send(notifier: &Notifier, fuse: BorrowedFd<'_>, inval: &Inval) -> bool {
     let r = match inval {
         Inval::Entry(dir, name) => notifier.inval_entry(INodeNo(dir.0), name),
+        Inval::Expire(dir, name) => crate::mount::notify_expire_entry(fuse, dir.0, name),
         // Attributes and every cached page.
         Inval::Inode(node) => notifier.inval_inode(INodeNo(node.0), 0, 0),
     };

@@ -858,6 +858,18 @@ fn a_branch_by_path_follows_what_a_bound_process_changes_at_once() {
     assert_eq!(a.call(&read("by-path")), json!({"data": "p"}));
     fs::remove_file(pa.join("by-path")).unwrap();
     assert_eq!(a.call(&read("by-path")), json!({"errno": libc::ENOENT}));
+
+    // A rename between the two names of the branch's root: the request
+    // holds the by-path root's lock, so its old name there goes right
+    // after the reply.
+    assert_eq!(a.call(&write("across")), json!({}));
+    assert_eq!(fs::read(pa.join("across")).unwrap(), b"across");
+    run(
+        &mut a,
+        &[Path::new("mv"), &root.join("across"), &pa.join("moved")],
+    );
+    assert!(common::soon(|| !pa.join("across").exists()));
+    assert_eq!(fs::read(pa.join("moved")).unwrap(), b"across");
 }
 
 #[test]
