@@ -789,7 +789,6 @@ impl FsCore {
     /// Registers an object of a layered view.
     fn register_layer(&self, obj: LayerObj, layers: &Layers) -> io::Result<Entry> {
         let stat = obj.stat(self.cx(), layers)?;
-        self.watch_layer_dir(&obj, layers);
         let view = obj.view.number;
         let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
         let origin = |t: &NodeTable, obj: &Obj| match obj {
@@ -799,7 +798,12 @@ impl FsCore {
         Ok(self.register(
             NodeKey::Layer(view, obj.id),
             id,
-            || Obj::Layer(Arc::new(obj)),
+            || {
+                if let Some(base) = obj.is_dir.then(|| obj.base(layers)).flatten() {
+                    self.watch_main_dir(&base);
+                }
+                Obj::Layer(Arc::new(obj))
+            },
             origin,
             stat,
         ))
@@ -942,6 +946,9 @@ impl FsCore {
             .held(|h| h.nodes.get(&id.0).cloned())
             .ok_or_else(|| errno(libc::ESTALE))?;
         let found_by = origin.clone();
+        // Main's directory a view's node shows, marked once the node is in
+        // the table (see `register_snap`).
+        let mut base = None;
         let (obj, key) = match origin {
             Origin::Main(handle) => {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
@@ -956,10 +963,10 @@ impl FsCore {
                 ino,
             } => {
                 let snap = SnapshotId(snap);
-                let obj = SnapObj::new(snap, epoch, handle, ino);
-                // Only files are left unmarked (watch_dir checks).
-                self.watch_main_dir(&obj);
-                (Obj::Snap(Arc::new(obj)), NodeKey::Snap(snap, ino))
+                let obj = Arc::new(SnapObj::new(snap, epoch, handle, ino));
+                // Files are left unmarked (watch_dir checks).
+                base = Some(obj.clone());
+                (Obj::Snap(obj), NodeKey::Snap(snap, ino))
             }
             Origin::Layer { parent, name } => {
                 let Obj::Layer(dir) = &*self.obj(NodeId(parent))? else {
@@ -967,7 +974,7 @@ impl FsCore {
                 };
                 let layers = self.layers_of(dir)?;
                 let obj = dir.lookup(self.cx(), &layers, OsStr::from_bytes(&name))?;
-                self.watch_layer_dir(&obj, &layers);
+                base = obj.is_dir.then(|| obj.base(&layers)).flatten();
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
             }
@@ -1002,6 +1009,9 @@ impl FsCore {
             }
         }
         t.insert(id.0, obj, key, generation, lookups);
+        if let Some(base) = base {
+            self.watch_main_dir(&base);
+        }
         let node = t.by_id.get_mut(&id.0).expect("just inserted");
         node.journaled = true;
         Ok(Some(node.obj.clone()))
@@ -1032,7 +1042,9 @@ impl FsCore {
     /// Marks main's directory `base` (as a snapshot or a branch shows it)
     /// for the watch, unless it is marked already: the kernel may know it
     /// only through snapshots and branches, which show main's changes
-    /// behind the mount too.
+    /// behind the mount too. Called with the node table locked, once the
+    /// node is in it or about to be: `forget` drops a directory from the
+    /// watch's table, under that lock, only when no node shows it.
     fn watch_main_dir(&self, base: &SnapObj) {
         if let Some(w) = &self.watch
             && !w.is_watched(base.ino)
@@ -1040,16 +1052,6 @@ impl FsCore {
             && let Ok(st) = hostfs::stat(fd.as_fd())
         {
             self.watch_dir(fd.as_fd(), &st);
-        }
-    }
-
-    /// [`FsCore::watch_main_dir`] for a directory of a branch or of a
-    /// snapshot of one, where it shows main's.
-    fn watch_layer_dir(&self, obj: &LayerObj, layers: &Layers) {
-        if obj.is_dir
-            && let Some(base) = obj.base(layers)
-        {
-            self.watch_main_dir(&base);
         }
     }
 
@@ -1255,9 +1257,6 @@ impl FsCore {
     /// Registers an inode of a snapshot view.
     fn register_snap(&self, obj: SnapObj) -> io::Result<Entry> {
         let stat = obj.stat(&self.store, self.mount_fd())?;
-        if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            self.watch_main_dir(&obj);
-        }
         let id = (obj.ino <= LOCAL_MAX).then(|| NodeId::in_view(obj.snap.0 as u64, obj.ino).0);
         let origin = |_: &NodeTable, obj: &Obj| match obj {
             Obj::Snap(s) => Some(Origin::Snap {
@@ -1268,10 +1267,16 @@ impl FsCore {
             }),
             _ => None,
         };
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
         Ok(self.register(
             NodeKey::Snap(obj.snap, obj.ino),
             id,
-            || Obj::Snap(Arc::new(obj)),
+            || {
+                if is_dir {
+                    self.watch_main_dir(&obj);
+                }
+                Obj::Snap(Arc::new(obj))
+            },
             origin,
             stat,
         ))
