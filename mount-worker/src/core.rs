@@ -947,7 +947,7 @@ impl FsCore {
             .ok_or_else(|| errno(libc::ESTALE))?;
         let found_by = origin.clone();
         // Main's directory a view's node shows, marked once the node is in
-        // the table (see `register_snap`).
+        // the table (see `watch_main_dir`).
         let mut base = None;
         let (obj, key) = match origin {
             Origin::Main(handle) => {
