@@ -262,21 +262,12 @@ enum NodeKey {
     Virtual(u64),
 }
 
-impl NodeKey {
-    /// The inode of main a node of a snapshot or branch stems from: its
-    /// id, unless it was made in a layer.
-    fn main_ino(&self) -> Option<u64> {
-        match *self {
-            NodeKey::Snap(_, ino) => Some(ino),
-            NodeKey::Layer(_, id) if id & layered::NATIVE == 0 => Some(id),
-            _ => None,
-        }
-    }
-}
-
 struct Node {
     obj: Arc<Obj>,
     key: NodeKey,
+    /// The inode of main a snapshot's or branch's node shows (see
+    /// [`NodeTable::by_main_ino`]); fixed when the node is made.
+    main_ino: Option<u64>,
     generation: u64,
     /// Lookups the kernel holds on this node, this worker's and its
     /// predecessors' (from the handoff journal); at 0 the node is dropped.
@@ -293,15 +284,27 @@ const PERMANENT: u64 = u64::MAX / 2;
 struct NodeTable {
     by_id: HashMap<u64, Node>,
     by_key: HashMap<NodeKey, u64>,
-    /// The nodes of snapshots and branches by the inode of main they stem
-    /// from ([`NodeKey::main_ino`]): where a change made to that inode
-    /// behind the mount shows too, unless the view has its own copy.
+    /// The nodes of snapshots and branches by the inode of main they show:
+    /// where a change made to that inode behind the mount shows too. Not
+    /// always their key's: a directory a branch copied up keeps its id,
+    /// which is main's inode when the branch first saw it, while the
+    /// directory of main it merges may be another.
     by_main_ino: HashMap<u64, Vec<u64>>,
 }
 
 impl NodeTable {
-    fn insert(&mut self, id: u64, obj: Obj, key: NodeKey, generation: u64, lookups: u64) {
-        if let Some(ino) = key.main_ino() {
+    /// Adds a node; `main_ino` is the inode of main it shows, for a
+    /// snapshot's or branch's node that shows one.
+    fn insert(
+        &mut self,
+        id: u64,
+        obj: Obj,
+        key: NodeKey,
+        main_ino: Option<u64>,
+        generation: u64,
+        lookups: u64,
+    ) {
+        if let Some(ino) = main_ino {
             self.by_main_ino.entry(ino).or_default().push(id);
         }
         self.by_key.insert(key.clone(), id);
@@ -310,6 +313,7 @@ impl NodeTable {
             Node {
                 obj: Arc::new(obj),
                 key,
+                main_ino,
                 generation,
                 lookups,
                 journaled: false,
@@ -319,16 +323,24 @@ impl NodeTable {
 
     fn remove(&mut self, id: u64) -> Option<Node> {
         let node = self.by_id.remove(&id)?;
-        self.by_key.remove(&node.key);
-        if let Some(ino) = node.key.main_ino()
-            && let std::collections::hash_map::Entry::Occupied(mut e) = self.by_main_ino.entry(ino)
+        // Unless a new node took its key (`FsCore::unkey_rebased`).
+        if self.by_key.get(&node.key) == Some(&id) {
+            self.by_key.remove(&node.key);
+        }
+        if let Some(ino) = node.main_ino {
+            self.unindex(ino, id);
+        }
+        Some(node)
+    }
+
+    fn unindex(&mut self, main_ino: u64, id: u64) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.by_main_ino.entry(main_ino)
         {
             e.get_mut().retain(|&n| n != id);
             if e.get().is_empty() {
                 e.remove();
             }
         }
-        Some(node)
     }
 
     /// Whether a node shows main's inode `ino` of the source's device
@@ -544,11 +556,19 @@ impl FsCore {
             NodeId::ROOT.0,
             Obj::Main(fd.try_clone()?),
             NodeKey::Host(st.st_dev, st.st_ino),
+            None,
             0,
             PERMANENT,
         );
         for id in [NodeId::AGENTFS, NodeId::SNAPSHOTS, NodeId::BRANCHES] {
-            table.insert(id.0, Obj::Virtual, NodeKey::Virtual(id.0), 0, PERMANENT);
+            table.insert(
+                id.0,
+                Obj::Virtual,
+                NodeKey::Virtual(id.0),
+                None,
+                0,
+                PERMANENT,
+            );
         }
         let root = table.by_id[&NodeId::ROOT.0].obj.clone();
         let handle_dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
@@ -714,6 +734,7 @@ impl FsCore {
             id.0,
             Obj::Layer(Arc::new(root)),
             NodeKey::Layer(number, root_ino),
+            Some(root_ino),
             0,
             PERMANENT,
         );
@@ -795,18 +816,46 @@ impl FsCore {
             Obj::Layer(o) => layer_origin(t, o),
             _ => None,
         };
+        let base = obj.base(layers);
+        let main_ino = base.as_ref().map(|b| b.ino);
+        let key = NodeKey::Layer(view, obj.id);
+        if obj.is_dir {
+            self.unkey_rebased(&key, main_ino, layers);
+        }
         Ok(self.register(
-            NodeKey::Layer(view, obj.id),
+            key,
             id,
+            main_ino,
             || {
-                if let Some(base) = obj.is_dir.then(|| obj.base(layers)).flatten() {
-                    self.watch_main_dir(&base);
+                if let Some(base) = base.as_ref().filter(|_| obj.is_dir) {
+                    self.watch_main_dir(base);
                 }
                 Obj::Layer(Arc::new(obj))
             },
             origin,
             stat,
         ))
+    }
+
+    /// Gives directory `key` of a view a new node if main's directory it
+    /// merges is another now (`main_ino`) than the kernel's node shows:
+    /// main's was replaced or removed behind the mount. The node's key is
+    /// the id its copy in the layer keeps, which does not change with
+    /// that. With a new node the kernel also drops the names and listing
+    /// it keeps of the old one, which shows what it showed until forgotten.
+    fn unkey_rebased(&self, key: &NodeKey, main_ino: Option<u64>, layers: &Layers) {
+        let mut t = self.nodes.lock().unwrap();
+        let rebased = t
+            .by_key
+            .get(key)
+            .and_then(|id| t.by_id.get(id))
+            .is_some_and(|n| match &*n.obj {
+                Obj::Layer(live) => live.base(layers).map(|b| b.ino) != main_ino,
+                _ => false,
+            });
+        if rebased {
+            t.by_key.remove(key);
+        }
     }
 
     /// The live object with `obj`'s identity if the kernel holds one, else
@@ -946,9 +995,9 @@ impl FsCore {
             .held(|h| h.nodes.get(&id.0).cloned())
             .ok_or_else(|| errno(libc::ESTALE))?;
         let found_by = origin.clone();
-        // Main's directory a view's node shows, marked once the node is in
-        // the table (see `watch_main_dir`).
-        let mut base = None;
+        // Main's object a view's node shows, and whether to mark it for
+        // the watch once the node is in the table (see `watch_main_dir`).
+        let mut shows = None;
         let (obj, key) = match origin {
             Origin::Main(handle) => {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
@@ -965,7 +1014,7 @@ impl FsCore {
                 let snap = SnapshotId(snap);
                 let obj = Arc::new(SnapObj::new(snap, epoch, handle, ino));
                 // Files are left unmarked (watch_dir checks).
-                base = Some(obj.clone());
+                shows = Some((obj.clone(), true));
                 (Obj::Snap(obj), NodeKey::Snap(snap, ino))
             }
             Origin::Layer { parent, name } => {
@@ -974,7 +1023,7 @@ impl FsCore {
                 };
                 let layers = self.layers_of(dir)?;
                 let obj = dir.lookup(self.cx(), &layers, OsStr::from_bytes(&name))?;
-                base = obj.is_dir.then(|| obj.base(&layers)).flatten();
+                shows = obj.base(&layers).map(|b| (b, obj.is_dir));
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
             }
@@ -1008,9 +1057,16 @@ impl FsCore {
                 return Err(errno(libc::ESTALE));
             }
         }
-        t.insert(id.0, obj, key, generation, lookups);
-        if let Some(base) = base {
-            self.watch_main_dir(&base);
+        t.insert(
+            id.0,
+            obj,
+            key,
+            shows.as_ref().map(|(b, _)| b.ino),
+            generation,
+            lookups,
+        );
+        if let Some((base, true)) = &shows {
+            self.watch_main_dir(base);
         }
         let node = t.by_id.get_mut(&id.0).expect("just inserted");
         node.journaled = true;
@@ -1052,6 +1108,16 @@ impl FsCore {
             && let Ok(st) = hostfs::stat(fd.as_fd())
         {
             self.watch_dir(fd.as_fd(), &st);
+        }
+    }
+
+    /// Drops main's inode `ino` from the watch's table once no node shows
+    /// it: a directory's mark stays while any does.
+    fn unwatch_unshown(&self, t: &NodeTable, ino: u64) {
+        if let Some(w) = &self.watch
+            && !t.shows_main(self.source_dev, ino)
+        {
+            w.forgotten(self.source_dev, ino);
         }
     }
 
@@ -1159,6 +1225,7 @@ impl FsCore {
         &self,
         key: NodeKey,
         id: Option<u64>,
+        main_ino: Option<u64>,
         make: impl FnOnce() -> Obj,
         origin: impl FnOnce(&NodeTable, &Obj) -> Option<Origin>,
         stat: Stat,
@@ -1222,7 +1289,7 @@ impl FsCore {
                 (generation, 1)
             }
         };
-        t.insert(id, obj, key, generation, lookups);
+        t.insert(id, obj, key, main_ino, generation, lookups);
         t.by_id.get_mut(&id).expect("just inserted").journaled = journaled;
         Entry {
             node: NodeId(id),
@@ -1245,6 +1312,7 @@ impl FsCore {
         Ok(self.register(
             NodeKey::Host(stat.st_dev, own),
             id,
+            None,
             || {
                 self.watch_dir(fd.as_fd(), &stat);
                 Obj::Main(fd)
@@ -1271,6 +1339,7 @@ impl FsCore {
         Ok(self.register(
             NodeKey::Snap(obj.snap, obj.ino),
             id,
+            Some(obj.ino),
             || {
                 if is_dir {
                     self.watch_main_dir(&obj);
@@ -1411,15 +1480,13 @@ impl FsCore {
         if entry.lookups > 0 {
             return false;
         }
-        let ino = match t.remove(node.0).expect("found above").key {
+        let gone = t.remove(node.0).expect("found above");
+        let ino = match gone.key {
             NodeKey::Host(dev, ino) => (dev == self.source_dev).then_some(ino),
-            key => key.main_ino(),
+            _ => gone.main_ino,
         };
-        // A directory's mark stays while any node shows it.
-        if let (Some(w), Some(ino)) = (&self.watch, ino)
-            && !t.shows_main(self.source_dev, ino)
-        {
-            w.forgotten(self.source_dev, ino);
+        if let Some(ino) = ino {
+            self.unwatch_unshown(&t, ino);
         }
         self.held(|h| h.nodes.remove(&node.0));
         true

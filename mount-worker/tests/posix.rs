@@ -402,6 +402,48 @@ fn in_a_branch_absent_names_and_listings_are_kept_too() {
     assert_eq!(names(&e), ["first", "later", "made"]);
 }
 
+/// A directory a branch copied up merges main's directory of that name,
+/// also one main made anew behind the mount (the kernel still holds the
+/// branch's node, whose id the copy keeps): the watch shows the branch
+/// what changes in the new one, as it did for the old. Once main's is
+/// gone, the branch's copy stays alone.
+#[test]
+fn a_branch_follows_a_directory_main_replaced_behind_the_mount() {
+    let m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir_all(s.join("d/e")).unwrap();
+            fs::write(s.join("d/e/old"), b"").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    let e = common::branch_dir(&m, "b").join("d/e");
+    fs::write(e.join("mine"), b"").unwrap();
+    assert_eq!(names(&e), ["mine", "old"]);
+    assert_eq!(names(&e), ["mine", "old"]);
+    let behind = m.source().join("d/e");
+    fs::remove_dir_all(&behind).unwrap();
+    fs::create_dir(&behind).unwrap();
+    fs::write(behind.join("new"), b"").unwrap();
+    assert!(soon(|| names(&e) == ["mine", "new"]), "{:?}", names(&e));
+    // Past the watch's second round of the replacement's invalidations
+    // (200 ms), kept again; then changed in the new directory only.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(names(&e), ["mine", "new"]);
+    fs::write(behind.join("newer"), b"").unwrap();
+    assert!(
+        soon(|| names(&e) == ["mine", "new", "newer"]),
+        "{:?}",
+        names(&e)
+    );
+    assert!(soon(|| e.join("newer").exists()));
+    // Gone from main: the branch's copy stays, alone.
+    fs::remove_dir_all(&behind).unwrap();
+    assert!(soon(|| names(&e) == ["mine"]), "{:?}", names(&e));
+}
+
 /// Listings the kernel keeps follow every change, in main (through the
 /// mount and behind it) and in a branch (by path and by its root); a
 /// snapshot's stays as it was.

@@ -622,7 +622,8 @@ pub fn walk(root: &Path) -> Vec<(PathBuf, PathBuf, fs::Metadata)> {
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
-            let md = fs::symlink_metadata(&p).unwrap();
+            let md = fs::symlink_metadata(&p)
+                .unwrap_or_else(|e| panic!("{} (listed in its directory): {e}", p.display()));
             if md.is_dir() {
                 stack.push(p.clone());
             }
