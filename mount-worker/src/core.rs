@@ -1644,6 +1644,11 @@ impl FsCore {
                     tv_nsec: ns as i64,
                 },
             };
+            // A copy-up into a branch's directory puts its times back.
+            let _names = match &*obj {
+                Obj::Layer(o) => Some(o.changing_names()),
+                _ => None,
+            };
             hostfs::utimens(fd, &[ts(attr.atime), ts(attr.mtime)])?;
         }
         match &*obj {

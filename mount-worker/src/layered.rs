@@ -27,7 +27,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crate::hostfs::{self, Stat, XattrReply};
 use crate::preserve::PreImageStore;
@@ -190,6 +190,11 @@ pub struct LayerView {
     pub layers: RwLock<Layers>,
     /// Serializes copy-ups: two threads must never copy one object at once.
     copy_up: Mutex<()>,
+    /// Held shared while names or times of a directory of the top layer
+    /// change, exclusively while a copy-up adds its copy to a directory
+    /// and puts the directory's times back (a copy-up changes no name of
+    /// the view): a change in between would have its times put back too.
+    names: RwLock<()>,
     next_tmp: AtomicU64,
 }
 
@@ -205,6 +210,7 @@ impl LayerView {
                 indexes,
             }),
             copy_up: Mutex::new(()),
+            names: RwLock::new(()),
             next_tmp: AtomicU64::new(0),
         }
     }
@@ -775,18 +781,25 @@ impl LayerObj {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
             Err(e) => return Err(e),
         };
+        // Adds the copy to the directory, whose times stay the view's.
+        let put = |add: &dyn Fn() -> io::Result<()>| {
+            let _alone = self.view.names.write().unwrap();
+            let times = hostfs::stat(pu.as_fd())?;
+            add()?;
+            set_times(pu.as_fd(), &times)
+        };
         if indexed.is_some() || self.has_names_below(cx, &s)? {
             // Linked from the index, so that its other names find it too.
             let ix = match indexed {
                 Some(fd) => fd,
                 None => self.index_copy(cx, top, src)?,
             };
-            hostfs::link(ix.as_fd(), pu.as_fd(), &name)?;
+            put(&|| hostfs::link(ix.as_fd(), pu.as_fd(), &name))?;
         } else {
             let tmp = self.view.tmp_name();
             let work = top.work.as_fd();
             let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
-                hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE)
+                put(&|| hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE))
             });
             if let Err(e) = built {
                 let _ = remove_tree(work, &tmp);
@@ -868,14 +881,10 @@ impl LayerObj {
         if !self.is_dir || self.current(layers).lowers.is_empty() {
             return Ok(u);
         }
-        // Copying the entries up changes the directory's times, which the
-        // view must keep: the kernel caches them, and a move changes none.
-        let st = hostfs::stat(u.as_fd())?;
         for e in self.list(cx, layers)? {
             Arc::new(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers)?;
         }
         set_opaque(u.as_fd())?;
-        set_times(u.as_fd(), &st)?;
         self.state.write().unwrap().lowers.clear();
         Ok(u)
     }
@@ -902,6 +911,7 @@ impl LayerObj {
         make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
     ) -> io::Result<LayerObj> {
         let pu = self.upper(cx, layers)?;
+        let _names = self.changing_names();
         let over_whiteout = match Part::Layer(pu.clone()).child(cx, name)? {
             Child::Found { .. } => return Err(errno(libc::EEXIST)),
             Child::Whiteout => true,
@@ -979,6 +989,7 @@ impl LayerObj {
         dir: bool,
     ) -> io::Result<()> {
         let pu = self.upper(cx, layers)?;
+        let _names = self.changing_names();
         let child = self.lookup(cx, layers, name)?;
         match (dir, child.is_dir) {
             (true, false) => return Err(errno(libc::ENOTDIR)),
@@ -1067,8 +1078,13 @@ impl LayerObj {
         };
         src.detach_to_move(cx, layers)?;
         if exchange {
+            dst.as_ref()
+                .expect("checked above")
+                .detach_to_move(cx, layers)?;
+        }
+        let _names = self.changing_names();
+        if exchange {
             let d = dst.as_ref().expect("checked above");
-            d.detach_to_move(cx, layers)?;
             swap()?;
             *d.place.lock().unwrap() = Some((self.clone(), sname));
         } else {
@@ -1094,6 +1110,12 @@ impl LayerObj {
         }
         *src.place.lock().unwrap() = Some((newdir.clone(), dname));
         Ok(())
+    }
+
+    /// To hold while names or times of directories of the view's top
+    /// layer change (see [`LayerView::names`]); not while copying up.
+    pub fn changing_names(&self) -> RwLockReadGuard<'_, ()> {
+        self.view.names.read().unwrap()
     }
 
     /// Links this object (copied up first) as `name` in directory `dir`.

@@ -100,6 +100,57 @@ fn a_moved_directory_keeps_the_times_of_the_directories_it_holds() {
     assert_eq!(fs::read(d.join("moved/sub/f")).unwrap(), b"f");
 }
 
+/// A first change to a file in a branch copies it up into the branch's
+/// copy of its directory; the directory keeps its times all the same
+/// (a chmod or write of `d/f` changes no name in `d`), after a restart
+/// too. A new name in it still changes them.
+#[test]
+fn a_copy_up_leaves_the_times_of_its_directory() {
+    let mut m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir_all(s.join("d/e")).unwrap();
+            for f in ["d/f", "d/g", "d/e/h"] {
+                fs::write(s.join(f), b"x").unwrap();
+            }
+            fs::hard_link(s.join("d/g"), s.join("d/g2")).unwrap();
+            // Older than anything the test does.
+            for p in ["d", "d/e"] {
+                let old =
+                    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+                fs::File::open(s.join(p))
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
+            }
+        })
+        .start();
+    snapshot(&m, None, "s");
+    branch(&m, "s", "b");
+    let d = branch_dir(&m, "b").join("d");
+    let times = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.mtime(), md.mtime_nsec())
+    };
+    let before = [times(&d), times(&d.join("e"))];
+    fs::set_permissions(d.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(d.join("g"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    fs::write(d.join("e/h"), b"z").unwrap();
+    let now = || [times(&d), times(&d.join("e"))];
+    assert_eq!(now(), before, "as the kernel has them");
+    m.kill();
+    m.restart(&[]);
+    assert_eq!(now(), before, "as the worker has them");
+    assert_eq!(fs::read(d.join("g2")).unwrap(), b"xy");
+    assert_eq!(fs::read(d.join("e/h")).unwrap(), b"z");
+    fs::write(d.join("new"), b"").unwrap();
+    assert_ne!(times(&d), before[0], "a new name changes them");
+}
+
 // ---------------------------------------------------------------------------
 // Divergence: two branches edited differently through their paths.
 
