@@ -323,7 +323,7 @@ impl NodeTable {
 
     fn remove(&mut self, id: u64) -> Option<Node> {
         let node = self.by_id.remove(&id)?;
-        // Unless a new node took its key (`FsCore::unkey_rebased`).
+        // Unless a new node took its key (`unkey_rebased`).
         if self.by_key.get(&node.key) == Some(&id) {
             self.by_key.remove(&node.key);
         }
@@ -817,15 +817,16 @@ impl FsCore {
             _ => None,
         };
         let base = obj.base(layers);
-        let main_ino = base.as_ref().map(|b| b.ino);
         let key = NodeKey::Layer(view, obj.id);
+        let mut t = self.nodes.lock().unwrap();
         if obj.is_dir {
-            self.unkey_rebased(&key, main_ino, layers);
+            unkey_rebased(&mut t, &key, base.as_deref(), layers);
         }
-        Ok(self.register(
+        Ok(self.register_locked(
+            &mut t,
             key,
             id,
-            main_ino,
+            base.as_ref().map(|b| b.ino),
             || {
                 if let Some(base) = base.as_ref().filter(|_| obj.is_dir) {
                     self.watch_main_dir(base);
@@ -835,27 +836,6 @@ impl FsCore {
             origin,
             stat,
         ))
-    }
-
-    /// Gives directory `key` of a view a new node if main's directory it
-    /// merges is another now (`main_ino`) than the kernel's node shows:
-    /// main's was replaced or removed behind the mount. The node's key is
-    /// the id its copy in the layer keeps, which does not change with
-    /// that. With a new node the kernel also drops the names and listing
-    /// it keeps of the old one, which shows what it showed until forgotten.
-    fn unkey_rebased(&self, key: &NodeKey, main_ino: Option<u64>, layers: &Layers) {
-        let mut t = self.nodes.lock().unwrap();
-        let rebased = t
-            .by_key
-            .get(key)
-            .and_then(|id| t.by_id.get(id))
-            .is_some_and(|n| match &*n.obj {
-                Obj::Layer(live) => live.base(layers).map(|b| b.ino) != main_ino,
-                _ => false,
-            });
-        if rebased {
-            t.by_key.remove(key);
-        }
     }
 
     /// The live object with `obj`'s identity if the kernel holds one, else
@@ -1231,6 +1211,21 @@ impl FsCore {
         stat: Stat,
     ) -> Entry {
         let mut t = self.nodes.lock().unwrap();
+        self.register_locked(&mut t, key, id, main_ino, make, origin, stat)
+    }
+
+    /// [`FsCore::register`] with the node table locked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn register_locked(
+        &self,
+        t: &mut NodeTable,
+        key: NodeKey,
+        id: Option<u64>,
+        main_ino: Option<u64>,
+        make: impl FnOnce() -> Obj,
+        origin: impl FnOnce(&NodeTable, &Obj) -> Option<Origin>,
+        stat: Stat,
+    ) -> Entry {
         if let Some(&existing) = t.by_key.get(&key) {
             let node = t.by_id.get_mut(&existing).expect("tables agree");
             node.lookups += 1;
@@ -1245,7 +1240,7 @@ impl FsCore {
             };
         }
         let obj = make();
-        let origin = self.handoff.as_ref().and_then(|_| origin(&t, &obj));
+        let origin = self.handoff.as_ref().and_then(|_| origin(t, &obj));
         // An id the kernel may still hold from a predecessor is this
         // object's only if the predecessor recorded the same origin (an
         // inode number, which main and native branch ids are made of, can
@@ -1899,13 +1894,8 @@ impl FsCore {
         match (&*old, &*new) {
             (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
                 let layers = self.layers_of(o)?;
-                let moved = Mutex::new(Vec::new());
-                o.rename(self.cx(), &layers, name, n, newname, flags, |obj| {
-                    let live = self.live_layer_obj(obj);
-                    moved.lock().unwrap().push(live.clone());
-                    live
-                })?;
-                for obj in moved.into_inner().unwrap() {
+                let live = |obj| self.live_layer_obj(obj);
+                for obj in o.rename(self.cx(), &layers, name, n, newname, flags, &live)? {
                     self.renamed(&obj);
                 }
                 return Ok(());
@@ -2963,12 +2953,6 @@ fn write_all_at(f: &File, data: &[u8], offset: u64, exact: bool) -> io::Result<u
     Ok(done)
 }
 
-/// The flags to open the host file with, from the caller's open flags.
-/// O_DIRECT is dropped (our buffers are not aligned; the kernel already
-/// bypasses its own cache per the caller's flags). O_NOFOLLOW is dropped
-/// because the kernel has resolved the name already (a symlink never gets
-/// here) and the reopen goes through a /proc magic link, which O_NOFOLLOW
-/// would refuse with ELOOP. Creation flags are the caller's business.
 /// How a successor finds layered object `o` again: by its directory's node
 /// and its name (`None` for a view root, which every worker opens).
 fn layer_origin(t: &NodeTable, o: &LayerObj) -> Option<Origin> {
@@ -2977,6 +2961,35 @@ fn layer_origin(t: &NodeTable, o: &LayerObj) -> Option<Origin> {
     Some(Origin::Layer { parent, name })
 }
 
+/// Unmaps directory `key` of a view from its node if the live object
+/// stands on another directory of main than `base`, the one a lookup
+/// found just now: main's was replaced, moved or removed behind the mount
+/// (the branch's own moves detach the live object from below first). The
+/// key, the id the branch's copy keeps, does not change with that; a new
+/// node for it has the kernel drop the names and listing it keeps of the
+/// old one, which shows what it showed until forgotten.
+fn unkey_rebased(t: &mut NodeTable, key: &NodeKey, base: Option<&SnapObj>, layers: &Layers) {
+    let rebased = t
+        .by_key
+        .get(key)
+        .and_then(|id| t.by_id.get(id))
+        .is_some_and(|n| match &*n.obj {
+            Obj::Layer(live) => {
+                live.base(layers).as_ref().map(|b| &b.handle) != base.map(|b| &b.handle)
+            }
+            _ => false,
+        });
+    if rebased {
+        t.by_key.remove(key);
+    }
+}
+
+/// The flags to open the host file with, from the caller's open flags.
+/// O_DIRECT is dropped (our buffers are not aligned; the kernel already
+/// bypasses its own cache per the caller's flags). O_NOFOLLOW is dropped
+/// because the kernel has resolved the name already (a symlink never gets
+/// here) and the reopen goes through a /proc magic link, which O_NOFOLLOW
+/// would refuse with ELOOP. Creation flags are the caller's business.
 fn host_open_flags(flags: i32) -> i32 {
     flags
         & !(libc::O_CREAT

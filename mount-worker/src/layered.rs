@@ -786,7 +786,16 @@ impl LayerObj {
             let _alone = self.view.names.write().unwrap();
             let times = hostfs::stat(pu.as_fd())?;
             add()?;
-            set_times(pu.as_fd(), &times)
+            // The copy is in place: failing the change now would only
+            // have the next one find it there.
+            if let Err(e) = set_times(pu.as_fd(), &times) {
+                tracing::warn!(
+                    view = self.view.number,
+                    "the times of a directory changed by the copy-up of object {}: {e}",
+                    self.id
+                );
+            }
+            Ok(())
         };
         if indexed.is_some() || self.has_names_below(cx, &s)? {
             // Linked from the index, so that its other names find it too.
@@ -845,8 +854,11 @@ impl LayerObj {
     /// from below keeps its count of names in its copy in the top layer's
     /// index (made now if needed), and leaves the index with its last name.
     fn lose_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<()> {
-        let s = self.current(layers);
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        // A copy-up of another name of the file may be making the index
+        // copy too.
+        let _one = self.view.copy_up.lock().unwrap();
+        let s = self.current(layers);
         let index = index_name(self.id);
         let fd = match hostfs::open_node(top.index.as_fd(), &index) {
             Ok(fd) => fd,
@@ -875,14 +887,21 @@ impl LayerObj {
 
     /// Copies up this object and, for a directory, everything below it,
     /// and makes it opaque: it then no longer depends on the layers below
-    /// and can be moved. Costs a copy of the subtree's files.
-    fn detach(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Arc<OwnedFd>> {
+    /// and can be moved. Costs a copy of the subtree's files. `live` turns
+    /// a looked-up object into the live one of the same id, which must
+    /// learn that it stands on nothing below any more.
+    fn detach(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
+    ) -> io::Result<Arc<OwnedFd>> {
         let u = self.upper(cx, layers)?;
         if !self.is_dir || self.current(layers).lowers.is_empty() {
             return Ok(u);
         }
         for e in self.list(cx, layers)? {
-            Arc::new(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers)?;
+            live(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers, live)?;
         }
         set_opaque(u.as_fd())?;
         self.state.write().unwrap().lowers.clear();
@@ -892,8 +911,13 @@ impl LayerObj {
     /// Makes this object movable to another name: detached from the layers
     /// below, and, for a directory, opaque, so that whatever the new name
     /// hides below stays hidden.
-    fn detach_to_move(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<()> {
-        let u = self.detach(cx, layers)?;
+    fn detach_to_move(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
+    ) -> io::Result<()> {
+        let u = self.detach(cx, layers, live)?;
         if self.is_dir {
             set_opaque(u.as_fd())?;
         }
@@ -989,7 +1013,6 @@ impl LayerObj {
         dir: bool,
     ) -> io::Result<()> {
         let pu = self.upper(cx, layers)?;
-        let _names = self.changing_names();
         let child = self.lookup(cx, layers, name)?;
         match (dir, child.is_dir) {
             (true, false) => return Err(errno(libc::ENOTDIR)),
@@ -1005,6 +1028,7 @@ impl LayerObj {
         if !dir {
             child.lose_name(cx, layers)?;
         }
+        let _names = self.changing_names();
         match (child.current(layers).upper, needs_whiteout) {
             (None, true) => make_whiteout(pu.as_fd(), &cname),
             (None, false) => Err(errno(libc::ESTALE)),
@@ -1029,9 +1053,9 @@ impl LayerObj {
     }
 
     /// Renames `name` in this directory to `newname` in `newdir` with
-    /// `renameat2` flags. `registered` turns a looked-up object into the
-    /// live one of the same id (if the kernel holds it), so that it learns
-    /// its new place.
+    /// `renameat2` flags. `live` turns a looked-up object into the live
+    /// one of the same id (if the kernel holds it), so that it learns its
+    /// new place. Returns the objects that moved.
     #[allow(clippy::too_many_arguments)]
     pub fn rename(
         self: &Arc<Self>,
@@ -1041,14 +1065,14 @@ impl LayerObj {
         newdir: &Arc<LayerObj>,
         newname: &OsStr,
         flags: u32,
-        registered: impl Fn(LayerObj) -> Arc<LayerObj>,
-    ) -> io::Result<()> {
+        live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
+    ) -> io::Result<Vec<Arc<LayerObj>>> {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let spu = self.upper(cx, layers)?;
         let dpu = newdir.upper(cx, layers)?;
-        let src = registered(self.lookup(cx, layers, name)?);
+        let src = live(self.lookup(cx, layers, name)?);
         let dst = match newdir.lookup(cx, layers, newname) {
-            Ok(o) => Some(registered(o)),
+            Ok(o) => Some(live(o)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
             Err(e) => return Err(e),
         };
@@ -1056,7 +1080,7 @@ impl LayerObj {
         match &dst {
             Some(_) if flags & libc::RENAME_NOREPLACE != 0 => return Err(errno(libc::EEXIST)),
             None if exchange => return Err(errno(libc::ENOENT)),
-            Some(d) if Arc::ptr_eq(d, &src) || d.id == src.id => return Ok(()),
+            Some(d) if Arc::ptr_eq(d, &src) || d.id == src.id => return Ok(Vec::new()),
             Some(d) if !exchange => match (src.is_dir, d.is_dir) {
                 (true, false) => return Err(errno(libc::ENOTDIR)),
                 (false, true) => return Err(errno(libc::EISDIR)),
@@ -1076,24 +1100,25 @@ impl LayerObj {
                 libc::RENAME_EXCHANGE,
             )
         };
-        src.detach_to_move(cx, layers)?;
-        if exchange {
-            dst.as_ref()
-                .expect("checked above")
-                .detach_to_move(cx, layers)?;
+        src.detach_to_move(cx, layers, live)?;
+        match &dst {
+            Some(d) if exchange => d.detach_to_move(cx, layers, live)?,
+            Some(d) if !d.is_dir => d.lose_name(cx, layers)?,
+            _ => {}
         }
         let _names = self.changing_names();
+        let mut moved = vec![src.clone()];
         if exchange {
-            let d = dst.as_ref().expect("checked above");
+            let d = dst.expect("checked above");
             swap()?;
             *d.place.lock().unwrap() = Some((self.clone(), sname));
+            moved.push(d);
         } else {
-            if let Some(d) = &dst {
-                match (d.is_dir, d.current(layers).upper) {
-                    (true, Some(du)) => clear_whiteouts(&du)?,
-                    (true, None) => {}
-                    (false, _) => d.lose_name(cx, layers)?,
-                }
+            if let Some(du) = dst
+                .filter(|d| d.is_dir)
+                .and_then(|d| d.current(layers).upper)
+            {
+                clear_whiteouts(&du)?;
             }
             let whiteout = self.lower_has(cx, layers, name)?;
             if src.is_dir && self.whiteout_at(&dpu, &dname)? {
@@ -1109,7 +1134,7 @@ impl LayerObj {
             }
         }
         *src.place.lock().unwrap() = Some((newdir.clone(), dname));
-        Ok(())
+        Ok(moved)
     }
 
     /// To hold while names or times of directories of the view's top

@@ -12,6 +12,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -98,6 +99,39 @@ fn a_moved_directory_keeps_the_times_of_the_directories_it_holds() {
     m.restart(&[]);
     assert_eq!(moved(), before, "as the worker has them");
     assert_eq!(fs::read(d.join("moved/sub/f")).unwrap(), b"f");
+}
+
+/// A directory moved in a branch keeps its node, and so do the
+/// directories it holds, although they no longer stand on main's (the
+/// move detached them): a descriptor opened on one before still names it
+/// at its new path. With every name looked up again (cache timeout 0).
+#[test]
+fn directories_moved_in_a_branch_keep_their_nodes() {
+    let m = Mount::builder()
+        .populate(|s| {
+            fs::create_dir_all(s.join("d/sub/deeper")).unwrap();
+            fs::write(s.join("d/sub/f"), b"f").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("0")
+        .start();
+    snapshot(&m, None, "s");
+    branch(&m, "s", "b");
+    let b = branch_dir(&m, "b");
+    // The branch's own copy of `d`, so that it merges main's.
+    fs::write(b.join("d/mine"), b"").unwrap();
+    let held: Vec<File> = ["d/sub", "d/sub/deeper"]
+        .iter()
+        .map(|p| File::open(b.join(p)).unwrap())
+        .collect();
+    fs::rename(b.join("d"), b.join("moved")).unwrap();
+    for (f, p) in held.iter().zip(["moved/sub", "moved/sub/deeper"]) {
+        let now = fs::metadata(b.join(p)).unwrap();
+        assert_eq!(f.metadata().unwrap().ino(), now.ino(), "{p}");
+        let named = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+        assert_eq!(named, b.join(p), "the kernel's name of {p}");
+    }
+    assert_eq!(fs::read(b.join("moved/sub/f")).unwrap(), b"f");
 }
 
 /// A first change to a file in a branch copies it up into the branch's
