@@ -61,6 +61,27 @@ fn assert_refused(m: &Mount, req: Request, kind: ErrorKind, names: &str) {
     );
 }
 
+/// Deletes branch `name` (without force) once the files closed just
+/// before are released: the kernel sends RELEASE after close(2) returns,
+/// so the branch may look busy for a moment.
+fn delete_once_closed(m: &Mount, name: &str) {
+    for _ in 0..50 {
+        let deleted = ctl(
+            m,
+            Request::BranchDelete {
+                branch: name.into(),
+                force: false,
+            },
+        );
+        match deleted {
+            Ok(_) => return,
+            Err(e) if e.kind == ErrorKind::Busy => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("branch-delete {name}: {e}"),
+        }
+    }
+    panic!("branch {name} stays busy after its files were closed");
+}
+
 fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.map(drop).unwrap_err().raw_os_error()
 }
@@ -1455,19 +1476,7 @@ fn busy_branches_are_deleted_only_by_force() {
     );
     assert!(listed_branch(&m, "open").is_some());
     drop(f);
-    // Closed (the kernel sends RELEASE asynchronously: allow it a moment).
-    let mut closed = false;
-    for _ in 0..50 {
-        match delete("open", false) {
-            Ok(_) => {
-                closed = true;
-                break;
-            }
-            Err(e) if e.kind == ErrorKind::Busy => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("delete after close: {e}"),
-        }
-    }
-    assert!(closed, "the branch stays busy after its file was closed");
+    delete_once_closed(&m, "open");
     assert_eq!(
         errno(fs::metadata(branch_dir(&m, "open"))),
         Some(libc::ENOENT)
@@ -1568,14 +1577,7 @@ fn deleting_branches_and_their_snapshots_gives_the_space_back() {
         fs::read(branch_dir(&m, "y").join("a.txt")).unwrap(),
         b"alpha"
     );
-    ctl(
-        &m,
-        Request::BranchDelete {
-            branch: "y".into(),
-            force: false,
-        },
-    )
-    .unwrap();
+    delete_once_closed(&m, "y");
     let preserved = m.state_dir().join("preserved");
     let left = fs::read_dir(&preserved).map_or(0, |d| d.count());
     assert_eq!(left, 0, "pre-images nobody needs are kept");
