@@ -54,6 +54,49 @@ fn fsx_mmap_sandboxed() {
     m.stop();
 }
 
+/// A third in a branch, snapshotted every second meanwhile: each snapshot
+/// freezes the layer fsx's file is in, and its next write, through the
+/// descriptor and the maps fsx opened before, copies the file into the
+/// branch's new layer first. The file starts as main's, so its first
+/// change is a copy-up too. Half the operations: a copy-up copies the
+/// file.
+#[test]
+fn fsx_mmap_in_a_branch_snapshotted_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SEED: u64 = 3;
+    let mut m = common::Mount::builder()
+        .populate(|s| {
+            let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+            fs::write(s.join(format!("fsx-{SEED}")), data).unwrap();
+        })
+        .start();
+    common::snapshot(&m, None, "base");
+    common::branch(&m, "base", "b");
+    let dir = common::branch_dir(&m, "b");
+    let done = AtomicBool::new(false);
+    let snapshots = std::thread::scope(|s| {
+        let taker = s.spawn(|| {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                common::snapshot(&m, Some("b"), &format!("during-{n}"));
+                n += 1;
+            }
+            n
+        });
+        let run = std::panic::catch_unwind(|| check_fsx(&dir, &[SEED], OPS / 2));
+        done.store(true, Ordering::Relaxed);
+        let n = taker.join().unwrap();
+        if let Err(e) = run {
+            std::panic::resume_unwind(e);
+        }
+        n
+    });
+    assert!(snapshots >= 5, "only {snapshots} snapshots during the run");
+    println!("{snapshots} snapshots of the branch during the run");
+    m.stop();
+}
+
 /// Runs fsx once per seed, all at the same time, each on `dir/fsx-SEED`, and
 /// asserts that every run exits 0 having completed all `ops` operations.
 /// On failure fsx's log (its last operations and the first mismatch) is
