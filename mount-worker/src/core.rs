@@ -236,19 +236,55 @@ pub struct DirEntry<'a> {
 
 /// What a node is.
 enum Obj {
-    Main(OwnedFd),
+    Main(MainInode),
     Snap(Arc<SnapObj>),
     /// An object of a branch or of a snapshot of a branch.
     Layer(Arc<LayerObj>),
     Virtual,
 }
 
+/// Main's inode as its node keeps it.
+enum MainInode {
+    /// A directory (the descriptor its names are looked up from), or any
+    /// inode of a source without file handles.
+    Open(OwnedFd),
+    /// Anything else, by handle, opened for each use: the kernel may hold
+    /// the nodes of a whole tree, and a descriptor each would soon reach
+    /// the open-file limit (the trimmer then has the kernel forget them,
+    /// and path walks look them up again).
+    Handle(HostHandle),
+}
+
+impl MainInode {
+    /// `fd`'s inode (`st` its attributes, `handle` its handle if known)
+    /// as a node keeps it.
+    fn new(fd: OwnedFd, st: &Stat, handle: Option<HostHandle>) -> MainInode {
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return MainInode::Open(fd);
+        }
+        match handle.map_or_else(|| hostfs::handle_of(fd.as_fd()), Ok) {
+            Ok(h) => MainInode::Handle(h),
+            // EOPNOTSUPP: served all the same, at a descriptor a node.
+            Err(_) => MainInode::Open(fd),
+        }
+    }
+}
+
 impl Obj {
-    /// The host inode of a main node; EROFS for every other kind, which is
-    /// what each change to them must answer.
-    fn main_fd(&self) -> io::Result<BorrowedFd<'_>> {
+    /// Whether the node keeps host descriptors open: main's directories
+    /// (and files without handles), and a branch's objects (their parts in the layers; counted whether
+    /// copied up yet or not, as a copy-up makes no new node).
+    fn holds_descriptors(&self) -> bool {
+        matches!(self, Obj::Main(MainInode::Open(_)) | Obj::Layer(_))
+    }
+
+    /// The descriptor of a main directory: ENOTDIR for main's other
+    /// inodes (from the host, for one kept open), EROFS for every other
+    /// kind, which is what each change to them must answer.
+    fn main_dir(&self) -> io::Result<BorrowedFd<'_>> {
         match self {
-            Obj::Main(fd) => Ok(fd.as_fd()),
+            Obj::Main(MainInode::Open(fd)) => Ok(fd.as_fd()),
+            Obj::Main(MainInode::Handle(_)) => Err(errno(libc::ENOTDIR)),
             _ => Err(errno(libc::EROFS)),
         }
     }
@@ -290,6 +326,8 @@ struct NodeTable {
     /// which is main's inode when the branch first saw it, while the
     /// directory of main it merges may be another.
     by_main_ino: HashMap<u64, Vec<u64>>,
+    /// How many nodes hold descriptors ([`Obj::holds_descriptors`]).
+    holding: usize,
 }
 
 impl NodeTable {
@@ -307,6 +345,7 @@ impl NodeTable {
         if let Some(ino) = main_ino {
             self.by_main_ino.entry(ino).or_default().push(id);
         }
+        self.holding += usize::from(obj.holds_descriptors());
         self.by_key.insert(key.clone(), id);
         self.by_id.insert(
             id,
@@ -323,7 +362,8 @@ impl NodeTable {
 
     fn remove(&mut self, id: u64) -> Option<Node> {
         let node = self.by_id.remove(&id)?;
-        // Unless a new node took its key (`unkey_rebased`).
+        self.holding -= usize::from(node.obj.holds_descriptors());
+        // Unless a new node took its key (`unkey_if`).
         if self.by_key.get(&node.key) == Some(&id) {
             self.by_key.remove(&node.key);
         }
@@ -392,9 +432,11 @@ enum ChangeGuard<'a> {
     Layer { _held: RwLockReadGuard<'a, Layers> },
 }
 
-/// A host inode to change: borrowed from a main node, or a branch's copy.
+/// A host inode: borrowed from a main directory's node, opened by a main
+/// node's handle, or a branch's copy.
 enum HostFd<'a> {
     Main(BorrowedFd<'a>),
+    Opened(OwnedFd),
     Upper(Arc<OwnedFd>),
 }
 
@@ -402,6 +444,7 @@ impl HostFd<'_> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             HostFd::Main(fd) => *fd,
+            HostFd::Opened(fd) => fd.as_fd(),
             HostFd::Upper(fd) => fd.as_fd(),
         }
     }
@@ -554,7 +597,7 @@ impl FsCore {
         let mut table = NodeTable::default();
         table.insert(
             NodeId::ROOT.0,
-            Obj::Main(fd.try_clone()?),
+            Obj::Main(MainInode::Open(fd.try_clone()?)),
             NodeKey::Host(st.st_dev, st.st_ino),
             None,
             0,
@@ -819,8 +862,17 @@ impl FsCore {
         let base = obj.base(layers);
         let key = NodeKey::Layer(view, obj.id);
         let mut t = self.nodes.lock().unwrap();
+        // A directory's key is the id its copy in the layer keeps, which
+        // does not change when main's directory it merges is replaced,
+        // moved or removed behind the mount (the branch's own moves
+        // detach the live object from below first).
         if obj.is_dir {
-            unkey_rebased(&mut t, &key, base.as_deref(), layers);
+            let found = base.as_ref().map(|b| &b.handle);
+            unkey_if(
+                &mut t,
+                &key,
+                |o| matches!(o, Obj::Layer(live) if live.base(layers).as_ref().map(|b| &b.handle) != found),
+            );
         }
         Ok(self.register_locked(
             &mut t,
@@ -983,7 +1035,8 @@ impl FsCore {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
                 let st = hostfs::stat(fd.as_fd())?;
                 self.watch_dir(fd.as_fd(), &st);
-                (Obj::Main(fd), NodeKey::Host(st.st_dev, st.st_ino))
+                let inode = MainInode::new(fd, &st, Some(handle));
+                (Obj::Main(inode), NodeKey::Host(st.st_dev, st.st_ino))
             }
             Origin::Snap {
                 snap,
@@ -1171,12 +1224,36 @@ impl FsCore {
     }
 
     fn root_fd(&self) -> BorrowedFd<'_> {
-        self.root.main_fd().expect("the root is a main node")
+        self.root.main_dir().expect("the root is a main directory")
     }
 
     /// What snapshot objects open live inodes by handle with.
     fn mount_fd(&self) -> BorrowedFd<'_> {
         self.handle_dir.as_fd()
+    }
+
+    /// An `O_PATH` descriptor of a main node's inode: a directory's own,
+    /// any other opened by its handle (ESTALE once it is gone). EROFS for
+    /// every other kind, which is what each change to them must answer.
+    fn main_inode<'a>(&self, obj: &'a Obj) -> io::Result<HostFd<'a>> {
+        match obj {
+            Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
+            Obj::Main(MainInode::Handle(h)) => {
+                hostfs::open_handle(self.mount_fd(), h).map(HostFd::Opened)
+            }
+            _ => Err(errno(libc::EROFS)),
+        }
+    }
+
+    /// Opens main's inode with host open `flags`: a directory reopened
+    /// from its descriptor, any other by its handle.
+    fn open_main(&self, inode: &MainInode, flags: i32) -> io::Result<File> {
+        match inode {
+            MainInode::Open(fd) => hostfs::reopen(fd.as_fd(), flags),
+            MainInode::Handle(h) => {
+                hostfs::open_handle_with(self.mount_fd(), h, flags).map(File::from)
+            }
+        }
     }
 
     /// The object of a node the kernel holds a lookup on.
@@ -1300,17 +1377,33 @@ impl FsCore {
         let own = stat.st_ino;
         let id = (stat.st_dev == self.source_dev && own != NodeId::ROOT.0 && own <= LOCAL_MAX)
             .then_some(own);
-        let origin = |_: &NodeTable, obj: &Obj| {
-            let fd = obj.main_fd().ok()?;
-            hostfs::handle_of(fd).ok().map(Origin::Main)
+        let inode = MainInode::new(fd, &stat, None);
+        let origin = |_: &NodeTable, obj: &Obj| match obj {
+            Obj::Main(MainInode::Open(fd)) => hostfs::handle_of(fd.as_fd()).ok().map(Origin::Main),
+            Obj::Main(MainInode::Handle(h)) => Some(Origin::Main(h.clone())),
+            _ => None,
         };
-        Ok(self.register(
-            NodeKey::Host(stat.st_dev, own),
+        let key = NodeKey::Host(stat.st_dev, own);
+        let mut t = self.nodes.lock().unwrap();
+        // A file's node pins no inode: its number may be another file's
+        // by now, which needs a node of its own.
+        if let MainInode::Handle(h) = &inode {
+            unkey_if(
+                &mut t,
+                &key,
+                |o| matches!(o, Obj::Main(MainInode::Handle(was)) if was != h),
+            );
+        }
+        Ok(self.register_locked(
+            &mut t,
+            key,
             id,
             None,
             || {
-                self.watch_dir(fd.as_fd(), &stat);
-                Obj::Main(fd)
+                if let MainInode::Open(fd) = &inode {
+                    self.watch_dir(fd.as_fd(), &stat);
+                }
+                Obj::Main(inode)
             },
             origin,
             stat,
@@ -1376,10 +1469,11 @@ impl FsCore {
             return Ok(self.virtual_entry(NodeId::AGENTFS));
         }
         match (parent, &*self.obj(parent)?) {
-            (_, Obj::Main(dir)) => {
+            (_, Obj::Main(MainInode::Open(dir))) => {
                 let name = hostfs::component(name)?;
                 self.register_main(hostfs::open_node(dir.as_fd(), &name)?)
             }
+            (_, Obj::Main(MainInode::Handle(_))) => Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(dir)) => {
                 let found = dir.lookup(&self.store, self.mount_fd(), name)?;
                 self.register_snap(SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino))
@@ -1487,15 +1581,21 @@ impl FsCore {
         true
     }
 
-    /// How many nodes the kernel knows (each holds a host descriptor).
-    pub fn node_count(&self) -> usize {
-        self.nodes.lock().unwrap().by_id.len()
+    /// What the nodes the kernel knows cost, in descriptors, for the
+    /// trimmer: one for each node that holds some
+    /// ([`Obj::holds_descriptors`]), a quarter for any other (main's files,
+    /// snapshots' inodes), which still grows the node table, the trimmer's
+    /// names and the handoff journal.
+    pub fn node_load(&self) -> usize {
+        let t = self.nodes.lock().unwrap();
+        t.holding + (t.by_id.len() - t.holding) / 4
     }
 
     /// Attributes of a node.
     pub fn getattr(&self, node: NodeId) -> io::Result<Stat> {
-        match &*self.obj(node)? {
-            Obj::Main(fd) => hostfs::stat(fd.as_fd()),
+        let obj = self.obj(node)?;
+        match &*obj {
+            Obj::Main(_) => hostfs::stat(self.main_inode(&obj)?.as_fd()),
             Obj::Snap(s) => s.stat(&self.store, self.mount_fd()),
             Obj::Layer(o) => {
                 let mut st = o.stat(self.cx(), &*self.layers_of(o)?)?;
@@ -1592,9 +1692,10 @@ impl FsCore {
     /// EROFS for snapshots and virtual directories.
     fn writable<'a>(&'a self, obj: &'a Obj) -> io::Result<(ChangeGuard<'a>, HostFd<'a>)> {
         match obj {
-            Obj::Main(fd) => {
+            Obj::Main(_) => {
+                let fd = self.main_inode(obj)?;
                 let g = self.before_change(&[fd.as_fd()])?;
-                Ok((ChangeGuard::Main { _held: g }, HostFd::Main(fd.as_fd())))
+                Ok((ChangeGuard::Main { _held: g }, fd))
             }
             Obj::Layer(o) => {
                 let layers = self.layers_of(o)?;
@@ -1658,8 +1759,9 @@ impl FsCore {
 
     /// Target of a symlink.
     pub fn readlink(&self, node: NodeId) -> io::Result<Vec<u8>> {
-        match &*self.obj(node)? {
-            Obj::Main(fd) => hostfs::readlink(fd.as_fd()),
+        let obj = self.obj(node)?;
+        match &*obj {
+            Obj::Main(_) => hostfs::readlink(self.main_inode(&obj)?.as_fd()),
             Obj::Snap(s) => s.readlink(&self.store, self.mount_fd()),
             Obj::Layer(o) => o.readlink(self.cx(), &*self.layers_of(o)?),
             Obj::Virtual => Err(errno(libc::EINVAL)),
@@ -1716,7 +1818,7 @@ impl FsCore {
     /// A main directory and a name in it, for a change.
     fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Obj>, CString)> {
         let obj = self.dir_entry(parent, name)?;
-        obj.main_fd()?;
+        obj.main_dir()?;
         Ok((obj, hostfs::component(name)?))
     }
 
@@ -1745,7 +1847,7 @@ impl FsCore {
                 self.register_layer(new, &layers)
             }
             _ => {
-                let dir = obj.main_fd()?;
+                let dir = obj.main_dir()?;
                 let name = hostfs::component(name)?;
                 let change = self.before_change(&[dir])?;
                 make(dir, &name)?;
@@ -1802,7 +1904,7 @@ impl FsCore {
             return d.remove(self.cx(), &*self.layers_of(d)?, name, dir);
         }
         let (obj, name) = self.main_entry(parent, name)?;
-        let pfd = obj.main_fd()?;
+        let pfd = obj.main_dir()?;
         let victim = hostfs::open_node(pfd, &name)?;
         let _change = self.before_change(&[pfd, victim.as_fd()])?;
         hostfs::unlink(pfd, &name, dir)
@@ -1906,7 +2008,7 @@ impl FsCore {
         }
         let (old, oname) = self.main_entry(parent, name)?;
         let (new, nname) = self.main_entry(newparent, newname)?;
-        let (ofd, nfd) = (old.main_fd()?, new.main_fd()?);
+        let (ofd, nfd) = (old.main_dir()?, new.main_dir()?);
         // Both names' inodes change (ctime, or they go away).
         let moved = hostfs::open_node(ofd, &oname)?;
         let replaced = match hostfs::open_node(nfd, &nname) {
@@ -1934,9 +2036,9 @@ impl FsCore {
             _ => {}
         }
         let (dobj, name) = self.main_entry(newparent, newname)?;
-        let (fd, dir) = (obj.main_fd()?, dobj.main_fd()?);
-        let _change = self.before_change(&[fd, dir])?;
-        hostfs::link(fd, dir, &name)?;
+        let (fd, dir) = (self.main_inode(&obj)?, dobj.main_dir()?);
+        let _change = self.before_change(&[fd.as_fd(), dir])?;
+        hostfs::link(fd.as_fd(), dir, &name)?;
         self.register_main(hostfs::open_node(dir, &name)?)
     }
 
@@ -1974,14 +2076,13 @@ impl FsCore {
             .clone())
     }
 
-    /// Runs `f` on the host file behind `fh` for a change of `node`:
-    /// main's file after preserving it for the snapshots, a branch's file
+    /// Runs `f` on the host file behind `fh` for a change: main's file
+    /// after preserving it for the snapshots, a branch's file
     /// in its top layer (reopened there if the layer it was opened in has
     /// frozen since); then clears the set-id bits if `set_id` says so.
     /// EBADF for files not open for writing.
     fn change_file<T>(
         &self,
-        node: NodeId,
         fh: FileHandle,
         set_id: SetIdBits,
         f: impl FnOnce(&File) -> io::Result<T>,
@@ -1997,8 +2098,7 @@ impl FsCore {
         };
         match &*file {
             OpenFile::Main(host) => {
-                let obj = self.obj(node)?;
-                let _change = self.before_change(&[obj.main_fd()?])?;
+                let _change = self.before_change(&[host.as_fd()])?;
                 changed(host)
             }
             OpenFile::Layer { obj, flags, file } => {
@@ -2065,7 +2165,7 @@ impl FsCore {
     fn open_file(&self, node: NodeId, flags: i32) -> io::Result<OpenFile> {
         let obj = self.obj(node)?;
         let file = match &*obj {
-            Obj::Main(fd) => OpenFile::Main(hostfs::reopen(fd.as_fd(), host_open_flags(flags))?),
+            Obj::Main(m) => OpenFile::Main(self.open_main(m, host_open_flags(flags))?),
             Obj::Snap(s) => {
                 if flags & libc::O_ACCMODE != libc::O_RDONLY {
                     return Err(errno(libc::EROFS));
@@ -2123,7 +2223,7 @@ impl FsCore {
             };
         }
         let (obj, cname) = self.main_entry(parent, name)?;
-        let dir = obj.main_fd()?;
+        let dir = obj.main_dir()?;
         let caller_flags = flags;
         let flags =
             host_open_flags(flags) | (flags & libc::O_EXCL) | libc::O_CREAT | libc::O_NOFOLLOW;
@@ -2166,20 +2266,19 @@ impl FsCore {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset` of `node`'s open file `fh` (appends if it
+    /// Writes `data` at `offset` of open file `fh` (appends if it
     /// was opened O_APPEND, unless `again`: a write sent again after a
     /// takeover, which the dead worker may have made already, goes exactly
     /// where the kernel says, so that it is not appended twice).
     pub fn write(
         &self,
-        node: NodeId,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
         again: bool,
         set_id: SetIdBits,
     ) -> io::Result<usize> {
-        self.change_file(node, fh, set_id, |f| write_all_at(f, data, offset, again))
+        self.change_file(fh, set_id, |f| write_all_at(f, data, offset, again))
     }
 
     /// Closes a file handle.
@@ -2219,7 +2318,8 @@ impl FsCore {
         match &*self.file(fh)? {
             OpenFile::Main(_) => {
                 let obj = self.obj(node)?;
-                let fd = obj.main_fd()?;
+                let fd = self.main_inode(&obj)?;
+                let fd = fd.as_fd();
                 // Writes through the backing file are the worker's, which
                 // keep set-id bits: writers of such a file go through the
                 // worker, which clears them (`SetIdBits`).
@@ -2242,7 +2342,7 @@ impl FsCore {
     /// it stays open when that snapshot is taken (contract 2.1).
     pub fn writes_unseen(&self, node: NodeId, fh: FileHandle) -> io::Result<()> {
         let obj = self.obj(node)?;
-        let _latest = self.before_change(&[obj.main_fd()?])?;
+        let _latest = self.before_change(&[self.main_inode(&obj)?.as_fd()])?;
         self.unseen.lock().unwrap().insert(fh.0, node);
         Ok(())
     }
@@ -2284,16 +2384,13 @@ impl FsCore {
     /// Preallocates, punches holes, etc. (`fallocate(2)` modes).
     pub fn fallocate(
         &self,
-        node: NodeId,
         fh: FileHandle,
         offset: u64,
         len: u64,
         mode: i32,
         set_id: SetIdBits,
     ) -> io::Result<()> {
-        self.change_file(node, fh, set_id, |f| {
-            hostfs::fallocate(f, mode, offset, len)
-        })
+        self.change_file(fh, set_id, |f| hostfs::fallocate(f, mode, offset, len))
     }
 
     /// SEEK_DATA / SEEK_HOLE.
@@ -2311,11 +2408,11 @@ impl FsCore {
     }
 
     /// Copies `len` bytes on the host from open file `src` at an offset to
-    /// open file `dst` of node `dst_node` at an offset.
+    /// open file `dst` at an offset.
     pub fn copy_file_range(
         &self,
         (src, src_off): (FileHandle, u64),
-        (dst_node, dst, dst_off): (NodeId, FileHandle, u64),
+        (dst, dst_off): (FileHandle, u64),
         len: u64,
         set_id: SetIdBits,
     ) -> io::Result<usize> {
@@ -2327,7 +2424,7 @@ impl FsCore {
             // write, which re-check.
             OpenFile::SnapLive(..) | OpenFile::Layer { .. } => return Err(errno(libc::EXDEV)),
         };
-        self.change_file(dst_node, dst, set_id, |d| {
+        self.change_file(dst, set_id, |d| {
             hostfs::copy_file_range(s, src_off, d, dst_off, len)
         })
     }
@@ -2346,13 +2443,14 @@ impl FsCore {
 
     fn dir_stream(&self, node: NodeId) -> io::Result<DirStream> {
         let stream = match (node, &*self.obj(node)?) {
-            (_, Obj::Main(fd)) => DirStream::Host {
+            (_, Obj::Main(MainInode::Open(fd))) => DirStream::Host {
                 dir: Mutex::new(hostfs::reopen(
                     fd.as_fd(),
                     libc::O_RDONLY | libc::O_DIRECTORY,
                 )?),
                 is_root: node == NodeId::ROOT,
             },
+            (_, Obj::Main(MainInode::Handle(_))) => return Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(s)) => {
                 let view = s.snap.0 as u64;
                 DirStream::Listed(
@@ -2536,8 +2634,9 @@ impl FsCore {
 
     /// Reads an extended attribute.
     pub fn getxattr(&self, node: NodeId, name: &OsStr, size: u32) -> io::Result<XattrReply> {
-        match &*self.obj(node)? {
-            Obj::Main(fd) => hostfs::getxattr(fd.as_fd(), name, size),
+        let obj = self.obj(node)?;
+        match &*obj {
+            Obj::Main(_) => hostfs::getxattr(self.main_inode(&obj)?.as_fd(), name, size),
             Obj::Snap(s) => s.getxattr(&self.store, self.mount_fd(), name, size),
             Obj::Layer(o) => {
                 let all = o.xattrs(self.cx(), &*self.layers_of(o)?)?;
@@ -2554,8 +2653,9 @@ impl FsCore {
 
     /// Lists extended attribute names.
     pub fn listxattr(&self, node: NodeId, size: u32) -> io::Result<XattrReply> {
-        match &*self.obj(node)? {
-            Obj::Main(fd) => hostfs::listxattr(fd.as_fd(), size),
+        let obj = self.obj(node)?;
+        match &*obj {
+            Obj::Main(_) => hostfs::listxattr(self.main_inode(&obj)?.as_fd(), size),
             Obj::Snap(s) => s.listxattr(&self.store, self.mount_fd(), size),
             Obj::Layer(o) => {
                 let mut names = Vec::new();
@@ -2619,8 +2719,9 @@ impl FsCore {
         let nodes: HashSet<NodeId> = self.unseen.lock().unwrap().values().copied().collect();
         for node in nodes {
             let kept = self.obj(node).and_then(|obj| {
-                let fd = obj.main_fd()?;
-                self.store.preserve(fd, &hostfs::handle_of(fd)?, epoch)
+                let fd = self.main_inode(&obj)?;
+                self.store
+                    .preserve(fd.as_fd(), &hostfs::handle_of(fd.as_fd())?, epoch)
             });
             match kept {
                 Ok(()) => {}
@@ -2961,25 +3062,17 @@ fn layer_origin(t: &NodeTable, o: &LayerObj) -> Option<Origin> {
     Some(Origin::Layer { parent, name })
 }
 
-/// Unmaps directory `key` of a view from its node if the live object
-/// stands on another directory of main than `base`, the one a lookup
-/// found just now: main's was replaced, moved or removed behind the mount
-/// (the branch's own moves detach the live object from below first). The
-/// key, the id the branch's copy keeps, does not change with that; a new
-/// node for it has the kernel drop the names and listing it keeps of the
-/// old one, which shows what it showed until forgotten.
-fn unkey_rebased(t: &mut NodeTable, key: &NodeKey, base: Option<&SnapObj>, layers: &Layers) {
-    let rebased = t
-        .by_key
+/// Unmaps `key` from its node if `stale` says the node's object is not
+/// the one a lookup found under that key just now, so that the lookup
+/// registers a new node. The kernel then drops its dentry, and with it
+/// the names and listing it keeps below; the old node shows what it
+/// showed until forgotten.
+fn unkey_if(t: &mut NodeTable, key: &NodeKey, stale: impl FnOnce(&Obj) -> bool) {
+    if t.by_key
         .get(key)
         .and_then(|id| t.by_id.get(id))
-        .is_some_and(|n| match &*n.obj {
-            Obj::Layer(live) => {
-                live.base(layers).as_ref().map(|b| &b.handle) != base.map(|b| &b.handle)
-            }
-            _ => false,
-        });
-    if rebased {
+        .is_some_and(|n| stale(&n.obj))
+    {
         t.by_key.remove(key);
     }
 }

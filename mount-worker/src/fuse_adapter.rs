@@ -160,7 +160,7 @@ impl Adapter {
         if e.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
             self.trim.named(e.node.0, parent.0, name);
         }
-        self.trim.counted(self.core.node_count())
+        self.trim.counted(self.core.node_load())
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of
@@ -744,9 +744,9 @@ impl Filesystem for Adapter {
         } else {
             SetIdBits::Keep
         };
-        let r = self.at(req, ino).and_then(|n| {
+        let r = self.at(req, ino).and_then(|_| {
             self.core
-                .write(n, FileHandle(fh.0), offset, data, resent(req), set_id)
+                .write(FileHandle(fh.0), offset, data, resent(req), set_id)
         });
         match r {
             Ok(n) => reply.written(n as u32),
@@ -931,9 +931,8 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.at(req, ino).and_then(|n| {
+        let r = self.at(req, ino).and_then(|_| {
             self.core.fallocate(
-                n,
                 FileHandle(fh.0),
                 offset,
                 length,
@@ -976,10 +975,10 @@ impl Filesystem for Adapter {
         reply: ReplyWrite,
     ) {
         let r = self.at(req, ino_in).and_then(|_| {
-            let out = self.at(req, ino_out)?;
+            self.at(req, ino_out)?;
             self.core.copy_file_range(
                 (FileHandle(fh_in.0), offset_in),
-                (out, FileHandle(fh_out.0), offset_out),
+                (FileHandle(fh_out.0), offset_out),
                 len,
                 self.set_id_unflagged(req),
             )

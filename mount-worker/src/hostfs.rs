@@ -542,6 +542,15 @@ pub fn pwrite_noappend(f: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
 /// Opens the inode named by `handle` on the file system of `any` as `O_PATH`.
 /// ESTALE once the inode is gone.
 pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<OwnedFd> {
+    open_handle_with(any, handle, libc::O_PATH | libc::O_NOFOLLOW)
+}
+
+/// `open_by_handle_at(2)` with open flags (`O_CLOEXEC` added).
+pub fn open_handle_with(
+    any: BorrowedFd<'_>,
+    handle: &HostHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
     let mut raw = RawHandle {
         handle_bytes: handle.bytes.len() as u32,
         handle_type: handle.handle_type,
@@ -553,15 +562,14 @@ pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<Owned
         libc::open_by_handle_at(
             any.as_raw_fd(),
             (&mut raw as *mut RawHandle).cast(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            flags | libc::O_CLOEXEC,
         )
     })?;
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Copies all of `src` into `dst` (both freshly opened, at offset 0):
-/// Makes `dst` a copy of all of `src`.
+/// Makes `dst` (freshly opened, at offset 0) a copy of all of `src`:
 /// FICLONE where the host supports it (no data copied), else std's copy,
 /// which uses copy_file_range and falls back to sendfile and plain reads
 /// and writes across file systems (the state directory is often on another

@@ -1,16 +1,20 @@
 //! Keeps the worker's open descriptors well under its limit.
 //!
-//! The worker holds a host descriptor for every node the kernel has looked
-//! up and not forgotten, and the kernel forgets a node only once it drops
-//! the node's dentries, which it does only under memory pressure: reading a
-//! tree of 20 000 files would otherwise hold 20 000 descriptors for as long
-//! as the machine has memory to spare, and past the open-file limit every
-//! lookup, creation and control connection fails with EMFILE.
+//! The worker holds host descriptors for the nodes the kernel has looked
+//! up and not forgotten, of main's directories and of branches (main's
+//! other inodes and snapshots' are kept by handle), and the kernel
+//! forgets a node only once it drops the node's dentries, which it does
+//! only under memory pressure: reading a branch's tree of 20 000 files
+//! would otherwise hold 20 000 descriptors for as long as the machine has
+//! memory to spare, and past the open-file limit every lookup, creation
+//! and control connection fails with EMFILE. Nodes without descriptors
+//! cost memory (the node table, these names, the handoff journal): they
+//! count as a quarter of one ([`crate::core::FsCore::node_load`]).
 //!
 //! So the trimmer remembers the name under which the kernel knows each
-//! non-directory node, and when the nodes pass a high-water mark it asks
-//! the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until they are
-//! back under a low-water mark. An inode no process uses then goes, and
+//! non-directory node, and when the nodes' load passes a high-water mark
+//! it asks the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until
+//! it is back under a low-water mark. An inode no process uses then goes, and
 //! the kernel's FORGET closes the worker's descriptor; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
 //! what memory pressure would do, done for descriptors. Directories are
@@ -101,9 +105,9 @@ impl Names {
 
 impl Trimmer {
     /// A trimmer for a worker that may hold `open_files` descriptors: it
-    /// keeps the nodes under half of that (a file's node holds one, a
-    /// branch directory's one per layer it merges, and open files and the
-    /// control channel need room too). Dropping names costs lookups again,
+    /// keeps the nodes' load under half of that (a branch file's node
+    /// holds one, a branch directory's one per layer it merges, and open
+    /// files and the control channel need room too). Dropping names costs lookups again,
     /// so the mark is no lower than it must be.
     pub fn new(open_files: u64) -> Trimmer {
         let high = usize::try_from(open_files / 2)
@@ -120,14 +124,14 @@ impl Trimmer {
         }
     }
 
-    /// The kernel now knows `nodes` nodes: wakes the trimmer if that is
-    /// past the high mark. True past the hard mark: the caller should
+    /// The kernel's nodes now have `load` ([`crate::core::FsCore::node_load`]):
+    /// wakes the trimmer if that is past the high mark. True past the hard mark: the caller should
     /// [`Trimmer::throttle`] once its reply is sent.
-    pub fn counted(&self, nodes: usize) -> bool {
-        if nodes > self.high {
+    pub fn counted(&self, load: usize) -> bool {
+        if load > self.high {
             self.wake();
         }
-        nodes > self.hard
+        load > self.hard
     }
 
     /// Starts the trimmer's next round now.
@@ -224,17 +228,19 @@ impl Trimmer {
         }
     }
 
-    /// The names to drop when `nodes` are known to the kernel: taken out,
-    /// as the kernel will not know them by these names any more.
-    fn victims(&self, nodes: usize) -> Vec<(u64, OsString)> {
-        if nodes <= self.high {
+    /// The names to drop when the kernel's nodes have `load`: taken out,
+    /// as the kernel will not know them by these names any more. One per
+    /// unit of load past the low mark (a name may weigh less, the next
+    /// round drops more).
+    fn victims(&self, load: usize) -> Vec<(u64, OsString)> {
+        if load <= self.high {
             return Vec::new();
         }
         let mut names = self.names.lock().unwrap();
         let take: Vec<(u64, OsString)> = names
             .by_name
             .keys()
-            .take(nodes - self.low)
+            .take(load - self.low)
             .cloned()
             .collect();
         for (parent, name) in &take {
@@ -245,12 +251,12 @@ impl Trimmer {
 
     /// Runs the trimmer on its own thread (never on a request's: the kernel
     /// takes the parent directory's lock to drop a name, which a request
-    /// in flight may hold), reading the node count from `nodes`, until the
+    /// in flight may hold), reading the nodes' load from `load`, until the
     /// session's connection goes away.
     pub fn start(
         self: Arc<Self>,
         notifier: Notifier,
-        nodes: impl Fn() -> usize + Send + 'static,
+        load: impl Fn() -> usize + Send + 'static,
     ) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("trim".into())
@@ -271,7 +277,7 @@ impl Trimmer {
                         *d.done.lock().unwrap() = true;
                         d.cv.notify_all();
                     }
-                    let trimmed = self.victims(nodes());
+                    let trimmed = self.victims(load());
                     if !trimmed.is_empty() {
                         tracing::debug!(names = trimmed.len(), "dropping cached names");
                     }

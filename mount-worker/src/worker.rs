@@ -295,7 +295,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     }
     trim.start(session.notifier(), move || {
-        weak.upgrade().map_or(0, |c| c.node_count())
+        weak.upgrade().map_or(0, |c| c.node_load())
     })
     .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(
@@ -311,9 +311,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     if open_files < wanted_fds {
         tracing::warn!(
             "open-file limit {open_files} (wanted {wanted_fds}): cached file names are dropped \
-             from {} nodes on, and more directories and open files than the limit fail with \
-             EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
-            open_files / 2
+             from {} branch files or {} main files on, and more directories and open files than \
+             the limit fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
+            open_files / 2,
+            open_files * 2
         );
     }
     spawn_signal_handler(mountpoint.clone(), guard.dev)

@@ -402,6 +402,57 @@ fn in_a_branch_absent_names_and_listings_are_kept_too() {
     assert_eq!(names(&e), ["first", "later", "made"]);
 }
 
+/// A node of main's file keeps its handle, not the inode: once the file
+/// is removed behind the mount, the host may give its inode number to a
+/// new file while the kernel still holds the old node. The new file gets
+/// a node (and a number) of its own, and the old one answers ESTALE.
+#[test]
+fn a_reused_inode_number_is_another_file_to_the_mount() {
+    use std::os::fd::FromRawFd;
+    // Attributes never cached: the old node's are asked for at the end.
+    let m = Mount::builder()
+        .populate(|s| fs::write(s.join("old"), b"old").unwrap())
+        .arg("--cache-timeout-ms")
+        .arg("0")
+        .start();
+    let (p, s) = (m.path(), m.source());
+    let ino = fs::metadata(s.join("old")).unwrap().ino();
+    // The kernel's node, held without opening the file (no descriptor of
+    // the worker's keeps the host inode).
+    let path = CString::new(p.join("old").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(held >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptor.
+    let held = unsafe { std::os::fd::OwnedFd::from_raw_fd(held) };
+    fs::remove_file(s.join("old")).unwrap();
+    let reused = (0..200)
+        .map(|i| {
+            let f = s.join(format!("new{i}"));
+            fs::write(&f, format!("new {i}")).unwrap();
+            f
+        })
+        .find(|f| fs::metadata(f).unwrap().ino() == ino)
+        .expect("the host reuses the inode number within 200 files");
+    let through = p.join(reused.file_name().unwrap());
+    assert_eq!(
+        fs::read_to_string(&through).unwrap(),
+        fs::read_to_string(&reused).unwrap()
+    );
+    // Not `ino` (the kernel knows that number for the old node), and so
+    // no other file's.
+    let new_ino = fs::metadata(&through).unwrap().ino();
+    let others: Vec<u64> = fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|f| *f != through)
+        .map(|f| fs::metadata(f).unwrap().ino())
+        .collect();
+    assert!(!others.contains(&new_ino) && new_ino != ino, "{new_ino}");
+    let old = File::from(held).metadata().map_err(|e| e.raw_os_error());
+    assert_eq!(old.err(), Some(Some(libc::ESTALE)), "the old node");
+}
+
 /// A directory a branch copied up merges main's directory of that name,
 /// also one main made anew behind the mount (the kernel still holds the
 /// branch's node, whose id the copy keeps): the watch shows the branch
