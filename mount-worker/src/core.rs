@@ -3,8 +3,9 @@
 //! tables and the snapshot catalog, and implements each operation.
 //!
 //! Three kinds of node:
-//! - **main**: an `O_PATH` descriptor of a host inode of the source, read
-//!   and written in place ([`crate::hostfs`]). Before main changes an inode
+//! - **main**: a host inode of the source (a directory's `O_PATH`
+//!   descriptor, any other inode's file handle: [`MainInode`]), read and
+//!   written in place ([`crate::hostfs`]). Before main changes an inode
 //!   while a snapshot of main exists, its pre-image is stored
 //!   ([`crate::preserve`]).
 //! - **snapshot**: an inode as a snapshot shows it ([`crate::snapview`]);
@@ -252,18 +253,32 @@ enum MainInode {
     /// the nodes of a whole tree, and a descriptor each would soon reach
     /// the open-file limit (the trimmer then has the kernel forget them,
     /// and path walks look them up again).
-    Handle(HostHandle),
+    Handle {
+        handle: HostHandle,
+        /// Its directory and its name there, as last known: opened by
+        /// that name (the handle checked), so that the host's dentry is
+        /// connected. One opened by a bare handle is not once the host
+        /// has dropped its cached names, and Landlock refuses an open or
+        /// a link of it (it checks the path it reaches from the dentry).
+        at: Mutex<Option<Place>>,
+    },
 }
 
+/// A main directory's node and a name in it.
+type Place = (Arc<Obj>, CString);
+
 impl MainInode {
-    /// `fd`'s inode (`st` its attributes, `handle` its handle if known)
-    /// as a node keeps it.
-    fn new(fd: OwnedFd, st: &Stat, handle: Option<HostHandle>) -> MainInode {
+    /// `fd`'s inode (`st` its attributes, `handle` its handle if known,
+    /// `at` its place if known) as a node keeps it.
+    fn new(fd: OwnedFd, st: &Stat, handle: Option<HostHandle>, at: Option<Place>) -> MainInode {
         if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             return MainInode::Open(fd);
         }
         match handle.map_or_else(|| hostfs::handle_of(fd.as_fd()), Ok) {
-            Ok(h) => MainInode::Handle(h),
+            Ok(handle) => MainInode::Handle {
+                handle,
+                at: Mutex::new(at),
+            },
             // EOPNOTSUPP: served all the same, at a descriptor a node.
             Err(_) => MainInode::Open(fd),
         }
@@ -271,11 +286,16 @@ impl MainInode {
 }
 
 impl Obj {
-    /// Whether the node keeps host descriptors open: main's directories
-    /// (and files without handles), and a branch's objects (their parts in the layers; counted whether
-    /// copied up yet or not, as a copy-up makes no new node).
+    /// Whether the node may keep host descriptors open: main's
+    /// directories (and files without handles), a snapshot's directories
+    /// once searched, and a branch's objects (their parts in the layers;
+    /// counted whether copied up yet or not, as a copy-up makes no new
+    /// node).
     fn holds_descriptors(&self) -> bool {
-        matches!(self, Obj::Main(MainInode::Open(_)) | Obj::Layer(_))
+        matches!(
+            self,
+            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) | Obj::Layer(_)
+        )
     }
 
     /// The descriptor of a main directory: ENOTDIR for main's other
@@ -284,7 +304,7 @@ impl Obj {
     fn main_dir(&self) -> io::Result<BorrowedFd<'_>> {
         match self {
             Obj::Main(MainInode::Open(fd)) => Ok(fd.as_fd()),
-            Obj::Main(MainInode::Handle(_)) => Err(errno(libc::ENOTDIR)),
+            Obj::Main(MainInode::Handle { .. }) => Err(errno(libc::ENOTDIR)),
             _ => Err(errno(libc::EROFS)),
         }
     }
@@ -1035,7 +1055,7 @@ impl FsCore {
                 let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
                 let st = hostfs::stat(fd.as_fd())?;
                 self.watch_dir(fd.as_fd(), &st);
-                let inode = MainInode::new(fd, &st, Some(handle));
+                let inode = MainInode::new(fd, &st, Some(handle), None);
                 (Obj::Main(inode), NodeKey::Host(st.st_dev, st.st_ino))
             }
             Origin::Snap {
@@ -1232,27 +1252,39 @@ impl FsCore {
         self.handle_dir.as_fd()
     }
 
-    /// An `O_PATH` descriptor of a main node's inode: a directory's own,
-    /// any other opened by its handle (ESTALE once it is gone). EROFS for
-    /// every other kind, which is what each change to them must answer.
+    /// An `O_PATH` descriptor of a main node's inode: a directory's own;
+    /// any other opened by its last known name if that still leads to it,
+    /// else by its handle (ESTALE once it is gone). EROFS for every other
+    /// kind, which is what each change to them must answer.
     fn main_inode<'a>(&self, obj: &'a Obj) -> io::Result<HostFd<'a>> {
         match obj {
             Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
-            Obj::Main(MainInode::Handle(h)) => {
-                hostfs::open_handle(self.mount_fd(), h).map(HostFd::Opened)
+            Obj::Main(MainInode::Handle { handle, at }) => {
+                let named = at.lock().unwrap().clone();
+                if let Some((dir, name)) = named
+                    && let Ok(dir) = dir.main_dir()
+                    && let Ok(fd) = hostfs::open_node(dir, &name)
+                    && hostfs::handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
+                {
+                    return Ok(HostFd::Opened(fd));
+                }
+                hostfs::open_handle(self.mount_fd(), handle).map(HostFd::Opened)
             }
             _ => Err(errno(libc::EROFS)),
         }
     }
 
-    /// Opens main's inode with host open `flags`: a directory reopened
-    /// from its descriptor, any other by its handle.
-    fn open_main(&self, inode: &MainInode, flags: i32) -> io::Result<File> {
-        match inode {
-            MainInode::Open(fd) => hostfs::reopen(fd.as_fd(), flags),
-            MainInode::Handle(h) => {
-                hostfs::open_handle_with(self.mount_fd(), h, flags).map(File::from)
-            }
+    /// Main's file behind `fd` is at `place` now (it was renamed there).
+    fn main_moved(&self, fd: BorrowedFd<'_>, place: Place) {
+        let Ok(st) = hostfs::stat(fd) else { return };
+        let t = self.nodes.lock().unwrap();
+        if let Some(n) = t
+            .by_key
+            .get(&NodeKey::Host(st.st_dev, st.st_ino))
+            .and_then(|id| t.by_id.get(id))
+            && let Obj::Main(MainInode::Handle { at, .. }) = &*n.obj
+        {
+            *at.lock().unwrap() = Some(place);
         }
     }
 
@@ -1371,28 +1403,38 @@ impl FsCore {
         }
     }
 
-    /// Registers a host inode of main.
-    fn register_main(&self, fd: OwnedFd) -> io::Result<Entry> {
+    /// Registers a host inode of main, found at `at` (by that name).
+    fn register_main(&self, fd: OwnedFd, at: Place) -> io::Result<Entry> {
         let stat = hostfs::stat(fd.as_fd())?;
         let own = stat.st_ino;
         let id = (stat.st_dev == self.source_dev && own != NodeId::ROOT.0 && own <= LOCAL_MAX)
             .then_some(own);
-        let inode = MainInode::new(fd, &stat, None);
+        let inode = MainInode::new(fd, &stat, None, Some(at));
         let origin = |_: &NodeTable, obj: &Obj| match obj {
             Obj::Main(MainInode::Open(fd)) => hostfs::handle_of(fd.as_fd()).ok().map(Origin::Main),
-            Obj::Main(MainInode::Handle(h)) => Some(Origin::Main(h.clone())),
+            Obj::Main(MainInode::Handle { handle, .. }) => Some(Origin::Main(handle.clone())),
             _ => None,
         };
         let key = NodeKey::Host(stat.st_dev, own);
         let mut t = self.nodes.lock().unwrap();
-        // A file's node pins no inode: its number may be another file's
-        // by now, which needs a node of its own.
-        if let MainInode::Handle(h) = &inode {
-            unkey_if(
-                &mut t,
-                &key,
-                |o| matches!(o, Obj::Main(MainInode::Handle(was)) if was != h),
-            );
+        // A file's node pins no inode: its number may be another inode's
+        // by now, which needs a node of its own. The same file's node
+        // learns where it was found.
+        let (found, found_at) = match &inode {
+            MainInode::Handle { handle, at } => (Some(handle), at.lock().unwrap().clone()),
+            MainInode::Open(_) => (None, None),
+        };
+        let known = t.by_key.get(&key).and_then(|id| t.by_id.get(id));
+        let stale = match known.map(|n| &*n.obj) {
+            Some(Obj::Main(MainInode::Handle { handle, at })) if Some(handle) == found => {
+                *at.lock().unwrap() = found_at;
+                false
+            }
+            Some(Obj::Main(MainInode::Handle { .. })) => true,
+            _ => false,
+        };
+        if stale {
+            t.by_key.remove(&key);
         }
         Ok(self.register_locked(
             &mut t,
@@ -1468,12 +1510,14 @@ impl FsCore {
         if parent == NodeId::ROOT && name.as_bytes() == AGENTFS_NAME {
             return Ok(self.virtual_entry(NodeId::AGENTFS));
         }
-        match (parent, &*self.obj(parent)?) {
+        let dir_obj = self.obj(parent)?;
+        match (parent, &*dir_obj) {
             (_, Obj::Main(MainInode::Open(dir))) => {
                 let name = hostfs::component(name)?;
-                self.register_main(hostfs::open_node(dir.as_fd(), &name)?)
+                let fd = hostfs::open_node(dir.as_fd(), &name)?;
+                self.register_main(fd, (dir_obj.clone(), name))
             }
-            (_, Obj::Main(MainInode::Handle(_))) => Err(errno(libc::ENOTDIR)),
+            (_, Obj::Main(MainInode::Handle { .. })) => Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(dir)) => {
                 let found = dir.lookup(&self.store, self.mount_fd(), name)?;
                 self.register_snap(SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino))
@@ -1551,7 +1595,7 @@ impl FsCore {
     }
 
     /// The kernel dropped `n` lookups of `node`; true if that was the last
-    /// (the node and its host descriptor are gone).
+    /// (the node, and the host descriptors it held, are gone).
     pub fn forget(&self, node: NodeId, n: u64) -> bool {
         let mut t = self.nodes.lock().unwrap();
         let forgotten = || Some(Record::Forget { id: node.0, n });
@@ -1582,10 +1626,10 @@ impl FsCore {
     }
 
     /// What the nodes the kernel knows cost, in descriptors, for the
-    /// trimmer: one for each node that holds some
+    /// trimmer: one for each node that may hold some
     /// ([`Obj::holds_descriptors`]), a quarter for any other (main's files,
-    /// snapshots' inodes), which still grows the node table, the trimmer's
-    /// names and the handoff journal.
+    /// by handle), which still grows the node table, the trimmer's names
+    /// and the handoff journal.
     pub fn node_load(&self) -> usize {
         let t = self.nodes.lock().unwrap();
         t.holding + (t.by_id.len() - t.holding) / 4
@@ -1854,7 +1898,7 @@ impl FsCore {
                 let fd = hostfs::open_node(dir, &name)?;
                 change.created(fd.as_fd());
                 self.give_to_caller(&fd, dir, caller, mode)?;
-                self.register_main(fd)
+                self.register_main(fd, (obj.clone(), name))
             }
         }
     }
@@ -2019,7 +2063,14 @@ impl FsCore {
         let mut fds = vec![ofd, nfd, moved.as_fd()];
         fds.extend(replaced.as_ref().map(|f| f.as_fd()));
         let _change = self.before_change(&fds)?;
-        hostfs::rename(ofd, &oname, nfd, &nname, flags)
+        hostfs::rename(ofd, &oname, nfd, &nname, flags)?;
+        if flags & libc::RENAME_EXCHANGE != 0
+            && let Some(r) = &replaced
+        {
+            self.main_moved(r.as_fd(), (old.clone(), oname));
+        }
+        self.main_moved(moved.as_fd(), (new.clone(), nname));
+        Ok(())
     }
 
     /// Makes a hard link to `node` as `newparent/newname`.
@@ -2039,7 +2090,8 @@ impl FsCore {
         let (fd, dir) = (self.main_inode(&obj)?, dobj.main_dir()?);
         let _change = self.before_change(&[fd.as_fd(), dir])?;
         hostfs::link(fd.as_fd(), dir, &name)?;
-        self.register_main(hostfs::open_node(dir, &name)?)
+        let fd = hostfs::open_node(dir, &name)?;
+        self.register_main(fd, (dobj.clone(), name))
     }
 
     /// A handle for `file`, which is `node` opened with the caller's
@@ -2165,7 +2217,10 @@ impl FsCore {
     fn open_file(&self, node: NodeId, flags: i32) -> io::Result<OpenFile> {
         let obj = self.obj(node)?;
         let file = match &*obj {
-            Obj::Main(m) => OpenFile::Main(self.open_main(m, host_open_flags(flags))?),
+            Obj::Main(_) => OpenFile::Main(hostfs::reopen(
+                self.main_inode(&obj)?.as_fd(),
+                host_open_flags(flags),
+            )?),
             Obj::Snap(s) => {
                 if flags & libc::O_ACCMODE != libc::O_RDONLY {
                     return Err(errno(libc::EROFS));
@@ -2244,7 +2299,7 @@ impl FsCore {
             change.created(fd.as_fd());
         }
         self.give_to_caller(&fd, dir, caller, Some(mode))?;
-        let entry = self.register_main(fd)?;
+        let entry = self.register_main(fd, (obj.clone(), cname))?;
         let fh = self.add_file(entry.node, caller_flags, OpenFile::Main(file));
         Ok((entry, fh))
     }
@@ -2304,22 +2359,15 @@ impl FsCore {
         }
     }
 
-    /// The host file the kernel may use directly for `node`'s open file
-    /// `fh` (whose [`Bypass`] is not `Never`), and whether it may write
+    /// The host file the kernel may use directly for open file `fh`
+    /// (whose [`Bypass`] is not `Never`), and whether it may write
     /// through it. Main's inode is opened read-write if `for_writers` and
     /// it can be, so that writers can share it with readers; otherwise,
     /// and for a pre-image, read-only.
-    pub fn backing_file(
-        &self,
-        node: NodeId,
-        fh: FileHandle,
-        for_writers: bool,
-    ) -> io::Result<(File, bool)> {
+    pub fn backing_file(&self, fh: FileHandle, for_writers: bool) -> io::Result<(File, bool)> {
         match &*self.file(fh)? {
-            OpenFile::Main(_) => {
-                let obj = self.obj(node)?;
-                let fd = self.main_inode(&obj)?;
-                let fd = fd.as_fd();
+            OpenFile::Main(host) => {
+                let fd = host.as_fd();
                 // Writes through the backing file are the worker's, which
                 // keep set-id bits: writers of such a file go through the
                 // worker, which clears them (`SetIdBits`).
@@ -2341,8 +2389,10 @@ impl FsCore {
     /// it for the newest snapshot now, and for every snapshot taken while
     /// it stays open when that snapshot is taken (contract 2.1).
     pub fn writes_unseen(&self, node: NodeId, fh: FileHandle) -> io::Result<()> {
-        let obj = self.obj(node)?;
-        let _latest = self.before_change(&[self.main_inode(&obj)?.as_fd()])?;
+        let OpenFile::Main(host) = &*self.file(fh)? else {
+            return Err(errno(libc::EINVAL));
+        };
+        let _latest = self.before_change(&[host.as_fd()])?;
         self.unseen.lock().unwrap().insert(fh.0, node);
         Ok(())
     }
@@ -2450,7 +2500,7 @@ impl FsCore {
                 )?),
                 is_root: node == NodeId::ROOT,
             },
-            (_, Obj::Main(MainInode::Handle(_))) => return Err(errno(libc::ENOTDIR)),
+            (_, Obj::Main(MainInode::Handle { .. })) => return Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(s)) => {
                 let view = s.snap.0 as u64;
                 DirStream::Listed(

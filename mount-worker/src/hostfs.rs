@@ -1,7 +1,7 @@
 //! HostFs: every system call the worker makes on host files.
 //!
-//! All access is relative to descriptors: a node is an `O_PATH` descriptor,
-//! children are reached with `*at` calls on their parent's descriptor and a
+//! All access is relative to descriptors: a node is an `O_PATH` descriptor
+//! (opened by name, or by file handle for each use), children are reached with `*at` calls on their parent's descriptor and a
 //! single name component (never a joined string path), and operations that
 //! have no `*at` form on an `O_PATH` descriptor go through the descriptor's
 //! `/proc/self/fd/N` magic link, which the kernel resolves to exactly that
@@ -542,15 +542,6 @@ pub fn pwrite_noappend(f: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
 /// Opens the inode named by `handle` on the file system of `any` as `O_PATH`.
 /// ESTALE once the inode is gone.
 pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<OwnedFd> {
-    open_handle_with(any, handle, libc::O_PATH | libc::O_NOFOLLOW)
-}
-
-/// `open_by_handle_at(2)` with open flags (`O_CLOEXEC` added).
-pub fn open_handle_with(
-    any: BorrowedFd<'_>,
-    handle: &HostHandle,
-    flags: i32,
-) -> io::Result<OwnedFd> {
     let mut raw = RawHandle {
         handle_bytes: handle.bytes.len() as u32,
         handle_type: handle.handle_type,
@@ -562,7 +553,7 @@ pub fn open_handle_with(
         libc::open_by_handle_at(
             any.as_raw_fd(),
             (&mut raw as *mut RawHandle).cast(),
-            flags | libc::O_CLOEXEC,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     })?;
     // SAFETY: fresh descriptor.

@@ -238,7 +238,7 @@ impl Passthrough {
     fn register(&self, core: &FsCore, node: NodeId, fh: FileHandle) -> io::Result<(u32, bool)> {
         // Read-write only when writers may use it: a host file open for
         // writing refuses to be executed (ETXTBSY) and breaks read leases.
-        let (file, writable) = core.backing_file(node, fh, self.policy == Policy::On)?;
+        let (file, writable) = core.backing_file(fh, self.policy == Policy::On)?;
         let fuse = self.fuse.lock().unwrap();
         let fuse = fuse
             .as_ref()

@@ -1,8 +1,8 @@
 //! Keeps the worker's open descriptors well under its limit.
 //!
 //! The worker holds host descriptors for the nodes the kernel has looked
-//! up and not forgotten, of main's directories and of branches (main's
-//! other inodes and snapshots' are kept by handle), and the kernel
+//! up and not forgotten, of main's directories, of snapshots and of
+//! branches (main's other inodes are kept by handle), and the kernel
 //! forgets a node only once it drops the node's dentries, which it does
 //! only under memory pressure: reading a branch's tree of 20 000 files
 //! would otherwise hold 20 000 descriptors for as long as the machine has
@@ -15,7 +15,7 @@
 //! non-directory node, and when the nodes' load passes a high-water mark
 //! it asks the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until
 //! it is back under a low-water mark. An inode no process uses then goes, and
-//! the kernel's FORGET closes the worker's descriptor; one in use (an open
+//! the kernel's FORGET closes the worker's descriptors; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
 //! what memory pressure would do, done for descriptors. Directories are
 //! never dropped this way: that would detach any mount below them. Past a

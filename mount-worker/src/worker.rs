@@ -86,9 +86,10 @@ pub struct Handoff {
     pub takeover: bool,
 }
 
-/// The descriptor limit the worker asks for: one descriptor stays open for
-/// every inode the kernel has looked up and not yet forgotten (the kernel
-/// forgets only under memory pressure), so a tree of N files read or
+/// The descriptor limit the worker asks for: a descriptor stays open for
+/// every directory of main and every inode of a branch or snapshot the
+/// kernel has looked up and not yet forgotten (the kernel forgets only
+/// under memory pressure), so a branch's tree of N files read or
 /// extracted through the mount holds about N descriptors. As virtiofsd
 /// does, raise the limit to this much before dropping CAP_SYS_RESOURCE.
 const WANTED_FDS: u64 = 1_000_000;

@@ -171,3 +171,43 @@ fn every_thread_holds_only_the_kept_capabilities() {
     assert!(seen >= 3, "only {seen} threads");
     m.stop();
 }
+
+/// A sandboxed worker keeps main's files by handle; Landlock checks an
+/// open (or a link) against the host path it reaches from the inode, which
+/// an inode opened by a bare handle lacks once the host has dropped its
+/// cached names. Held nodes of the kernel's (so that it does not look the
+/// file up again), the host's names dropped before each step: a read, a
+/// write with truncation, a hard link and a rename all work.
+#[test]
+fn main_files_open_after_the_host_dropped_its_names() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let mut m = common::Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"x").unwrap();
+        })
+        .supervised()
+        .start();
+    let f = m.path().join("d/f");
+    let path = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(held >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptor.
+    let held = unsafe { OwnedFd::from_raw_fd(held) };
+    let drop_names = || fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    drop_names();
+    assert_eq!(fs::read(&f).unwrap(), b"x");
+    drop_names();
+    fs::write(&f, b"y").unwrap();
+    drop_names();
+    fs::hard_link(&f, m.path().join("d/g")).unwrap();
+    drop_names();
+    fs::rename(&f, m.path().join("f")).unwrap();
+    drop_names();
+    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"y");
+    assert_eq!(fs::read(m.path().join("d/g")).unwrap(), b"y");
+    drop(held);
+    m.stop();
+}
