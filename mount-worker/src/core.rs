@@ -894,7 +894,7 @@ impl FsCore {
                 |o| matches!(o, Obj::Layer(live) if live.base(layers).as_ref().map(|b| &b.handle) != found),
             );
         }
-        Ok(self.register_locked(
+        Ok(self.register(
             &mut t,
             key,
             id,
@@ -1305,27 +1305,15 @@ impl FsCore {
         }
     }
 
-    /// Registers an object under `key` (one lookup for the kernel): the
-    /// existing node if the key is known, else a new node with id `id`
-    /// (a synthetic one if that is taken).
+    /// Registers an object under `key` (one lookup for the kernel) in the
+    /// node table `t`, which the caller has locked (and may have checked
+    /// the key's node in first): the existing node if the key is known,
+    /// else a new node with id `id` (a synthetic one if that is taken),
+    /// showing main's inode `main_ino` for a view's node.
     /// `origin` says how a successor finds a new node again
     /// ([`crate::handoff`]); it is asked only when a journal is kept.
-    fn register(
-        &self,
-        key: NodeKey,
-        id: Option<u64>,
-        main_ino: Option<u64>,
-        make: impl FnOnce() -> Obj,
-        origin: impl FnOnce(&NodeTable, &Obj) -> Option<Origin>,
-        stat: Stat,
-    ) -> Entry {
-        let mut t = self.nodes.lock().unwrap();
-        self.register_locked(&mut t, key, id, main_ino, make, origin, stat)
-    }
-
-    /// [`FsCore::register`] with the node table locked by the caller.
     #[allow(clippy::too_many_arguments)]
-    fn register_locked(
+    fn register(
         &self,
         t: &mut NodeTable,
         key: NodeKey,
@@ -1436,7 +1424,7 @@ impl FsCore {
         if stale {
             t.by_key.remove(&key);
         }
-        Ok(self.register_locked(
+        Ok(self.register(
             &mut t,
             key,
             id,
@@ -1466,7 +1454,9 @@ impl FsCore {
             _ => None,
         };
         let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let mut t = self.nodes.lock().unwrap();
         Ok(self.register(
+            &mut t,
             NodeKey::Snap(obj.snap, obj.ino),
             id,
             Some(obj.ino),

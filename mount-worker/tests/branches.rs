@@ -86,6 +86,12 @@ fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.map(drop).unwrap_err().raw_os_error()
 }
 
+/// A path's modification time, to the nanosecond.
+fn mtime(p: &Path) -> (i64, i64) {
+    let md = fs::metadata(p).unwrap();
+    (md.mtime(), md.mtime_nsec())
+}
+
 /// Moving a directory of the snapshot in a branch copies its tree up;
 /// the directories in it keep their times, as on the host, in what the
 /// kernel cached and in what the worker says afresh after a restart.
@@ -100,19 +106,15 @@ fn a_moved_directory_keeps_the_times_of_the_directories_it_holds() {
     snapshot(&m, None, "s");
     branch(&m, "s", "b");
     let d = branch_dir(&m, "b").join("d");
-    let times = |p: &Path| {
-        let md = fs::metadata(p).unwrap();
-        (md.mtime(), md.mtime_nsec())
-    };
     let before = [
-        times(&d.join("tree/sub")),
-        times(&d.join("tree/sub/deeper")),
+        mtime(&d.join("tree/sub")),
+        mtime(&d.join("tree/sub/deeper")),
     ];
     fs::rename(d.join("tree"), d.join("moved")).unwrap();
     let moved = || {
         [
-            times(&d.join("moved/sub")),
-            times(&d.join("moved/sub/deeper")),
+            mtime(&d.join("moved/sub")),
+            mtime(&d.join("moved/sub/deeper")),
         ]
     };
     assert_eq!(moved(), before, "as the kernel has them");
@@ -182,11 +184,7 @@ fn a_copy_up_leaves_the_times_of_its_directory() {
     snapshot(&m, None, "s");
     branch(&m, "s", "b");
     let d = branch_dir(&m, "b").join("d");
-    let times = |p: &Path| {
-        let md = fs::metadata(p).unwrap();
-        (md.mtime(), md.mtime_nsec())
-    };
-    let before = [times(&d), times(&d.join("e"))];
+    let before = [mtime(&d), mtime(&d.join("e"))];
     fs::set_permissions(d.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
     OpenOptions::new()
         .append(true)
@@ -195,7 +193,7 @@ fn a_copy_up_leaves_the_times_of_its_directory() {
         .write_all(b"y")
         .unwrap();
     fs::write(d.join("e/h"), b"z").unwrap();
-    let now = || [times(&d), times(&d.join("e"))];
+    let now = || [mtime(&d), mtime(&d.join("e"))];
     assert_eq!(now(), before, "as the kernel has them");
     m.kill();
     m.restart(&[]);
@@ -203,7 +201,7 @@ fn a_copy_up_leaves_the_times_of_its_directory() {
     assert_eq!(fs::read(d.join("g2")).unwrap(), b"xy");
     assert_eq!(fs::read(d.join("e/h")).unwrap(), b"z");
     fs::write(d.join("new"), b"").unwrap();
-    assert_ne!(times(&d), before[0], "a new name changes them");
+    assert_ne!(mtime(&d), before[0], "a new name changes them");
 }
 
 // ---------------------------------------------------------------------------
