@@ -1510,7 +1510,7 @@ impl FsCore {
             (_, Obj::Main(MainInode::Handle { .. })) => Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(dir)) => {
                 let found = dir.lookup(&self.store, self.mount_fd(), name)?;
-                self.register_snap(SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino))
+                self.register_snap(dir.child(found))
             }
             (_, Obj::Layer(dir)) => {
                 if dir.is_root() && name.as_bytes() == AGENTFS_NAME {

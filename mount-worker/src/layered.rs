@@ -359,7 +359,7 @@ impl Part {
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Child::Missing),
                     Err(e) => return Err(e),
                 };
-                let obj = SnapObj::new(dir.snap, dir.epoch, found.handle, found.ino);
+                let obj = dir.child(found);
                 let st = obj.stat(cx.store, cx.mount_fd)?;
                 Ok(Child::Found {
                     part: Part::Base(Arc::new(obj)),

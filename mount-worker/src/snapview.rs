@@ -9,12 +9,12 @@
 //! the change they protect begins, so a read that found none afterwards
 //! cannot have seen the change.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::hex;
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
@@ -39,6 +39,8 @@ pub struct SnapObj {
     /// handle for each cost a third of a branch lookup. Files are not
     /// kept: a descriptor would hold the space of a file main deletes.
     live_dir: OnceLock<OwnedFd>,
+    /// The directory it was found in, and its name there.
+    at: Option<(Arc<SnapObj>, CString)>,
 }
 
 /// Where an object's state comes from right now.
@@ -55,6 +57,8 @@ pub struct Found {
     pub handle: HostHandle,
     /// Its host inode number.
     pub ino: u64,
+    /// The name.
+    name: CString,
 }
 
 /// One listed entry of a snapshot directory (`.` and `..` excluded).
@@ -82,7 +86,33 @@ impl SnapObj {
             ino,
             pre: OnceLock::new(),
             live_dir: OnceLock::new(),
+            at: None,
         }
+    }
+
+    /// The object `found` in this directory.
+    pub fn child(self: &Arc<Self>, found: Found) -> SnapObj {
+        SnapObj {
+            at: Some((self.clone(), found.name)),
+            ..SnapObj::new(self.snap, self.epoch, found.handle, found.ino)
+        }
+    }
+
+    /// The live inode: by its name in the directory it was found in if
+    /// that still leads to it, else by its handle. By name, the host's
+    /// path to it is whole: a sandboxed worker's Landlock checks an open
+    /// against that path, and a file opened by a bare handle has none
+    /// once the host has dropped its cached names (a directory has: the
+    /// host reconnects it).
+    fn open_live(&self, mount_fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+        if let Some((dir, name)) = &self.at
+            && let Some(d) = dir.live_dir.get()
+            && let Ok(fd) = hostfs::open_node(d.as_fd(), name)
+            && hostfs::handle_of(fd.as_fd()).is_ok_and(|h| h == self.handle)
+        {
+            return Ok(fd);
+        }
+        hostfs::open_handle(mount_fd, &self.handle)
     }
 
     fn pre(&self, store: &PreImageStore) -> io::Result<Option<&PreImage>> {
@@ -129,7 +159,7 @@ impl SnapObj {
         let live = match self.live_dir.get() {
             Some(fd) => fd.as_fd(),
             None => {
-                let fd = match hostfs::open_handle(mount_fd, &self.handle) {
+                let fd = match self.open_live(mount_fd) {
                     Ok(fd) => fd,
                     // Gone from main: it must have been preserved before it went.
                     Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
@@ -197,13 +227,18 @@ impl SnapObj {
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
                 let handle = HostHandle::from_hex(&e.handle)
                     .ok_or_else(|| gone(&format!("bad handle in {}", p.dir.display())))?;
-                Ok(Found { handle, ino: e.ino })
+                Ok(Found {
+                    handle,
+                    ino: e.ino,
+                    name: cname.clone(),
+                })
             }
             Source::Live(fd) => {
                 let child = hostfs::open_node(fd.as_fd(), &cname)?;
                 Ok(Found {
                     handle: hostfs::handle_of(child.as_fd())?,
                     ino: hostfs::stat(child.as_fd())?.st_ino,
+                    name: cname.clone(),
                 })
             }
         })

@@ -172,6 +172,29 @@ fn every_thread_holds_only_the_kept_capabilities() {
     m.stop();
 }
 
+/// The kernel's node of `path`, held without opening the file (so that
+/// the worker holds no descriptor of it either).
+fn hold(path: &Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fresh descriptor.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Has the host drop its cached names (and unused inodes).
+fn drop_names() {
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+}
+
 /// A sandboxed worker keeps main's files by handle; Landlock checks an
 /// open (or a link) against the host path it reaches from the inode, which
 /// an inode opened by a bare handle lacks once the host has dropped its
@@ -180,8 +203,6 @@ fn every_thread_holds_only_the_kept_capabilities() {
 /// write with truncation, a hard link and a rename all work.
 #[test]
 fn main_files_open_after_the_host_dropped_its_names() {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
     let mut m = common::Mount::builder()
         .populate(|s| {
             fs::create_dir(s.join("d")).unwrap();
@@ -190,13 +211,7 @@ fn main_files_open_after_the_host_dropped_its_names() {
         .supervised()
         .start();
     let f = m.path().join("d/f");
-    let path = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid path; the descriptor is owned below.
-    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-    assert!(held >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptor.
-    let held = unsafe { OwnedFd::from_raw_fd(held) };
-    let drop_names = || fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let held = hold(&f);
     drop_names();
     assert_eq!(fs::read(&f).unwrap(), b"x");
     drop_names();
@@ -208,6 +223,32 @@ fn main_files_open_after_the_host_dropped_its_names() {
     drop_names();
     assert_eq!(fs::read(m.path().join("f")).unwrap(), b"y");
     assert_eq!(fs::read(m.path().join("d/g")).unwrap(), b"y");
+    drop(held);
+    m.stop();
+}
+
+/// The same for a snapshot's and a branch's file that still share main's
+/// inode: they are opened by handle too.
+#[test]
+fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
+    let mut m = common::Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"x").unwrap();
+        })
+        .supervised()
+        .start();
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    let files = [
+        m.path().join(".agentfs/snapshots/s/d/f"),
+        common::branch_dir(&m, "b").join("d/f"),
+    ];
+    let held: Vec<_> = files.iter().map(|f| hold(f)).collect();
+    for f in &files {
+        drop_names();
+        assert_eq!(fs::read(f).unwrap(), b"x", "{}", f.display());
+    }
     drop(held);
     m.stop();
 }
