@@ -1254,21 +1254,18 @@ impl FsCore {
 
     /// An `O_PATH` descriptor of a main node's inode: a directory's own;
     /// any other opened by its last known name if that still leads to it,
-    /// else by its handle (ESTALE once it is gone). EROFS for every other
-    /// kind, which is what each change to them must answer.
+    /// else by its handle (ESTALE once it is gone;
+    /// [`hostfs::open_handle_by_name`]). EROFS for every other kind, which
+    /// is what each change to them must answer.
     fn main_inode<'a>(&self, obj: &'a Obj) -> io::Result<HostFd<'a>> {
         match obj {
             Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
             Obj::Main(MainInode::Handle { handle, at }) => {
-                let named = at.lock().unwrap().clone();
-                if let Some((dir, name)) = named
-                    && let Ok(dir) = dir.main_dir()
-                    && let Ok(fd) = hostfs::open_node(dir, &name)
-                    && hostfs::handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
-                {
-                    return Ok(HostFd::Opened(fd));
-                }
-                hostfs::open_handle(self.mount_fd(), handle).map(HostFd::Opened)
+                let at = at.lock().unwrap().clone();
+                let named = at
+                    .as_ref()
+                    .and_then(|(dir, name)| Some((dir.main_dir().ok()?, name.as_c_str())));
+                hostfs::open_handle_by_name(self.mount_fd(), handle, named).map(HostFd::Opened)
             }
             _ => Err(errno(libc::EROFS)),
         }

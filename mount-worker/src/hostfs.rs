@@ -13,7 +13,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// `struct stat` of a host file.
@@ -558,6 +558,26 @@ pub fn open_handle(any: BorrowedFd<'_>, handle: &HostHandle) -> io::Result<Owned
     })?;
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the inode named by `handle` as `O_PATH`: by `name` in directory
+/// `dir` if that still leads to it, else by the handle on the file system
+/// of `any`. By name, the host's path to the inode is whole: a sandboxed
+/// worker's Landlock checks an open (or a link) against that path, and a
+/// file opened by a bare handle has none once the host has dropped its
+/// cached names (a directory has: the host reconnects it).
+pub fn open_handle_by_name(
+    any: BorrowedFd<'_>,
+    handle: &HostHandle,
+    named: Option<(BorrowedFd<'_>, &CStr)>,
+) -> io::Result<OwnedFd> {
+    if let Some((dir, name)) = named
+        && let Ok(fd) = open_node(dir, name)
+        && handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
+    {
+        return Ok(fd);
+    }
+    open_handle(any, handle)
 }
 
 /// Makes `dst` (freshly opened, at offset 0) a copy of all of `src`:

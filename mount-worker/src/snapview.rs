@@ -98,21 +98,15 @@ impl SnapObj {
         }
     }
 
-    /// The live inode: by its name in the directory it was found in if
-    /// that still leads to it, else by its handle. By name, the host's
-    /// path to it is whole: a sandboxed worker's Landlock checks an open
-    /// against that path, and a file opened by a bare handle has none
-    /// once the host has dropped its cached names (a directory has: the
-    /// host reconnects it).
+    /// The live inode: by its name in the directory it was found in, if
+    /// that is open and the name still leads to it, else by its handle
+    /// ([`hostfs::open_handle_by_name`]).
     fn open_live(&self, mount_fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-        if let Some((dir, name)) = &self.at
-            && let Some(d) = dir.live_dir.get()
-            && let Ok(fd) = hostfs::open_node(d.as_fd(), name)
-            && hostfs::handle_of(fd.as_fd()).is_ok_and(|h| h == self.handle)
-        {
-            return Ok(fd);
-        }
-        hostfs::open_handle(mount_fd, &self.handle)
+        let named = self
+            .at
+            .as_ref()
+            .and_then(|(dir, name)| Some((dir.live_dir.get()?.as_fd(), name.as_c_str())));
+        hostfs::open_handle_by_name(mount_fd, &self.handle, named)
     }
 
     fn pre(&self, store: &PreImageStore) -> io::Result<Option<&PreImage>> {
