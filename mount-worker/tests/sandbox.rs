@@ -195,6 +195,17 @@ fn drop_names() {
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
 
+/// A supervised (sandboxed) mount whose source holds `d/f` ("x").
+fn supervised_with_d_f() -> common::Mount {
+    common::Mount::builder()
+        .populate(|s| {
+            fs::create_dir(s.join("d")).unwrap();
+            fs::write(s.join("d/f"), b"x").unwrap();
+        })
+        .supervised()
+        .start()
+}
+
 /// A sandboxed worker keeps main's files by handle; Landlock checks an
 /// open (or a link) against the host path it reaches from the inode, which
 /// an inode opened by a bare handle lacks once the host has dropped its
@@ -203,13 +214,7 @@ fn drop_names() {
 /// write with truncation, a hard link and a rename all work.
 #[test]
 fn main_files_open_after_the_host_dropped_its_names() {
-    let mut m = common::Mount::builder()
-        .populate(|s| {
-            fs::create_dir(s.join("d")).unwrap();
-            fs::write(s.join("d/f"), b"x").unwrap();
-        })
-        .supervised()
-        .start();
+    let mut m = supervised_with_d_f();
     let f = m.path().join("d/f");
     let held = hold(&f);
     drop_names();
@@ -231,13 +236,7 @@ fn main_files_open_after_the_host_dropped_its_names() {
 /// inode: they are opened by handle too.
 #[test]
 fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
-    let mut m = common::Mount::builder()
-        .populate(|s| {
-            fs::create_dir(s.join("d")).unwrap();
-            fs::write(s.join("d/f"), b"x").unwrap();
-        })
-        .supervised()
-        .start();
+    let mut m = supervised_with_d_f();
     common::snapshot(&m, None, "s");
     common::branch(&m, "s", "b");
     let files = [
