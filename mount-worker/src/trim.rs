@@ -21,6 +21,9 @@
 //! never dropped this way: that would detach any mount below them. Past a
 //! hard mark, session threads wait a little after their replies
 //! ([`Trimmer::throttle`]) so that parallel lookups cannot outrun it.
+//!
+//! The names it keeps also tell the source watch which node a name removed
+//! behind the mount stood for ([`Trimmer::node_named`]).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -192,6 +195,17 @@ impl Trimmer {
                 .wait_timeout_while(done, NOW_WAIT, |done| !*done)
                 .unwrap(),
         );
+    }
+
+    /// The node the kernel knows as `name` in `parent`, as far as the
+    /// trimmer knows (names it dropped are gone from here).
+    pub fn node_named(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        self.names
+            .lock()
+            .unwrap()
+            .by_name
+            .get(&(parent, name.to_owned()))
+            .copied()
     }
 
     /// `name` in `parent` was removed.

@@ -41,6 +41,7 @@ use fuser::{INodeNo, Notifier};
 
 use crate::core::{FsCore, NodeId};
 use crate::hostfs::{HostHandle, Stat};
+use crate::trim::Trimmer;
 
 /// How long the watch gathers events before acting on them. Each wake-up
 /// costs about as much as a FUSE request; at 5 ms the watch thread took 2 %
@@ -239,20 +240,22 @@ impl SourceWatch {
     }
 
     /// Reads events on a thread of its own until `core` goes, sending the
-    /// invalidations through `notifier` (and the epoch through `fuse`).
+    /// invalidations through `notifier` (and the epoch through `fuse`);
+    /// `names` tells the nodes the kernel knows by name.
     pub fn start(
         self: Arc<Self>,
         core: Weak<FsCore>,
+        names: Arc<Trimmer>,
         notifier: Notifier,
         fuse: OwnedFd,
     ) -> io::Result<()> {
         std::thread::Builder::new()
             .name("watch".into())
-            .spawn(move || self.run(core, notifier, fuse))
+            .spawn(move || self.run(core, &names, notifier, fuse))
             .map(drop)
     }
 
-    fn run(&self, core: Weak<FsCore>, notifier: Notifier, fuse: OwnedFd) {
+    fn run(&self, core: Weak<FsCore>, names: &Trimmer, notifier: Notifier, fuse: OwnedFd) {
         let mut buf = vec![0u8; 64 * 1024];
         let mut repeats: Vec<(Instant, Inval)> = Vec::new();
         loop {
@@ -277,7 +280,7 @@ impl SourceWatch {
                 if n <= 0 {
                     break;
                 }
-                overflow |= self.parse(&buf[..n as usize], &core, &mut now);
+                overflow |= self.parse(&buf[..n as usize], &core, names, &mut now);
             }
             if overflow {
                 // Not with an unlimited queue; should it happen anyway.
@@ -325,7 +328,13 @@ impl SourceWatch {
 
     /// Adds to `out` what the events in `buf` make the kernel forget; true
     /// if the queue overflowed.
-    fn parse(&self, mut buf: &[u8], core: &FsCore, out: &mut HashSet<Inval>) -> bool {
+    fn parse(
+        &self,
+        mut buf: &[u8],
+        core: &FsCore,
+        names: &Trimmer,
+        out: &mut HashSet<Inval>,
+    ) -> bool {
         const META: usize = std::mem::size_of::<libc::fanotify_event_metadata>();
         let mut overflow = false;
         while buf.len() >= META {
@@ -350,6 +359,7 @@ impl SourceWatch {
                 &event[(m.metadata_len as usize).min(len)..],
                 m.mask,
                 core,
+                names,
                 out,
             );
         }
@@ -357,10 +367,22 @@ impl SourceWatch {
     }
 
     /// The invalidations of one event from its info records.
-    fn resolve(&self, mut info: &[u8], mask: u64, core: &FsCore, out: &mut HashSet<Inval>) {
+    fn resolve(
+        &self,
+        mut info: &[u8],
+        mask: u64,
+        core: &FsCore,
+        names: &Trimmer,
+        out: &mut HashSet<Inval>,
+    ) {
         let names_changed = mask
             & (libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO)
             != 0;
+        // A file whose name went changed too (its link count, its ctime),
+        // which fsnotify tells only marks on the file itself: its node is
+        // found by the name the kernel knew it by.
+        let file_left =
+            mask & (libc::FAN_DELETE | libc::FAN_MOVED_FROM) != 0 && mask & libc::FAN_ONDIR == 0;
         while info.len() >= 4 {
             let kind = info[0];
             let len = (u16::from_ne_bytes([info[2], info[3]]) as usize).clamp(4, info.len());
@@ -410,6 +432,9 @@ impl SourceWatch {
                         false => Inval::Entry(node, name.to_owned()),
                         true => Inval::Expire(node, name.to_owned()),
                     });
+                    if let Some(file) = names.node_named(node.0, name).filter(|_| file_left) {
+                        out.insert(Inval::Inode(NodeId(file)));
+                    }
                 }
                 // Attributes and pages (a directory's listing).
                 out.insert(Inval::Inode(node));

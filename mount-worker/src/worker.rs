@@ -292,7 +292,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
-        w.start(weak.clone(), session.notifier(), fuse)
+        w.start(weak.clone(), trim.clone(), session.notifier(), fuse)
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     }
     trim.start(session.notifier(), move || {

@@ -453,6 +453,50 @@ fn a_reused_inode_number_is_another_file_to_the_mount() {
     assert_eq!(old.err(), Some(Some(libc::ESTALE)), "the old node");
 }
 
+/// A file removed behind the mount changes too (its link count), which
+/// fsnotify tells only marks on the file itself: the watch finds the
+/// file's node by the name the kernel knew it by and has the kernel drop
+/// its cached attributes at once, not after the cache timeout. An open
+/// file then shows no links; a node merely held (O_PATH) pins no inode
+/// and answers ESTALE.
+#[test]
+fn the_source_watch_shows_a_file_removed_behind_the_mount_to_its_holders() {
+    use std::os::fd::FromRawFd;
+    let m = Mount::builder()
+        .populate(|s| {
+            fs::write(s.join("open"), b"open").unwrap();
+            fs::write(s.join("held"), b"held").unwrap();
+        })
+        .arg("--cache-timeout-ms")
+        .arg("600000")
+        .start();
+    let (p, s) = (m.path(), m.source());
+    let open = File::open(p.join("open")).unwrap();
+    let path = CString::new(p.join("held").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(held >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptor.
+    let held = File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(held) });
+    assert_eq!(open.metadata().unwrap().nlink(), 1);
+    assert_eq!(held.metadata().unwrap().nlink(), 1);
+    fs::remove_file(s.join("open")).unwrap();
+    fs::remove_file(s.join("held")).unwrap();
+    assert!(
+        soon(|| open.metadata().unwrap().nlink() == 0),
+        "the open file still has a link"
+    );
+    let mut data = String::new();
+    (&open).read_to_string(&mut data).unwrap();
+    assert_eq!(data, "open");
+    assert!(
+        soon(|| held.metadata().map_err(|e| e.raw_os_error()).err() == Some(Some(libc::ESTALE))),
+        "{:?}",
+        held.metadata().map(|m| m.nlink())
+    );
+    assert!(!p.join("open").exists() && !p.join("held").exists());
+}
+
 /// A directory a branch copied up merges main's directory of that name,
 /// also one main made anew behind the mount (the kernel still holds the
 /// branch's node, whose id the copy keeps): the watch shows the branch
