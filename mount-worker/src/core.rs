@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -286,16 +286,29 @@ impl MainInode {
 }
 
 impl Obj {
-    /// Whether the node may keep host descriptors open: main's
-    /// directories (and files without handles), a snapshot's directories
-    /// once searched, and a branch's objects (their parts in the layers;
-    /// counted whether copied up yet or not, as a copy-up makes no new
-    /// node).
-    fn holds_descriptors(&self) -> bool {
-        matches!(
-            self,
-            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) | Obj::Layer(_)
-        )
+    /// Counts a new node's object in `holding` if it may keep host
+    /// descriptors open: main's directories (and files without handles),
+    /// a snapshot's objects (its directories once searched), a branch's
+    /// directories and files in its layers ([`LayerObj::count_in`]).
+    fn count_in(&self, holding: &AtomicUsize) {
+        match self {
+            Obj::Layer(o) => o.count_in(),
+            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) => {
+                holding.fetch_add(1, Ordering::Relaxed);
+            }
+            Obj::Main(MainInode::Handle { .. }) | Obj::Virtual => {}
+        }
+    }
+
+    /// Takes a gone node's object out of `holding`.
+    fn count_out(&self, holding: &AtomicUsize) {
+        match self {
+            Obj::Layer(o) => o.count_out(),
+            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) => {
+                holding.fetch_sub(1, Ordering::Relaxed);
+            }
+            Obj::Main(MainInode::Handle { .. }) | Obj::Virtual => {}
+        }
     }
 
     /// The descriptor of a main directory: ENOTDIR for main's other
@@ -346,8 +359,9 @@ struct NodeTable {
     /// which is main's inode when the branch first saw it, while the
     /// directory of main it merges may be another.
     by_main_ino: HashMap<u64, Vec<u64>>,
-    /// How many nodes hold descriptors ([`Obj::holds_descriptors`]).
-    holding: usize,
+    /// How many nodes hold descriptors ([`Obj::count_in`]); shared with
+    /// the branches' views, whose files join it at their copy-up.
+    holding: Arc<AtomicUsize>,
 }
 
 impl NodeTable {
@@ -365,7 +379,7 @@ impl NodeTable {
         if let Some(ino) = main_ino {
             self.by_main_ino.entry(ino).or_default().push(id);
         }
-        self.holding += usize::from(obj.holds_descriptors());
+        obj.count_in(&self.holding);
         self.by_key.insert(key.clone(), id);
         self.by_id.insert(
             id,
@@ -382,7 +396,7 @@ impl NodeTable {
 
     fn remove(&mut self, id: u64) -> Option<Node> {
         let node = self.by_id.remove(&id)?;
-        self.holding -= usize::from(node.obj.holds_descriptors());
+        node.obj.count_out(&self.holding);
         // Unless a new node took its key (`unkey_if`).
         if self.by_key.get(&node.key) == Some(&id) {
             self.by_key.remove(&node.key);
@@ -790,7 +804,8 @@ impl FsCore {
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
         lowers.push(Part::Base(Arc::new(base)));
-        let view = Arc::new(LayerView::new(number, top, indexes));
+        let holding = self.nodes.lock().unwrap().holding.clone();
+        let view = Arc::new(LayerView::new(number, top, indexes, holding));
         let root = LayerObj::root(view.clone(), root_ino, lowers);
         let id = NodeId::in_view(number as u64, root_ino);
         self.nodes.lock().unwrap().insert(
@@ -1613,13 +1628,16 @@ impl FsCore {
     }
 
     /// What the nodes the kernel knows cost, in descriptors, for the
-    /// trimmer: one for each node that may hold some
-    /// ([`Obj::holds_descriptors`]), a quarter for any other (main's files,
-    /// by handle), which still grows the node table, the trimmer's names
+    /// trimmer: one for each node that may hold some ([`Obj::count_in`]),
+    /// a quarter for any other (main's files by handle, a branch's not
+    /// copied up), which still grows the node table, the trimmer's names
     /// and the handoff journal.
     pub fn node_load(&self) -> usize {
         let t = self.nodes.lock().unwrap();
-        t.holding + (t.by_id.len() - t.holding) / 4
+        let nodes = t.by_id.len();
+        // A copy-up counts its node outside the table's lock.
+        let holding = t.holding.load(Ordering::Relaxed).min(nodes);
+        holding + (nodes - holding) / 4
     }
 
     /// Attributes of a node.

@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crate::hostfs::{self, Stat, XattrReply};
@@ -196,12 +196,20 @@ pub struct LayerView {
     /// the view): a change in between would have its times put back too.
     names: RwLock<()>,
     next_tmp: AtomicU64,
+    /// The node table's tally of nodes that hold descriptors: a file's
+    /// node joins it at the file's copy-up ([`LayerObj::count_in`]).
+    holding: Arc<AtomicUsize>,
 }
 
 impl LayerView {
     /// A view with the given layers (`indexes`: those of the frozen
-    /// layers, top first).
-    pub fn new(number: u32, top: Option<Top>, indexes: Vec<Arc<OwnedFd>>) -> LayerView {
+    /// layers, top first), whose nodes count in `holding`.
+    pub fn new(
+        number: u32,
+        top: Option<Top>,
+        indexes: Vec<Arc<OwnedFd>>,
+        holding: Arc<AtomicUsize>,
+    ) -> LayerView {
         LayerView {
             number,
             layers: RwLock::new(Layers {
@@ -212,6 +220,7 @@ impl LayerView {
             copy_up: Mutex::new(()),
             names: RwLock::new(()),
             next_tmp: AtomicU64::new(0),
+            holding,
         }
     }
 
@@ -519,7 +528,17 @@ pub struct LayerObj {
     state: RwLock<State>,
     /// Copy-ups of this object so far: readers opened before one reopen.
     copies: AtomicU64,
+    /// How its node counts in [`LayerView::holding`]: [`UNCOUNTED`],
+    /// [`LIGHT`] or [`HEAVY`].
+    counted: AtomicU8,
 }
+
+/// Not a node's object (any more), or not yet.
+const UNCOUNTED: u8 = 0;
+/// A node's object that holds no descriptor.
+const LIGHT: u8 = 1;
+/// A node's object that holds descriptors, counted in the tally.
+const HEAVY: u8 = 2;
 
 impl LayerObj {
     /// The root of a view: `upper` is the top layer's tree (none for a
@@ -537,6 +556,34 @@ impl LayerObj {
                 lowers,
             }),
             copies: AtomicU64::new(0),
+            counted: AtomicU8::new(UNCOUNTED),
+        }
+    }
+
+    /// Counts this object, now a node's, in the view's tally of nodes that
+    /// hold descriptors if it holds some: a directory (its parts), a file
+    /// in a layer (copied up, or from a frozen layer). A file that stands
+    /// on main's alone holds none (its [`SnapObj`] keeps a handle) until
+    /// its copy-up ([`LayerObj::adopt`]), which counts it then. Under the
+    /// state's lock, which a copy-up takes to add its copy: never counted
+    /// twice nor missed.
+    pub fn count_in(&self) {
+        let s = self.state.read().unwrap();
+        let heavy = self.is_dir
+            || s.upper.is_some()
+            || s.lowers.iter().any(|p| matches!(p, Part::Layer(_)));
+        self.counted
+            .store(if heavy { HEAVY } else { LIGHT }, Ordering::Relaxed);
+        if heavy {
+            self.view.holding.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes this object out of the tally: its node is gone.
+    pub fn count_out(&self) {
+        let _s = self.state.read().unwrap();
+        if self.counted.swap(UNCOUNTED, Ordering::Relaxed) == HEAVY {
+            self.view.holding.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -705,6 +752,7 @@ impl LayerObj {
                 lowers,
             }),
             copies: AtomicU64::new(0),
+            counted: AtomicU8::new(UNCOUNTED),
         })
     }
 
@@ -881,6 +929,13 @@ impl LayerObj {
         if !self.is_dir {
             s.lowers.clear();
         }
+        if self
+            .counted
+            .compare_exchange(LIGHT, HEAVY, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.view.holding.fetch_add(1, Ordering::Relaxed);
+        }
         self.copies.fetch_add(1, Ordering::AcqRel);
         fd
     }
@@ -992,6 +1047,7 @@ impl LayerObj {
                 lowers: Vec::new(),
             }),
             copies: AtomicU64::new(0),
+            counted: AtomicU8::new(UNCOUNTED),
         })
     }
 

@@ -1,12 +1,13 @@
 //! Keeps the worker's open descriptors well under its limit.
 //!
 //! The worker holds host descriptors for the nodes the kernel has looked
-//! up and not forgotten, of main's directories, of snapshots and of
-//! branches (main's other inodes are kept by handle), and the kernel
-//! forgets a node only once it drops the node's dentries, which it does
-//! only under memory pressure: reading a branch's tree of 20 000 files
-//! would otherwise hold 20 000 descriptors for as long as the machine has
-//! memory to spare, and past the open-file limit every lookup, creation
+//! up and not forgotten: main's directories, snapshots' objects, branches'
+//! directories and the branch files in their layers (other files are kept
+//! by handle). The kernel forgets a node only once it drops the node's
+//! dentries, which it does only under memory pressure: reading a branch
+//! whose 20 000 files were all changed would otherwise hold 20 000
+//! descriptors for as long as the machine has memory to spare, and past
+//! the open-file limit every lookup, creation
 //! and control connection fails with EMFILE. Nodes without descriptors
 //! cost memory (the node table, these names, the handoff journal): they
 //! count as a quarter of one ([`crate::core::FsCore::node_load`]).
@@ -108,8 +109,8 @@ impl Names {
 
 impl Trimmer {
     /// A trimmer for a worker that may hold `open_files` descriptors: it
-    /// keeps the nodes' load under half of that (a branch file's node
-    /// holds one, a branch directory's one per layer it merges, and open
+    /// keeps the nodes' load under half of that (a copied-up branch
+    /// file's node holds one, a branch directory's one per layer it merges, and open
     /// files and the control channel need room too). Dropping names costs lookups again,
     /// so the mark is no lower than it must be.
     pub fn new(open_files: u64) -> Trimmer {

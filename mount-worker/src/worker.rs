@@ -312,7 +312,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     if open_files < wanted_fds {
         tracing::warn!(
             "open-file limit {open_files} (wanted {wanted_fds}): cached file names are dropped \
-             from {} branch files or {} main files on, and more directories and open files than \
+             from {} files copied to a branch or {} others on, and more directories and open files than \
              the limit fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
             open_files / 2,
             open_files * 2
