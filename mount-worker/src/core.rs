@@ -36,7 +36,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
-use crate::handoff::{Held, HeldNode, Journal, Origin, Record};
+use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
@@ -265,7 +265,19 @@ enum MainInode {
 }
 
 /// A main directory's node and a name in it.
-type Place = (Arc<Obj>, CString);
+#[derive(Clone)]
+struct Place {
+    dir: NodeId,
+    obj: Arc<Obj>,
+    name: CString,
+}
+
+impl Place {
+    /// As the handoff journal keeps it.
+    fn found_at(&self) -> FoundAt {
+        (self.dir.0, self.name.as_bytes().to_vec())
+    }
+}
 
 impl MainInode {
     /// `fd`'s inode (`st` its attributes, `handle` its handle if known,
@@ -891,7 +903,7 @@ impl FsCore {
         let view = obj.view.number;
         let id = (obj.id <= LOCAL_MAX).then(|| NodeId::in_view(view as u64, obj.id).0);
         let origin = |t: &NodeTable, obj: &Obj| match obj {
-            Obj::Layer(o) => layer_origin(t, o),
+            Obj::Layer(o) => layer_origin(t, o).map(|o| (o, None)),
             _ => None,
         };
         let base = obj.base(layers);
@@ -1057,7 +1069,10 @@ impl FsCore {
     /// meanwhile (what was found at its old place may be another object).
     fn find_held_once(&self, id: NodeId) -> io::Result<Option<Arc<Obj>>> {
         let HeldNode {
-            generation, origin, ..
+            generation,
+            origin,
+            at,
+            ..
         } = self
             .held(|h| h.nodes.get(&id.0).cloned())
             .ok_or_else(|| errno(libc::ESTALE))?;
@@ -1067,10 +1082,26 @@ impl FsCore {
         let mut shows = None;
         let (obj, key) = match origin {
             Origin::Main(handle) => {
-                let fd = hostfs::open_handle(self.mount_fd(), &handle)?;
+                // By the name it was found by, if its directory is still
+                // held: opened by a bare handle, it may have no path on
+                // the host (see `MainInode::Handle`).
+                let place = at.and_then(|(dir, name)| {
+                    let obj = self.obj(NodeId(dir)).ok()?;
+                    obj.main_dir().ok()?;
+                    let name = CString::new(name).ok()?;
+                    Some(Place {
+                        dir: NodeId(dir),
+                        obj,
+                        name,
+                    })
+                });
+                let named = place
+                    .as_ref()
+                    .and_then(|p| Some((p.obj.main_dir().ok()?, p.name.as_c_str())));
+                let fd = hostfs::open_handle_by_name(self.mount_fd(), &handle, named)?;
                 let st = hostfs::stat(fd.as_fd())?;
                 self.watch_dir(fd.as_fd(), &st);
-                let inode = MainInode::new(fd, &st, Some(handle), None);
+                let inode = MainInode::new(fd, &st, Some(handle), place);
                 (Obj::Main(inode), NodeKey::Host(st.st_dev, st.st_ino))
             }
             Origin::Snap {
@@ -1080,7 +1111,18 @@ impl FsCore {
                 ino,
             } => {
                 let snap = SnapshotId(snap);
-                let obj = Arc::new(SnapObj::new(snap, epoch, handle, ino));
+                // Found again by its name, if its directory is still held,
+                // so that it is opened by that name (see `SnapObj::open_live`).
+                let found = at.and_then(|(dir, name)| match &*self.obj(NodeId(dir)).ok()? {
+                    Obj::Snap(dir) if dir.snap == snap => {
+                        let found = dir
+                            .lookup(&self.store, self.mount_fd(), OsStr::from_bytes(&name))
+                            .ok()?;
+                        (found.handle == handle).then(|| dir.child(found))
+                    }
+                    _ => None,
+                });
+                let obj = Arc::new(found.unwrap_or_else(|| SnapObj::new(snap, epoch, handle, ino)));
                 // Files are left unmarked (watch_dir checks).
                 shows = Some((obj.clone(), true));
                 (Obj::Snap(obj), NodeKey::Snap(snap, ino))
@@ -1279,23 +1321,32 @@ impl FsCore {
                 let at = at.lock().unwrap().clone();
                 let named = at
                     .as_ref()
-                    .and_then(|(dir, name)| Some((dir.main_dir().ok()?, name.as_c_str())));
+                    .and_then(|p| Some((p.obj.main_dir().ok()?, p.name.as_c_str())));
                 hostfs::open_handle_by_name(self.mount_fd(), handle, named).map(HostFd::Opened)
             }
             _ => Err(errno(libc::EROFS)),
         }
     }
 
-    /// Main's file behind `fd` is at `place` now (it was renamed there).
+    /// Main's file behind `fd` is at `place` now (it was renamed there);
+    /// so a successor learns too.
     fn main_moved(&self, fd: BorrowedFd<'_>, place: Place) {
         let Ok(st) = hostfs::stat(fd) else { return };
         let t = self.nodes.lock().unwrap();
-        if let Some(n) = t
-            .by_key
-            .get(&NodeKey::Host(st.st_dev, st.st_ino))
-            .and_then(|id| t.by_id.get(id))
-            && let Obj::Main(MainInode::Handle { at, .. }) = &*n.obj
+        if let Some(&id) = t.by_key.get(&NodeKey::Host(st.st_dev, st.st_ino))
+            && let Some(n) = t.by_id.get(&id)
+            && let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj
         {
+            if n.journaled {
+                self.journal(|| {
+                    Some(Record::Node {
+                        id,
+                        generation: n.generation,
+                        origin: Origin::Main(handle.clone()),
+                        at: Some(place.found_at()),
+                    })
+                });
+            }
             *at.lock().unwrap() = Some(place);
         }
     }
@@ -1322,8 +1373,9 @@ impl FsCore {
     /// the key's node in first): the existing node if the key is known,
     /// else a new node with id `id` (a synthetic one if that is taken),
     /// showing main's inode `main_ino` for a view's node.
-    /// `origin` says how a successor finds a new node again
-    /// ([`crate::handoff`]); it is asked only when a journal is kept.
+    /// `origin` says how a successor finds a new node again, and where
+    /// it was found ([`crate::handoff`]); it is asked only when a journal
+    /// is kept.
     #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
@@ -1332,7 +1384,7 @@ impl FsCore {
         id: Option<u64>,
         main_ino: Option<u64>,
         make: impl FnOnce() -> Obj,
-        origin: impl FnOnce(&NodeTable, &Obj) -> Option<Origin>,
+        origin: impl FnOnce(&NodeTable, &Obj) -> Option<(Origin, Option<FoundAt>)>,
         stat: Stat,
     ) -> Entry {
         if let Some(&existing) = t.by_key.get(&key) {
@@ -1360,7 +1412,7 @@ impl FsCore {
         let held = |id: u64| {
             self.held(|h| {
                 let was = h.nodes.get(&id)?;
-                let same = Some(&was.origin) == origin.as_ref();
+                let same = origin.as_ref().is_some_and(|(o, _)| *o == was.origin);
                 Some(same.then_some((was.generation, was.lookups)))
             })
         };
@@ -1381,12 +1433,13 @@ impl FsCore {
             }
             None => {
                 let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                if let Some(origin) = origin {
+                if let Some((origin, at)) = origin {
                     self.journal(|| {
                         Some(Record::Node {
                             id,
                             generation,
                             origin,
+                            at,
                         })
                     });
                 }
@@ -1410,9 +1463,15 @@ impl FsCore {
         let id = (stat.st_dev == self.source_dev && own != NodeId::ROOT.0 && own <= LOCAL_MAX)
             .then_some(own);
         let inode = MainInode::new(fd, &stat, None, Some(at));
+        // A directory is found by its handle alone: the host connects it.
         let origin = |_: &NodeTable, obj: &Obj| match obj {
-            Obj::Main(MainInode::Open(fd)) => hostfs::handle_of(fd.as_fd()).ok().map(Origin::Main),
-            Obj::Main(MainInode::Handle { handle, .. }) => Some(Origin::Main(handle.clone())),
+            Obj::Main(MainInode::Open(fd)) => hostfs::handle_of(fd.as_fd())
+                .ok()
+                .map(|h| (Origin::Main(h), None)),
+            Obj::Main(MainInode::Handle { handle, at }) => Some((
+                Origin::Main(handle.clone()),
+                at.lock().unwrap().as_ref().map(Place::found_at),
+            )),
             _ => None,
         };
         let key = NodeKey::Host(stat.st_dev, own);
@@ -1456,16 +1515,25 @@ impl FsCore {
     fn register_snap(&self, obj: SnapObj) -> io::Result<Entry> {
         let stat = obj.stat(&self.store, self.mount_fd())?;
         let id = (obj.ino <= LOCAL_MAX).then(|| NodeId::in_view(obj.snap.0 as u64, obj.ino).0);
-        let origin = |_: &NodeTable, obj: &Obj| match obj {
-            Obj::Snap(s) => Some(Origin::Snap {
-                snap: s.snap.0,
-                epoch: s.epoch,
-                handle: s.handle.clone(),
-                ino: s.ino,
-            }),
+        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        // A file is also found by its name (see `SnapObj::open_live`); a
+        // directory by its handle alone: the host connects it.
+        let origin = |t: &NodeTable, obj: &Obj| match obj {
+            Obj::Snap(s) => {
+                let at = s.found_at().filter(|_| !is_dir).and_then(|(dir, name)| {
+                    let &dir = t.by_key.get(&NodeKey::Snap(s.snap, dir))?;
+                    Some((dir, name.to_bytes().to_vec()))
+                });
+                let origin = Origin::Snap {
+                    snap: s.snap.0,
+                    epoch: s.epoch,
+                    handle: s.handle.clone(),
+                    ino: s.ino,
+                };
+                Some((origin, at))
+            }
             _ => None,
         };
-        let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let mut t = self.nodes.lock().unwrap();
         Ok(self.register(
             &mut t,
@@ -1517,7 +1585,12 @@ impl FsCore {
             (_, Obj::Main(MainInode::Open(dir))) => {
                 let name = hostfs::component(name)?;
                 let fd = hostfs::open_node(dir.as_fd(), &name)?;
-                self.register_main(fd, (dir_obj.clone(), name))
+                let at = Place {
+                    dir: parent,
+                    obj: dir_obj.clone(),
+                    name,
+                };
+                self.register_main(fd, at)
             }
             (_, Obj::Main(MainInode::Handle { .. })) => Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(dir)) => {
@@ -1903,7 +1976,12 @@ impl FsCore {
                 let fd = hostfs::open_node(dir, &name)?;
                 change.created(fd.as_fd());
                 self.give_to_caller(&fd, dir, caller, mode)?;
-                self.register_main(fd, (obj.clone(), name))
+                let at = Place {
+                    dir: parent,
+                    obj: obj.clone(),
+                    name,
+                };
+                self.register_main(fd, at)
             }
         }
     }
@@ -2022,6 +2100,7 @@ impl FsCore {
                 id,
                 generation,
                 origin,
+                at: None,
             })
         });
         if unrecorded > 0 {
@@ -2072,9 +2151,19 @@ impl FsCore {
         if flags & libc::RENAME_EXCHANGE != 0
             && let Some(r) = &replaced
         {
-            self.main_moved(r.as_fd(), (old.clone(), oname));
+            let at = Place {
+                dir: parent,
+                obj: old.clone(),
+                name: oname,
+            };
+            self.main_moved(r.as_fd(), at);
         }
-        self.main_moved(moved.as_fd(), (new.clone(), nname));
+        let at = Place {
+            dir: newparent,
+            obj: new.clone(),
+            name: nname,
+        };
+        self.main_moved(moved.as_fd(), at);
         Ok(())
     }
 
@@ -2096,7 +2185,12 @@ impl FsCore {
         let _change = self.before_change(&[fd.as_fd(), dir])?;
         hostfs::link(fd.as_fd(), dir, &name)?;
         let fd = hostfs::open_node(dir, &name)?;
-        self.register_main(fd, (dobj.clone(), name))
+        let at = Place {
+            dir: newparent,
+            obj: dobj.clone(),
+            name,
+        };
+        self.register_main(fd, at)
     }
 
     /// A handle for `file`, which is `node` opened with the caller's
@@ -2304,7 +2398,12 @@ impl FsCore {
             change.created(fd.as_fd());
         }
         self.give_to_caller(&fd, dir, caller, Some(mode))?;
-        let entry = self.register_main(fd, (obj.clone(), cname))?;
+        let at = Place {
+            dir: parent,
+            obj: obj.clone(),
+            name: cname,
+        };
+        let entry = self.register_main(fd, at)?;
         let fh = self.add_file(entry.node, caller_flags, OpenFile::Main(file));
         Ok((entry, fh))
     }

@@ -73,6 +73,14 @@ pub enum Origin {
     },
 }
 
+/// Where a file of main or of a snapshot of main was found: the node id
+/// of its directory and its name there. Not what the node is (its
+/// [`Origin`] says that, and two records of one node may differ here)
+/// but how to reach it by a name: a file opened by a bare handle has no
+/// path on the host once the host dropped its cached names, and Landlock
+/// refuses it ([`crate::hostfs::open_handle_by_name`]).
+pub type FoundAt = (u64, Vec<u8>);
+
 /// One change to what the kernel holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -84,6 +92,8 @@ pub enum Record {
         id: u64,
         generation: u64,
         origin: Origin,
+        /// Where a file of main or of a snapshot of main was found.
+        at: Option<FoundAt>,
     },
     /// The kernel was given node `id`, held already, `n` more times.
     Lookup { id: u64, n: u64 },
@@ -108,6 +118,8 @@ pub struct HeldNode {
     pub generation: u64,
     /// How to find it.
     pub origin: Origin,
+    /// Where it was last found, for a file of main or of a snapshot.
+    pub at: Option<FoundAt>,
     /// The lookups the kernel holds on it (its FORGETs add up to them).
     /// A successor reads it when it takes the node into its own table,
     /// which counts from then on: it is not kept up to date here.
@@ -134,12 +146,14 @@ impl Held {
                 id,
                 generation,
                 origin,
+                at,
             } => {
                 // A first lookup, or a new origin with the lookups kept.
                 let lookups = self.nodes.get(&id).map_or(1, |n| n.lookups.max(1));
                 let node = HeldNode {
                     generation,
                     origin,
+                    at,
                     lookups,
                 };
                 self.nodes.insert(id, node);
@@ -193,6 +207,7 @@ impl Held {
                 id,
                 generation: node.generation,
                 origin: node.origin.clone(),
+                at: node.at.clone(),
             })
             .chain(more)
         });
@@ -639,7 +654,16 @@ fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(h.bytes());
 }
 
-/// `[u32 length of the rest][u8 kind][fields]`, little endian.
+fn put_found_at(out: &mut Vec<u8>, at: &Option<FoundAt>) {
+    if let Some((dir, name)) = at.as_ref().filter(|(_, name)| !name.is_empty()) {
+        out.extend_from_slice(&dir.to_le_bytes());
+        out.extend_from_slice(name);
+    }
+}
+
+/// `[u32 length of the rest][u8 kind][fields]`, little endian. A node of
+/// main or of a snapshot ends with where it was found, if known: `[u64
+/// directory][name]` (a worker before these ignored trailing bytes).
 fn encode(r: &Record) -> Vec<u8> {
     let mut out = vec![0u8; 4];
     match r {
@@ -647,12 +671,14 @@ fn encode(r: &Record) -> Vec<u8> {
             id,
             generation,
             origin,
+            at,
         } => match origin {
             Origin::Main(h) => {
                 out.push(NODE_MAIN);
                 out.extend_from_slice(&id.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
                 put_handle(&mut out, h);
+                put_found_at(&mut out, at);
             }
             Origin::Snap {
                 snap,
@@ -667,6 +693,7 @@ fn encode(r: &Record) -> Vec<u8> {
                 out.extend_from_slice(&epoch.to_le_bytes());
                 out.extend_from_slice(&ino.to_le_bytes());
                 put_handle(&mut out, handle);
+                put_found_at(&mut out, at);
             }
             Origin::Layer { parent, name } => {
                 out.push(NODE_LAYER);
@@ -747,10 +774,17 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     let mut f = Fields(rest);
     let node = |f: &mut Fields<'_>, origin: &dyn Fn(&mut Fields<'_>) -> Option<Origin>| {
         let (id, generation) = (f.u64()?, f.u64()?);
+        let origin = origin(f)?;
+        // What is left (none of a layer's): where it was found.
+        let at = match f.0.len() {
+            0 => None,
+            _ => Some((f.u64()?, std::mem::take(&mut f.0).to_vec())),
+        };
         Some(Record::Node {
             id,
             generation,
-            origin: origin(f)?,
+            origin,
+            at,
         })
     };
     let r = match kind {
@@ -860,8 +894,15 @@ mod tests {
             id,
             generation: id + 100,
             origin,
+            at: None,
         };
-        j.append(&node(10, Origin::Main(h.clone())));
+        // Main's file found as "f" in node 1.
+        j.append(&Record::Node {
+            id: 10,
+            generation: 110,
+            origin: Origin::Main(h.clone()),
+            at: Some((1, b"f".to_vec())),
+        });
         j.append(&node(
             11,
             Origin::Layer {
@@ -907,6 +948,7 @@ mod tests {
             HeldNode {
                 generation: 110,
                 origin: Origin::Main(h),
+                at: Some((1, b"f".to_vec())),
                 lookups: 1
             }
         );
@@ -943,6 +985,7 @@ mod tests {
                 id: i,
                 generation: 1,
                 origin: Origin::Main(h.clone()),
+                at: None,
             });
             if i >= 3 {
                 j.append(&Record::Forget { id: i - 3, n: 1 });
@@ -966,6 +1009,7 @@ mod tests {
                 id: i,
                 generation: i,
                 origin: Origin::Main(h.clone()),
+                at: None,
             });
             j.append(&Record::File {
                 fh: i,
@@ -1010,6 +1054,7 @@ mod tests {
                 id: i,
                 generation: 1,
                 origin: Origin::Main(h.clone()),
+                at: None,
             });
             j.append(&Record::Forget { id: i, n: 1 });
             i += 1;
@@ -1048,6 +1093,7 @@ mod tests {
                 id: i,
                 generation: i,
                 origin: Origin::Main(h.clone()),
+                at: None,
             });
             if let Some(id) = i.checked_sub(500) {
                 append(Record::Lookup { id, n: 2 });
@@ -1076,6 +1122,7 @@ mod tests {
             id: 3,
             generation: 1,
             origin: Origin::Main(h),
+            at: None,
         });
         bytes.extend(encode(&Record::Lookup { id: 3, n: 2 }));
         bytes.extend([9, 0, 0, 0, FORGET_ALL]);

@@ -9,7 +9,7 @@
 //! the change they protect begins, so a read that found none afterwards
 //! cannot have seen the change.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -88,6 +88,14 @@ impl SnapObj {
             live_dir: OnceLock::new(),
             at: None,
         }
+    }
+
+    /// The inode number of the directory it was found in, and its name
+    /// there.
+    pub fn found_at(&self) -> Option<(u64, &CStr)> {
+        self.at
+            .as_ref()
+            .map(|(dir, name)| (dir.ino, name.as_c_str()))
     }
 
     /// The object `found` in this directory.

@@ -755,6 +755,58 @@ fn files_open_for_passthrough_survive_a_worker_crash() {
     assert_eq!(fs::read_to_string(mnt.join("read")).unwrap(), "new345678X");
 }
 
+/// A sandboxed worker opens main's files, and a snapshot's that share
+/// main's inode, by the name it found them by: Landlock checks the host
+/// path of what it opens, which a file opened by a bare handle lacks once
+/// the host dropped its cached names. A successor learns those names from
+/// the handoff journal: files whose nodes the kernel held across the crash
+/// (so it looks nothing up again) still open once the host dropped its
+/// names (EACCES when the journal had only their handles), also one
+/// renamed through the mount before the crash.
+#[test]
+fn files_held_across_a_worker_crash_open_after_the_host_dropped_its_names() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("named", "");
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), "x").unwrap();
+    fs::write(src.join("moved"), "x").unwrap();
+    ok(&s.manager("StartMount", "s", &["named"]));
+    ok(&s.mount_call("named", "CreateSnapshot", "ss", &["", "s"]));
+    let files = [
+        mnt.join("d/f"),
+        mnt.join(".agentfs/snapshots/s/d/f"),
+        mnt.join("moved"),
+    ];
+    // The kernel's nodes, held without an open file.
+    let held: Vec<OwnedFd> = files
+        .iter()
+        .map(|f| {
+            let c = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid path; the descriptor is owned at once.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            // SAFETY: fresh descriptor.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect();
+    fs::rename(&files[2], mnt.join("d/moved")).unwrap();
+    let files = [files[0].clone(), files[1].clone(), mnt.join("d/moved")];
+    kill_worker(&s, "named", 1);
+    for f in &files {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        assert_eq!(
+            fs::read_to_string(f).map_err(|e| e.to_string()),
+            Ok("x".to_owned()),
+            "{}",
+            f.display()
+        );
+    }
+    drop(held);
+}
+
 /// A connection lost for good (aborted) under a writer, on a mount over
 /// its own source: the writer's appends land in the source while nothing
 /// is mounted, through the new mount once StartMount mounts again, and
