@@ -45,6 +45,7 @@ use crate::root_cache::RootCache;
 use crate::snapshot::{Branch, Catalog, CatalogWriter, LayerId, Loaded, Snapshot, SnapshotId};
 use crate::snapview::SnapObj;
 use crate::spare::{self, Spare};
+use crate::trim::Load;
 use crate::watch::SourceWatch;
 
 /// A FUSE node id. `NodeId::ROOT` is the mount root.
@@ -1700,17 +1701,17 @@ impl FsCore {
         true
     }
 
-    /// What the nodes the kernel knows cost, in descriptors, for the
-    /// trimmer: one for each node that may hold some ([`Obj::count_in`]),
-    /// a quarter for any other (main's files by handle, a branch's not
-    /// copied up), which still grows the node table, the trimmer's names
-    /// and the handoff journal.
-    pub fn node_load(&self) -> usize {
+    /// What the nodes the kernel knows cost, for the trimmer: how many
+    /// may hold descriptors ([`Obj::count_in`]), and how many there are
+    /// (each costs memory and a record in the handoff journal).
+    pub fn load(&self) -> Load {
         let t = self.nodes.lock().unwrap();
         let nodes = t.by_id.len();
-        // A copy-up counts its node outside the table's lock.
-        let holding = t.holding.load(Ordering::Relaxed).min(nodes);
-        holding + (nodes - holding) / 4
+        Load {
+            // A copy-up counts its node outside the table's lock.
+            holding: t.holding.load(Ordering::Relaxed).min(nodes),
+            nodes,
+        }
     }
 
     /// Attributes of a node.

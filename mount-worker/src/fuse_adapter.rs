@@ -160,7 +160,7 @@ impl Adapter {
         if e.stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
             self.trim.named(e.node.0, parent.0, name);
         }
-        self.trim.counted(self.core.node_load())
+        self.trim.counted(self.core.load())
     }
 
     /// The node a request on `ino` acts on: the mount root is the root of

@@ -74,6 +74,12 @@ struct Cli {
     /// (fanotify); they then show within the cache timeout.
     #[arg(long)]
     no_source_watch: bool,
+    /// Nodes (files and directories) the kernel may keep before the worker
+    /// has it drop file names: each costs about 500 bytes of the worker's
+    /// memory, and a record in the handoff journal.
+    #[arg(long, default_value_t = agentfs_mount_worker::trim::MAX_NODES as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1000..=800_000))]
+    max_cached_nodes: u32,
     /// Which opens the kernel serves from the host file itself (FUSE
     /// passthrough, kernel 6.9+): `auto` read-only opens of main and of
     /// snapshots' pre-images; `on` main's writers too; `off` none.
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
         max_background: cli.max_background,
         cache_timeout: cli.cache_timeout_ms.map(std::time::Duration::from_millis),
         watch_source: !cli.no_source_watch,
+        max_cached_nodes: cli.max_cached_nodes as usize,
         passthrough: cli.passthrough,
         isolation: if cli.strict_isolation {
             Isolation::Strict

@@ -1,4 +1,5 @@
-//! Keeps the worker's open descriptors well under its limit.
+//! Keeps the worker's open descriptors well under its limit, and its
+//! nodes under a bound.
 //!
 //! The worker holds host descriptors for the nodes the kernel has looked
 //! up and not forgotten: main's directories, snapshots' objects, branches'
@@ -8,12 +9,14 @@
 //! whose 20 000 files were all changed would otherwise hold 20 000
 //! descriptors for as long as the machine has memory to spare, and past
 //! the open-file limit every lookup, creation
-//! and control connection fails with EMFILE. Nodes without descriptors
-//! cost memory (the node table, these names, the handoff journal): they
-//! count as a quarter of one ([`crate::core::FsCore::node_load`]).
+//! and control connection fails with EMFILE. Every node also costs memory
+//! (the node table, these names) and a record in the handoff journal, so
+//! all nodes have a mark of their own (`--max-cached-nodes`), far above the
+//! descriptors' on a small open-file limit: a tree of main, kept by
+//! handle, stays cached ([`crate::core::FsCore::load`]).
 //!
 //! So the trimmer remembers the name under which the kernel knows each
-//! non-directory node, and when the nodes' load passes a high-water mark
+//! non-directory node, and when either count passes its high-water mark
 //! it asks the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until
 //! it is back under a low-water mark. An inode no process uses then goes, and
 //! the kernel's FORGET closes the worker's descriptors; one in use (an open
@@ -44,18 +47,57 @@ const THROTTLE: Duration = Duration::from_millis(10);
 /// ([`Trimmer::forget_now`]).
 const NOW_WAIT: Duration = Duration::from_millis(50);
 
+/// Nodes the kernel may keep by default, whatever they hold
+/// (`--max-cached-nodes`): each costs the worker about 500 bytes of memory
+/// (its node, its object, its name here; 51 MB for 100 000 files of main)
+/// and the handoff journal a record (it holds some 900 000).
+pub const MAX_NODES: usize = 150_000;
+
+/// What the kernel's nodes cost the worker ([`crate::core::FsCore::load`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load {
+    /// Nodes that may hold descriptors.
+    pub holding: usize,
+    /// All nodes.
+    pub nodes: usize,
+}
+
+/// Marks on one count.
+#[derive(Clone, Copy)]
+struct Marks {
+    /// Past which names are dropped.
+    high: usize,
+    /// Down to which they are dropped.
+    low: usize,
+    /// Past which session threads wait for the trimmer: lookups can make
+    /// nodes faster than the kernel drops names (it must take each
+    /// directory's lock, which the lookups in it hold), and past the
+    /// open-file limit every lookup fails with EMFILE.
+    hard: usize,
+}
+
+impl Marks {
+    fn at(high: usize) -> Marks {
+        Marks {
+            high,
+            low: high / 4 * 3,
+            hard: high / 2 * 3,
+        }
+    }
+
+    /// How far `n` is past the low mark, once it is past the high one.
+    fn excess(&self, n: usize) -> usize {
+        if n > self.high { n - self.low } else { 0 }
+    }
+}
+
 /// The names under which the kernel knows non-directory nodes.
 pub struct Trimmer {
     names: Mutex<Names>,
-    /// Node count past which names are dropped.
-    high: usize,
-    /// Node count they are dropped down to.
-    low: usize,
-    /// Node count past which session threads wait for the trimmer: lookups
-    /// can make nodes faster than the kernel drops names (it must take each
-    /// directory's lock, which the lookups in it hold), and past the limit
-    /// every lookup fails with EMFILE.
-    hard: usize,
+    /// On the nodes that may hold descriptors.
+    descriptors: Marks,
+    /// On all nodes.
+    nodes: Marks,
     /// Signalled after each round of the trimmer.
     trimmed: (Mutex<()>, Condvar),
     /// Names to drop at once ([`Trimmer::forget_soon`]).
@@ -109,33 +151,45 @@ impl Names {
 
 impl Trimmer {
     /// A trimmer for a worker that may hold `open_files` descriptors: it
-    /// keeps the nodes' load under half of that (a copied-up branch
-    /// file's node holds one, a branch directory's one per layer it merges, and open
-    /// files and the control channel need room too). Dropping names costs lookups again,
-    /// so the mark is no lower than it must be.
-    pub fn new(open_files: u64) -> Trimmer {
+    /// keeps the nodes that may hold descriptors under half of that (a
+    /// copied-up branch file's node holds one, a branch directory's one
+    /// per layer it merges, and open files and the control channel need
+    /// room too), and all nodes under `max_nodes` (see [`MAX_NODES`]).
+    /// Dropping names costs lookups again, so the marks are no lower than
+    /// they must be.
+    pub fn new(open_files: u64, max_nodes: usize) -> Trimmer {
         let high = usize::try_from(open_files / 2)
             .unwrap_or(usize::MAX)
             .max(64);
+        Trimmer::with_marks(high, max_nodes.max(64))
+    }
+
+    fn with_marks(descriptors: usize, nodes: usize) -> Trimmer {
         Trimmer {
             names: Mutex::default(),
-            high,
-            low: high / 4 * 3,
-            hard: high / 2 * 3,
+            descriptors: Marks::at(descriptors),
+            nodes: Marks::at(nodes),
             trimmed: (Mutex::new(()), Condvar::new()),
             soon: Mutex::default(),
             due: (Mutex::new(false), Condvar::new()),
         }
     }
 
-    /// The kernel's nodes now have `load` ([`crate::core::FsCore::node_load`]):
-    /// wakes the trimmer if that is past the high mark. True past the hard mark: the caller should
+    /// The kernel's nodes now cost `load`: wakes the trimmer if a count
+    /// is past its high mark. True past a hard mark: the caller should
     /// [`Trimmer::throttle`] once its reply is sent.
-    pub fn counted(&self, load: usize) -> bool {
-        if load > self.high {
+    pub fn counted(&self, load: Load) -> bool {
+        if self.excess(load) > 0 {
             self.wake();
         }
-        load > self.hard
+        load.holding > self.descriptors.hard || load.nodes > self.nodes.hard
+    }
+
+    /// How many names to drop at `load`.
+    fn excess(&self, load: Load) -> usize {
+        self.descriptors
+            .excess(load.holding)
+            .max(self.nodes.excess(load.nodes))
     }
 
     /// Starts the trimmer's next round now.
@@ -243,21 +297,17 @@ impl Trimmer {
         }
     }
 
-    /// The names to drop when the kernel's nodes have `load`: taken out,
-    /// as the kernel will not know them by these names any more. One per
-    /// unit of load past the low mark (a name may weigh less, the next
-    /// round drops more).
-    fn victims(&self, load: usize) -> Vec<(u64, OsString)> {
-        if load <= self.high {
+    /// The names to drop when the kernel's nodes cost `load`: taken out,
+    /// as the kernel will not know them by these names any more. As many
+    /// as the count furthest past its high mark is past its low one (a
+    /// name's node may hold no descriptor: the next round drops more).
+    fn victims(&self, load: Load) -> Vec<(u64, OsString)> {
+        let excess = self.excess(load);
+        if excess == 0 {
             return Vec::new();
         }
         let mut names = self.names.lock().unwrap();
-        let take: Vec<(u64, OsString)> = names
-            .by_name
-            .keys()
-            .take(load - self.low)
-            .cloned()
-            .collect();
+        let take: Vec<(u64, OsString)> = names.by_name.keys().take(excess).cloned().collect();
         for (parent, name) in &take {
             names.remove_name(*parent, name);
         }
@@ -271,7 +321,7 @@ impl Trimmer {
     pub fn start(
         self: Arc<Self>,
         notifier: Notifier,
-        load: impl Fn() -> usize + Send + 'static,
+        load: impl Fn() -> Load + Send + 'static,
     ) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("trim".into())
@@ -332,7 +382,7 @@ mod tests {
 
     #[test]
     fn names_follow_renames_exchanges_and_removals() {
-        let t = Trimmer::new(4000);
+        let t = Trimmer::new(4000, MAX_NODES);
         t.named(10, 1, n("a"));
         t.named(11, 1, n("b"));
         t.renamed(1, n("a"), 2, n("c"), false);
@@ -350,15 +400,35 @@ mod tests {
         assert!(names.by_node.is_empty() && names.by_name.is_empty());
     }
 
+    fn load(holding: usize, nodes: usize) -> Load {
+        Load { holding, nodes }
+    }
+
     #[test]
     fn names_are_dropped_only_past_the_high_mark_and_down_to_the_low() {
-        let t = Trimmer::new(200); // high 100, low 75
+        let t = Trimmer::new(200, MAX_NODES); // high 100, low 75
         for i in 0..150 {
             t.named(100 + i, 1, n(&format!("f{i}")));
         }
-        assert!(t.victims(100).is_empty());
-        let v = t.victims(150);
+        assert!(t.victims(load(100, 150)).is_empty());
+        let v = t.victims(load(150, 150));
         assert_eq!(v.len(), 75);
         assert_eq!(t.names.lock().unwrap().by_node.len(), 75);
+    }
+
+    /// Nodes that hold no descriptor are bounded by their own mark.
+    #[test]
+    fn nodes_without_descriptors_have_a_mark_of_their_own() {
+        let t = Trimmer::with_marks(100, 1000); // nodes: high 1000, low 750
+        for i in 0..1200 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        assert!(!t.counted(load(10, 1000)));
+        assert!(t.victims(load(10, 1000)).is_empty());
+        assert_eq!(t.victims(load(10, 1200)).len(), 450);
+        assert!(t.counted(load(10, 1501)), "past the hard mark");
+        // The further count decides.
+        assert_eq!(t.victims(load(130, 1100)).len(), 350);
+        assert_eq!(t.victims(load(200, 800)).len(), 125);
     }
 }

@@ -21,7 +21,7 @@ use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::sandbox;
 use crate::state::StateDir;
-use crate::trim::Trimmer;
+use crate::trim::{Load, Trimmer};
 use crate::watch::SourceWatch;
 
 /// What one worker serves and how.
@@ -55,6 +55,9 @@ pub struct Options {
     /// Watch the source for changes made behind the mount's back
     /// ([`crate::watch`]).
     pub watch_source: bool,
+    /// Nodes the kernel may keep before the worker has it drop names
+    /// ([`crate::trim`]).
+    pub max_cached_nodes: usize,
     /// Which opens use FUSE passthrough.
     pub passthrough: Policy,
     /// How far processes bound to a branch reach.
@@ -260,7 +263,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     } else {
         core.clone()
     };
-    let trim = Arc::new(Trimmer::new(open_files));
+    let trim = Arc::new(Trimmer::new(open_files, opts.max_cached_nodes));
     let fuse = fd
         .try_clone()
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
@@ -296,7 +299,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     }
     trim.start(session.notifier(), move || {
-        weak.upgrade().map_or(0, |c| c.node_load())
+        weak.upgrade().map_or(Load::default(), |c| c.load())
     })
     .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(
@@ -312,10 +315,9 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     if open_files < wanted_fds {
         tracing::warn!(
             "open-file limit {open_files} (wanted {wanted_fds}): cached file names are dropped \
-             from {} files copied to a branch or {} others on, and more directories and open files than \
-             the limit fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
-            open_files / 2,
-            open_files * 2
+             once {} nodes hold descriptors (directories, files copied to a branch), and more \
+             directories and open files than the limit fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
+            open_files / 2
         );
     }
     spawn_signal_handler(mountpoint.clone(), guard.dev)

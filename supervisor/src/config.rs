@@ -89,6 +89,8 @@ pub struct Fuse {
     pub cache_timeout_ms: Option<u32>,
     /// Watch the source for changes made behind the mount's back.
     pub watch_source: bool,
+    /// Nodes the kernel may keep before the worker has it drop names.
+    pub max_cached_nodes: u32,
     /// Kernel write-back cache.
     pub writeback_cache: bool,
     /// FUSE passthrough.
@@ -157,6 +159,7 @@ struct RawFuse {
     max_background: Option<Spanned<i64>>,
     cache_timeout_ms: Option<Spanned<i64>>,
     watch_source: Option<bool>,
+    max_cached_nodes: Option<Spanned<i64>>,
     #[serde(default)]
     writeback_cache: bool,
     #[serde(default)]
@@ -322,6 +325,12 @@ pub fn parse(
             given => Some(int("fuse.cache_timeout_ms", given, 0, 0..=3_600_000)?),
         },
         watch_source: raw.fuse.watch_source.unwrap_or(true),
+        max_cached_nodes: int(
+            "fuse.max_cached_nodes",
+            &raw.fuse.max_cached_nodes,
+            150_000,
+            1000..=800_000,
+        )?,
         writeback_cache: raw.fuse.writeback_cache,
         passthrough: raw.fuse.passthrough,
     };
@@ -494,6 +503,20 @@ hang_timeout_sec = 10
     }
 
     #[test]
+    fn the_cached_nodes_bound_can_be_set_within_the_journal_s_reach() {
+        let c = parse_str("source = \"/srv/p\"\n").unwrap();
+        assert_eq!(c.fuse.max_cached_nodes, 150_000);
+        let c = parse_str("source = \"/srv/p\"\n[fuse]\nmax_cached_nodes = 500000\n").unwrap();
+        assert_eq!(c.fuse.max_cached_nodes, 500_000);
+        let e = parse_str("source = \"/srv/p\"\n[fuse]\nmax_cached_nodes = 5000000\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(
+            e.message.contains("max_cached_nodes") && e.message.contains("800000"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_file_line_and_key() {
         let e = parse_str("source = \"/srv/p\"\ncolour = \"red\"\n").unwrap_err();
         let s = e.to_string();
@@ -564,6 +587,7 @@ hang_timeout_sec = 10
             Just("max_background".to_owned()),
             Just("cache_timeout_ms".to_owned()),
             Just("watch_source".to_owned()),
+            Just("max_cached_nodes".to_owned()),
             Just("writeback_cache".to_owned()),
             Just("passthrough".to_owned()),
             Just("burst".to_owned()),

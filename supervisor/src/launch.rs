@@ -195,6 +195,7 @@ async fn spawn(
         .args(["--max-write", &cfg.fuse.max_write.to_string()])
         .args(["--max-background", &cfg.fuse.max_background.to_string()])
         .args(["--passthrough", cfg.fuse.passthrough.as_arg()])
+        .args(["--max-cached-nodes", &cfg.fuse.max_cached_nodes.to_string()])
         .stdin(Stdio::null())
         // systemd's notification socket is the supervisor's alone.
         .env_remove("NOTIFY_SOCKET")
