@@ -299,17 +299,27 @@ impl MainInode {
 }
 
 impl Obj {
+    /// Whether a node of main or of a snapshot may keep host descriptors
+    /// open: main's directories (and files without handles), a snapshot's
+    /// directories (once searched). A branch's objects count themselves
+    /// ([`LayerObj::count_in`]).
+    fn keeps_descriptors(&self) -> bool {
+        match self {
+            Obj::Main(MainInode::Open(_)) => true,
+            Obj::Snap(s) => s.is_dir,
+            Obj::Main(MainInode::Handle { .. }) | Obj::Layer(_) | Obj::Virtual => false,
+        }
+    }
+
     /// Counts a new node's object in `holding` if it may keep host
-    /// descriptors open: main's directories (and files without handles),
-    /// a snapshot's objects (its directories once searched), a branch's
-    /// directories and files in its layers ([`LayerObj::count_in`]).
+    /// descriptors open.
     fn count_in(&self, holding: &AtomicUsize) {
         match self {
             Obj::Layer(o) => o.count_in(),
-            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) => {
+            _ if self.keeps_descriptors() => {
                 holding.fetch_add(1, Ordering::Relaxed);
             }
-            Obj::Main(MainInode::Handle { .. }) | Obj::Virtual => {}
+            _ => {}
         }
     }
 
@@ -317,10 +327,10 @@ impl Obj {
     fn count_out(&self, holding: &AtomicUsize) {
         match self {
             Obj::Layer(o) => o.count_out(),
-            Obj::Main(MainInode::Open(_)) | Obj::Snap(_) => {
+            _ if self.keeps_descriptors() => {
                 holding.fetch_sub(1, Ordering::Relaxed);
             }
-            Obj::Main(MainInode::Handle { .. }) | Obj::Virtual => {}
+            _ => {}
         }
     }
 
@@ -728,6 +738,7 @@ impl FsCore {
             epoch,
             hostfs::handle_of(root)?,
             hostfs::stat(root)?.st_ino,
+            true,
         ))
     }
 
@@ -1041,6 +1052,25 @@ impl FsCore {
             .and_then(|(_, h)| f(&mut h.lock().unwrap()))
     }
 
+    /// The object of directory node `dir`, where a resumed file was found:
+    /// one known already, or one held with no place of its own (as no
+    /// directory has), so that resuming a file resumes at most one more
+    /// node, whatever a damaged journal says.
+    fn held_dir(&self, dir: u64) -> Option<Arc<Obj>> {
+        let known = self
+            .nodes
+            .lock()
+            .unwrap()
+            .by_id
+            .get(&dir)
+            .map(|n| n.obj.clone());
+        if known.is_some() {
+            return known;
+        }
+        self.held(|h| h.nodes.get(&dir).filter(|n| n.at.is_none()).map(drop))?;
+        self.obj(NodeId(dir)).ok()
+    }
+
     /// Finds node `id` of a predecessor again, from its journal record.
     /// ESTALE if it cannot: for a path the kernel then looks every name up
     /// again (the VFS retries a walk that met ESTALE), and a name that
@@ -1087,7 +1117,7 @@ impl FsCore {
                 // held: opened by a bare handle, it may have no path on
                 // the host (see `MainInode::Handle`).
                 let place = at.and_then(|(dir, name)| {
-                    let obj = self.obj(NodeId(dir)).ok()?;
+                    let obj = self.held_dir(dir)?;
                     obj.main_dir().ok()?;
                     let name = CString::new(name).ok()?;
                     Some(Place {
@@ -1114,7 +1144,7 @@ impl FsCore {
                 let snap = SnapshotId(snap);
                 // Found again by its name, if its directory is still held,
                 // so that it is opened by that name (see `SnapObj::open_live`).
-                let found = at.and_then(|(dir, name)| match &*self.obj(NodeId(dir)).ok()? {
+                let found = at.and_then(|(dir, name)| match &*self.held_dir(dir)? {
                     Obj::Snap(dir) if dir.snap == snap => {
                         let found = dir
                             .lookup(&self.store, self.mount_fd(), OsStr::from_bytes(&name))
@@ -1123,7 +1153,16 @@ impl FsCore {
                     }
                     _ => None,
                 });
-                let obj = Arc::new(found.unwrap_or_else(|| SnapObj::new(snap, epoch, handle, ino)));
+                let obj = Arc::new(match found {
+                    Some(obj) => obj,
+                    None => {
+                        // Its type, for the trimmer's count.
+                        let probe = SnapObj::new(snap, epoch, handle.clone(), ino, true);
+                        let st = probe.stat(&self.store, self.mount_fd())?;
+                        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                        SnapObj::new(snap, epoch, handle, ino, is_dir)
+                    }
+                });
                 // Files are left unmarked (watch_dir checks).
                 shows = Some((obj.clone(), true));
                 (Obj::Snap(obj), NodeKey::Snap(snap, ino))
@@ -1334,22 +1373,59 @@ impl FsCore {
     fn main_moved(&self, fd: BorrowedFd<'_>, place: Place) {
         let Ok(st) = hostfs::stat(fd) else { return };
         let t = self.nodes.lock().unwrap();
-        if let Some(&id) = t.by_key.get(&NodeKey::Host(st.st_dev, st.st_ino))
-            && let Some(n) = t.by_id.get(&id)
-            && let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj
+        match t
+            .by_key
+            .get(&NodeKey::Host(st.st_dev, st.st_ino))
+            .and_then(|&id| Some((id, t.by_id.get(&id)?)))
         {
-            if n.journaled {
-                self.journal(|| {
-                    Some(Record::Node {
-                        id,
-                        generation: n.generation,
-                        origin: Origin::Main(handle.clone()),
-                        at: Some(place.found_at()),
-                    })
-                });
+            Some((id, n)) => self.main_placed(id, n, place),
+            // Held from a predecessor and not used since (by its number,
+            // the id main's files get): its record learns the new place.
+            None => {
+                let Ok(handle) = hostfs::handle_of(fd) else {
+                    return;
+                };
+                let (id, origin) = (st.st_ino, Origin::Main(handle));
+                let at = place.found_at();
+                let placed = |h: &mut Held| {
+                    let n = h.nodes.get_mut(&id).filter(|n| n.origin == origin)?;
+                    n.at = Some(at.clone());
+                    Some(n.generation)
+                };
+                if let Some(generation) = self.held(placed) {
+                    self.journal(|| {
+                        Some(Record::Node {
+                            id,
+                            generation,
+                            origin,
+                            at: Some(at),
+                        })
+                    });
+                }
             }
-            *at.lock().unwrap() = Some(place);
         }
+    }
+
+    /// Main's file of node `id` (`n`) is found at `place`: it is opened by
+    /// that name from now on, and a successor learns it too if the place
+    /// is new to it.
+    fn main_placed(&self, id: u64, n: &Node, place: Place) {
+        let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj else {
+            return;
+        };
+        let mut at = at.lock().unwrap();
+        let new = place.found_at();
+        if n.journaled && at.as_ref().map(Place::found_at).as_ref() != Some(&new) {
+            self.journal(|| {
+                Some(Record::Node {
+                    id,
+                    generation: n.generation,
+                    origin: Origin::Main(handle.clone()),
+                    at: Some(new),
+                })
+            });
+        }
+        *at = Some(place);
     }
 
     /// The object of a node the kernel holds a lookup on.
@@ -1414,7 +1490,7 @@ impl FsCore {
             self.held(|h| {
                 let was = h.nodes.get(&id)?;
                 let same = origin.as_ref().is_some_and(|(o, _)| *o == was.origin);
-                Some(same.then_some((was.generation, was.lookups)))
+                Some(same.then(|| (was.generation, was.lookups, was.at.clone())))
             })
         };
         let (id, inherited) = match id {
@@ -1427,26 +1503,32 @@ impl FsCore {
         };
         // Before the reply hands the id to the kernel.
         let journaled = inherited.is_some() || origin.is_some();
-        let (generation, lookups) = match inherited {
-            Some((generation, lookups)) => {
-                self.journal(|| Some(Record::Lookup { id, n: 1 }));
-                (generation, lookups + 1)
+        // A new node's origin, or where a held one is found now if its
+        // predecessor knew it elsewhere.
+        let inherits = inherited.is_some();
+        let (generation, lookups, record) = match inherited {
+            Some((generation, lookups, was_at)) => {
+                let moved = origin.filter(|(_, at)| at.is_some() && *at != was_at);
+                (generation, lookups + 1, moved)
             }
             None => {
                 let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                if let Some((origin, at)) = origin {
-                    self.journal(|| {
-                        Some(Record::Node {
-                            id,
-                            generation,
-                            origin,
-                            at,
-                        })
-                    });
-                }
-                (generation, 1)
+                (generation, 1, origin)
             }
         };
+        if let Some((origin, at)) = record {
+            self.journal(|| {
+                Some(Record::Node {
+                    id,
+                    generation,
+                    origin,
+                    at,
+                })
+            });
+        }
+        if inherits {
+            self.journal(|| Some(Record::Lookup { id, n: 1 }));
+        }
         t.insert(id, obj, key, main_ino, generation, lookups);
         t.by_id.get_mut(&id).expect("just inserted").journaled = journaled;
         Entry {
@@ -1484,14 +1566,22 @@ impl FsCore {
             MainInode::Handle { handle, at } => (Some(handle), at.lock().unwrap().clone()),
             MainInode::Open(_) => (None, None),
         };
-        let known = t.by_key.get(&key).and_then(|id| t.by_id.get(id));
-        let stale = match known.map(|n| &*n.obj) {
-            Some(Obj::Main(MainInode::Handle { handle, at })) if Some(handle) == found => {
-                *at.lock().unwrap() = found_at;
-                false
-            }
-            Some(Obj::Main(MainInode::Handle { .. })) => true,
-            _ => false,
+        let known = t
+            .by_key
+            .get(&key)
+            .and_then(|&id| Some((id, t.by_id.get(&id)?)));
+        let stale = match known {
+            Some((id, n)) => match &*n.obj {
+                Obj::Main(MainInode::Handle { handle, .. }) if Some(handle) == found => {
+                    if let Some(place) = found_at {
+                        self.main_placed(id, n, place);
+                    }
+                    false
+                }
+                Obj::Main(MainInode::Handle { .. }) => true,
+                _ => false,
+            },
+            None => false,
         };
         if stale {
             t.by_key.remove(&key);
@@ -1641,6 +1731,7 @@ impl FsCore {
                     snap.epoch,
                     hostfs::handle_of(root)?,
                     hostfs::stat(root)?.st_ino,
+                    true,
                 );
                 let mut e = self.register_snap(obj)?;
                 e.cacheable = false;
@@ -1712,6 +1803,21 @@ impl FsCore {
             holding: t.holding.load(Ordering::Relaxed).min(nodes),
             nodes,
         }
+    }
+
+    /// Which of `nodes` may hold descriptors (as [`FsCore::load`] counts
+    /// them); a node gone since holds none.
+    pub fn holds_descriptors(&self, nodes: &[u64]) -> Vec<bool> {
+        let t = self.nodes.lock().unwrap();
+        nodes
+            .iter()
+            .map(|id| {
+                t.by_id.get(id).is_some_and(|n| match &*n.obj {
+                    Obj::Layer(o) => o.counted_holding(),
+                    obj => obj.keeps_descriptors(),
+                })
+            })
+            .collect()
     }
 
     /// Attributes of a node.

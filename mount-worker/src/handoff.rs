@@ -775,9 +775,10 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     let node = |f: &mut Fields<'_>, origin: &dyn Fn(&mut Fields<'_>) -> Option<Origin>| {
         let (id, generation) = (f.u64()?, f.u64()?);
         let origin = origin(f)?;
-        // What is left (none of a layer's): where it was found.
+        // What is left (none of a layer's): where it was found. A hint
+        // only: anything too short for one is ignored.
         let at = match f.0.len() {
-            0 => None,
+            0..=8 => None,
             _ => Some((f.u64()?, std::mem::take(&mut f.0).to_vec())),
         };
         Some(Record::Node {

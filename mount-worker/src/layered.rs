@@ -579,6 +579,11 @@ impl LayerObj {
         }
     }
 
+    /// Whether it counts in the tally as holding descriptors.
+    pub fn counted_holding(&self) -> bool {
+        self.counted.load(Ordering::Relaxed) == HEAVY
+    }
+
     /// Takes this object out of the tally: its node is gone.
     pub fn count_out(&self) {
         let _s = self.state.read().unwrap();

@@ -78,7 +78,7 @@ struct Cli {
     /// has it drop file names: each costs about 500 bytes of the worker's
     /// memory, and a record in the handoff journal.
     #[arg(long, default_value_t = agentfs_mount_worker::trim::MAX_NODES as u32, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1000..=800_000))]
+          value_parser = clap::value_parser!(u32).range(1000..=400_000))]
     max_cached_nodes: u32,
     /// Which opens the kernel serves from the host file itself (FUSE
     /// passthrough, kernel 6.9+): `auto` read-only opens of main and of

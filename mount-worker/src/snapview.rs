@@ -31,6 +31,9 @@ pub struct SnapObj {
     pub handle: HostHandle,
     /// Its host inode number.
     pub ino: u64,
+    /// Whether it is a directory (which keeps its live inode open once
+    /// searched; a file keeps no descriptor).
+    pub is_dir: bool,
     /// The pre-image, once main has changed the inode (final once set: the
     /// first pre-image at or after the epoch never changes).
     pre: OnceLock<PreImage>,
@@ -59,6 +62,7 @@ pub struct Found {
     pub ino: u64,
     /// The name.
     name: CString,
+    is_dir: bool,
 }
 
 /// One listed entry of a snapshot directory (`.` and `..` excluded).
@@ -78,12 +82,19 @@ fn gone(what: &str) -> io::Error {
 
 impl SnapObj {
     /// An object of snapshot `snap` taken at `epoch`.
-    pub fn new(snap: SnapshotId, epoch: u64, handle: HostHandle, ino: u64) -> SnapObj {
+    pub fn new(
+        snap: SnapshotId,
+        epoch: u64,
+        handle: HostHandle,
+        ino: u64,
+        is_dir: bool,
+    ) -> SnapObj {
         SnapObj {
             snap,
             epoch,
             handle,
             ino,
+            is_dir,
             pre: OnceLock::new(),
             live_dir: OnceLock::new(),
             at: None,
@@ -102,7 +113,7 @@ impl SnapObj {
     pub fn child(self: &Arc<Self>, found: Found) -> SnapObj {
         SnapObj {
             at: Some((self.clone(), found.name)),
-            ..SnapObj::new(self.snap, self.epoch, found.handle, found.ino)
+            ..SnapObj::new(self.snap, self.epoch, found.handle, found.ino, found.is_dir)
         }
     }
 
@@ -110,10 +121,22 @@ impl SnapObj {
     /// that is open and the name still leads to it, else by its handle
     /// ([`hostfs::open_handle_by_name`]).
     fn open_live(&self, mount_fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-        let named = self
-            .at
-            .as_ref()
-            .and_then(|(dir, name)| Some((dir.live_dir.get()?.as_fd(), name.as_c_str())));
+        // A directory needs no name: the host connects it. The live inode
+        // of one that reads from its pre-image is not kept: opened here.
+        let opened;
+        let named = match &self.at {
+            Some((dir, name)) if !self.is_dir => {
+                let dir_fd = match dir.live_dir.get() {
+                    Some(fd) => Some(fd.as_fd()),
+                    None => {
+                        opened = hostfs::open_handle(mount_fd, &dir.handle).ok();
+                        opened.as_ref().map(|fd| fd.as_fd())
+                    }
+                };
+                dir_fd.map(|fd| (fd, name.as_c_str()))
+            }
+            _ => None,
+        };
         hostfs::open_handle_by_name(mount_fd, &self.handle, named)
     }
 
@@ -233,14 +256,17 @@ impl SnapObj {
                     handle,
                     ino: e.ino,
                     name: cname.clone(),
+                    is_dir: e.d_type == libc::DT_DIR,
                 })
             }
             Source::Live(fd) => {
                 let child = hostfs::open_node(fd.as_fd(), &cname)?;
+                let st = hostfs::stat(child.as_fd())?;
                 Ok(Found {
                     handle: hostfs::handle_of(child.as_fd())?,
-                    ino: hostfs::stat(child.as_fd())?.st_ino,
+                    ino: st.st_ino,
                     name: cname.clone(),
+                    is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
                 })
             }
         })

@@ -2,18 +2,18 @@
 //! nodes under a bound.
 //!
 //! The worker holds host descriptors for the nodes the kernel has looked
-//! up and not forgotten: main's directories, snapshots' objects, branches'
-//! directories and the branch files in their layers (other files are kept
-//! by handle). The kernel forgets a node only once it drops the node's
-//! dentries, which it does only under memory pressure: reading a branch
-//! whose 20 000 files were all changed would otherwise hold 20 000
-//! descriptors for as long as the machine has memory to spare, and past
-//! the open-file limit every lookup, creation
-//! and control connection fails with EMFILE. Every node also costs memory
-//! (the node table, these names) and a record in the handoff journal, so
-//! all nodes have a mark of their own (`--max-cached-nodes`), far above the
-//! descriptors' on a small open-file limit: a tree of main, kept by
-//! handle, stays cached ([`crate::core::FsCore::load`]).
+//! up and not forgotten: main's, snapshots' and branches' directories and
+//! the branch files in their layers (other files are kept by handle). The
+//! kernel forgets a node only once it drops the node's dentries, which it
+//! does only under memory pressure: reading a branch whose 20 000 files
+//! were all changed would otherwise hold 20 000 descriptors for as long as
+//! the machine has memory to spare, and past the open-file limit every
+//! lookup, creation and control connection fails with EMFILE. Every node
+//! also costs memory (the node table, these names) and a record in the
+//! handoff journal, so all nodes have a mark of their own
+//! (`--max-cached-nodes`), far above the descriptors' on a small open-file
+//! limit: a tree of main, kept by handle, stays cached
+//! ([`crate::core::FsCore::load`]).
 //!
 //! So the trimmer remembers the name under which the kernel knows each
 //! non-directory node, and when either count passes its high-water mark
@@ -29,7 +29,7 @@
 //! The names it keeps also tell the source watch which node a name removed
 //! behind the mount stood for ([`Trimmer::node_named`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -298,30 +298,63 @@ impl Trimmer {
     }
 
     /// The names to drop when the kernel's nodes cost `load`: taken out,
-    /// as the kernel will not know them by these names any more. As many
-    /// as the count furthest past its high mark is past its low one (a
-    /// name's node may hold no descriptor: the next round drops more).
-    fn victims(&self, load: Load) -> Vec<(u64, OsString)> {
-        let excess = self.excess(load);
-        if excess == 0 {
+    /// as the kernel will not know them by these names any more. Past the
+    /// descriptors' mark, names of nodes that hold some (`holds` tells
+    /// which), as many as that count is past its low mark: dropping others
+    /// would cost lookups and free nothing. Past the nodes' mark, any,
+    /// likewise.
+    fn victims(&self, load: Load, holds: &dyn Fn(&[u64]) -> Vec<bool>) -> Vec<(u64, OsString)> {
+        let (heavy, any) = (
+            self.descriptors.excess(load.holding),
+            self.nodes.excess(load.nodes),
+        );
+        if heavy == 0 && any == 0 {
             return Vec::new();
         }
-        let mut names = self.names.lock().unwrap();
-        let take: Vec<(u64, OsString)> = names.by_name.keys().take(excess).cloned().collect();
-        for (parent, name) in &take {
-            names.remove_name(*parent, name);
+        // Asked without the names' lock, which session threads take at
+        // each new name.
+        let named: Vec<((u64, OsString), u64)> = {
+            let names = self.names.lock().unwrap();
+            names.by_name.iter().map(|(k, &n)| (k.clone(), n)).collect()
+        };
+        let mut take: HashSet<(u64, OsString)> = HashSet::new();
+        if heavy > 0 {
+            let ids: Vec<u64> = named.iter().map(|(_, n)| *n).collect();
+            take.extend(
+                named
+                    .iter()
+                    .zip(holds(&ids))
+                    .filter(|(_, h)| *h)
+                    .map(|((k, _), _)| k.clone())
+                    .take(heavy),
+            );
         }
-        take
+        if any > take.len() {
+            let more = any - take.len();
+            let others: Vec<_> = named
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !take.contains(k))
+                .take(more)
+                .collect();
+            take.extend(others);
+        }
+        let mut names = self.names.lock().unwrap();
+        take.into_iter()
+            .filter(|(parent, name)| names.remove_name(*parent, name).is_some())
+            .collect()
     }
 
     /// Runs the trimmer on its own thread (never on a request's: the kernel
     /// takes the parent directory's lock to drop a name, which a request
-    /// in flight may hold), reading the nodes' load from `load`, until the
-    /// session's connection goes away.
+    /// in flight may hold), reading the nodes' load from `load` and which
+    /// nodes hold descriptors from `holds`, until the session's connection
+    /// goes away.
     pub fn start(
         self: Arc<Self>,
         notifier: Notifier,
         load: impl Fn() -> Load + Send + 'static,
+        holds: impl Fn(&[u64]) -> Vec<bool> + Send + 'static,
     ) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("trim".into())
@@ -342,7 +375,7 @@ impl Trimmer {
                         *d.done.lock().unwrap() = true;
                         d.cv.notify_all();
                     }
-                    let trimmed = self.victims(load());
+                    let trimmed = self.victims(load(), &holds);
                     if !trimmed.is_empty() {
                         tracing::debug!(names = trimmed.len(), "dropping cached names");
                     }
@@ -404,14 +437,39 @@ mod tests {
         Load { holding, nodes }
     }
 
+    fn all(nodes: &[u64]) -> Vec<bool> {
+        vec![true; nodes.len()]
+    }
+
+    /// Past the descriptors' mark only names of nodes that hold some go.
+    #[test]
+    fn past_the_descriptors_mark_only_nodes_holding_some_lose_names() {
+        let t = Trimmer::with_marks(100, 1000); // descriptors: high 100, low 75
+        for i in 0..300 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        // Nodes 100..140 hold descriptors: 40 of them, 30 past the low mark.
+        let holds = |nodes: &[u64]| nodes.iter().map(|&n| n < 140).collect();
+        let v = t.victims(load(105, 300), &holds);
+        assert_eq!(v.len(), 30);
+        assert!(v.iter().all(|(_, name)| {
+            let i: u64 = name.to_str().unwrap()[1..].parse().unwrap();
+            i < 40
+        }));
+        assert_eq!(t.names.lock().unwrap().by_node.len(), 270);
+        // Only directories past the mark (no file holds any): none goes.
+        let none = |nodes: &[u64]| vec![false; nodes.len()];
+        assert!(t.victims(load(200, 270), &none).is_empty());
+    }
+
     #[test]
     fn names_are_dropped_only_past_the_high_mark_and_down_to_the_low() {
         let t = Trimmer::new(200, MAX_NODES); // high 100, low 75
         for i in 0..150 {
             t.named(100 + i, 1, n(&format!("f{i}")));
         }
-        assert!(t.victims(load(100, 150)).is_empty());
-        let v = t.victims(load(150, 150));
+        assert!(t.victims(load(100, 150), &all).is_empty());
+        let v = t.victims(load(150, 150), &all);
         assert_eq!(v.len(), 75);
         assert_eq!(t.names.lock().unwrap().by_node.len(), 75);
     }
@@ -424,11 +482,11 @@ mod tests {
             t.named(100 + i, 1, n(&format!("f{i}")));
         }
         assert!(!t.counted(load(10, 1000)));
-        assert!(t.victims(load(10, 1000)).is_empty());
-        assert_eq!(t.victims(load(10, 1200)).len(), 450);
+        assert!(t.victims(load(10, 1000), &all).is_empty());
+        assert_eq!(t.victims(load(10, 1200), &all).len(), 450);
         assert!(t.counted(load(10, 1501)), "past the hard mark");
         // The further count decides.
-        assert_eq!(t.victims(load(130, 1100)).len(), 350);
-        assert_eq!(t.victims(load(200, 800)).len(), 125);
+        assert_eq!(t.victims(load(130, 1100), &all).len(), 350);
+        assert_eq!(t.victims(load(200, 800), &all).len(), 125);
     }
 }

@@ -124,7 +124,10 @@ enum Inval {
     /// mounted on it, and the view may have its own object at that name,
     /// which did not change.
     Expire(NodeId, OsString),
+    /// Attributes and every cached page.
     Inode(NodeId),
+    /// Attributes only: the file's content did not change.
+    Attrs(NodeId),
 }
 
 impl SourceWatch {
@@ -378,11 +381,11 @@ impl SourceWatch {
         let names_changed = mask
             & (libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO)
             != 0;
-        // A file whose name went changed too (its link count, its ctime),
-        // which fsnotify tells only marks on the file itself: its node is
-        // found by the name the kernel knew it by.
-        let file_left =
-            mask & (libc::FAN_DELETE | libc::FAN_MOVED_FROM) != 0 && mask & libc::FAN_ONDIR == 0;
+        // A file whose name went, or was renamed over, changed too (its
+        // link count, its ctime), which fsnotify tells only marks on the
+        // file itself: its node is found by the name the kernel knew it by.
+        let file_left = mask & (libc::FAN_DELETE | libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO) != 0
+            && mask & libc::FAN_ONDIR == 0;
         while info.len() >= 4 {
             let kind = info[0];
             let len = (u16::from_ne_bytes([info[2], info[3]]) as usize).clamp(4, info.len());
@@ -433,7 +436,7 @@ impl SourceWatch {
                         true => Inval::Expire(node, name.to_owned()),
                     });
                     if let Some(file) = names.node_named(node.0, name).filter(|_| file_left) {
-                        out.insert(Inval::Inode(NodeId(file)));
+                        out.insert(Inval::Attrs(NodeId(file)));
                     }
                 }
                 // Attributes and pages (a directory's listing).
@@ -452,8 +455,9 @@ fn send(notifier: &Notifier, fuse: BorrowedFd<'_>, inval: &Inval) -> bool {
     let r = match inval {
         Inval::Entry(dir, name) => notifier.inval_entry(INodeNo(dir.0), name),
         Inval::Expire(dir, name) => crate::mount::notify_expire_entry(fuse, dir.0, name),
-        // Attributes and every cached page.
         Inval::Inode(node) => notifier.inval_inode(INodeNo(node.0), 0, 0),
+        // A negative offset: no page.
+        Inval::Attrs(node) => notifier.inval_inode(INodeNo(node.0), -1, 0),
     };
     match r {
         // ENOENT: the kernel holds no such name or node (any more).

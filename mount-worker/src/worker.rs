@@ -298,9 +298,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         w.start(weak.clone(), trim.clone(), session.notifier(), fuse)
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     }
-    trim.start(session.notifier(), move || {
-        weak.upgrade().map_or(Load::default(), |c| c.load())
-    })
+    let which = weak.clone();
+    trim.start(
+        session.notifier(),
+        move || weak.upgrade().map_or(Load::default(), |c| c.load()),
+        move |nodes| {
+            which
+                .upgrade()
+                .map_or_else(|| vec![false; nodes.len()], |c| c.holds_descriptors(nodes))
+        },
+    )
     .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     tracing::info!(
         source = %opts.source.display(),

@@ -453,12 +453,12 @@ fn a_reused_inode_number_is_another_file_to_the_mount() {
     assert_eq!(old.err(), Some(Some(libc::ESTALE)), "the old node");
 }
 
-/// A file removed behind the mount changes too (its link count), which
-/// fsnotify tells only marks on the file itself: the watch finds the
-/// file's node by the name the kernel knew it by and has the kernel drop
-/// its cached attributes at once, not after the cache timeout. An open
-/// file then shows no links; a node merely held (O_PATH) pins no inode
-/// and answers ESTALE.
+/// A file removed, or renamed over, behind the mount changes too (its
+/// link count), which fsnotify tells only marks on the file itself: the
+/// watch finds the file's node by the name the kernel knew it by and has
+/// the kernel drop its cached attributes at once, not after the cache
+/// timeout. An open file then shows no links; a node merely held (O_PATH)
+/// pins no inode and answers ESTALE.
 #[test]
 fn the_source_watch_shows_a_file_removed_behind_the_mount_to_its_holders() {
     use std::os::fd::FromRawFd;
@@ -466,12 +466,14 @@ fn the_source_watch_shows_a_file_removed_behind_the_mount_to_its_holders() {
         .populate(|s| {
             fs::write(s.join("open"), b"open").unwrap();
             fs::write(s.join("held"), b"held").unwrap();
+            fs::write(s.join("replaced"), b"old").unwrap();
         })
         .arg("--cache-timeout-ms")
         .arg("600000")
         .start();
     let (p, s) = (m.path(), m.source());
     let open = File::open(p.join("open")).unwrap();
+    let replaced = File::open(p.join("replaced")).unwrap();
     let path = CString::new(p.join("held").as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid path; the descriptor is owned below.
     let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
@@ -482,10 +484,18 @@ fn the_source_watch_shows_a_file_removed_behind_the_mount_to_its_holders() {
     assert_eq!(held.metadata().unwrap().nlink(), 1);
     fs::remove_file(s.join("open")).unwrap();
     fs::remove_file(s.join("held")).unwrap();
+    // As editors save: a new file renamed over the old one.
+    fs::write(s.join("replaced.tmp"), b"new").unwrap();
+    fs::rename(s.join("replaced.tmp"), s.join("replaced")).unwrap();
     assert!(
         soon(|| open.metadata().unwrap().nlink() == 0),
         "the open file still has a link"
     );
+    assert!(
+        soon(|| replaced.metadata().unwrap().nlink() == 0),
+        "the file renamed over still has a link"
+    );
+    assert_eq!(fs::read(p.join("replaced")).unwrap(), b"new");
     let mut data = String::new();
     (&open).read_to_string(&mut data).unwrap();
     assert_eq!(data, "open");

@@ -233,12 +233,15 @@ fn main_files_open_after_the_host_dropped_its_names() {
 }
 
 /// The same for a snapshot's and a branch's file that still share main's
-/// inode: they are opened by handle too.
+/// inode: they are opened by handle too, by their name in their
+/// directory's live inode, also once main has changed that directory
+/// (the snapshot then reads it from its pre-image).
 #[test]
 fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
     let mut m = supervised_with_d_f();
     common::snapshot(&m, None, "s");
     common::branch(&m, "s", "b");
+    fs::write(m.path().join("d/new"), b"main's").unwrap();
     let files = [
         m.path().join(".agentfs/snapshots/s/d/f"),
         common::branch_dir(&m, "b").join("d/f"),

@@ -328,8 +328,8 @@ pub fn parse(
         max_cached_nodes: int(
             "fuse.max_cached_nodes",
             &raw.fuse.max_cached_nodes,
-            150_000,
-            1000..=800_000,
+            agentfs_mount_worker::trim::MAX_NODES as u32,
+            1000..=400_000,
         )?,
         writeback_cache: raw.fuse.writeback_cache,
         passthrough: raw.fuse.passthrough,
@@ -506,12 +506,12 @@ hang_timeout_sec = 10
     fn the_cached_nodes_bound_can_be_set_within_the_journal_s_reach() {
         let c = parse_str("source = \"/srv/p\"\n").unwrap();
         assert_eq!(c.fuse.max_cached_nodes, 150_000);
-        let c = parse_str("source = \"/srv/p\"\n[fuse]\nmax_cached_nodes = 500000\n").unwrap();
-        assert_eq!(c.fuse.max_cached_nodes, 500_000);
+        let c = parse_str("source = \"/srv/p\"\n[fuse]\nmax_cached_nodes = 300000\n").unwrap();
+        assert_eq!(c.fuse.max_cached_nodes, 300_000);
         let e = parse_str("source = \"/srv/p\"\n[fuse]\nmax_cached_nodes = 5000000\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert!(
-            e.message.contains("max_cached_nodes") && e.message.contains("800000"),
+            e.message.contains("max_cached_nodes") && e.message.contains("400000"),
             "{e}"
         );
     }

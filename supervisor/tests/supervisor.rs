@@ -759,49 +759,70 @@ fn files_open_for_passthrough_survive_a_worker_crash() {
 /// main's inode, by the name it found them by: Landlock checks the host
 /// path of what it opens, which a file opened by a bare handle lacks once
 /// the host dropped its cached names. A successor learns those names from
-/// the handoff journal: files whose nodes the kernel held across the crash
-/// (so it looks nothing up again) still open once the host dropped its
-/// names (EACCES when the journal had only their handles), also one
-/// renamed through the mount before the crash.
+/// the handoff journal, also a file's later names: renamed through the
+/// mount (by the worker that found it, or by a successor that never used
+/// it), or renamed behind the mount and looked up again. Files whose nodes
+/// the kernel held across two crashes (reopened through the held
+/// descriptors, so nothing is looked up again) still open once the host
+/// dropped its names (EACCES when the journal had only their handles).
 #[test]
 fn files_held_across_a_worker_crash_open_after_the_host_dropped_its_names() {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
     let dir = tempdir();
     let s = Supervisor::start(dir.path());
     let (src, mnt) = s.configure("named", "");
     fs::create_dir(src.join("d")).unwrap();
-    fs::write(src.join("d/f"), "x").unwrap();
-    fs::write(src.join("moved"), "x").unwrap();
+    fs::write(src.join("d/f"), "d/f").unwrap();
+    for name in ["moved", "later", "behind", "behind-later"] {
+        fs::write(src.join(name), name).unwrap();
+    }
     ok(&s.manager("StartMount", "s", &["named"]));
     ok(&s.mount_call("named", "CreateSnapshot", "ss", &["", "s"]));
     let files = [
-        mnt.join("d/f"),
-        mnt.join(".agentfs/snapshots/s/d/f"),
-        mnt.join("moved"),
+        "d/f",
+        ".agentfs/snapshots/s/d/f",
+        "moved",
+        "later",
+        "behind",
+        "behind-later",
     ];
     // The kernel's nodes, held without an open file.
     let held: Vec<OwnedFd> = files
         .iter()
         .map(|f| {
-            let c = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
+            let c = std::ffi::CString::new(mnt.join(f).as_os_str().as_bytes()).unwrap();
             // SAFETY: a valid path; the descriptor is owned at once.
             let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            assert!(fd >= 0, "{f}: {}", std::io::Error::last_os_error());
             // SAFETY: fresh descriptor.
             unsafe { OwnedFd::from_raw_fd(fd) }
         })
         .collect();
-    fs::rename(&files[2], mnt.join("d/moved")).unwrap();
-    let files = [files[0].clone(), files[1].clone(), mnt.join("d/moved")];
+    let behind = |from: &str, to: &str| {
+        fs::rename(src.join(from), src.join(to)).unwrap();
+        // The watch has the kernel drop the old name; this finds the node
+        // again by the new one.
+        let path = mnt.join(to);
+        wait_for(
+            || fs::metadata(&path).is_ok(),
+            "the name made behind the mount",
+        );
+    };
+    fs::rename(mnt.join("moved"), mnt.join("d/moved")).unwrap();
+    behind("behind", "d/behind");
     kill_worker(&s, "named", 1);
-    for f in &files {
+    fs::rename(mnt.join("later"), mnt.join("d/later")).unwrap();
+    behind("behind-later", "d/behind-later");
+    kill_worker(&s, "named", 2);
+    for (f, fd) in files.iter().zip(&held) {
         fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let again = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let want = if f.contains("d/f") { "d/f" } else { f };
         assert_eq!(
-            fs::read_to_string(f).map_err(|e| e.to_string()),
-            Ok("x".to_owned()),
-            "{}",
-            f.display()
+            fs::read_to_string(&again).map_err(|e| e.to_string()),
+            Ok(want.to_owned()),
+            "{f}"
         );
     }
     drop(held);
