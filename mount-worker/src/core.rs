@@ -278,6 +278,12 @@ impl Place {
     fn found_at(&self) -> FoundAt {
         (self.dir.0, self.name.as_bytes().to_vec())
     }
+
+    /// The directory and name to open the node by, while the directory
+    /// is main's.
+    fn named(&self) -> Option<(BorrowedFd<'_>, &CStr)> {
+        Some((self.obj.main_dir().ok()?, self.name.as_c_str()))
+    }
 }
 
 impl MainInode {
@@ -1126,9 +1132,7 @@ impl FsCore {
                         name,
                     })
                 });
-                let named = place
-                    .as_ref()
-                    .and_then(|p| Some((p.obj.main_dir().ok()?, p.name.as_c_str())));
+                let named = place.as_ref().and_then(Place::named);
                 let fd = hostfs::open_handle_by_name(self.mount_fd(), &handle, named)?;
                 let st = hostfs::stat(fd.as_fd())?;
                 self.watch_dir(fd.as_fd(), &st);
@@ -1359,9 +1363,7 @@ impl FsCore {
             Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
             Obj::Main(MainInode::Handle { handle, at }) => {
                 let at = at.lock().unwrap().clone();
-                let named = at
-                    .as_ref()
-                    .and_then(|p| Some((p.obj.main_dir().ok()?, p.name.as_c_str())));
+                let named = at.as_ref().and_then(Place::named);
                 hostfs::open_handle_by_name(self.mount_fd(), handle, named).map(HostFd::Opened)
             }
             _ => Err(errno(libc::EROFS)),

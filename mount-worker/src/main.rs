@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use agentfs_mount_worker::core::Isolation;
 use agentfs_mount_worker::passthrough::Policy;
+use agentfs_mount_worker::trim::{MAX_NODES, MAX_NODES_RANGE};
 use agentfs_mount_worker::worker::{self, Handoff, Options};
 use clap::Parser;
 
@@ -77,8 +78,9 @@ struct Cli {
     /// Nodes (files and directories) the kernel may keep before the worker
     /// has it drop file names: each costs about 500 bytes of the worker's
     /// memory, and a record in the handoff journal.
-    #[arg(long, default_value_t = agentfs_mount_worker::trim::MAX_NODES as u32, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1000..=400_000))]
+    #[arg(long, default_value_t = MAX_NODES as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(
+              i64::from(*MAX_NODES_RANGE.start())..=i64::from(*MAX_NODES_RANGE.end())))]
     max_cached_nodes: u32,
     /// Which opens the kernel serves from the host file itself (FUSE
     /// passthrough, kernel 6.9+): `auto` read-only opens of main and of

@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -50,8 +51,13 @@ const NOW_WAIT: Duration = Duration::from_millis(50);
 /// Nodes the kernel may keep by default, whatever they hold
 /// (`--max-cached-nodes`): each costs the worker about 500 bytes of memory
 /// (its node, its object, its name here; 51 MB for 100 000 files of main)
-/// and the handoff journal a record (it holds some 900 000).
+/// and the handoff journal a record (it holds some 650 000 with names as
+/// long as git's objects').
 pub const MAX_NODES: usize = 150_000;
+
+/// What `--max-cached-nodes` may be: up to 1.5× the mark may be held, which
+/// the handoff journal must keep room for.
+pub const MAX_NODES_RANGE: RangeInclusive<u32> = 1000..=400_000;
 
 /// What the kernel's nodes cost the worker ([`crate::core::FsCore::load`]).
 #[derive(Clone, Copy, Debug, Default)]
@@ -311,35 +317,37 @@ impl Trimmer {
         if heavy == 0 && any == 0 {
             return Vec::new();
         }
-        // Asked without the names' lock, which session threads take at
-        // each new name.
-        let named: Vec<((u64, OsString), u64)> = {
-            let names = self.names.lock().unwrap();
-            names.by_name.iter().map(|(k, &n)| (k.clone(), n)).collect()
-        };
         let mut take: HashSet<(u64, OsString)> = HashSet::new();
         if heavy > 0 {
+            // `holds` is asked without the names' lock, which session
+            // threads take at each new name: so past this mark every name
+            // is copied first.
+            let named: Vec<((u64, OsString), u64)> = {
+                let names = self.names.lock().unwrap();
+                names.by_name.iter().map(|(k, &n)| (k.clone(), n)).collect()
+            };
             let ids: Vec<u64> = named.iter().map(|(_, n)| *n).collect();
             take.extend(
                 named
-                    .iter()
+                    .into_iter()
                     .zip(holds(&ids))
                     .filter(|(_, h)| *h)
-                    .map(|((k, _), _)| k.clone())
+                    .map(|((k, _), _)| k)
                     .take(heavy),
             );
         }
+        let mut names = self.names.lock().unwrap();
         if any > take.len() {
             let more = any - take.len();
-            let others: Vec<_> = named
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| !take.contains(k))
+            let others: Vec<_> = names
+                .by_name
+                .keys()
+                .filter(|k| !take.contains(*k))
                 .take(more)
+                .cloned()
                 .collect();
             take.extend(others);
         }
-        let mut names = self.names.lock().unwrap();
         take.into_iter()
             .filter(|(parent, name)| names.remove_name(*parent, name).is_some())
             .collect()

@@ -329,7 +329,7 @@ pub fn parse(
             "fuse.max_cached_nodes",
             &raw.fuse.max_cached_nodes,
             agentfs_mount_worker::trim::MAX_NODES as u32,
-            1000..=400_000,
+            agentfs_mount_worker::trim::MAX_NODES_RANGE,
         )?,
         writeback_cache: raw.fuse.writeback_cache,
         passthrough: raw.fuse.passthrough,

@@ -105,7 +105,7 @@ impl Mount {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
+            reap_killed(&mut child, &self.mountpoint);
         }
     }
 
@@ -183,7 +183,7 @@ impl Drop for Mount {
             signal(child.id(), libc::SIGTERM);
             if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
                 signal(child.id(), libc::SIGKILL);
-                let _ = child.wait();
+                reap_killed(&mut child, &self.mountpoint);
             }
         }
         // Last resort: never leave a mount behind, even a stale one.
@@ -556,6 +556,58 @@ pub fn is_agentfs_mounted(path: &Path) -> bool {
     mounts()
         .iter()
         .any(|(p, t)| p == path && t == "fuse.agentfs")
+}
+
+/// Reaps a worker killed with SIGKILL. A killed worker can stay a zombie
+/// that holds /dev/fuse, and its mount's callers blocked, for good: a thread
+/// of it stuck in the kernel, as the trimmer's `inval_entry` is while it
+/// waits for a directory's lock that a request in flight holds, which
+/// nothing answers any more. Aborting the connection frees them all; the
+/// supervisor does the same for its workers.
+pub fn reap_killed(child: &mut Child, mountpoint: &Path) {
+    if wait_timeout(child, Duration::from_secs(5)).is_some() {
+        return;
+    }
+    abort_connection(mountpoint);
+    wait_timeout(child, Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!(
+            "worker {} did not exit within 20 s of SIGKILL and its connection's abort",
+            child.id()
+        )
+    });
+}
+
+/// Aborts the FUSE connection of the mount at `mountpoint`, through a
+/// fusectl of this call's own (one superblock wherever it is mounted: no
+/// other test's is touched).
+pub fn abort_connection(mountpoint: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // Fields: id, parent, major:minor, root, mount point, ...; a FUSE
+    // connection is named for its device's minor.
+    let Some(minor) = info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (Path::new(&unescape(f.get(4)?)) == mountpoint)
+            .then(|| f[2].split(':').nth(1).map(str::to_owned))?
+    }) else {
+        return;
+    };
+    let ctl = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("fusectl"),
+        ctl.path(),
+        Some("fusectl"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount fusectl");
+    let aborted = fs::write(ctl.path().join(&minor).join("abort"), "1");
+    let _ = nix::mount::umount2(ctl.path(), nix::mount::MntFlags::MNT_DETACH);
+    aborted.unwrap_or_else(|e| {
+        panic!(
+            "abort FUSE connection {minor} of {}: {e}",
+            mountpoint.display()
+        )
+    });
 }
 
 pub fn signal(pid: u32, sig: i32) {
