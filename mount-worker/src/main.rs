@@ -67,7 +67,7 @@ struct Cli {
     max_background: u16,
     /// How long the kernel may keep names and attributes below the mount
     /// root: changes made to the source behind the mount's back that the
-    /// source watch does not see show within this time. Default: 60 000
+    /// source watch does not see show within this time. Default: 600 000
     /// with the watch, 1 000 without.
     #[arg(long, value_name = "MS")]
     cache_timeout_ms: Option<u64>,

@@ -481,7 +481,7 @@ fn send(notifier: &Notifier, fuse: BorrowedFd<'_>, inval: &Inval) -> bool {
 }
 
 /// Makes the kernel look every cached name up again.
-fn new_epoch(fuse: BorrowedFd<'_>) {
+pub fn new_epoch(fuse: BorrowedFd<'_>) {
     if let Err(e) = crate::mount::notify_bare(fuse, crate::mount::FUSE_NOTIFY_INC_EPOCH) {
         tracing::error!(
             "cannot make the kernel drop its cached names ({e}; FUSE_NOTIFY_INC_EPOCH needs \

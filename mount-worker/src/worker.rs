@@ -72,8 +72,10 @@ pub struct Options {
 
 /// The default cache timeout when changes behind the mount's back are
 /// watched: they are then invalidated as they happen, and the timeout only
-/// bounds what the watch cannot see (see [`crate::watch`]).
-pub const WATCHED_TIMEOUT: Duration = Duration::from_secs(60);
+/// bounds what the watch cannot see (see [`crate::watch`]). Ten minutes:
+/// a tree stat'ed again after a pause (`git status`, then `git diff` a
+/// minute later) is not looked up again name by name.
+pub const WATCHED_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The default cache timeout when they are not: the longest such a change
 /// goes unseen.
@@ -297,6 +299,13 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
         w.start(weak.clone(), trim.clone(), session.notifier(), fuse)
             .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+        // What the kernel cached under the predecessor was never marked
+        // by this watch, and changes made while no worker watched were
+        // seen by none: every name is looked up again (and its directory
+        // marked), after the watch started so that none is missed.
+        if takeover {
+            crate::watch::new_epoch(session.as_fd());
+        }
     }
     let which = weak.clone();
     trim.start(

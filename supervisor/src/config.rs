@@ -84,7 +84,7 @@ pub struct Fuse {
     /// Outstanding background requests.
     pub max_background: u32,
     /// How long the kernel may keep names and attributes below the root;
-    /// `None`: the worker's default (60 s with the source watch, 1 s
+    /// `None`: the worker's default (600 s with the source watch, 1 s
     /// without).
     pub cache_timeout_ms: Option<u32>,
     /// Watch the source for changes made behind the mount's back.

@@ -2,7 +2,7 @@
 //! supervises its worker (start, restart within limits, stop).
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -313,9 +313,9 @@ const BUSY_TIMEOUTS: u32 = 10;
 
 /// Returns (only) once worker `pid` fails to answer, within the timeout, a
 /// request on its control socket or a FUSE request (a stat of the mount
-/// root, which the kernel never caches) while none of its threads runs or
-/// waits for the disk; or, busy, for [`BUSY_TIMEOUTS`] timeouts. Never
-/// returns without a timeout.
+/// root, asked of the worker itself: see [`stat_uncached`]) while none of
+/// its threads runs or waits for the disk; or, busy, for [`BUSY_TIMEOUTS`]
+/// timeouts. Never returns without a timeout.
 async fn hang(config: &MountConfig, pid: u32) -> String {
     let secs = config.restart.hang_timeout_sec;
     if secs == 0 {
@@ -327,7 +327,7 @@ async fn hang(config: &MountConfig, pid: u32) -> String {
         let (dir, root) = (config.state_dir.clone(), config.mountpoint.clone());
         let mut probe = tokio::task::spawn_blocking(move || {
             let _ = control::call(&dir, &Request::BindingList {});
-            let _ = std::fs::metadata(&root);
+            let _ = stat_uncached(&root);
         });
         // Errors are not hangs: a dead worker shows as its exit.
         let mut waited = 0;
@@ -352,6 +352,31 @@ async fn hang(config: &MountConfig, pid: u32) -> String {
                 );
             }
         }
+    }
+}
+
+/// Stats `path` with AT_STATX_FORCE_SYNC, which makes FUSE ask the
+/// worker whatever it caches: while nothing is bound the kernel may keep
+/// the mount root's attributes for the whole cache timeout (minutes), and
+/// a plain stat would not notice a hung worker until it ran out.
+fn stat_uncached(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path and a buffer statx(2) only writes to.
+    let r = unsafe {
+        let mut buf: libc::statx = std::mem::zeroed();
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut buf,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -828,6 +828,48 @@ fn files_held_across_a_worker_crash_open_after_the_host_dropped_its_names() {
     drop(held);
 }
 
+/// Changes made to the source behind the mount after a worker crash show
+/// at once, though the kernel cached the names and attributes they change
+/// under the dead worker, whose watch went with it: the successor has the
+/// kernel look every name up again once its own watch runs. Without that
+/// they would show only after the cache timeout (ten minutes by default).
+#[test]
+fn changes_behind_the_mount_across_a_worker_crash_show_at_once() {
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("seen", "");
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), "one").unwrap();
+    ok(&s.manager("StartMount", "s", &["seen"]));
+    let listing = || {
+        let mut names: Vec<String> = fs::read_dir(mnt.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    // Cached: the name, its attributes and the directory's listing.
+    assert_eq!(fs::metadata(mnt.join("d/f")).unwrap().len(), 3);
+    assert_eq!(listing(), ["f"]);
+    assert_eq!(listing(), ["f"]);
+    kill_worker(&s, "seen", 1);
+    fs::write(src.join("d/f"), "changed").unwrap();
+    fs::write(src.join("d/new"), "new").unwrap();
+    assert_eq!(
+        fs::metadata(mnt.join("d/f")).unwrap().len(),
+        7,
+        "d/f written behind the mount after the crash"
+    );
+    assert_eq!(listing(), ["f", "new"]);
+    // And the successor's watch sees what comes after.
+    fs::write(src.join("d/f"), "changed again").unwrap();
+    wait_for(
+        || fs::metadata(mnt.join("d/f")).is_ok_and(|m| m.len() == 13),
+        "d/f written again behind the mount",
+    );
+}
+
 /// A connection lost for good (aborted) under a writer, on a mount over
 /// its own source: the writer's appends land in the source while nothing
 /// is mounted, through the new mount once StartMount mounts again, and
