@@ -345,6 +345,17 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             tracing::info!(mountpoint = %mountpoint.display(), "unmounted; exiting");
             Ok(())
         }
+        // The connection went away (unmounted, or aborted) while a thread
+        // was reading a request, as the FORGETs an unmount sends are: the
+        // kernel ends that read with ECONNABORTED instead of ENODEV. The
+        // session is over all the same.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            tracing::info!(
+                mountpoint = %mountpoint.display(),
+                "unmounted (or aborted) with a request in flight; exiting"
+            );
+            Ok(())
+        }
         Err(e) => Err(StartupError::Session(mountpoint, e)),
     }
 }
