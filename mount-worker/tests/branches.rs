@@ -88,7 +88,7 @@ fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
 
 /// A path's modification time, to the nanosecond.
 fn mtime(p: &Path) -> (i64, i64) {
-    let md = fs::metadata(p).unwrap();
+    let md = fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     (md.mtime(), md.mtime_nsec())
 }
 
@@ -1619,6 +1619,8 @@ fn kill_9_mid_workload_in_two_branches_loses_nothing_acknowledged() {
         snapshot(&m, Some("b"), &format!("b-mid{i}"));
     }
     std::thread::sleep(Duration::from_millis(300));
+    common::wait_acknowledged(&log_a);
+    common::wait_acknowledged(&log_b);
     m.kill();
     let _ = writer_a.0.wait();
     let _ = writer_b.0.wait();

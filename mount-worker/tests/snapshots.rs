@@ -260,6 +260,7 @@ fn kill_9_mid_workload_loses_nothing_acknowledged() {
         create(&m, &format!("mid{i}"));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
+    common::wait_acknowledged(&acked);
     m.kill();
     let _ = writer.wait();
     m.restart(&[]);

@@ -495,10 +495,15 @@ fn start_worker(
 fn wait_mounted(mut child: Child, mountpoint: &Path) -> Child {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        // Mounted, and answering (a stale mount left by a killed worker
-        // fails with ENOTCONN until the new worker has replaced it; statfs,
-        // unlike stat, is never answered from the kernel's cache).
-        if is_agentfs_mounted(mountpoint) && nix::sys::statfs::statfs(mountpoint).is_ok() {
+        // Mounted, and answering: statfs, unlike stat, is never answered
+        // from the kernel's cache. It must be FUSE that answers: a stale
+        // mount left by a killed worker fails with ENOTCONN, and once the
+        // new worker has detached it, the directory below answers until
+        // the new mount is made (the mount table, read just before, may
+        // still have listed the stale one).
+        let answers = nix::sys::statfs::statfs(mountpoint)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
+        if is_agentfs_mounted(mountpoint) && answers {
             // Forward the worker's log to the test's stderr from now on.
             let mut err = child.stderr.take().unwrap();
             std::thread::spawn(move || {
@@ -672,7 +677,9 @@ pub fn walk(root: &Path) -> Vec<(PathBuf, PathBuf, fs::Metadata)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
+        let entries =
+            fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
+        for e in entries {
             let p = e.unwrap().path();
             let md = fs::symlink_metadata(&p)
                 .unwrap_or_else(|e| panic!("{} (listed in its directory): {e}", p.display()));
@@ -966,6 +973,24 @@ pub fn start_acked_workload(mut python: Command, dir: &Path, log: &Path) -> Chil
         .expect("spawn python3")
 }
 
+/// Fewest steps a workload must acknowledge before a crash means something.
+const ACKED_ENOUGH: usize = 11;
+
+/// Waits until the workload logging to `log` has acknowledged enough steps
+/// for [`assert_acknowledged`] (a loaded machine can be slow to start
+/// python): a crash test kills the worker only then.
+pub fn wait_acknowledged(log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read_to_string(log).unwrap_or_default().lines().count() < ACKED_ENOUGH {
+        assert!(
+            Instant::now() < deadline,
+            "the workload logging to {} acknowledged fewer than {ACKED_ENOUGH} steps in 60 s",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Asserts that every step `log` acknowledges is in `dir`, complete, and
 /// that the workload ran long enough to mean something. Returns the count.
 pub fn assert_acknowledged(dir: &Path, log: &Path) -> usize {
@@ -975,7 +1000,7 @@ pub fn assert_acknowledged(dir: &Path, log: &Path) -> usize {
         .map(|l| l.parse().unwrap())
         .collect();
     assert!(
-        acked.len() > 10,
+        acked.len() >= ACKED_ENOUGH,
         "the workload in {} ran ({} steps)",
         dir.display(),
         acked.len()
