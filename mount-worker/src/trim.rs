@@ -18,7 +18,13 @@
 //! So the trimmer remembers the name under which the kernel knows each
 //! non-directory node, and when either count passes its high-water mark
 //! it asks the kernel to drop such names (FUSE_NOTIFY_INVAL_ENTRY) until
-//! it is back under a low-water mark. An inode no process uses then goes, and
+//! it is back under a low-water mark, the names looked up longest ago
+//! first: the files in use now are the ones looked up last. Directories
+//! hold descriptors too but have no names here, so where they fill most
+//! of the descriptors' mark, files still keep a quarter of it: without
+//! that, every file of a branch would lose its name as soon as it was
+//! looked up, and each use would look it up again. An inode no process
+//! uses then goes, and
 //! the kernel's FORGET closes the worker's descriptors; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
 //! what memory pressure would do, done for descriptors. Directories are
@@ -29,9 +35,10 @@
 //! The names it keeps also tell the source watch which node a name removed
 //! behind the mount stood for ([`Trimmer::node_named`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -95,6 +102,18 @@ impl Marks {
     fn excess(&self, n: usize) -> usize {
         if n > self.high { n - self.low } else { 0 }
     }
+
+    /// The marks left to `files` of these where `others`, which cannot
+    /// be trimmed, count too: what the others leave, but never less than
+    /// a quarter of each mark.
+    fn beside(&self, others: usize) -> Marks {
+        let share = |mark: usize| mark.saturating_sub(others).max(mark / 4);
+        Marks {
+            high: share(self.high),
+            low: share(self.low),
+            hard: self.hard,
+        }
+    }
 }
 
 /// The names under which the kernel knows non-directory nodes.
@@ -102,6 +121,12 @@ pub struct Trimmer {
     names: Mutex<Names>,
     /// On the nodes that may hold descriptors.
     descriptors: Marks,
+    /// Past the high mark on nodes that may hold descriptors, the count
+    /// up to which the files among them stay within their share of it
+    /// (nodes with no name here, directories, hold the rest), as the last
+    /// round that looked at every name found: until the count passes it,
+    /// no round looks again. 0 once the count is back under the mark.
+    descriptors_calm: AtomicUsize,
     /// On all nodes.
     nodes: Marks,
     /// Signalled after each round of the trimmer.
@@ -129,29 +154,53 @@ struct Dropped {
     cv: Condvar,
 }
 
-/// Both directions of one relation: a node's latest name, and the node a
-/// name stands for.
+/// A name in a directory: (parent node, name).
+type Key = (u64, OsString);
+
+/// Both directions of one relation, a node's latest name and the node a
+/// name stands for, and the order in which the names were looked up.
 #[derive(Default)]
 struct Names {
-    by_node: HashMap<u64, (u64, OsString)>,
-    by_name: HashMap<(u64, OsString), u64>,
+    /// A node's name, and when it was looked up (a key of `by_age`).
+    by_node: HashMap<u64, (Key, u64)>,
+    by_name: HashMap<Key, u64>,
+    /// Nodes by the time of their name's latest lookup, oldest first.
+    by_age: BTreeMap<u64, u64>,
+    /// The next lookup's time.
+    clock: u64,
 }
 
 impl Names {
     fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
         let node = self.by_name.remove(&(parent, name.to_owned()))?;
-        self.by_node.remove(&node);
+        if let Some((_, age)) = self.by_node.remove(&node) {
+            self.by_age.remove(&age);
+        }
         Some(node)
     }
 
+    fn remove_node(&mut self, node: u64) {
+        if let Some((key, age)) = self.by_node.remove(&node) {
+            self.by_name.remove(&key);
+            self.by_age.remove(&age);
+        }
+    }
+
     fn insert(&mut self, node: u64, parent: u64, name: OsString) {
-        if let Some(old) = self.by_node.remove(&node) {
-            self.by_name.remove(&old);
-        }
-        if let Some(other) = self.by_name.insert((parent, name.clone()), node) {
-            self.by_node.remove(&other);
-        }
-        self.by_node.insert(node, (parent, name));
+        self.remove_node(node);
+        self.remove_name(parent, &name);
+        let age = self.clock;
+        self.clock += 1;
+        self.by_name.insert((parent, name.clone()), node);
+        self.by_node.insert(node, ((parent, name), age));
+        self.by_age.insert(age, node);
+    }
+
+    /// Every name with its node, looked up longest ago first.
+    fn oldest_first(&self) -> impl Iterator<Item = (&Key, u64)> {
+        self.by_age
+            .values()
+            .map(|node| (&self.by_node[node].0, *node))
     }
 }
 
@@ -174,6 +223,7 @@ impl Trimmer {
         Trimmer {
             names: Mutex::default(),
             descriptors: Marks::at(descriptors),
+            descriptors_calm: AtomicUsize::new(0),
             nodes: Marks::at(nodes),
             trimmed: (Mutex::new(()), Condvar::new()),
             soon: Mutex::default(),
@@ -185,17 +235,11 @@ impl Trimmer {
     /// is past its high mark. True past a hard mark: the caller should
     /// [`Trimmer::throttle`] once its reply is sent.
     pub fn counted(&self, load: Load) -> bool {
-        if self.excess(load) > 0 {
+        let calm = self.descriptors_calm.load(Ordering::Relaxed);
+        if load.holding > self.descriptors.high.max(calm) || self.nodes.excess(load.nodes) > 0 {
             self.wake();
         }
         load.holding > self.descriptors.hard || load.nodes > self.nodes.hard
-    }
-
-    /// How many names to drop at `load`.
-    fn excess(&self, load: Load) -> usize {
-        self.descriptors
-            .excess(load.holding)
-            .max(self.nodes.excess(load.nodes))
     }
 
     /// Starts the trimmer's next round now.
@@ -297,54 +341,62 @@ impl Trimmer {
 
     /// The kernel forgot `node`.
     pub fn forgotten(&self, node: u64) {
-        let mut names = self.names.lock().unwrap();
-        if let Some(name) = names.by_node.remove(&node) {
-            names.by_name.remove(&name);
-        }
+        self.names.lock().unwrap().remove_node(node);
     }
 
-    /// The names to drop when the kernel's nodes cost `load`: taken out,
-    /// as the kernel will not know them by these names any more. Past the
-    /// descriptors' mark, names of nodes that hold some (`holds` tells
-    /// which), as many as that count is past its low mark: dropping others
-    /// would cost lookups and free nothing. Past the nodes' mark, any,
-    /// likewise.
-    fn victims(&self, load: Load, holds: &dyn Fn(&[u64]) -> Vec<bool>) -> Vec<(u64, OsString)> {
-        let (heavy, any) = (
-            self.descriptors.excess(load.holding),
-            self.nodes.excess(load.nodes),
-        );
-        if heavy == 0 && any == 0 {
+    /// The names to drop when the kernel's nodes cost `load`, looked up
+    /// longest ago first: taken out, as the kernel will not know them by
+    /// these names any more. Past the descriptors' mark, names of nodes
+    /// that hold some (`holds` tells which), as many as that count is
+    /// past its low mark: dropping others would cost lookups and free
+    /// nothing. Nodes that hold some but have no name here (directories)
+    /// count, but the named ones keep at least a quarter of the marks
+    /// ([`Marks::beside`]). Past the nodes' mark, any, as many as that
+    /// count is past its low mark.
+    fn victims(&self, load: Load, holds: &dyn Fn(&[u64]) -> Vec<bool>) -> Vec<Key> {
+        let calm = self.descriptors_calm.load(Ordering::Relaxed);
+        let heavy = load.holding > self.descriptors.high.max(calm);
+        if load.holding <= self.descriptors.high {
+            self.descriptors_calm.store(0, Ordering::Relaxed);
+        }
+        let any = self.nodes.excess(load.nodes);
+        if !heavy && any == 0 {
             return Vec::new();
         }
-        let mut take: HashSet<(u64, OsString)> = HashSet::new();
-        if heavy > 0 {
+        let mut take: HashSet<Key> = HashSet::new();
+        if heavy {
             // `holds` is asked without the names' lock, which session
             // threads take at each new name: so past this mark every name
             // is copied first.
-            let named: Vec<((u64, OsString), u64)> = {
+            let named: Vec<(Key, u64)> = {
                 let names = self.names.lock().unwrap();
-                names.by_name.iter().map(|(k, &n)| (k.clone(), n)).collect()
+                names.oldest_first().map(|(k, n)| (k.clone(), n)).collect()
             };
             let ids: Vec<u64> = named.iter().map(|(_, n)| *n).collect();
-            take.extend(
-                named
-                    .into_iter()
-                    .zip(holds(&ids))
-                    .filter(|(_, h)| *h)
-                    .map(|((k, _), _)| k)
-                    .take(heavy),
-            );
+            let holding: Vec<Key> = named
+                .into_iter()
+                .zip(holds(&ids))
+                .filter(|(_, h)| *h)
+                .map(|((k, _), _)| k)
+                .collect();
+            // The count may be older than the names: never more files
+            // than it.
+            let files = holding.len().min(load.holding);
+            let others = load.holding - files;
+            let marks = self.descriptors.beside(others);
+            // No round looks again before the files may pass their mark.
+            self.descriptors_calm
+                .store(others + marks.high, Ordering::Relaxed);
+            take.extend(holding.into_iter().take(marks.excess(files)));
         }
         let mut names = self.names.lock().unwrap();
         if any > take.len() {
             let more = any - take.len();
-            let others: Vec<_> = names
-                .by_name
-                .keys()
-                .filter(|k| !take.contains(*k))
+            let others: Vec<Key> = names
+                .oldest_first()
+                .filter(|(k, _)| !take.contains(*k))
                 .take(more)
-                .cloned()
+                .map(|(k, _)| k.clone())
                 .collect();
             take.extend(others);
         }
@@ -383,9 +435,15 @@ impl Trimmer {
                         *d.done.lock().unwrap() = true;
                         d.cv.notify_all();
                     }
-                    let trimmed = self.victims(load(), &holds);
+                    let now = load();
+                    let trimmed = self.victims(now, &holds);
                     if !trimmed.is_empty() {
-                        tracing::debug!(names = trimmed.len(), "dropping cached names");
+                        tracing::debug!(
+                            names = trimmed.len(),
+                            holding = now.holding,
+                            nodes = now.nodes,
+                            "dropping cached names"
+                        );
                     }
                     if !drop_names(&notifier, trimmed) {
                         return;
@@ -430,15 +488,15 @@ mod tests {
         t.renamed(2, n("c"), 1, n("b"), true);
         {
             let names = t.names.lock().unwrap();
-            assert_eq!(names.by_node[&10], (1, n("b").to_owned()));
-            assert_eq!(names.by_node[&11], (2, n("c").to_owned()));
+            assert_eq!(names.by_node[&10].0, (1, n("b").to_owned()));
+            assert_eq!(names.by_node[&11].0, (2, n("c").to_owned()));
         }
         // A rename over a name: the node it stood for has no name now.
         t.renamed(1, n("b"), 2, n("c"), false);
         t.removed(2, n("c"));
         t.forgotten(11);
         let names = t.names.lock().unwrap();
-        assert!(names.by_node.is_empty() && names.by_name.is_empty());
+        assert!(names.by_node.is_empty() && names.by_name.is_empty() && names.by_age.is_empty());
     }
 
     fn load(holding: usize, nodes: usize) -> Load {
@@ -449,6 +507,18 @@ mod tests {
         vec![true; nodes.len()]
     }
 
+    /// The number in a name `f<i>`.
+    fn number(name: &OsStr) -> u64 {
+        name.to_str().unwrap()[1..].parse().unwrap()
+    }
+
+    /// The numbers of the names `f<i>` dropped, in order.
+    fn numbers(v: &[Key]) -> Vec<u64> {
+        let mut v: Vec<u64> = v.iter().map(|(_, name)| number(name)).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Past the descriptors' mark only names of nodes that hold some go.
     #[test]
     fn past_the_descriptors_mark_only_nodes_holding_some_lose_names() {
@@ -456,14 +526,11 @@ mod tests {
         for i in 0..300 {
             t.named(100 + i, 1, n(&format!("f{i}")));
         }
-        // Nodes 100..140 hold descriptors: 40 of them, 30 past the low mark.
-        let holds = |nodes: &[u64]| nodes.iter().map(|&n| n < 140).collect();
+        // Nodes 100..150 hold descriptors: 50 of them, with 55 that have
+        // no name (105 past the high mark), 30 past the low mark.
+        let holds = |nodes: &[u64]| nodes.iter().map(|&n| n < 150).collect();
         let v = t.victims(load(105, 300), &holds);
-        assert_eq!(v.len(), 30);
-        assert!(v.iter().all(|(_, name)| {
-            let i: u64 = name.to_str().unwrap()[1..].parse().unwrap();
-            i < 40
-        }));
+        assert_eq!(numbers(&v), (0..30).collect::<Vec<_>>(), "the oldest");
         assert_eq!(t.names.lock().unwrap().by_node.len(), 270);
         // Only directories past the mark (no file holds any): none goes.
         let none = |nodes: &[u64]| vec![false; nodes.len()];
@@ -496,5 +563,54 @@ mod tests {
         // The further count decides.
         assert_eq!(t.victims(load(130, 1100), &all).len(), 350);
         assert_eq!(t.victims(load(200, 800), &all).len(), 125);
+    }
+
+    /// The names looked up longest ago go first; a name looked up again
+    /// is young again.
+    #[test]
+    fn the_names_looked_up_longest_ago_go_first() {
+        let t = Trimmer::with_marks(10_000, 100); // nodes: high 100, low 75
+        for i in 0..120 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        for i in 0..10 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        let v = t.victims(load(0, 120), &all);
+        assert_eq!(numbers(&v), (10..55).collect::<Vec<_>>());
+    }
+
+    fn due(t: &Trimmer) -> bool {
+        std::mem::take(&mut *t.due.0.lock().unwrap())
+    }
+
+    /// Where nodes with no name here (directories) fill the descriptors'
+    /// mark, the files keep a quarter of it, and no round looks at the
+    /// names again until they pass it.
+    #[test]
+    fn files_keep_a_share_of_the_descriptors_mark_that_directories_fill() {
+        // Descriptors: high 100, low 75; a quarter of each: 25 and 18.
+        let t = Trimmer::with_marks(100, 10_000);
+        for i in 0..60 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        // 90 directories and the 60 files hold descriptors.
+        assert!(!t.counted(load(150, 150)) && due(&t));
+        let v = t.victims(load(150, 150), &all);
+        assert_eq!(numbers(&v), (0..42).collect::<Vec<_>>(), "down to 18");
+        // The files are within their share: the names are not looked at.
+        let unasked = |_: &[u64]| -> Vec<bool> { panic!("names looked at") };
+        assert!(t.victims(load(108, 108), &unasked).is_empty());
+        assert!(!t.counted(load(115, 115)) && !due(&t));
+        // Past it, the oldest go down to the share again.
+        for i in 60..70 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        assert!(!t.counted(load(118, 118)) && due(&t));
+        let v = t.victims(load(118, 118), &all);
+        assert_eq!(numbers(&v), (42..52).collect::<Vec<_>>());
+        // Once the directories are forgotten, the whole mark counts again.
+        assert!(t.victims(load(60, 60), &unasked).is_empty());
+        assert!(t.counted(load(160, 160)) && due(&t));
     }
 }
