@@ -129,6 +129,7 @@ class AgentFS:
     def __init__(self, base, passthrough="auto", variant=None, extra=()):
         name = f"afs-{variant}" if variant else "afs"
         self.variant, branches = variant, variant is None
+        self.agent = None
         self.src, self.mnt, self.state = (base / f"{name}-src", base / f"{name}-mnt",
                                           base / f"{name}-state")
         for d in (self.src, self.mnt):
@@ -176,6 +177,14 @@ class AgentFS:
         # The bound branch's work directory exists only in that branch.
         t = Target("setup", self.mnt, self.bind)
         t.time("mkdir -p w")
+        # An agent's shell, bound for the whole run, as on an agent host:
+        # each bound workload is then a second binding. Without it every
+        # bound workload would be the first binding and its end the last
+        # unbinding, and each makes the kernel forget every cached name
+        # of the mount (root_cache.rs), main's too: main's next workload
+        # would look its whole tree up again (see bench/results/README.md).
+        self.agent = subprocess.Popen(["sleep", "infinity"])
+        self.bind(self.agent.pid)
 
     def rss_mib(self):
         for line in Path(f"/proc/{self.worker.pid}/status").read_text().splitlines():
@@ -184,6 +193,9 @@ class AgentFS:
         return None
 
     def close(self):
+        if self.agent:
+            self.agent.kill()
+            self.agent.wait()
         self.worker.terminate()
         try:
             self.worker.wait(timeout=30)
