@@ -21,9 +21,9 @@
 //! it is back under a low-water mark, the names looked up longest ago
 //! first: the files in use now are the ones looked up last. Directories
 //! hold descriptors too but have no names here, so where they fill most
-//! of the descriptors' mark, files still keep a quarter of it: without
-//! that, every file of a branch would lose its name as soon as it was
-//! looked up, and each use would look it up again. An inode no process
+//! of the descriptors' mark, files still keep a quarter of it (short of
+//! the hard mark): without that, every file of a branch would lose its
+//! name as soon as it was looked up, and each use would look it up again. An inode no process
 //! uses then goes, and
 //! the kernel's FORGET closes the worker's descriptors; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
@@ -105,9 +105,11 @@ impl Marks {
 
     /// The marks left to `files` of these where `others`, which cannot
     /// be trimmed, count too: what the others leave, but never less than
-    /// a quarter of each mark.
+    /// a quarter of each mark, unless that would take the whole past the
+    /// hard mark (near the open-file limit, where files get nothing).
     fn beside(&self, others: usize) -> Marks {
-        let share = |mark: usize| mark.saturating_sub(others).max(mark / 4);
+        let room = self.hard.saturating_sub(others);
+        let share = |mark: usize| mark.saturating_sub(others).max(mark / 4).min(room);
         Marks {
             high: share(self.high),
             low: share(self.low),
@@ -612,5 +614,24 @@ mod tests {
         // Once the directories are forgotten, the whole mark counts again.
         assert!(t.victims(load(60, 60), &unasked).is_empty());
         assert!(t.counted(load(160, 160)) && due(&t));
+    }
+
+    /// Near the hard mark the files' share shrinks, and past it with the
+    /// directories alone they keep nothing.
+    #[test]
+    fn the_files_share_never_takes_the_count_past_the_hard_mark() {
+        let t = Trimmer::with_marks(100, 10_000); // descriptors: hard 150
+        for i in 0..40 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        // 140 directories: room for 10 files, not 25.
+        let v = t.victims(load(180, 180), &all);
+        assert_eq!(numbers(&v), (0..30).collect::<Vec<_>>());
+        // 160 directories: none.
+        for i in 40..50 {
+            t.named(100 + i, 1, n(&format!("f{i}")));
+        }
+        let v = t.victims(load(180, 180), &all);
+        assert_eq!(numbers(&v), (30..50).collect::<Vec<_>>());
     }
 }
