@@ -23,9 +23,9 @@
 //! hold descriptors too but have no names here, so where they fill most
 //! of the descriptors' mark, files still keep a quarter of it (short of
 //! the hard mark): without that, every file of a branch would lose its
-//! name as soon as it was looked up, and each use would look it up again. An inode no process
-//! uses then goes, and
-//! the kernel's FORGET closes the worker's descriptors; one in use (an open
+//! name as soon as it was looked up, and each use would look it up again.
+//! An inode no process uses then goes, and the kernel's FORGET closes the
+//! worker's descriptors; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is
 //! what memory pressure would do, done for descriptors. Directories are
 //! never dropped this way: that would detach any mount below them. Past a
@@ -237,11 +237,20 @@ impl Trimmer {
     /// is past its high mark. True past a hard mark: the caller should
     /// [`Trimmer::throttle`] once its reply is sent.
     pub fn counted(&self, load: Load) -> bool {
-        let calm = self.descriptors_calm.load(Ordering::Relaxed);
-        if load.holding > self.descriptors.high.max(calm) || self.nodes.excess(load.nodes) > 0 {
+        if self.descriptors_past(load.holding) || self.nodes.excess(load.nodes) > 0 {
             self.wake();
         }
         load.holding > self.descriptors.hard || load.nodes > self.nodes.hard
+    }
+
+    /// Whether `holding` nodes that may hold descriptors are past their
+    /// high mark and the count the last look at the names found calm.
+    fn descriptors_past(&self, holding: usize) -> bool {
+        holding
+            > self
+                .descriptors
+                .high
+                .max(self.descriptors_calm.load(Ordering::Relaxed))
     }
 
     /// Starts the trimmer's next round now.
@@ -356,8 +365,7 @@ impl Trimmer {
     /// ([`Marks::beside`]). Past the nodes' mark, any, as many as that
     /// count is past its low mark.
     fn victims(&self, load: Load, holds: &dyn Fn(&[u64]) -> Vec<bool>) -> Vec<Key> {
-        let calm = self.descriptors_calm.load(Ordering::Relaxed);
-        let heavy = load.holding > self.descriptors.high.max(calm);
+        let heavy = self.descriptors_past(load.holding);
         if load.holding <= self.descriptors.high {
             self.descriptors_calm.store(0, Ordering::Relaxed);
         }

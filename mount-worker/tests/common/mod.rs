@@ -973,6 +973,15 @@ pub fn start_acked_workload(mut python: Command, dir: &Path, log: &Path) -> Chil
         .expect("spawn python3")
 }
 
+/// The steps the workload logging to `log` has acknowledged so far.
+fn acknowledged(log: &Path) -> Vec<usize> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
 /// Fewest steps a workload must acknowledge before a crash means something.
 const ACKED_ENOUGH: usize = 11;
 
@@ -981,7 +990,7 @@ const ACKED_ENOUGH: usize = 11;
 /// python): a crash test kills the worker only then.
 pub fn wait_acknowledged(log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while fs::read_to_string(log).unwrap_or_default().lines().count() < ACKED_ENOUGH {
+    while acknowledged(log).len() < ACKED_ENOUGH {
         assert!(
             Instant::now() < deadline,
             "the workload logging to {} acknowledged fewer than {ACKED_ENOUGH} steps in 60 s",
@@ -994,11 +1003,7 @@ pub fn wait_acknowledged(log: &Path) {
 /// Asserts that every step `log` acknowledges is in `dir`, complete, and
 /// that the workload ran long enough to mean something. Returns the count.
 pub fn assert_acknowledged(dir: &Path, log: &Path) -> usize {
-    let acked: Vec<usize> = fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let acked = acknowledged(log);
     assert!(
         acked.len() >= ACKED_ENOUGH,
         "the workload in {} ran ({} steps)",
