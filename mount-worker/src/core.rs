@@ -38,7 +38,7 @@ use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
-use crate::layered::{self, Ctx, LayerObj, LayerView, Layers, Part, ReadFile, Top};
+use crate::layered::{self, Ctx, Inode, InodeFd, LayerObj, LayerView, Layers, Part, ReadFile, Top};
 use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
@@ -500,7 +500,7 @@ enum ChangeGuard<'a> {
 enum HostFd<'a> {
     Main(BorrowedFd<'a>),
     Opened(OwnedFd),
-    Upper(Arc<OwnedFd>),
+    Upper(InodeFd),
 }
 
 impl HostFd<'_> {
@@ -557,6 +557,9 @@ pub struct FsCore {
     /// The source directory opened for reading: `open_by_handle_at` needs
     /// a descriptor that is not `O_PATH`.
     handle_dir: File,
+    /// The state directory opened for reading, the same for the layers'
+    /// files (kept by handle, [`layered::Inode`]).
+    state_fd: File,
     next_synthetic: AtomicU64,
     next_generation: AtomicU64,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
@@ -682,6 +685,7 @@ impl FsCore {
         bindings.follow_processes(proc_events);
         let core = FsCore {
             handle_dir,
+            state_fd: File::open(state)?,
             nodes: Mutex::new(table),
             source_dev: st.st_dev,
             root,
@@ -712,6 +716,7 @@ impl FsCore {
         Ctx {
             store: &self.store,
             mount_fd: self.mount_fd(),
+            state_fd: self.state_fd.as_fd(),
         }
     }
 
@@ -752,7 +757,7 @@ impl FsCore {
     /// layer's root copies its attributes from.
     fn root_part(&self, layers: &[LayerId], snap: SnapshotId, epoch: u64) -> io::Result<Part> {
         match layers.first() {
-            Some(&l) => Ok(Part::Layer(self.open_tree(l)?)),
+            Some(&l) => Ok(Part::Layer(Inode::Open(self.open_tree(l)?))),
             None => Ok(Part::Base(Arc::new(self.base_root(snap, epoch)?))),
         }
     }
@@ -829,7 +834,7 @@ impl FsCore {
             .collect::<io::Result<Vec<_>>>()?;
         let mut lowers = frozen
             .iter()
-            .map(|&l| self.open_tree(l).map(Part::Layer))
+            .map(|&l| self.open_tree(l).map(|t| Part::Layer(Inode::Open(t))))
             .collect::<io::Result<Vec<_>>>()?;
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
@@ -937,6 +942,12 @@ impl FsCore {
                 &mut t,
                 &key,
                 |o| matches!(o, Obj::Layer(live) if live.base(layers).as_ref().map(|b| &b.handle) != found),
+            );
+        } else {
+            unkey_if(
+                &mut t,
+                &key,
+                |o| matches!(o, Obj::Layer(live) if !live.is_found_again(&obj, layers)),
             );
         }
         Ok(self.register(
@@ -1931,7 +1942,10 @@ impl FsCore {
             Obj::Layer(o) => {
                 let layers = self.layers_of(o)?;
                 let u = o.upper(self.cx(), &layers)?;
-                Ok((ChangeGuard::Layer { _held: layers }, HostFd::Upper(u)))
+                Ok((
+                    ChangeGuard::Layer { _held: layers },
+                    HostFd::Upper(u.fd(self.cx())?),
+                ))
             }
             _ => Err(errno(libc::EROFS)),
         }
@@ -2006,7 +2020,7 @@ impl FsCore {
     /// chown cleared.
     fn give_to_caller(
         &self,
-        fd: &OwnedFd,
+        fd: BorrowedFd<'_>,
         dir: BorrowedFd<'_>,
         caller: Caller,
         mode: Option<u32>,
@@ -2017,14 +2031,14 @@ impl FsCore {
         } else {
             Some(caller.gid)
         };
-        let st = hostfs::stat(fd.as_fd())?;
+        let st = hostfs::stat(fd)?;
         if st.st_uid == caller.uid && gid.is_none_or(|g| g == st.st_gid) {
             return Ok(());
         }
-        hostfs::chown(fd.as_fd(), Some(caller.uid), gid)?;
+        hostfs::chown(fd, Some(caller.uid), gid)?;
         if let Some(mode) = mode {
             if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                hostfs::chmod(fd.as_fd(), mode & 0o7777)?;
+                hostfs::chmod(fd, mode & 0o7777)?;
             }
         }
         Ok(())
@@ -2074,7 +2088,12 @@ impl FsCore {
                 let (Some(fd), Some(pu)) = (fd, pu) else {
                     unreachable!("made in the top layer")
                 };
-                self.give_to_caller(&fd, pu.as_fd(), caller, mode)?;
+                self.give_to_caller(
+                    fd.fd(self.cx())?.as_fd(),
+                    pu.fd(self.cx())?.as_fd(),
+                    caller,
+                    mode,
+                )?;
                 self.register_layer(new, &layers)
             }
             _ => {
@@ -2084,7 +2103,7 @@ impl FsCore {
                 make(dir, &name)?;
                 let fd = hostfs::open_node(dir, &name)?;
                 change.created(fd.as_fd());
-                self.give_to_caller(&fd, dir, caller, mode)?;
+                self.give_to_caller(fd.as_fd(), dir, caller, mode)?;
                 let at = Place {
                     dir: parent,
                     obj: obj.clone(),
@@ -2405,7 +2424,10 @@ impl FsCore {
         let copies = obj.copies();
         let file = if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             let u = obj.upper(self.cx(), layers)?;
-            ReadFile::Plain(hostfs::reopen(u.as_fd(), host_open_flags(flags))?)
+            ReadFile::Plain(hostfs::reopen(
+                u.fd(self.cx())?.as_fd(),
+                host_open_flags(flags),
+            )?)
         } else {
             obj.open_read(self.cx(), layers)?.0
         };
@@ -2506,7 +2528,7 @@ impl FsCore {
         if new {
             change.created(fd.as_fd());
         }
-        self.give_to_caller(&fd, dir, caller, Some(mode))?;
+        self.give_to_caller(fd.as_fd(), dir, caller, Some(mode))?;
         let at = Place {
             dir: parent,
             obj: obj.clone(),
@@ -3022,7 +3044,7 @@ impl FsCore {
         let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
-        let old_top = Part::Layer(self.open_tree(b.layers[0])?);
+        let old_top = Part::Layer(Inode::Open(self.open_tree(b.layers[0])?));
         self.create_layer(layer, &old_top)?;
         let top = self
             .open_top(layer)

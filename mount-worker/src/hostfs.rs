@@ -571,13 +571,24 @@ pub fn open_handle_by_name(
     handle: &HostHandle,
     named: Option<(BorrowedFd<'_>, &CStr)>,
 ) -> io::Result<OwnedFd> {
-    if let Some((dir, name)) = named
-        && let Ok(fd) = open_node(dir, name)
-        && handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
-    {
-        return Ok(fd);
+    open_handle_by_names(any, handle, named).map(|(fd, _)| fd)
+}
+
+/// [`open_handle_by_name`] with several names tried in turn; also says
+/// which one led to the inode (`None`: none did, opened by the handle).
+pub fn open_handle_by_names<'a>(
+    any: BorrowedFd<'_>,
+    handle: &HostHandle,
+    names: impl IntoIterator<Item = (BorrowedFd<'a>, &'a CStr)>,
+) -> io::Result<(OwnedFd, Option<usize>)> {
+    for (i, (dir, name)) in names.into_iter().enumerate() {
+        if let Ok(fd) = open_node(dir, name)
+            && handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
+        {
+            return Ok((fd, Some(i)));
+        }
     }
-    open_handle(any, handle)
+    Ok((open_handle(any, handle)?, None))
 }
 
 /// Makes `dst` (freshly opened, at offset 0) a copy of all of `src`:

@@ -29,7 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use crate::hostfs::{self, Stat, XattrReply};
+use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::preserve::PreImageStore;
 use crate::snapview::SnapObj;
 
@@ -109,6 +109,121 @@ pub struct Ctx<'a> {
     pub store: &'a PreImageStore,
     /// A descriptor on the source's file system, for `open_by_handle_at`.
     pub mount_fd: BorrowedFd<'a>,
+    /// The same on the state directory's, where the layers are (not
+    /// `O_PATH`: `open_by_handle_at` refuses those).
+    pub state_fd: BorrowedFd<'a>,
+}
+
+/// An inode of a layer directory, as an object keeps it. A directory
+/// keeps a descriptor: every lookup below it searches it, and directories
+/// are few. Any other inode keeps its handle and the name it was found
+/// at, and is opened at each use, so that a branch's files hold no
+/// descriptor, as main's don't: with one per file, a tree of a few
+/// thousand files reaches the worker's descriptors' mark and the trimmer
+/// has the kernel forget their names (trim.rs).
+#[derive(Clone)]
+pub enum Inode {
+    /// Kept open: a directory, or a file whose file system has no handles.
+    Open(Arc<OwnedFd>),
+    /// Kept by handle.
+    Handle(Arc<ByHandle>),
+}
+
+/// A file of a layer kept by its handle.
+pub struct ByHandle {
+    handle: HostHandle,
+    /// The layer directories and names it was last found at, made at or
+    /// moved to, newest first: it is opened by the first that still leads
+    /// to it ([`hostfs::open_handle_by_names`]), the others are dropped.
+    /// Several, so that a hard link's removal leaves it a name.
+    at: Mutex<Vec<(Arc<OwnedFd>, CString)>>,
+}
+
+/// How many names a [`ByHandle`] keeps.
+const NAMES_KEPT: usize = 4;
+
+impl ByHandle {
+    /// It is (also) `name` in the layer directory `dir`.
+    fn named(&self, dir: &Arc<OwnedFd>, name: &CStr) {
+        let mut at = self.at.lock().unwrap();
+        at.retain(|(d, n)| !(Arc::ptr_eq(d, dir) && n.as_c_str() == name));
+        at.insert(0, (dir.clone(), name.to_owned()));
+        at.truncate(NAMES_KEPT);
+    }
+}
+
+/// A descriptor of an [`Inode`] for one use.
+pub enum InodeFd {
+    /// The inode's own.
+    Kept(Arc<OwnedFd>),
+    /// Opened for this use (`O_PATH`).
+    Opened(OwnedFd),
+}
+
+impl InodeFd {
+    /// Borrows the descriptor.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            InodeFd::Kept(fd) => fd.as_fd(),
+            InodeFd::Opened(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl Inode {
+    /// `fd`, found as `name` in the layer directory `dir`, as an object
+    /// keeps it.
+    fn new(fd: OwnedFd, is_dir: bool, dir: &Arc<OwnedFd>, name: &CStr) -> Inode {
+        if is_dir {
+            return Inode::Open(Arc::new(fd));
+        }
+        match hostfs::handle_of(fd.as_fd()) {
+            Ok(handle) => Inode::Handle(Arc::new(ByHandle {
+                handle,
+                at: Mutex::new(vec![(dir.clone(), name.to_owned())]),
+            })),
+            // EOPNOTSUPP: served all the same, at a descriptor a file.
+            Err(_) => Inode::Open(Arc::new(fd)),
+        }
+    }
+
+    /// A descriptor of the inode (ESTALE once it is gone).
+    pub fn fd(&self, cx: Ctx<'_>) -> io::Result<InodeFd> {
+        match self {
+            Inode::Open(fd) => Ok(InodeFd::Kept(fd.clone())),
+            Inode::Handle(h) => {
+                let at = h.at.lock().unwrap().clone();
+                let names = at.iter().map(|(d, n)| (d.as_fd(), n.as_c_str()));
+                let (fd, by) = hostfs::open_handle_by_names(cx.state_fd, &h.handle, names)?;
+                let stale = by.unwrap_or(at.len());
+                if stale > 0 {
+                    // Names that lead elsewhere now: moved or removed.
+                    h.at.lock().unwrap().retain(|(d, n)| {
+                        !at[..stale]
+                            .iter()
+                            .any(|(sd, sn)| Arc::ptr_eq(d, sd) && n == sn)
+                    });
+                }
+                Ok(InodeFd::Opened(fd))
+            }
+        }
+    }
+
+    /// A directory's descriptor (ENOTDIR for a file kept by handle).
+    fn dir(&self) -> io::Result<&Arc<OwnedFd>> {
+        match self {
+            Inode::Open(fd) => Ok(fd),
+            Inode::Handle(_) => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    /// It is (also) `name` in the layer directory `dir`: renamed or
+    /// linked there.
+    fn named(&self, dir: &Arc<OwnedFd>, name: &CStr) {
+        if let Inode::Handle(h) = self {
+            h.named(dir, name);
+        }
+    }
 }
 
 /// The writable top layer of a branch.
@@ -134,12 +249,12 @@ pub struct Layers {
 
 impl Layers {
     /// The newest copy of object `id` in an index, if it has one.
-    fn indexed(&self, id: u64) -> io::Result<Option<Arc<OwnedFd>>> {
+    fn indexed(&self, id: u64) -> io::Result<Option<Inode>> {
         let name = index_name(id);
         let tops = self.top.iter().map(|t| &t.index);
         for ix in tops.chain(&self.indexes) {
             match hostfs::open_node(ix.as_fd(), &name) {
-                Ok(fd) => return Ok(Some(Arc::new(fd))),
+                Ok(fd) => return Ok(Some(Inode::new(fd, false, ix, &name))),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
@@ -234,7 +349,7 @@ impl LayerView {
 #[derive(Clone)]
 pub enum Part {
     /// In a layer directory.
-    Layer(Arc<OwnedFd>),
+    Layer(Inode),
     /// Main at the view's epoch.
     Base(Arc<SnapObj>),
 }
@@ -243,7 +358,13 @@ pub enum Part {
 enum Child {
     Missing,
     Whiteout,
-    Found { part: Part, st: Stat, opaque: bool },
+    /// `id` is the object's (see [`layer_id`]).
+    Found {
+        part: Part,
+        st: Stat,
+        opaque: bool,
+        id: u64,
+    },
 }
 
 /// A file opened for reading from a part.
@@ -331,22 +452,17 @@ impl Part {
     /// Attributes.
     pub fn stat(&self, cx: Ctx<'_>) -> io::Result<Stat> {
         match self {
-            Part::Layer(fd) => stat_in_layer(fd.as_fd()),
+            Part::Layer(i) => stat_in_layer(i.fd(cx)?.as_fd()),
             Part::Base(s) => s.stat(cx.store, cx.mount_fd),
-        }
-    }
-
-    fn id(&self, st: &Stat) -> io::Result<u64> {
-        match self {
-            Part::Layer(fd) => layer_id(fd.as_fd(), st),
-            Part::Base(s) => Ok(s.ino),
         }
     }
 
     fn child(&self, cx: Ctx<'_>, name: &OsStr) -> io::Result<Child> {
         match self {
             Part::Layer(dir) => {
-                let fd = match hostfs::open_node(dir.as_fd(), &hostfs::component(name)?) {
+                let dir = dir.dir()?;
+                let name = hostfs::component(name)?;
+                let fd = match hostfs::open_node(dir.as_fd(), &name) {
                     Ok(fd) => fd,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Child::Missing),
                     Err(e) => return Err(e),
@@ -356,10 +472,12 @@ impl Part {
                     return Ok(Child::Whiteout);
                 }
                 let opaque = is_dir(&st) && is_opaque(fd.as_fd())?;
+                let id = layer_id(fd.as_fd(), &st)?;
                 Ok(Child::Found {
-                    part: Part::Layer(Arc::new(fd)),
+                    part: Part::Layer(Inode::new(fd, is_dir(&st), dir, &name)),
                     st,
                     opaque,
+                    id,
                 })
             }
             Part::Base(dir) => {
@@ -371,6 +489,7 @@ impl Part {
                 let obj = dir.child(found);
                 let st = obj.stat(cx.store, cx.mount_fd)?;
                 Ok(Child::Found {
+                    id: obj.ino,
                     part: Part::Base(Arc::new(obj)),
                     st,
                     opaque: false,
@@ -383,6 +502,7 @@ impl Part {
     fn entries(&self, cx: Ctx<'_>) -> io::Result<Vec<PartEntry>> {
         match self {
             Part::Layer(dir) => {
+                let dir = dir.dir()?;
                 let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
                 let mut out = Vec::new();
                 for e in hostfs::read_dir_all(&d)? {
@@ -418,21 +538,24 @@ impl Part {
 
     fn readlink(&self, cx: Ctx<'_>) -> io::Result<Vec<u8>> {
         match self {
-            Part::Layer(fd) => hostfs::readlink(fd.as_fd()),
+            Part::Layer(i) => hostfs::readlink(i.fd(cx)?.as_fd()),
             Part::Base(s) => s.readlink(cx.store, cx.mount_fd),
         }
     }
 
     fn xattrs(&self, cx: Ctx<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match self {
-            Part::Layer(fd) => hostfs::xattrs_if_any(fd.as_fd()).map(without_reserved),
+            Part::Layer(i) => hostfs::xattrs_if_any(i.fd(cx)?.as_fd()).map(without_reserved),
             Part::Base(s) => s.xattrs(cx.store, cx.mount_fd),
         }
     }
 
     fn open_read(&self, cx: Ctx<'_>) -> io::Result<ReadFile> {
         match self {
-            Part::Layer(fd) => Ok(ReadFile::Plain(hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?)),
+            Part::Layer(i) => Ok(ReadFile::Plain(hostfs::reopen(
+                i.fd(cx)?.as_fd(),
+                libc::O_RDONLY,
+            )?)),
             Part::Base(s) => match s.open(cx.store, cx.mount_fd)? {
                 (f, true) => Ok(ReadFile::Plain(f)),
                 (f, false) => Ok(ReadFile::BaseLive(s.clone(), f)),
@@ -456,9 +579,10 @@ impl Part {
                 )?
                 .into();
                 match self {
-                    Part::Layer(fd) => {
-                        hostfs::clone_or_copy(&hostfs::reopen(fd.as_fd(), libc::O_RDONLY)?, &dst)?
-                    }
+                    Part::Layer(i) => hostfs::clone_or_copy(
+                        &hostfs::reopen(i.fd(cx)?.as_fd(), libc::O_RDONLY)?,
+                        &dst,
+                    )?,
                     Part::Base(s) => s.copy_content(cx.store, cx.mount_fd, &dst)?,
                 }
                 dst.sync_all()?;
@@ -510,7 +634,7 @@ struct State {
     /// The [`Layers::generation`] this state was computed for.
     generation: u64,
     /// The object in the top layer, once there.
-    upper: Option<Arc<OwnedFd>>,
+    upper: Option<Inode>,
     /// The object below the top: for a directory every part it merges, top
     /// first (none below an opaque one); otherwise the topmost part.
     lowers: Vec<Part>,
@@ -562,16 +686,18 @@ impl LayerObj {
 
     /// Counts this object, now a node's, in the view's tally of nodes that
     /// hold descriptors if it holds some: a directory (its parts), a file
-    /// in a layer (copied up, or from a frozen layer). A file that stands
-    /// on main's alone holds none (its [`SnapObj`] keeps a handle) until
-    /// its copy-up ([`LayerObj::adopt`]), which counts it then. Under the
+    /// of a layer on a file system without handles. Other files hold none
+    /// (kept by handle: [`Inode`], [`SnapObj`]); a copy-up that adds a
+    /// descriptor ([`LayerObj::adopt`]) counts the object then. Under the
     /// state's lock, which a copy-up takes to add its copy: never counted
     /// twice nor missed.
     pub fn count_in(&self) {
         let s = self.state.read().unwrap();
         let heavy = self.is_dir
-            || s.upper.is_some()
-            || s.lowers.iter().any(|p| matches!(p, Part::Layer(_)));
+            || matches!(s.upper, Some(Inode::Open(_)))
+            || s.lowers
+                .iter()
+                .any(|p| matches!(p, Part::Layer(Inode::Open(_))));
         self.counted
             .store(if heavy { HEAVY } else { LIGHT }, Ordering::Relaxed);
         if heavy {
@@ -593,7 +719,7 @@ impl LayerObj {
     }
 
     /// The object in the top layer, if it is there already.
-    pub fn upper_now(&self, layers: &Layers) -> Option<Arc<OwnedFd>> {
+    pub fn upper_now(&self, layers: &Layers) -> Option<Inode> {
         self.current(layers).upper
     }
 
@@ -634,13 +760,13 @@ impl LayerObj {
         let mut s = self.state.write().unwrap();
         if s.generation != layers.generation {
             if let Some(u) = s.upper.take() {
-                if !self.is_dir || is_opaque(u.as_fd()).unwrap_or(true) {
+                if !self.is_dir || u.dir().and_then(|d| is_opaque(d.as_fd())).unwrap_or(true) {
                     s.lowers.clear();
                 }
                 s.lowers.insert(0, Part::Layer(u));
             }
             if self.is_root() {
-                s.upper = layers.top.as_ref().map(|t| t.tree.clone());
+                s.upper = layers.top.as_ref().map(|t| Inode::Open(t.tree.clone()));
             }
             s.generation = layers.generation;
         }
@@ -659,6 +785,27 @@ impl LayerObj {
             (None, Some(p)) => Ok(p),
             (None, None) => Err(errno(libc::ESTALE)),
         }
+    }
+
+    /// Whether `found`, looked up with this object's id, is this object.
+    /// A file kept by handle pins no inode: once it is removed, its
+    /// inode number (the id of a file made in a layer) may go to another
+    /// file while the kernel still holds this node. If it is this object,
+    /// this object is opened by the name `found` was found at from now on.
+    pub fn is_found_again(&self, found: &LayerObj, layers: &Layers) -> bool {
+        let (Ok(Part::Layer(Inode::Handle(mine))), Ok(Part::Layer(Inode::Handle(theirs)))) =
+            (self.topmost(layers), found.topmost(layers))
+        else {
+            return true;
+        };
+        if mine.handle != theirs.handle {
+            return false;
+        }
+        let found = theirs.at.lock().unwrap().first().cloned();
+        if let Some((dir, name)) = found {
+            mine.named(&dir, &name);
+        }
+        true
     }
 
     /// Target of a symlink.
@@ -691,7 +838,8 @@ impl LayerObj {
     ) -> io::Result<LayerObj> {
         let cname = hostfs::component(name)?;
         let s = self.current(layers);
-        let mut first: Option<Stat> = None;
+        // The topmost part's attributes and the object's id.
+        let mut first: Option<(Stat, u64)> = None;
         let mut upper = None;
         let mut lowers = Vec::new();
         let mut done = false;
@@ -700,13 +848,14 @@ impl LayerObj {
                 Child::Missing => {}
                 Child::Whiteout => return Err(errno(libc::ENOENT)),
                 Child::Found {
-                    part: Part::Layer(fd),
+                    part: Part::Layer(u),
                     st,
                     opaque,
+                    id,
                 } => {
                     done = !is_dir(&st) || opaque;
-                    first = Some(st);
-                    upper = Some(fd);
+                    first = Some((st, id));
+                    upper = Some(u);
                 }
                 Child::Found { .. } => unreachable!("the top part is a layer"),
             }
@@ -716,12 +865,19 @@ impl LayerObj {
                 match p.child(cx, name)? {
                     Child::Missing => continue,
                     Child::Whiteout => break,
-                    Child::Found { part, st, opaque } => {
-                        if first.is_some_and(|f| !is_dir(&f)) || (first.is_some() && !is_dir(&st)) {
+                    Child::Found {
+                        part,
+                        st,
+                        opaque,
+                        id,
+                    } => {
+                        if first.is_some_and(|(f, _)| !is_dir(&f))
+                            || (first.is_some() && !is_dir(&st))
+                        {
                             break;
                         }
                         let stop = !is_dir(&st) || opaque;
-                        first.get_or_insert(st);
+                        first.get_or_insert((st, id));
                         lowers.push(part);
                         if stop {
                             break;
@@ -730,12 +886,7 @@ impl LayerObj {
                 }
             }
         }
-        let st = first.ok_or_else(|| errno(libc::ENOENT))?;
-        let id = match (&upper, lowers.first()) {
-            (Some(u), _) => layer_id(u.as_fd(), &st)?,
-            (None, Some(p)) => p.id(&st)?,
-            (None, None) => unreachable!("something was found"),
-        };
+        let (st, id) = first.ok_or_else(|| errno(libc::ENOENT))?;
         if !is_dir(&st) && upper.is_some() {
             lowers.clear();
         }
@@ -797,7 +948,7 @@ impl LayerObj {
 
     /// The object in the top layer, copied up (with its directories) first
     /// if it is not there yet. EROFS in a snapshot.
-    pub fn upper(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Arc<OwnedFd>> {
+    pub fn upper(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Inode> {
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
         if let Some(u) = self.current(layers).upper {
             return Ok(u);
@@ -808,7 +959,7 @@ impl LayerObj {
             .unwrap()
             .clone()
             .expect("a root's upper is its top tree");
-        let pu = parent.upper(cx, layers)?;
+        let pu = parent.upper_dir(cx, layers)?;
         let _one = self.view.copy_up.lock().unwrap();
         let s = self.current(layers);
         if let Some(u) = s.upper {
@@ -823,7 +974,7 @@ impl LayerObj {
                 if is_whiteout(fd.as_fd(), &st)? || layer_id(fd.as_fd(), &st)? != self.id {
                     return Err(errno(libc::ESTALE));
                 }
-                return Ok(self.adopt(fd));
+                return Ok(self.adopt(fd, &pu, &name));
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
@@ -870,7 +1021,12 @@ impl LayerObj {
         }
         hostfs::sync_dir(pu.as_fd())?;
         let fd = hostfs::open_node(pu.as_fd(), &name)?;
-        Ok(self.adopt(fd))
+        Ok(self.adopt(fd, &pu, &name))
+    }
+
+    /// A directory's [`LayerObj::upper`]: its descriptor.
+    fn upper_dir(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Arc<OwnedFd>> {
+        self.upper(cx, layers)?.dir().cloned()
     }
 
     /// Whether the object, not yet in the top layer, has more than one
@@ -927,22 +1083,25 @@ impl LayerObj {
         }
     }
 
-    fn adopt(&self, fd: OwnedFd) -> Arc<OwnedFd> {
-        let fd = Arc::new(fd);
+    /// Takes `fd`, `name` in the top layer's directory `dir`, as this
+    /// object's copy there.
+    fn adopt(&self, fd: OwnedFd, dir: &Arc<OwnedFd>, name: &CStr) -> Inode {
+        let u = Inode::new(fd, self.is_dir, dir, name);
         let mut s = self.state.write().unwrap();
-        s.upper = Some(fd.clone());
+        s.upper = Some(u.clone());
         if !self.is_dir {
             s.lowers.clear();
         }
-        if self
-            .counted
-            .compare_exchange(LIGHT, HEAVY, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+        if matches!(u, Inode::Open(_))
+            && self
+                .counted
+                .compare_exchange(LIGHT, HEAVY, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
             self.view.holding.fetch_add(1, Ordering::Relaxed);
         }
         self.copies.fetch_add(1, Ordering::AcqRel);
-        fd
+        u
     }
 
     /// Copies up this object and, for a directory, everything below it,
@@ -955,7 +1114,7 @@ impl LayerObj {
         cx: Ctx<'_>,
         layers: &Layers,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
-    ) -> io::Result<Arc<OwnedFd>> {
+    ) -> io::Result<Inode> {
         let u = self.upper(cx, layers)?;
         if !self.is_dir || self.current(layers).lowers.is_empty() {
             return Ok(u);
@@ -963,7 +1122,7 @@ impl LayerObj {
         for e in self.list(cx, layers)? {
             live(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers, live)?;
         }
-        set_opaque(u.as_fd())?;
+        set_opaque(u.dir()?.as_fd())?;
         self.state.write().unwrap().lowers.clear();
         Ok(u)
     }
@@ -979,7 +1138,7 @@ impl LayerObj {
     ) -> io::Result<()> {
         let u = self.detach(cx, layers, live)?;
         if self.is_dir {
-            set_opaque(u.as_fd())?;
+            set_opaque(u.dir()?.as_fd())?;
         }
         Ok(())
     }
@@ -994,9 +1153,9 @@ impl LayerObj {
         name: &OsStr,
         make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
     ) -> io::Result<LayerObj> {
-        let pu = self.upper(cx, layers)?;
+        let pu = self.upper_dir(cx, layers)?;
         let _names = self.changing_names();
-        let over_whiteout = match Part::Layer(pu.clone()).child(cx, name)? {
+        let over_whiteout = match Part::Layer(Inode::Open(pu.clone())).child(cx, name)? {
             Child::Found { .. } => return Err(errno(libc::EEXIST)),
             Child::Whiteout => true,
             Child::Missing if self.lower_has(cx, layers, name)? => return Err(errno(libc::EEXIST)),
@@ -1045,12 +1204,12 @@ impl LayerObj {
             // `make` may link an inode copied up from below: its id stays.
             id: layer_id(fd.as_fd(), &st)?,
             is_dir: is_dir(&st),
-            place: Mutex::new(Some((self.clone(), cname))),
             state: RwLock::new(State {
                 generation: layers.generation,
-                upper: Some(Arc::new(fd)),
+                upper: Some(Inode::new(fd, is_dir(&st), &pu, &cname)),
                 lowers: Vec::new(),
             }),
+            place: Mutex::new(Some((self.clone(), cname))),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
         })
@@ -1073,7 +1232,7 @@ impl LayerObj {
         name: &OsStr,
         dir: bool,
     ) -> io::Result<()> {
-        let pu = self.upper(cx, layers)?;
+        let pu = self.upper_dir(cx, layers)?;
         let child = self.lookup(cx, layers, name)?;
         match (dir, child.is_dir) {
             (true, false) => return Err(errno(libc::ENOTDIR)),
@@ -1095,7 +1254,7 @@ impl LayerObj {
             (None, false) => Err(errno(libc::ESTALE)),
             (Some(u), false) => {
                 if dir {
-                    clear_whiteouts(&u)?;
+                    clear_whiteouts(u.dir()?)?;
                 }
                 hostfs::unlink(pu.as_fd(), &cname, dir)
             }
@@ -1103,7 +1262,7 @@ impl LayerObj {
                 let tmp = self.view.tmp_name();
                 make_whiteout(work, &tmp)?;
                 if dir {
-                    clear_whiteouts(&u)?;
+                    clear_whiteouts(u.dir()?)?;
                     hostfs::rename(work, &tmp, pu.as_fd(), &cname, libc::RENAME_EXCHANGE)?;
                     hostfs::unlink(work, &tmp, true)
                 } else {
@@ -1129,8 +1288,8 @@ impl LayerObj {
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
     ) -> io::Result<Vec<Arc<LayerObj>>> {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        let spu = self.upper(cx, layers)?;
-        let dpu = newdir.upper(cx, layers)?;
+        let spu = self.upper_dir(cx, layers)?;
+        let dpu = newdir.upper_dir(cx, layers)?;
         let src = live(self.lookup(cx, layers, name)?);
         let dst = match newdir.lookup(cx, layers, newname) {
             Ok(o) => Some(live(o)),
@@ -1172,14 +1331,14 @@ impl LayerObj {
         if exchange {
             let d = dst.expect("checked above");
             swap()?;
-            *d.place.lock().unwrap() = Some((self.clone(), sname));
+            d.moved(layers, self, &spu, sname.clone());
             moved.push(d);
         } else {
             if let Some(du) = dst
                 .filter(|d| d.is_dir)
                 .and_then(|d| d.current(layers).upper)
             {
-                clear_whiteouts(&du)?;
+                clear_whiteouts(du.dir()?)?;
             }
             let whiteout = self.lower_has(cx, layers, name)?;
             if src.is_dir && self.whiteout_at(&dpu, &dname)? {
@@ -1194,8 +1353,17 @@ impl LayerObj {
                 hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
             }
         }
-        *src.place.lock().unwrap() = Some((newdir.clone(), dname));
+        src.moved(layers, newdir, &dpu, dname);
         Ok(moved)
+    }
+
+    /// It was renamed to `name` in `dir`, whose directory in the top layer
+    /// is `dir_upper`.
+    fn moved(&self, layers: &Layers, dir: &Arc<LayerObj>, dir_upper: &Arc<OwnedFd>, name: CString) {
+        if let Some(u) = self.current(layers).upper {
+            u.named(dir_upper, &name);
+        }
+        *self.place.lock().unwrap() = Some((dir.clone(), name));
     }
 
     /// To hold while names or times of directories of the view's top
@@ -1212,7 +1380,7 @@ impl LayerObj {
         dir: &Arc<LayerObj>,
         name: &OsStr,
     ) -> io::Result<LayerObj> {
-        let u = self.upper(cx, layers)?;
+        let u = self.upper(cx, layers)?.fd(cx)?;
         let new = dir.create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))?;
         // The view's count of a hard-linked file from below goes up too.
         let st = hostfs::stat(u.as_fd())?;

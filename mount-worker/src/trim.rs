@@ -2,13 +2,13 @@
 //! nodes under a bound.
 //!
 //! The worker holds host descriptors for the nodes the kernel has looked
-//! up and not forgotten: main's, snapshots' and branches' directories and
-//! the branch files in their layers (other files are kept by handle). The
-//! kernel forgets a node only once it drops the node's dentries, which it
-//! does only under memory pressure: reading a branch whose 20 000 files
-//! were all changed would otherwise hold 20 000 descriptors for as long as
-//! the machine has memory to spare, and past the open-file limit every
-//! lookup, creation and control connection fails with EMFILE. Every node
+//! up and not forgotten: main's, snapshots' and branches' directories
+//! (files are kept by handle, except on a file system without handles).
+//! The kernel forgets a node only once it drops the node's dentries, which
+//! it does only under memory pressure: a tree of 20 000 directories would
+//! otherwise hold 20 000 descriptors for as long as the machine has memory
+//! to spare, and past the open-file limit every lookup, creation and
+//! control connection fails with EMFILE. Every node
 //! also costs memory (the node table, these names) and a record in the
 //! handoff journal, so all nodes have a mark of their own
 //! (`--max-cached-nodes`), far above the descriptors' on a small open-file
@@ -22,8 +22,9 @@
 //! first: the files in use now are the ones looked up last. Directories
 //! hold descriptors too but have no names here, so where they fill most
 //! of the descriptors' mark, files still keep a quarter of it (short of
-//! the hard mark): without that, every file of a branch would lose its
-//! name as soon as it was looked up, and each use would look it up again.
+//! the hard mark): without that, where files hold descriptors, each
+//! would lose its name as soon as it was looked up, and each use would
+//! look it up again.
 //! An inode no process uses then goes, and the kernel's FORGET closes the
 //! worker's descriptors; one in use (an open
 //! file, a mapping) stays, and its next path lookup finds it again. It is

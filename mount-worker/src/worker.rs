@@ -331,7 +331,7 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
     if open_files < wanted_fds {
         tracing::warn!(
             "open-file limit {open_files} (wanted {wanted_fds}): cached file names are dropped \
-             once {} nodes hold descriptors (directories, files copied to a branch), and more \
+             once {} nodes hold descriptors (directories), and more \
              directories and open files than the limit fail with EMFILE; raise LimitNOFILE= (or ulimit -Hn)",
             open_files / 2
         );

@@ -2028,22 +2028,19 @@ fn trees_larger_than_the_node_mark_work() {
     assert_descriptors_below(&m, 100);
 }
 
-/// A branch's file that still shows main's is kept by handle too, until
-/// its copy-up gives it a descriptor in the top layer, and the trimmer
-/// counts it from then on. Under an open-file limit of 4 096 (mark 2 048):
-/// 5 000 such files looked up hold a few dozen descriptors; all 5 000
-/// copied up while the kernel keeps their nodes stay under the limit (the
-/// trimmer has the kernel drop names: not counted as holding any, they
-/// would have held 5 000 and failed with EMFILE).
-#[test]
-fn branch_files_the_kernel_knows_hold_no_descriptors_until_copied_up() {
-    let m = Mount::builder()
-        .populate(|s| drop(thousands(s, 5, true)))
-        .open_file_limit(4096)
-        .start();
+/// A branch's files are kept by handle, as main's are, wherever they are:
+/// still main's, copied up, made in the branch, or in a layer frozen by a
+/// snapshot. Under an open-file limit of 4 096 (descriptors' mark 2 048),
+/// 5 000 files of main and 2 000 made in the branch, all looked up and
+/// copied up while the kernel keeps their nodes, hold a few dozen
+/// descriptors (one each would pass the mark, and the trimmer would have
+/// the kernel drop their names), and read back right before and after a
+/// snapshot of the branch freezes its layer, with the same inode numbers.
+fn assert_branch_files_hold_no_descriptors(m: Mount) {
     common::snapshot(&m, None, "s");
     common::branch(&m, "s", "b");
-    let files = thousands(&m.path().join(".agentfs/branches/b"), 5, false);
+    let b = m.path().join(".agentfs/branches/b");
+    let files = thousands(&b, 5, false);
     for f in &files {
         assert_eq!(fs::read(f).unwrap(), b"x");
     }
@@ -2053,12 +2050,48 @@ fn branch_files_the_kernel_knows_hold_no_descriptors_until_copied_up() {
         w.write_all(b"y")
             .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
     }
-    assert_descriptors_below(&m, 4096 * 3 / 4 + 100);
-    for f in &files {
-        assert_eq!(fs::read(f).unwrap(), b"xy");
+    fs::create_dir(b.join("new")).unwrap();
+    let made: Vec<PathBuf> = (0..2000).map(|i| b.join(format!("new/n{i}"))).collect();
+    for f in &made {
+        fs::write(f, b"n").unwrap();
     }
+    assert_descriptors_below(&m, 100);
+    let inos = |fs: &[PathBuf]| -> Vec<u64> {
+        fs.iter().map(|f| fs::metadata(f).unwrap().ino()).collect()
+    };
+    let before = (inos(&files), inos(&made));
+    common::snapshot(&m, Some("b"), "frozen");
+    for f in &files {
+        assert_eq!(fs::read(f).unwrap(), b"xy", "{}", f.display());
+    }
+    for f in &made {
+        assert_eq!(fs::read(f).unwrap(), b"n", "{}", f.display());
+    }
+    assert_eq!((inos(&files), inos(&made)), before);
+    assert_descriptors_below(&m, 100);
     let main = m.path().join("d4/f999");
     assert_eq!(fs::read(main).unwrap(), b"x");
+}
+
+#[test]
+fn branch_files_the_kernel_knows_hold_no_descriptors() {
+    assert_branch_files_hold_no_descriptors(
+        Mount::builder()
+            .populate(|s| drop(thousands(s, 5, true)))
+            .open_file_limit(4096)
+            .start(),
+    );
+}
+
+#[test]
+fn branch_files_the_kernel_knows_hold_no_descriptors_with_state_on_tmpfs() {
+    assert_branch_files_hold_no_descriptors(
+        Mount::builder()
+            .populate(|s| drop(thousands(s, 5, true)))
+            .open_file_limit(4096)
+            .state_on_tmpfs("256m")
+            .start(),
+    );
 }
 
 /// A worker holds a host descriptor per node of a branch the kernel
@@ -2195,4 +2228,68 @@ fn a_lost_stamp_of_a_new_layer_is_made_again_at_start() {
     assert_eq!(fs::read(b.join("f")).unwrap(), b"f");
     assert!(!b.join("later").exists());
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
+}
+
+/// The host inode number of the file `name` at the root of a layer of
+/// the state directory (made there by a branch).
+fn layer_ino(m: &Mount, name: &str) -> Option<u64> {
+    fs::read_dir(m.state_dir().join("layers"))
+        .unwrap()
+        .find_map(|l| fs::metadata(l.unwrap().path().join("tree").join(name)).ok())
+        .map(|meta| meta.ino())
+}
+
+/// A branch's file is kept by handle and pins no inode: once it is
+/// removed, the host may give its inode number (which a file made in a
+/// layer takes its id from) to a new file of the layer while the kernel
+/// still holds the old node. The new file is reached and gets a number
+/// of its own; the old node answers ESTALE; a removed file still open
+/// stays readable and shows no links.
+#[test]
+fn a_reused_inode_number_in_a_layer_is_another_file_to_the_mount() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // Attributes never cached: the old node's are asked for at the end.
+    let m = Mount::builder().arg("--cache-timeout-ms").arg("0").start();
+    snapshot(&m, None, "s");
+    branch(&m, "s", "b");
+    let b = branch_dir(&m, "b");
+    fs::write(b.join("open"), b"open").unwrap();
+    let open = File::open(b.join("open")).unwrap();
+    fs::remove_file(b.join("open")).unwrap();
+    let meta = open.metadata().unwrap();
+    assert_eq!(meta.nlink(), 0);
+    assert_eq!(std::io::read_to_string(&open).unwrap(), "open");
+
+    fs::write(b.join("old"), b"old").unwrap();
+    let ino = layer_ino(&m, "old").expect("made in the top layer");
+    let view_ino = fs::metadata(b.join("old")).unwrap().ino();
+    // The kernel's node, held without opening the file.
+    let path = std::ffi::CString::new(b.join("old").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(held >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptor.
+    let held = unsafe { std::os::fd::OwnedFd::from_raw_fd(held) };
+    fs::remove_file(b.join("old")).unwrap();
+    let reused = (0..200)
+        .map(|i| {
+            let name = format!("new{i}");
+            fs::write(b.join(&name), format!("new {i}")).unwrap();
+            name
+        })
+        .find(|name| layer_ino(&m, name) == Some(ino))
+        .expect("the host reuses the inode number within 200 files");
+    let through = b.join(&reused);
+    assert_eq!(
+        fs::read_to_string(&through).unwrap(),
+        format!("new {}", &reused[3..])
+    );
+    let new_ino = fs::metadata(&through).unwrap().ino();
+    assert_ne!(
+        new_ino, view_ino,
+        "the kernel knows that number for the old node"
+    );
+    let old = File::from(held).metadata().map_err(|e| e.raw_os_error());
+    assert_eq!(old.err(), Some(Some(libc::ESTALE)), "the old node");
 }

@@ -1,14 +1,13 @@
 //! What the trimmer counts (`FsCore::load`), on a real FsCore over a real
 //! source: every node, and apart those that may hold host descriptors.
-//! Files of main, of a snapshot of main and of a branch that still shows
-//! main's are kept by handle and hold none; directories do, and so does a
-//! branch's file from its copy-up on, until the kernel forgets its node.
+//! Files of main, of its snapshots and of branches (their own too) are
+//! kept by handle and hold none; directories do.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use agentfs_mount_worker::core::{FsCore, NodeId};
+use agentfs_mount_worker::core::{Caller, FsCore, NodeId};
 
 fn lookup(core: &FsCore, parent: NodeId, name: &str) -> NodeId {
     core.lookup(parent, OsStr::new(name))
@@ -71,17 +70,37 @@ fn only_nodes_that_may_hold_descriptors_count_as_holding() {
     let branch = core.load();
     assert_eq!(branch.nodes - snap.nodes, 4, "{branch:?}");
     assert_eq!(branch.holding - snap.holding, 1, "{branch:?}");
+    // Copied up, made in the branch, or in a layer a snapshot froze, a
+    // branch's files are kept by handle too.
     core.setxattr(files[0], OsStr::new("user.x"), b"1", 0)
         .unwrap();
-    let copied = core.load();
-    assert_eq!(copied.holding - branch.holding, 1, "{copied:?}");
-    // A second change of it adds nothing; its node forgotten, it counts
-    // no more.
+    let d = walk(&core, ".agentfs/branches/b/d");
+    let made = core
+        .mknod(
+            d,
+            OsStr::new("made"),
+            libc::S_IFREG | 0o644,
+            0,
+            Caller {
+                uid: 0,
+                gid: 0,
+                umask: 0o022,
+            },
+        )
+        .unwrap()
+        .node;
+    let changed = core.load();
+    assert_eq!(changed.holding, branch.holding, "{changed:?}");
+    assert_eq!(changed.nodes, branch.nodes + 1, "{changed:?}");
+    // The snapshot's root is a node (a directory) from its making on.
+    core.snapshot_branch("b", Some("sb".into())).unwrap();
+    let frozen = core.load();
     core.setxattr(files[0], OsStr::new("user.y"), b"2", 0)
         .unwrap();
-    assert_eq!(core.load().holding, copied.holding);
+    core.setxattr(made, OsStr::new("user.y"), b"2", 0).unwrap();
+    assert_eq!(core.load().holding, frozen.holding);
     assert!(core.forget(files[0], 1));
     let forgotten = core.load();
-    assert_eq!(forgotten.holding, branch.holding, "{forgotten:?}");
-    assert_eq!(forgotten.nodes, copied.nodes - 1, "{forgotten:?}");
+    assert_eq!(forgotten.holding, frozen.holding, "{forgotten:?}");
+    assert_eq!(forgotten.nodes, frozen.nodes - 1, "{forgotten:?}");
 }

@@ -254,3 +254,41 @@ fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
     drop(held);
     m.stop();
 }
+
+/// The same for a branch's own files, which it keeps by handle too, with
+/// the names each was found at or moved to: a file copied up, one made
+/// in the branch, a rename, a hard link whose first name is removed and
+/// one whose second name is, each read back after the host dropped its
+/// names.
+#[test]
+fn a_branch_s_own_files_open_after_the_host_dropped_their_names() {
+    let mut m = supervised_with_d_f();
+    common::snapshot(&m, None, "s");
+    common::branch(&m, "s", "b");
+    let b = common::branch_dir(&m, "b");
+    let (f, made) = (b.join("d/f"), b.join("d/made"));
+    let held = [hold(&f), hold(&b.join("d"))];
+    fs::write(&f, b"copied").unwrap();
+    fs::write(&made, b"made").unwrap();
+    let made_held = hold(&made);
+    drop_names();
+    assert_eq!(fs::read(&f).unwrap(), b"copied");
+    assert_eq!(fs::read(&made).unwrap(), b"made");
+    fs::rename(&f, b.join("f")).unwrap();
+    drop_names();
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"copied");
+    fs::hard_link(&made, b.join("d/link")).unwrap();
+    fs::remove_file(&made).unwrap();
+    drop_names();
+    assert_eq!(fs::read(b.join("d/link")).unwrap(), b"made");
+    fs::write(b.join("d/link"), b"changed").unwrap();
+    drop_names();
+    assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed");
+    let link_held = hold(&b.join("d/link"));
+    fs::hard_link(b.join("d/link"), b.join("second")).unwrap();
+    fs::remove_file(b.join("second")).unwrap();
+    drop_names();
+    assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed");
+    drop((held, made_held, link_held));
+    m.stop();
+}
