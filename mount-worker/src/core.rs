@@ -39,6 +39,7 @@ use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, Inode, InodeFd, LayerObj, LayerView, Layers, Part, ReadFile, Top};
+use crate::names::Names;
 use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
@@ -256,12 +257,10 @@ enum MainInode {
     /// and path walks look them up again).
     Handle {
         handle: HostHandle,
-        /// Its directory and its name there, as last known: opened by
-        /// that name (the handle checked), so that the host's dentry is
-        /// connected. One opened by a bare handle is not once the host
-        /// has dropped its cached names, and Landlock refuses an open or
-        /// a link of it (it checks the path it reaches from the dentry).
-        at: Mutex<Option<Place>>,
+        /// Its directories and its names there, as last known: opened by
+        /// one of them (the handle checked), so that the host's dentry
+        /// is connected ([`Names`]).
+        at: Names<Place>,
     },
 }
 
@@ -271,6 +270,13 @@ struct Place {
     dir: NodeId,
     obj: Arc<Obj>,
     name: CString,
+}
+
+/// The same name of the same directory node.
+impl PartialEq for Place {
+    fn eq(&self, other: &Place) -> bool {
+        self.dir == other.dir && self.name == other.name
+    }
 }
 
 impl Place {
@@ -296,7 +302,7 @@ impl MainInode {
         match handle.map_or_else(|| hostfs::handle_of(fd.as_fd()), Ok) {
             Ok(handle) => MainInode::Handle {
                 handle,
-                at: Mutex::new(at),
+                at: Names::new(at),
             },
             // EOPNOTSUPP: served all the same, at a descriptor a node.
             Err(_) => MainInode::Open(fd),
@@ -1372,11 +1378,9 @@ impl FsCore {
     fn main_inode<'a>(&self, obj: &'a Obj) -> io::Result<HostFd<'a>> {
         match obj {
             Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
-            Obj::Main(MainInode::Handle { handle, at }) => {
-                let at = at.lock().unwrap().clone();
-                let named = at.as_ref().and_then(Place::named);
-                hostfs::open_handle_by_name(self.mount_fd(), handle, named).map(HostFd::Opened)
-            }
+            Obj::Main(MainInode::Handle { handle, at }) => at
+                .open(self.mount_fd(), handle, Place::named)
+                .map(HostFd::Opened),
             _ => Err(errno(libc::EROFS)),
         }
     }
@@ -1420,15 +1424,14 @@ impl FsCore {
     }
 
     /// Main's file of node `id` (`n`) is found at `place`: it is opened by
-    /// that name from now on, and a successor learns it too if the place
-    /// is new to it.
+    /// that name first from now on, and a successor learns it too if the
+    /// place is new to it.
     fn main_placed(&self, id: u64, n: &Node, place: Place) {
         let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj else {
             return;
         };
-        let mut at = at.lock().unwrap();
         let new = place.found_at();
-        if n.journaled && at.as_ref().map(Place::found_at).as_ref() != Some(&new) {
+        if at.learn(place) && n.journaled {
             self.journal(|| {
                 Some(Record::Node {
                     id,
@@ -1438,7 +1441,6 @@ impl FsCore {
                 })
             });
         }
-        *at = Some(place);
     }
 
     /// The object of a node the kernel holds a lookup on.
@@ -1566,7 +1568,7 @@ impl FsCore {
                 .map(|h| (Origin::Main(h), None)),
             Obj::Main(MainInode::Handle { handle, at }) => Some((
                 Origin::Main(handle.clone()),
-                at.lock().unwrap().as_ref().map(Place::found_at),
+                at.newest().as_ref().map(Place::found_at),
             )),
             _ => None,
         };
@@ -1576,7 +1578,7 @@ impl FsCore {
         // by now, which needs a node of its own. The same file's node
         // learns where it was found.
         let (found, found_at) = match &inode {
-            MainInode::Handle { handle, at } => (Some(handle), at.lock().unwrap().clone()),
+            MainInode::Handle { handle, at } => (Some(handle), at.newest()),
             MainInode::Open(_) => (None, None),
         };
         let known = t

@@ -571,18 +571,20 @@ pub fn open_handle_by_name(
     handle: &HostHandle,
     named: Option<(BorrowedFd<'_>, &CStr)>,
 ) -> io::Result<OwnedFd> {
-    open_handle_by_names(any, handle, named).map(|(fd, _)| fd)
+    open_handle_by_names(any, handle, [named]).map(|(fd, _)| fd)
 }
 
-/// [`open_handle_by_name`] with several names tried in turn; also says
-/// which one led to the inode (`None`: none did, opened by the handle).
+/// [`open_handle_by_name`] with several names tried in turn (`None`: one
+/// that cannot be tried); also says which one led to the inode (`None`:
+/// none did, opened by the handle).
 pub fn open_handle_by_names<'a>(
     any: BorrowedFd<'_>,
     handle: &HostHandle,
-    names: impl IntoIterator<Item = (BorrowedFd<'a>, &'a CStr)>,
+    names: impl IntoIterator<Item = Option<(BorrowedFd<'a>, &'a CStr)>>,
 ) -> io::Result<(OwnedFd, Option<usize>)> {
-    for (i, (dir, name)) in names.into_iter().enumerate() {
-        if let Ok(fd) = open_node(dir, name)
+    for (i, named) in names.into_iter().enumerate() {
+        if let Some((dir, name)) = named
+            && let Ok(fd) = open_node(dir, name)
             && handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
         {
             return Ok((fd, Some(i)));

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
+use crate::names::Names;
 use crate::preserve::PreImageStore;
 use crate::snapview::SnapObj;
 
@@ -132,23 +133,20 @@ pub enum Inode {
 /// A file of a layer kept by its handle.
 pub struct ByHandle {
     handle: HostHandle,
-    /// The layer directories and names it was last found at, made at or
-    /// moved to, newest first: it is opened by the first that still leads
-    /// to it ([`hostfs::open_handle_by_names`]), the others are dropped.
-    /// Several, so that a hard link's removal leaves it a name.
-    at: Mutex<Vec<(Arc<OwnedFd>, CString)>>,
+    /// The names it is opened by.
+    at: Names<LayerName>,
 }
 
-/// How many names a [`ByHandle`] keeps.
-const NAMES_KEPT: usize = 4;
+/// A name in a layer directory.
+#[derive(Clone)]
+struct LayerName {
+    dir: Arc<OwnedFd>,
+    name: CString,
+}
 
-impl ByHandle {
-    /// It is (also) `name` in the layer directory `dir`.
-    fn named(&self, dir: &Arc<OwnedFd>, name: &CStr) {
-        let mut at = self.at.lock().unwrap();
-        at.retain(|(d, n)| !(Arc::ptr_eq(d, dir) && n.as_c_str() == name));
-        at.insert(0, (dir.clone(), name.to_owned()));
-        at.truncate(NAMES_KEPT);
+impl PartialEq for LayerName {
+    fn eq(&self, other: &LayerName) -> bool {
+        Arc::ptr_eq(&self.dir, &other.dir) && self.name == other.name
     }
 }
 
@@ -180,7 +178,10 @@ impl Inode {
         match hostfs::handle_of(fd.as_fd()) {
             Ok(handle) => Inode::Handle(Arc::new(ByHandle {
                 handle,
-                at: Mutex::new(vec![(dir.clone(), name.to_owned())]),
+                at: Names::new(Some(LayerName {
+                    dir: dir.clone(),
+                    name: name.to_owned(),
+                })),
             })),
             // EOPNOTSUPP: served all the same, at a descriptor a file.
             Err(_) => Inode::Open(Arc::new(fd)),
@@ -192,19 +193,10 @@ impl Inode {
         match self {
             Inode::Open(fd) => Ok(InodeFd::Kept(fd.clone())),
             Inode::Handle(h) => {
-                let at = h.at.lock().unwrap().clone();
-                let names = at.iter().map(|(d, n)| (d.as_fd(), n.as_c_str()));
-                let (fd, by) = hostfs::open_handle_by_names(cx.state_fd, &h.handle, names)?;
-                let stale = by.unwrap_or(at.len());
-                if stale > 0 {
-                    // Names that lead elsewhere now: moved or removed.
-                    h.at.lock().unwrap().retain(|(d, n)| {
-                        !at[..stale]
-                            .iter()
-                            .any(|(sd, sn)| Arc::ptr_eq(d, sd) && n == sn)
-                    });
-                }
-                Ok(InodeFd::Opened(fd))
+                h.at.open(cx.state_fd, &h.handle, |n| {
+                    Some((n.dir.as_fd(), n.name.as_c_str()))
+                })
+                .map(InodeFd::Opened)
             }
         }
     }
@@ -221,7 +213,10 @@ impl Inode {
     /// linked there.
     fn named(&self, dir: &Arc<OwnedFd>, name: &CStr) {
         if let Inode::Handle(h) = self {
-            h.named(dir, name);
+            h.at.learn(LayerName {
+                dir: dir.clone(),
+                name: name.to_owned(),
+            });
         }
     }
 }
@@ -801,9 +796,8 @@ impl LayerObj {
         if mine.handle != theirs.handle {
             return false;
         }
-        let found = theirs.at.lock().unwrap().first().cloned();
-        if let Some((dir, name)) = found {
-            mine.named(&dir, &name);
+        if let Some(name) = theirs.at.newest() {
+            mine.at.learn(name);
         }
         true
     }

@@ -18,6 +18,7 @@ pub mod hostfs;
 pub mod layered;
 pub mod logging;
 pub mod mount;
+pub mod names;
 pub mod passthrough;
 pub mod preserve;
 pub mod proc_events;

@@ -211,12 +211,17 @@ fn supervised_with_d_f() -> common::Mount {
 /// an inode opened by a bare handle lacks once the host has dropped its
 /// cached names. Held nodes of the kernel's (so that it does not look the
 /// file up again), the host's names dropped before each step: a read, a
-/// write with truncation, a hard link and a rename all work.
+/// write with truncation, a hard link and a rename all work, and so does
+/// a read once a second name, the newest, is gone again.
 #[test]
 fn main_files_open_after_the_host_dropped_its_names() {
     let mut m = supervised_with_d_f();
     let f = m.path().join("d/f");
     let held = hold(&f);
+    drop_names();
+    assert_eq!(fs::read(&f).unwrap(), b"x");
+    fs::hard_link(&f, m.path().join("second")).unwrap();
+    fs::remove_file(m.path().join("second")).unwrap();
     drop_names();
     assert_eq!(fs::read(&f).unwrap(), b"x");
     drop_names();
