@@ -953,7 +953,7 @@ impl FsCore {
             unkey_if(
                 &mut t,
                 &key,
-                |o| matches!(o, Obj::Layer(live) if !live.is_found_again(&obj, layers)),
+                |o| matches!(o, Obj::Layer(live) if !live.is_found_again(&obj, stat.st_nlink, layers)),
             );
         }
         Ok(self.register(
@@ -1395,7 +1395,7 @@ impl FsCore {
             .get(&NodeKey::Host(st.st_dev, st.st_ino))
             .and_then(|&id| Some((id, t.by_id.get(&id)?)))
         {
-            Some((id, n)) => self.main_placed(id, n, place),
+            Some((id, n)) => self.main_placed(id, n, place, 1),
             // Held from a predecessor and not used since (by its number,
             // the id main's files get): its record learns the new place.
             None => {
@@ -1424,14 +1424,15 @@ impl FsCore {
     }
 
     /// Main's file of node `id` (`n`) is found at `place`: it is opened by
-    /// that name first from now on, and a successor learns it too if the
-    /// place is new to it.
-    fn main_placed(&self, id: u64, n: &Node, place: Place) {
+    /// that name first from now on (by its others too if it has several
+    /// `links`; a rename passes 1, its old name is gone), and a successor
+    /// learns it too if the place is new to it.
+    fn main_placed(&self, id: u64, n: &Node, place: Place, links: u64) {
         let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj else {
             return;
         };
         let new = place.found_at();
-        if at.learn(place) && n.journaled {
+        if at.learn(place, links) && n.journaled {
             self.journal(|| {
                 Some(Record::Node {
                     id,
@@ -1589,7 +1590,7 @@ impl FsCore {
             Some((id, n)) => match &*n.obj {
                 Obj::Main(MainInode::Handle { handle, .. }) if Some(handle) == found => {
                     if let Some(place) = found_at {
-                        self.main_placed(id, n, place);
+                        self.main_placed(id, n, place, stat.st_nlink);
                     }
                     false
                 }

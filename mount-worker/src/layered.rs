@@ -117,8 +117,8 @@ pub struct Ctx<'a> {
 
 /// An inode of a layer directory, as an object keeps it. A directory
 /// keeps a descriptor: every lookup below it searches it, and directories
-/// are few. Any other inode keeps its handle and the name it was found
-/// at, and is opened at each use, so that a branch's files hold no
+/// are few. Any other inode keeps its handle and the names it was found
+/// at ([`Names`]), and is opened at each use, so that a branch's files hold no
 /// descriptor, as main's don't: with one per file, a tree of a few
 /// thousand files reaches the worker's descriptors' mark and the trimmer
 /// has the kernel forget their names (trim.rs).
@@ -209,14 +209,14 @@ impl Inode {
         }
     }
 
-    /// It is (also) `name` in the layer directory `dir`: renamed or
-    /// linked there.
-    fn named(&self, dir: &Arc<OwnedFd>, name: &CStr) {
+    /// It was renamed to `name` in the layer directory `dir`.
+    fn moved(&self, dir: &Arc<OwnedFd>, name: &CStr) {
         if let Inode::Handle(h) = self {
-            h.at.learn(LayerName {
+            let name = LayerName {
                 dir: dir.clone(),
                 name: name.to_owned(),
-            });
+            };
+            h.at.learn(name, 1);
         }
     }
 }
@@ -786,8 +786,9 @@ impl LayerObj {
     /// A file kept by handle pins no inode: once it is removed, its
     /// inode number (the id of a file made in a layer) may go to another
     /// file while the kernel still holds this node. If it is this object,
-    /// this object is opened by the name `found` was found at from now on.
-    pub fn is_found_again(&self, found: &LayerObj, layers: &Layers) -> bool {
+    /// this object is opened by the name `found` was found at from now on
+    /// (`links`: its link count).
+    pub fn is_found_again(&self, found: &LayerObj, links: u64, layers: &Layers) -> bool {
         let (Ok(Part::Layer(Inode::Handle(mine))), Ok(Part::Layer(Inode::Handle(theirs)))) =
             (self.topmost(layers), found.topmost(layers))
         else {
@@ -797,7 +798,7 @@ impl LayerObj {
             return false;
         }
         if let Some(name) = theirs.at.newest() {
-            mine.at.learn(name);
+            mine.at.learn(name, links);
         }
         true
     }
@@ -1355,7 +1356,7 @@ impl LayerObj {
     /// is `dir_upper`.
     fn moved(&self, layers: &Layers, dir: &Arc<LayerObj>, dir_upper: &Arc<OwnedFd>, name: CString) {
         if let Some(u) = self.current(layers).upper {
-            u.named(dir_upper, &name);
+            u.moved(dir_upper, &name);
         }
         *self.place.lock().unwrap() = Some((dir.clone(), name));
     }

@@ -6,8 +6,10 @@
 //! the host has dropped its cached names, and Landlock refuses an open or
 //! a link of it (it checks the path it reaches from the dentry). One name
 //! is not enough: after `ln f g; rm g` the kernel still holds the file's
-//! node and asks for it again without looking `f` up, so a file keeps the
-//! few names it was last found at, made at or moved to.
+//! node and asks for it again without looking `f` up, so a file with
+//! several links keeps the few names it was last found at. Only such a
+//! file: each name holds its directory's descriptor, which a stale name
+//! would keep open after the directory is gone.
 
 use std::ffi::CStr;
 use std::io;
@@ -34,16 +36,19 @@ impl<T: Clone + PartialEq> Names<T> {
     }
 
     /// `name` leads to the file now (it was found, made or moved there):
-    /// it is tried first from now on. Whether it was not first already.
-    pub fn learn(&self, name: T) -> bool {
+    /// it is tried first from now on, and the others only if the file
+    /// has several `links`. Whether it was not first already.
+    pub fn learn(&self, name: T, links: u64) -> bool {
         let mut names = self.0.lock().unwrap();
-        if names.first() == Some(&name) {
-            return false;
+        let new = names.first() != Some(&name);
+        if links <= 1 {
+            names.clear();
+        } else {
+            names.retain(|n| *n != name);
         }
-        names.retain(|n| *n != name);
         names.insert(0, name);
         names.truncate(KEPT);
-        true
+        new
     }
 
     /// Opens the file `handle` names as `O_PATH`: by the first name that
@@ -75,15 +80,18 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn the_newest_name_comes_first_and_only_a_few_are_kept() {
+    fn the_newest_name_comes_first_and_only_a_few_are_kept_for_hard_links() {
         let names = Names::new(Some(0));
-        assert!(!names.learn(0), "first already");
+        assert!(!names.learn(0, 2), "first already");
         for n in 1..=5 {
-            assert!(names.learn(n));
+            assert!(names.learn(n, 2));
         }
-        assert!(names.learn(3), "known, not first");
+        assert!(names.learn(3, 2), "known, not first");
         assert_eq!(*names.0.lock().unwrap(), [3, 5, 4, 2]);
         assert_eq!(names.newest(), Some(3));
+        // With one link, the file is at one name only.
+        assert!(names.learn(7, 1));
+        assert_eq!(*names.0.lock().unwrap(), [7]);
     }
 
     /// A name as a test keeps it.
@@ -110,7 +118,7 @@ mod tests {
         let dir = Arc::new(OwnedFd::from(File::open(tmp.path()).unwrap()));
         let handle = hostfs::handle_of(File::open(tmp.path().join("f")).unwrap().as_fd()).unwrap();
         let names = Names::new(Some(At(dir.clone(), c"f")));
-        names.learn(At(dir.clone(), c"g"));
+        names.learn(At(dir.clone(), c"g"), 2);
         fs::remove_file(tmp.path().join("g")).unwrap();
         let fd = names.open(dir.as_fd(), &handle, named).unwrap();
         assert_eq!(hostfs::handle_of(fd.as_fd()).unwrap(), handle);
