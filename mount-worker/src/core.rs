@@ -941,19 +941,21 @@ impl FsCore {
         // A directory's key is the id its copy in the layer keeps, which
         // does not change when main's directory it merges is replaced,
         // moved or removed behind the mount (the branch's own moves
-        // detach the live object from below first).
+        // detach the live object from below first). A file's node pins
+        // no inode: its id, made of an inode number, may be a new
+        // directory's or file's by now.
         if obj.is_dir {
             let found = base.as_ref().map(|b| &b.handle);
             unkey_if(
                 &mut t,
                 &key,
-                |o| matches!(o, Obj::Layer(live) if live.base(layers).as_ref().map(|b| &b.handle) != found),
+                |o| matches!(o, Obj::Layer(live) if !live.is_dir || live.base(layers).as_ref().map(|b| &b.handle) != found),
             );
         } else {
             unkey_if(
                 &mut t,
                 &key,
-                |o| matches!(o, Obj::Layer(live) if !live.is_found_again(&obj, stat.st_nlink, layers)),
+                |o| matches!(o, Obj::Layer(live) if live.is_dir || !live.is_found_again(&obj, stat.st_nlink, layers)),
             );
         }
         Ok(self.register(

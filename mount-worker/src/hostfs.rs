@@ -576,18 +576,29 @@ pub fn open_handle_by_name(
 
 /// [`open_handle_by_name`] with several names tried in turn (`None`: one
 /// that cannot be tried); also says which one led to the inode (`None`:
-/// none did, opened by the handle).
+/// none did, opened by the handle). The names before it lead nowhere or
+/// to something else; a lack of descriptors or memory is returned, not
+/// taken for that.
 pub fn open_handle_by_names<'a>(
     any: BorrowedFd<'_>,
     handle: &HostHandle,
     names: impl IntoIterator<Item = Option<(BorrowedFd<'a>, &'a CStr)>>,
 ) -> io::Result<(OwnedFd, Option<usize>)> {
     for (i, named) in names.into_iter().enumerate() {
-        if let Some((dir, name)) = named
-            && let Ok(fd) = open_node(dir, name)
-            && handle_of(fd.as_fd()).is_ok_and(|h| h == *handle)
-        {
-            return Ok((fd, Some(i)));
+        let Some((dir, name)) = named else { continue };
+        match open_node(dir, name) {
+            Ok(fd) if handle_of(fd.as_fd()).is_ok_and(|h| h == *handle) => {
+                return Ok((fd, Some(i)));
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                ) =>
+            {
+                return Err(e);
+            }
+            _ => {}
         }
     }
     Ok((open_handle(any, handle)?, None))

@@ -209,14 +209,30 @@ impl Inode {
         }
     }
 
-    /// It was renamed to `name` in the layer directory `dir`.
+    /// It was renamed to `name` in the layer directory `dir`: opened by
+    /// that name first, and by its other names too if it has several
+    /// links.
     fn moved(&self, dir: &Arc<OwnedFd>, name: &CStr) {
         if let Inode::Handle(h) = self {
+            let links = hostfs::open_node(dir.as_fd(), name)
+                .and_then(|fd| hostfs::stat(fd.as_fd()))
+                .map_or(1, |st| st.st_nlink);
             let name = LayerName {
                 dir: dir.clone(),
                 name: name.to_owned(),
             };
-            h.at.learn(name, 1);
+            h.at.learn(name, links);
+        }
+    }
+
+    /// It is `name` in the layer directory `dir` too, a name to open it
+    /// by when its others are gone (its entry in the top layer's index).
+    fn also(&self, dir: &Arc<OwnedFd>, name: &CStr) {
+        if let Inode::Handle(h) = self {
+            h.at.also(LayerName {
+                dir: dir.clone(),
+                name: name.to_owned(),
+            });
         }
     }
 }
@@ -306,8 +322,8 @@ pub struct LayerView {
     /// the view): a change in between would have its times put back too.
     names: RwLock<()>,
     next_tmp: AtomicU64,
-    /// The node table's tally of nodes that hold descriptors: a file's
-    /// node joins it at the file's copy-up ([`LayerObj::count_in`]).
+    /// The node table's tally of nodes that hold descriptors
+    /// ([`LayerObj::count_in`]).
     holding: Arc<AtomicUsize>,
 }
 
@@ -996,7 +1012,8 @@ impl LayerObj {
             }
             Ok(())
         };
-        if indexed.is_some() || self.has_names_below(cx, &s)? {
+        let from_index = indexed.is_some() || self.has_names_below(cx, &s)?;
+        if from_index {
             // Linked from the index, so that its other names find it too.
             let ix = match indexed {
                 Some(fd) => fd,
@@ -1016,7 +1033,11 @@ impl LayerObj {
         }
         hostfs::sync_dir(pu.as_fd())?;
         let fd = hostfs::open_node(pu.as_fd(), &name)?;
-        Ok(self.adopt(fd, &pu, &name))
+        let u = self.adopt(fd, &pu, &name);
+        if from_index {
+            u.also(&top.index, &index_name(self.id));
+        }
+        Ok(u)
     }
 
     /// A directory's [`LayerObj::upper`]: its descriptor.

@@ -51,6 +51,15 @@ impl<T: Clone + PartialEq> Names<T> {
         new
     }
 
+    /// `name` leads to the file too, to be tried last (an entry that
+    /// stays while the file has any name, such as a hard-link index's).
+    pub fn also(&self, name: T) {
+        let mut names = self.0.lock().unwrap();
+        if !names.contains(&name) && names.len() < KEPT {
+            names.push(name);
+        }
+    }
+
     /// Opens the file `handle` names as `O_PATH`: by the first name that
     /// still leads to it (`named` gives a name's directory and component,
     /// `None` for one that can no longer be used), else by the handle on

@@ -2239,16 +2239,41 @@ fn layer_ino(m: &Mount, name: &str) -> Option<u64> {
         .map(|meta| meta.ino())
 }
 
+/// Makes a file in branch directory `b`, holds its node (O_PATH), removes
+/// it, then makes `<prefix><i>` with `make` until one gets the removed
+/// file's host inode number in the layer. That name, the removed file's
+/// `st_ino` in the view, and the held node.
+fn removed_then_reused(
+    m: &Mount,
+    b: &Path,
+    prefix: &str,
+    make: impl Fn(&Path, usize),
+) -> (String, u64, std::os::fd::OwnedFd) {
+    let old = format!("{prefix}-old");
+    fs::write(b.join(&old), b"old").unwrap();
+    let ino = layer_ino(m, &old).expect("made in the top layer");
+    let view_ino = fs::metadata(b.join(&old)).unwrap().ino();
+    let held = common::hold(&b.join(&old));
+    fs::remove_file(b.join(&old)).unwrap();
+    let reused = (0..200)
+        .map(|i| {
+            let name = format!("{prefix}{i}");
+            make(&b.join(&name), i);
+            name
+        })
+        .find(|name| layer_ino(m, name) == Some(ino))
+        .expect("the host reuses the inode number within 200 tries");
+    (reused, view_ino, held)
+}
+
 /// A branch's file is kept by handle and pins no inode: once it is
 /// removed, the host may give its inode number (which a file made in a
 /// layer takes its id from) to a new file of the layer while the kernel
 /// still holds the old node. The new file is reached and gets a number
-/// of its own; the old node answers ESTALE; a removed file still open
-/// stays readable and shows no links.
+/// of its own; the old node answers ESTALE; so for a new directory; a
+/// removed file still open stays readable and shows no links.
 #[test]
 fn a_reused_inode_number_in_a_layer_is_another_file_to_the_mount() {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
     // Attributes never cached: the old node's are asked for at the end.
     let m = Mount::builder().arg("--cache-timeout-ms").arg("0").start();
     snapshot(&m, None, "s");
@@ -2261,25 +2286,9 @@ fn a_reused_inode_number_in_a_layer_is_another_file_to_the_mount() {
     assert_eq!(meta.nlink(), 0);
     assert_eq!(std::io::read_to_string(&open).unwrap(), "open");
 
-    fs::write(b.join("old"), b"old").unwrap();
-    let ino = layer_ino(&m, "old").expect("made in the top layer");
-    let view_ino = fs::metadata(b.join("old")).unwrap().ino();
-    // The kernel's node, held without opening the file.
-    let path = std::ffi::CString::new(b.join("old").as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid path; the descriptor is owned below.
-    let held = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-    assert!(held >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptor.
-    let held = unsafe { std::os::fd::OwnedFd::from_raw_fd(held) };
-    fs::remove_file(b.join("old")).unwrap();
-    let reused = (0..200)
-        .map(|i| {
-            let name = format!("new{i}");
-            fs::write(b.join(&name), format!("new {i}")).unwrap();
-            name
-        })
-        .find(|name| layer_ino(&m, name) == Some(ino))
-        .expect("the host reuses the inode number within 200 files");
+    let (reused, view_ino, held) = removed_then_reused(&m, &b, "new", |p, i| {
+        fs::write(p, format!("new {i}")).unwrap()
+    });
     let through = b.join(&reused);
     assert_eq!(
         fs::read_to_string(&through).unwrap(),
@@ -2292,4 +2301,13 @@ fn a_reused_inode_number_in_a_layer_is_another_file_to_the_mount() {
     );
     let old = File::from(held).metadata().map_err(|e| e.raw_os_error());
     assert_eq!(old.err(), Some(Some(libc::ESTALE)), "the old node");
+
+    // The same number going to a new directory.
+    let (reused, held_ino, held) =
+        removed_then_reused(&m, &b, "dir", |p, _| fs::create_dir(p).unwrap());
+    let dir = b.join(&reused);
+    fs::write(dir.join("inside"), b"inside").unwrap();
+    assert_eq!(common::names(&dir), ["inside"]);
+    assert_ne!(fs::metadata(&dir).unwrap().ino(), held_ino);
+    drop(held);
 }

@@ -172,24 +172,6 @@ fn every_thread_holds_only_the_kept_capabilities() {
     m.stop();
 }
 
-/// The kernel's node of `path`, held without opening the file (so that
-/// the worker holds no descriptor of it either).
-fn hold(path: &Path) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid path; the descriptor is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-    assert!(
-        fd >= 0,
-        "{}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fresh descriptor.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
-}
-
 /// Has the host drop its cached names (and unused inodes).
 fn drop_names() {
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
@@ -217,7 +199,7 @@ fn supervised_with_d_f() -> common::Mount {
 fn main_files_open_after_the_host_dropped_its_names() {
     let mut m = supervised_with_d_f();
     let f = m.path().join("d/f");
-    let held = hold(&f);
+    let held = common::hold(&f);
     drop_names();
     assert_eq!(fs::read(&f).unwrap(), b"x");
     fs::hard_link(&f, m.path().join("second")).unwrap();
@@ -251,7 +233,7 @@ fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
         m.path().join(".agentfs/snapshots/s/d/f"),
         common::branch_dir(&m, "b").join("d/f"),
     ];
-    let held: Vec<_> = files.iter().map(|f| hold(f)).collect();
+    let held: Vec<_> = files.iter().map(|f| common::hold(f)).collect();
     for f in &files {
         drop_names();
         assert_eq!(fs::read(f).unwrap(), b"x", "{}", f.display());
@@ -262,9 +244,9 @@ fn snapshot_and_branch_files_open_after_the_host_dropped_its_names() {
 
 /// The same for a branch's own files, which it keeps by handle too, with
 /// the names each was found at or moved to: a file copied up, one made
-/// in the branch, a rename, a hard link whose first name is removed and
-/// one whose second name is, each read back after the host dropped its
-/// names.
+/// in the branch, a rename, a hard link whose first name is removed, one
+/// whose second name is, and one whose second name is moved and then
+/// removed, each read back after the host dropped its names.
 #[test]
 fn a_branch_s_own_files_open_after_the_host_dropped_their_names() {
     let mut m = supervised_with_d_f();
@@ -272,10 +254,10 @@ fn a_branch_s_own_files_open_after_the_host_dropped_their_names() {
     common::branch(&m, "s", "b");
     let b = common::branch_dir(&m, "b");
     let (f, made) = (b.join("d/f"), b.join("d/made"));
-    let held = [hold(&f), hold(&b.join("d"))];
+    let held = [common::hold(&f), common::hold(&b.join("d"))];
     fs::write(&f, b"copied").unwrap();
     fs::write(&made, b"made").unwrap();
-    let made_held = hold(&made);
+    let made_held = common::hold(&made);
     drop_names();
     assert_eq!(fs::read(&f).unwrap(), b"copied");
     assert_eq!(fs::read(&made).unwrap(), b"made");
@@ -289,9 +271,14 @@ fn a_branch_s_own_files_open_after_the_host_dropped_their_names() {
     fs::write(b.join("d/link"), b"changed").unwrap();
     drop_names();
     assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed");
-    let link_held = hold(&b.join("d/link"));
+    let link_held = common::hold(&b.join("d/link"));
     fs::hard_link(b.join("d/link"), b.join("second")).unwrap();
     fs::remove_file(b.join("second")).unwrap();
+    drop_names();
+    assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed");
+    fs::hard_link(b.join("d/link"), b.join("third")).unwrap();
+    fs::rename(b.join("third"), b.join("moved")).unwrap();
+    fs::remove_file(b.join("moved")).unwrap();
     drop_names();
     assert_eq!(fs::read(b.join("d/link")).unwrap(), b"changed");
     drop((held, made_held, link_held));

@@ -1111,3 +1111,21 @@ impl Drop for SharedMap {
         }
     }
 }
+
+/// The kernel's node of `path`, held without opening the file (so that
+/// the worker holds no descriptor of it either).
+pub fn hold(path: &Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fresh descriptor.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
