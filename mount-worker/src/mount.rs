@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -264,10 +264,73 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
 }
 
 /// Aborts the FUSE connection of the mount whose device number is `dev`,
-/// failing every pending and future request with ENOTCONN.
+/// failing every pending and future request with ENOTCONN: through
+/// /sys/fs/fuse/connections where fusectl is mounted (systemd mounts it at
+/// boot), else through an instance of fusectl of our own that is never
+/// attached anywhere, so nothing shows (containers often lack the former).
+/// Needs CAP_SYS_ADMIN.
 pub fn abort_connection(dev: u64) -> io::Result<()> {
-    let minor = nix::sys::stat::minor(dev);
-    fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1")
+    let abort = format!("{}/abort", nix::sys::stat::minor(dev));
+    match fs::write(Path::new("/sys/fs/fuse/connections").join(&abort), "1") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let ctl = detached_fusectl()?;
+            let path = std::ffi::CString::new(abort).expect("no NUL in a number");
+            // SAFETY: valid descriptor and NUL-terminated path; the result
+            // is checked.
+            let fd = unsafe {
+                libc::openat(
+                    ctl.as_raw_fd(),
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: openat returned a new descriptor.
+            let mut f = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            io::Write::write_all(&mut f, b"1")
+        }
+        r => r,
+    }
+}
+
+/// A new mount of fusectl, not attached to any mount point (fsopen and
+/// fsmount): gone when the descriptor is closed.
+fn detached_fusectl() -> io::Result<OwnedFd> {
+    let check = |r: libc::c_long| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: plain system calls with NUL-terminated strings and null
+    // pointers where the calls take none; each result is checked, and each
+    // new descriptor is owned at once.
+    unsafe {
+        let fs = check(libc::syscall(
+            libc::SYS_fsopen,
+            c"fusectl".as_ptr(),
+            libc::FSOPEN_CLOEXEC,
+        ))?;
+        let fs = OwnedFd::from_raw_fd(fs as RawFd);
+        check(libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            libc::FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        ))?;
+        let m = check(libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            libc::FSMOUNT_CLOEXEC,
+            0,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(m as RawFd))
+    }
 }
 
 #[cfg(test)]

@@ -502,22 +502,39 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
                 };
                 if stopping.swap(true, Ordering::SeqCst) {
                     tracing::warn!(signal = sig, "second signal: aborting the FUSE connection");
-                    let _ = mount::abort_connection(dev);
-                    continue;
-                }
-                tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "unmounting");
-                if mount::device_of(&mountpoint).ok() == Some(dev) {
+                    abort_or_exit(dev);
+                } else if mount::device_of(&mountpoint).ok() == Some(dev) {
+                    tracing::info!(signal = sig, mountpoint = %mountpoint.display(), "unmounting");
                     if let Err(e) = mount::unmount(&mountpoint) {
                         tracing::error!(
                             "cannot unmount {}: {e}; aborting the connection",
                             mountpoint.display()
                         );
-                        let _ = mount::abort_connection(dev);
+                        abort_or_exit(dev);
                     }
+                } else {
+                    // Detached (`umount -l`, `fusermount3 -u -z`) while still in use: the
+                    // session ends when the last open file or working directory goes.
+                    tracing::info!(
+                        signal = sig,
+                        mountpoint = %mountpoint.display(),
+                        "already unmounted; serving what is still open through the detached \
+                         mount until it is closed (a second signal aborts it)"
+                    );
                 }
             }
         })?;
     Ok(())
+}
+
+/// Aborts the FUSE connection, or where that is refused (no CAP_SYS_ADMIN,
+/// as in the sandbox) exits: the kernel aborts a connection whose last
+/// /dev/fuse descriptor is closed, and this worker holds every one.
+fn abort_or_exit(dev: u64) {
+    if let Err(e) = mount::abort_connection(dev) {
+        tracing::warn!("cannot abort the FUSE connection ({e}); exiting, which ends it");
+        std::process::exit(0);
+    }
 }
 
 /// The control handler with the test hooks: `sandbox-probe` tries what the

@@ -217,6 +217,64 @@ fn fusermount_u_ends_the_worker() {
     assert!(!is_mounted(m.path()));
 }
 
+/// A mount detached while a process still works in it (`fusermount3 -u
+/// -z`) lives on for that process; SIGTERM then leaves it served, and a
+/// second SIGTERM ends it, whether or not fusectl is mounted at
+/// /sys/fs/fuse/connections (this container has none there).
+#[test]
+fn a_second_sigterm_ends_a_detached_mount_still_in_use() {
+    let mut m = Mount::new();
+    fs::write(m.path().join("f"), b"x").unwrap();
+    let mut user = Command::new("sleep")
+        .arg("60")
+        .current_dir(m.path())
+        .spawn()
+        .unwrap();
+    let cwd = PathBuf::from(format!("/proc/{}/cwd", user.id()));
+    let st = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(m.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(m.path()));
+    let pid = m.worker_pid();
+    common::signal(pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        Path::new(&format!("/proc/{pid}/task")).exists(),
+        "the first SIGTERM must leave the detached mount served"
+    );
+    assert_eq!(
+        fs::read(cwd.join("f")).unwrap(),
+        b"x",
+        "a process in the detached mount is still served"
+    );
+    common::signal(pid, libc::SIGTERM);
+    let mut exited = false;
+    for _ in 0..400 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z") {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let gone = fs::read(cwd.join("f"));
+    let _ = user.kill();
+    let _ = user.wait();
+    assert!(
+        exited,
+        "the worker did not exit within 10 s of a second SIGTERM"
+    );
+    assert_eq!(
+        gone.unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN),
+        "the connection is aborted"
+    );
+    m.kill();
+}
+
 #[test]
 fn kill_9_leaves_a_stale_mount_that_the_next_start_clears() {
     let mut m = Mount::new();
