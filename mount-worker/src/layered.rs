@@ -144,6 +144,15 @@ struct LayerName {
     name: CString,
 }
 
+impl LayerName {
+    fn new(dir: &Arc<OwnedFd>, name: &CStr) -> LayerName {
+        LayerName {
+            dir: dir.clone(),
+            name: name.to_owned(),
+        }
+    }
+}
+
 impl PartialEq for LayerName {
     fn eq(&self, other: &LayerName) -> bool {
         Arc::ptr_eq(&self.dir, &other.dir) && self.name == other.name
@@ -178,10 +187,7 @@ impl Inode {
         match hostfs::handle_of(fd.as_fd()) {
             Ok(handle) => Inode::Handle(Arc::new(ByHandle {
                 handle,
-                at: Names::new(Some(LayerName {
-                    dir: dir.clone(),
-                    name: name.to_owned(),
-                })),
+                at: Names::new(Some(LayerName::new(dir, name))),
             })),
             // EOPNOTSUPP: served all the same, at a descriptor a file.
             Err(_) => Inode::Open(Arc::new(fd)),
@@ -217,11 +223,7 @@ impl Inode {
             let links = hostfs::open_node(dir.as_fd(), name)
                 .and_then(|fd| hostfs::stat(fd.as_fd()))
                 .map_or(1, |st| st.st_nlink);
-            let name = LayerName {
-                dir: dir.clone(),
-                name: name.to_owned(),
-            };
-            h.at.learn(name, links);
+            h.at.learn(LayerName::new(dir, name), links);
         }
     }
 
@@ -229,10 +231,7 @@ impl Inode {
     /// by when its others are gone (its entry in the top layer's index).
     fn also(&self, dir: &Arc<OwnedFd>, name: &CStr) {
         if let Inode::Handle(h) = self {
-            h.at.also(LayerName {
-                dir: dir.clone(),
-                name: name.to_owned(),
-            });
+            h.at.also(LayerName::new(dir, name));
         }
     }
 }
