@@ -173,7 +173,10 @@ impl PreImage {
 /// The pre-image store of one state directory.
 pub struct PreImageStore {
     root: PathBuf,
-    /// Tags on disk per handle, ascending (loaded on first use of a handle).
+    /// Tags on disk per handle, ascending: every pre-image of the store,
+    /// read at open and kept exact by the only writer, this store. A handle
+    /// without pre-images has no entry, so the index grows with the
+    /// pre-images, not with the inodes snapshots look at.
     tags: Mutex<HashMap<HostHandle, Vec<u64>>>,
     /// Serializes preservation: rare, and two threads must never build the
     /// same pre-image at once.
@@ -185,8 +188,8 @@ fn invalid(what: String) -> io::Error {
 }
 
 impl PreImageStore {
-    /// Opens (creating) `<state>/preserved` and removes half-built
-    /// pre-images a crash may have left.
+    /// Opens (creating) `<state>/preserved`, removes half-built pre-images
+    /// a crash may have left and indexes the others.
     pub fn open(state: &Path) -> io::Result<PreImageStore> {
         let root = state.join("preserved");
         fs::create_dir_all(&root)?;
@@ -200,37 +203,21 @@ impl PreImageStore {
             }
         }
         Ok(PreImageStore {
+            tags: Mutex::new(index(&root)?),
             root,
-            tags: Mutex::default(),
             writing: Mutex::default(),
         })
     }
 
-    fn tags_of(&self, h: &HostHandle) -> io::Result<Vec<u64>> {
-        if let Some(t) = self.tags.lock().unwrap().get(h) {
-            return Ok(t.clone());
-        }
-        let mut tags = Vec::new();
-        match fs::read_dir(self.root.join(h.to_hex())) {
-            Ok(rd) => {
-                for e in rd {
-                    if let Some(t) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
-                        tags.push(t);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        tags.sort_unstable();
-        self.tags.lock().unwrap().insert(h.clone(), tags.clone());
-        Ok(tags)
+    /// `f` of the tags of `h`, ascending (none if it has no pre-image).
+    fn with_tags<R>(&self, h: &HostHandle, f: impl FnOnce(&[u64]) -> R) -> R {
+        f(self.tags.lock().unwrap().get(h).map_or(&[], Vec::as_slice))
     }
 
     /// The pre-image a snapshot at `epoch` shows for `h`, if main changed
     /// the inode since.
     pub fn find(&self, h: &HostHandle, epoch: u64) -> io::Result<Option<PreImage>> {
-        let Some(&tag) = self.tags_of(h)?.iter().find(|&&t| t >= epoch) else {
+        let Some(tag) = self.with_tags(h, |t| t.iter().copied().find(|&t| t >= epoch)) else {
             return Ok(None);
         };
         let dir = self.root.join(h.to_hex()).join(tag.to_string());
@@ -249,11 +236,12 @@ impl PreImageStore {
     /// unless a pre-image with a tag >= `tag` exists already. Durable (fsync)
     /// before it returns, so the change that follows can never outrun it.
     pub fn preserve(&self, node: BorrowedFd<'_>, h: &HostHandle, tag: u64) -> io::Result<()> {
-        if self.tags_of(h)?.last().is_some_and(|&t| t >= tag) {
+        let done = || self.with_tags(h, |t| t.last().is_some_and(|&t| t >= tag));
+        if done() {
             return Ok(());
         }
         let _w = self.writing.lock().unwrap();
-        if self.tags_of(h)?.last().is_some_and(|&t| t >= tag) {
+        if done() {
             return Ok(());
         }
         let st = hostfs::stat(node)?;
@@ -284,6 +272,13 @@ impl PreImageStore {
     /// exactly the snapshots with `p < epoch <= t`.
     pub fn collect_garbage(&self, live_epochs: &[u64]) -> io::Result<usize> {
         let _w = self.writing.lock().unwrap();
+        let removed = self.remove_unneeded(live_epochs);
+        // Even after a failure part way: what is left on disk.
+        *self.tags.lock().unwrap() = index(&self.root)?;
+        removed
+    }
+
+    fn remove_unneeded(&self, live_epochs: &[u64]) -> io::Result<usize> {
         let mut removed = 0;
         for h in fs::read_dir(&self.root)? {
             let hdir = h?.path();
@@ -303,9 +298,31 @@ impl PreImageStore {
                 fs::remove_dir(&hdir)?;
             }
         }
-        self.tags.lock().unwrap().clear();
         Ok(removed)
     }
+}
+
+/// The tags of every pre-image under `root` by handle, ascending (a name
+/// that is no handle or no tag is damage `--check` reports: not indexed).
+fn index(root: &Path) -> io::Result<HashMap<HostHandle, Vec<u64>>> {
+    let mut index = HashMap::new();
+    for h in fs::read_dir(root)? {
+        let h = h?;
+        let Some(handle) = h.file_name().to_str().and_then(HostHandle::from_hex) else {
+            continue;
+        };
+        let mut tags: Vec<u64> = Vec::new();
+        for t in fs::read_dir(h.path())? {
+            if let Some(tag) = t?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                tags.push(tag);
+            }
+        }
+        if !tags.is_empty() {
+            tags.sort_unstable();
+            index.insert(handle, tags);
+        }
+    }
+    Ok(index)
 }
 
 /// Writes the pre-image of the inode behind `node` into the new directory
@@ -389,6 +406,50 @@ mod tests {
         }
         for n in ["b", "A", "a1", "", "zzz"] {
             assert!(p.entry(OsStr::new(n)).unwrap().is_none(), "{n:?}");
+        }
+    }
+
+    /// The store's index of pre-images follows what preserving and
+    /// collecting do on disk, and a store opened again (a restart) finds
+    /// the same ones.
+    #[test]
+    fn pre_images_are_found_by_epoch_across_collection_and_restart() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, b"v1").unwrap();
+        let fd = fs::File::open(&f).unwrap();
+        let h = hostfs::handle_of(fd.as_fd()).unwrap();
+        let other = hostfs::handle_of(hostfs::open_dir_path(t.path()).unwrap().as_fd()).unwrap();
+        let content =
+            |p: Option<PreImage>| p.map(|p| io::read_to_string(p.open_data().unwrap()).unwrap());
+        let store = PreImageStore::open(t.path()).unwrap();
+        assert!(
+            store.find(&h, 1).unwrap().is_none(),
+            "nothing preserved yet"
+        );
+        store.preserve(fd.as_fd(), &h, 3).unwrap();
+        fs::write(&f, b"v2").unwrap();
+        store.preserve(fd.as_fd(), &h, 7).unwrap();
+        fs::write(&f, b"v3").unwrap();
+        for s in [&store, &PreImageStore::open(t.path()).unwrap()] {
+            assert_eq!(content(s.find(&h, 1).unwrap()).as_deref(), Some("v1"));
+            assert_eq!(content(s.find(&h, 3).unwrap()).as_deref(), Some("v1"));
+            assert_eq!(content(s.find(&h, 5).unwrap()).as_deref(), Some("v2"));
+            assert!(
+                s.find(&h, 8).unwrap().is_none(),
+                "after the last change: live"
+            );
+            assert!(s.find(&other, 1).unwrap().is_none(), "another inode");
+        }
+        // Only a snapshot at epoch 5 is left: tag 7 serves it, tag 3 goes.
+        assert_eq!(store.collect_garbage(&[5]).unwrap(), 1);
+        for s in [&store, &PreImageStore::open(t.path()).unwrap()] {
+            assert_eq!(content(s.find(&h, 1).unwrap()).as_deref(), Some("v2"));
+            assert_eq!(content(s.find(&h, 5).unwrap()).as_deref(), Some("v2"));
+        }
+        assert_eq!(store.collect_garbage(&[]).unwrap(), 1);
+        for s in [&store, &PreImageStore::open(t.path()).unwrap()] {
+            assert!(s.find(&h, 1).unwrap().is_none(), "all collected");
         }
     }
 }

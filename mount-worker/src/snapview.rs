@@ -35,8 +35,10 @@ pub struct SnapObj {
     /// searched; a file keeps no descriptor).
     pub is_dir: bool,
     /// The pre-image, once main has changed the inode (final once set: the
-    /// first pre-image at or after the epoch never changes).
-    pre: OnceLock<PreImage>,
+    /// first pre-image at or after the epoch never changes). Boxed: most
+    /// objects never have one, and a snapshot's or branch's view of main
+    /// makes one object per node the kernel keeps.
+    pre: OnceLock<Box<PreImage>>,
     /// The live inode of a directory, kept once it has been searched or
     /// listed: lookups in one directory come in runs, and opening it by
     /// handle for each cost a third of a branch lookup. Files are not
@@ -146,7 +148,7 @@ impl SnapObj {
         }
         Ok(store
             .find(&self.handle, self.epoch)?
-            .map(|p| self.pre.get_or_init(|| p)))
+            .map(|p| &**self.pre.get_or_init(|| Box::new(p))))
     }
 
     /// Runs `read` on the object's current source, redoing it from the
