@@ -255,15 +255,25 @@ impl PreImageStore {
             let _ = fs::remove_dir(&hdir);
             return Err(e);
         }
-        fs::rename(&tmp, hdir.join(tag.to_string()))?;
-        {
-            let mut tags = self.tags.lock().unwrap();
-            let t = tags.entry(h.clone()).or_default();
-            t.push(tag);
-            t.sort_unstable();
+        let made = hdir.join(tag.to_string());
+        fs::rename(&tmp, &made)?;
+        let durable = File::open(&hdir)
+            .and_then(|d| d.sync_all())
+            .and_then(|()| File::open(&self.root)?.sync_all());
+        if let Err(e) = durable {
+            // The change is refused: a crash could lose a pre-image that a
+            // change made now would outlive.
+            let _ = fs::remove_dir_all(&made);
+            let _ = fs::remove_dir(&hdir);
+            return Err(e);
         }
-        File::open(&hdir)?.sync_all()?;
-        File::open(&self.root)?.sync_all()?;
+        // Indexed only once durable: another thread about to change the
+        // inode meanwhile finds it not done and waits for the lock, rather
+        // than going ahead of the flush.
+        let mut tags = self.tags.lock().unwrap();
+        let t = tags.entry(h.clone()).or_default();
+        t.push(tag);
+        t.sort_unstable();
         Ok(())
     }
 

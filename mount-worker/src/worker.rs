@@ -527,9 +527,12 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
     Ok(())
 }
 
-/// Aborts the FUSE connection, or where that is refused (no CAP_SYS_ADMIN,
-/// as in the sandbox) exits: the kernel aborts a connection whose last
-/// /dev/fuse descriptor is closed, and this worker holds every one.
+/// Aborts the FUSE connection, or where that is refused (no CAP_SYS_ADMIN)
+/// exits: a worker that mounted itself holds every /dev/fuse descriptor of
+/// its connection, which the kernel aborts once the last one is closed,
+/// that is once every thread is gone (one stuck in the kernel, such as an
+/// invalidation waiting on a directory the kernel locked for a request
+/// that will never be answered, keeps it until it is aborted elsewhere).
 fn abort_or_exit(dev: u64) {
     if let Err(e) = mount::abort_connection(dev) {
         tracing::warn!("cannot abort the FUSE connection ({e}); exiting, which ends it");
