@@ -237,9 +237,12 @@ pub struct DirEntry<'a> {
     pub name: &'a [u8],
 }
 
-/// What a node is.
+/// What a node is: cheap to clone, as requests take it out of the node
+/// table to work on it (each kind behind one `Arc`, not two: a branch's
+/// view of main has an object per node the kernel keeps).
+#[derive(Clone)]
 enum Obj {
-    Main(MainInode),
+    Main(Arc<MainInode>),
     Snap(Arc<SnapObj>),
     /// An object of a branch or of a snapshot of a branch.
     Layer(Arc<LayerObj>),
@@ -268,7 +271,7 @@ enum MainInode {
 #[derive(Clone)]
 struct Place {
     dir: NodeId,
-    obj: Arc<Obj>,
+    obj: Obj,
     name: CString,
 }
 
@@ -317,9 +320,9 @@ impl Obj {
     /// ([`LayerObj::count_in`]).
     fn keeps_descriptors(&self) -> bool {
         match self {
-            Obj::Main(MainInode::Open(_)) => true,
+            Obj::Main(m) => matches!(**m, MainInode::Open(_)),
             Obj::Snap(s) => s.is_dir,
-            Obj::Main(MainInode::Handle { .. }) | Obj::Layer(_) | Obj::Virtual => false,
+            Obj::Layer(_) | Obj::Virtual => false,
         }
     }
 
@@ -351,8 +354,10 @@ impl Obj {
     /// kind, which is what each change to them must answer.
     fn main_dir(&self) -> io::Result<BorrowedFd<'_>> {
         match self {
-            Obj::Main(MainInode::Open(fd)) => Ok(fd.as_fd()),
-            Obj::Main(MainInode::Handle { .. }) => Err(errno(libc::ENOTDIR)),
+            Obj::Main(m) => match &**m {
+                MainInode::Open(fd) => Ok(fd.as_fd()),
+                MainInode::Handle { .. } => Err(errno(libc::ENOTDIR)),
+            },
             _ => Err(errno(libc::EROFS)),
         }
     }
@@ -367,7 +372,7 @@ enum NodeKey {
 }
 
 struct Node {
-    obj: Arc<Obj>,
+    obj: Obj,
     key: NodeKey,
     /// The inode of main a snapshot's or branch's node shows (see
     /// [`NodeTable::by_main_ino`]); fixed when the node is made.
@@ -393,7 +398,7 @@ struct NodeTable {
     /// always their key's: a directory a branch copied up keeps its id,
     /// which is main's inode when the branch first saw it, while the
     /// directory of main it merges may be another.
-    by_main_ino: HashMap<u64, Vec<u64>>,
+    by_main_ino: HashMap<u64, Shown>,
     /// How many nodes hold descriptors ([`Obj::count_in`]); shared with
     /// the branches' views, whose files join it at their copy-up.
     holding: Arc<AtomicUsize>,
@@ -412,14 +417,19 @@ impl NodeTable {
         lookups: u64,
     ) {
         if let Some(ino) = main_ino {
-            self.by_main_ino.entry(ino).or_default().push(id);
+            match self.by_main_ino.entry(ino) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Shown::One(id));
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(id),
+            }
         }
         obj.count_in(&self.holding);
         self.by_key.insert(key.clone(), id);
         self.by_id.insert(
             id,
             Node {
-                obj: Arc::new(obj),
+                obj,
                 key,
                 main_ino,
                 generation,
@@ -444,11 +454,9 @@ impl NodeTable {
 
     fn unindex(&mut self, main_ino: u64, id: u64) {
         if let std::collections::hash_map::Entry::Occupied(mut e) = self.by_main_ino.entry(main_ino)
+            && e.get_mut().remove(id)
         {
-            e.get_mut().retain(|&n| n != id);
-            if e.get().is_empty() {
-                e.remove();
-            }
+            e.remove();
         }
     }
 
@@ -456,6 +464,41 @@ impl NodeTable {
     /// (`dev`): main's own or a view's.
     fn shows_main(&self, dev: u64, ino: u64) -> bool {
         self.by_key.contains_key(&NodeKey::Host(dev, ino)) || self.by_main_ino.contains_key(&ino)
+    }
+}
+
+/// The nodes of snapshots and branches that show one inode of main: one
+/// for nearly every inode (inline, as a `Vec` would cost an allocation
+/// per node the kernel keeps), more where several views show it.
+enum Shown {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Shown {
+    fn add(&mut self, id: u64) {
+        match self {
+            Shown::One(first) => *self = Shown::Many(vec![*first, id]),
+            Shown::Many(ids) => ids.push(id),
+        }
+    }
+
+    /// Takes `id` out; true if none is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Shown::One(only) => *only == id,
+            Shown::Many(ids) => {
+                ids.retain(|&n| n != id);
+                ids.is_empty()
+            }
+        }
+    }
+
+    fn ids(&self) -> &[u64] {
+        match self {
+            Shown::One(id) => std::slice::from_ref(id),
+            Shown::Many(ids) => ids,
+        }
     }
 }
 
@@ -559,7 +602,7 @@ pub struct FsCore {
     /// Device of the source: its inodes use their own numbers as node ids.
     source_dev: u64,
     /// The source directory's node.
-    root: Arc<Obj>,
+    root: Obj,
     /// The source directory opened for reading: `open_by_handle_at` needs
     /// a descriptor that is not `O_PATH`.
     handle_dir: File,
@@ -669,7 +712,7 @@ impl FsCore {
         let mut table = NodeTable::default();
         table.insert(
             NodeId::ROOT.0,
-            Obj::Main(MainInode::Open(fd.try_clone()?)),
+            Obj::Main(Arc::new(MainInode::Open(fd.try_clone()?))),
             NodeKey::Host(st.st_dev, st.st_ino),
             None,
             0,
@@ -983,7 +1026,7 @@ impl FsCore {
             .by_key
             .get(&key)
             .and_then(|id| t.by_id.get(id))
-            .map(|n| &*n.obj)
+            .map(|n| &n.obj)
         {
             Some(Obj::Layer(live)) => live.clone(),
             _ => Arc::new(obj),
@@ -1081,7 +1124,7 @@ impl FsCore {
     /// one known already, or one held with no place of its own (as no
     /// directory has), so that resuming a file resumes at most one more
     /// node, whatever a damaged journal says.
-    fn held_dir(&self, dir: u64) -> Option<Arc<Obj>> {
+    fn held_dir(&self, dir: u64) -> Option<Obj> {
         let known = self
             .nodes
             .lock()
@@ -1100,7 +1143,7 @@ impl FsCore {
     /// ESTALE if it cannot: for a path the kernel then looks every name up
     /// again (the VFS retries a walk that met ESTALE), and a name that
     /// still leads somewhere gets the same node id back.
-    fn resume_node(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+    fn resume_node(&self, id: NodeId) -> io::Result<Obj> {
         self.find_held(id).map_err(|e| {
             tracing::debug!(
                 node = id.0,
@@ -1110,7 +1153,7 @@ impl FsCore {
         })
     }
 
-    fn find_held(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+    fn find_held(&self, id: NodeId) -> io::Result<Obj> {
         // A rename may move the node while it is being found (a retry
         // finds it at its new place); one that keeps moving is ESTALE.
         for _ in 0..3 {
@@ -1123,7 +1166,7 @@ impl FsCore {
 
     /// One try of [`FsCore::find_held`]: `None` if the node was renamed
     /// meanwhile (what was found at its old place may be another object).
-    fn find_held_once(&self, id: NodeId) -> io::Result<Option<Arc<Obj>>> {
+    fn find_held_once(&self, id: NodeId) -> io::Result<Option<Obj>> {
         let HeldNode {
             generation,
             origin,
@@ -1156,7 +1199,10 @@ impl FsCore {
                 let st = hostfs::stat(fd.as_fd())?;
                 self.watch_dir(fd.as_fd(), &st);
                 let inode = MainInode::new(fd, &st, Some(handle), place);
-                (Obj::Main(inode), NodeKey::Host(st.st_dev, st.st_ino))
+                (
+                    Obj::Main(Arc::new(inode)),
+                    NodeKey::Host(st.st_dev, st.st_ino),
+                )
             }
             Origin::Snap {
                 snap,
@@ -1167,7 +1213,7 @@ impl FsCore {
                 let snap = SnapshotId(snap);
                 // Found again by its name, if its directory is still held,
                 // so that it is opened by that name (see `SnapObj::open_live`).
-                let found = at.and_then(|(dir, name)| match &*self.held_dir(dir)? {
+                let found = at.and_then(|(dir, name)| match &self.held_dir(dir)? {
                     Obj::Snap(dir) if dir.snap == snap => {
                         let found = dir
                             .lookup(&self.store, self.mount_fd(), OsStr::from_bytes(&name))
@@ -1191,7 +1237,7 @@ impl FsCore {
                 (Obj::Snap(obj), NodeKey::Snap(snap, ino))
             }
             Origin::Layer { parent, name } => {
-                let Obj::Layer(dir) = &*self.obj(NodeId(parent))? else {
+                let Obj::Layer(dir) = &self.obj(NodeId(parent))? else {
                     return Err(errno(libc::ESTALE));
                 };
                 let layers = self.layers_of(dir)?;
@@ -1313,8 +1359,8 @@ impl FsCore {
         let views = (dev == self.source_dev)
             .then(|| t.by_main_ino.get(&ino))
             .flatten()
-            .into_iter()
-            .flatten()
+            .map_or(&[][..], Shown::ids)
+            .iter()
             .map(|&id| NodeId(id))
             .collect();
         (main, views)
@@ -1344,7 +1390,7 @@ impl FsCore {
         }
         // obj() also finds a node held from a predecessor, so that it is
         // classified like any other.
-        let view = match self.obj(node).as_deref() {
+        let view = match self.obj(node).as_ref() {
             Ok(Obj::Layer(o)) => Some(o.view.number),
             Ok(_) => None,
             // Forgotten: let the request fail as it would for anyone.
@@ -1379,10 +1425,12 @@ impl FsCore {
     /// is what each change to them must answer.
     fn main_inode<'a>(&self, obj: &'a Obj) -> io::Result<HostFd<'a>> {
         match obj {
-            Obj::Main(MainInode::Open(fd)) => Ok(HostFd::Main(fd.as_fd())),
-            Obj::Main(MainInode::Handle { handle, at }) => at
-                .open(self.mount_fd(), handle, Place::named)
-                .map(HostFd::Opened),
+            Obj::Main(m) => match &**m {
+                MainInode::Open(fd) => Ok(HostFd::Main(fd.as_fd())),
+                MainInode::Handle { handle, at } => at
+                    .open(self.mount_fd(), handle, Place::named)
+                    .map(HostFd::Opened),
+            },
             _ => Err(errno(libc::EROFS)),
         }
     }
@@ -1430,7 +1478,10 @@ impl FsCore {
     /// `links`; a rename passes 1, its old name is gone), and a successor
     /// learns it too if the place is new to it.
     fn main_placed(&self, id: u64, n: &Node, place: Place, links: u64) {
-        let Obj::Main(MainInode::Handle { handle, at }) = &*n.obj else {
+        let Obj::Main(m) = &n.obj else {
+            return;
+        };
+        let MainInode::Handle { handle, at } = &**m else {
             return;
         };
         let new = place.found_at();
@@ -1447,7 +1498,7 @@ impl FsCore {
     }
 
     /// The object of a node the kernel holds a lookup on.
-    fn obj(&self, id: NodeId) -> io::Result<Arc<Obj>> {
+    fn obj(&self, id: NodeId) -> io::Result<Obj> {
         let known = self
             .nodes
             .lock()
@@ -1566,13 +1617,15 @@ impl FsCore {
         let inode = MainInode::new(fd, &stat, None, Some(at));
         // A directory is found by its handle alone: the host connects it.
         let origin = |_: &NodeTable, obj: &Obj| match obj {
-            Obj::Main(MainInode::Open(fd)) => hostfs::handle_of(fd.as_fd())
-                .ok()
-                .map(|h| (Origin::Main(h), None)),
-            Obj::Main(MainInode::Handle { handle, at }) => Some((
-                Origin::Main(handle.clone()),
-                at.newest().as_ref().map(Place::found_at),
-            )),
+            Obj::Main(m) => match &**m {
+                MainInode::Open(fd) => hostfs::handle_of(fd.as_fd())
+                    .ok()
+                    .map(|h| (Origin::Main(h), None)),
+                MainInode::Handle { handle, at } => Some((
+                    Origin::Main(handle.clone()),
+                    at.newest().as_ref().map(Place::found_at),
+                )),
+            },
             _ => None,
         };
         let key = NodeKey::Host(stat.st_dev, own);
@@ -1589,14 +1642,17 @@ impl FsCore {
             .get(&key)
             .and_then(|&id| Some((id, t.by_id.get(&id)?)));
         let stale = match known {
-            Some((id, n)) => match &*n.obj {
-                Obj::Main(MainInode::Handle { handle, .. }) if Some(handle) == found => {
-                    if let Some(place) = found_at {
-                        self.main_placed(id, n, place, stat.st_nlink);
+            Some((id, n)) => match &n.obj {
+                Obj::Main(m) => match &**m {
+                    MainInode::Handle { handle, .. } if Some(handle) == found => {
+                        if let Some(place) = found_at {
+                            self.main_placed(id, n, place, stat.st_nlink);
+                        }
+                        false
                     }
-                    false
-                }
-                Obj::Main(MainInode::Handle { .. }) => true,
+                    MainInode::Handle { .. } => true,
+                    MainInode::Open(_) => false,
+                },
                 _ => false,
             },
             None => false,
@@ -1613,7 +1669,7 @@ impl FsCore {
                 if let MainInode::Open(fd) = &inode {
                     self.watch_dir(fd.as_fd(), &stat);
                 }
-                Obj::Main(inode)
+                Obj::Main(Arc::new(inode))
             },
             origin,
             stat,
@@ -1690,10 +1746,10 @@ impl FsCore {
             return Ok(self.virtual_entry(NodeId::AGENTFS));
         }
         let dir_obj = self.obj(parent)?;
-        match (parent, &*dir_obj) {
-            (_, Obj::Main(MainInode::Open(dir))) => {
+        match (parent, &dir_obj) {
+            (_, Obj::Main(_)) => {
                 let name = hostfs::component(name)?;
-                let fd = hostfs::open_node(dir.as_fd(), &name)?;
+                let fd = hostfs::open_node(dir_obj.main_dir()?, &name)?;
                 let at = Place {
                     dir: parent,
                     obj: dir_obj.clone(),
@@ -1701,7 +1757,6 @@ impl FsCore {
                 };
                 self.register_main(fd, at)
             }
-            (_, Obj::Main(MainInode::Handle { .. })) => Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(dir)) => {
                 let found = dir.lookup(&self.store, self.mount_fd(), name)?;
                 self.register_snap(dir.child(found))
@@ -1830,7 +1885,7 @@ impl FsCore {
         nodes
             .iter()
             .map(|id| {
-                t.by_id.get(id).is_some_and(|n| match &*n.obj {
+                t.by_id.get(id).is_some_and(|n| match &n.obj {
                     Obj::Layer(o) => o.counted_holding(),
                     obj => obj.keeps_descriptors(),
                 })
@@ -1841,7 +1896,7 @@ impl FsCore {
     /// Attributes of a node.
     pub fn getattr(&self, node: NodeId) -> io::Result<Stat> {
         let obj = self.obj(node)?;
-        match &*obj {
+        match &obj {
             Obj::Main(_) => hostfs::stat(self.main_inode(&obj)?.as_fd()),
             Obj::Snap(s) => s.stat(&self.store, self.mount_fd()),
             Obj::Layer(o) => {
@@ -1877,7 +1932,7 @@ impl FsCore {
     pub fn absence_cacheable(&self, dir: NodeId, name: &OsStr) -> bool {
         self.isolation == Isolation::Routed
             && self.names_cacheable(dir, name)
-            && !matches!(self.obj(dir).as_deref(), Ok(Obj::Virtual) | Err(_))
+            && !matches!(self.obj(dir).as_ref(), Ok(Obj::Virtual) | Err(_))
     }
 
     /// Whether the kernel may cache a node's attributes: not for the
@@ -1903,7 +1958,7 @@ impl FsCore {
     pub fn listing_cacheable(&self, dir: NodeId) -> bool {
         dir != NodeId::ROOT
             && self.watch.is_some()
-            && match self.obj(dir).as_deref() {
+            && match self.obj(dir).as_ref() {
                 Ok(Obj::Main(_) | Obj::Snap(_)) => true,
                 Ok(Obj::Layer(o)) => !o.is_root(),
                 Ok(Obj::Virtual) | Err(_) => false,
@@ -1991,13 +2046,13 @@ impl FsCore {
                 },
             };
             // A copy-up into a branch's directory puts its times back.
-            let _names = match &*obj {
+            let _names = match &obj {
                 Obj::Layer(o) => Some(o.changing_names()),
                 _ => None,
             };
             hostfs::utimens(fd, &[ts(attr.atime), ts(attr.mtime)])?;
         }
-        match &*obj {
+        match &obj {
             Obj::Layer(o) => {
                 let mut st = layered::stat_in_layer(fd)?;
                 st.st_ino = o.id;
@@ -2010,7 +2065,7 @@ impl FsCore {
     /// Target of a symlink.
     pub fn readlink(&self, node: NodeId) -> io::Result<Vec<u8>> {
         let obj = self.obj(node)?;
-        match &*obj {
+        match &obj {
             Obj::Main(_) => hostfs::readlink(self.main_inode(&obj)?.as_fd()),
             Obj::Snap(s) => s.readlink(&self.store, self.mount_fd()),
             Obj::Layer(o) => o.readlink(self.cx(), &*self.layers_of(o)?),
@@ -2052,9 +2107,9 @@ impl FsCore {
     /// A directory and a name in it, for a change. `.agentfs` in the root
     /// of a view is the control directory, not a name of the tree: it
     /// cannot be changed (EROFS), whatever the tree holds under that name.
-    fn dir_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<Arc<Obj>> {
+    fn dir_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<Obj> {
         let obj = self.obj(parent)?;
-        let is_root = match &*obj {
+        let is_root = match &obj {
             Obj::Main(_) => parent == NodeId::ROOT,
             Obj::Layer(o) => o.is_root(),
             _ => return Err(errno(libc::EROFS)),
@@ -2066,7 +2121,7 @@ impl FsCore {
     }
 
     /// A main directory and a name in it, for a change.
-    fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Obj>, CString)> {
+    fn main_entry(&self, parent: NodeId, name: &OsStr) -> io::Result<(Obj, CString)> {
         let obj = self.dir_entry(parent, name)?;
         obj.main_dir()?;
         Ok((obj, hostfs::component(name)?))
@@ -2085,7 +2140,7 @@ impl FsCore {
     ) -> io::Result<Entry> {
         let make = |d: BorrowedFd<'_>, n: &CStr| hostfs::with_umask(caller.umask, || make(d, n));
         let obj = self.dir_entry(parent, name)?;
-        match &*obj {
+        match &obj {
             Obj::Layer(dir) => {
                 let layers = self.layers_of(dir)?;
                 let new = dir.create(self.cx(), &layers, name, make)?;
@@ -2160,7 +2215,7 @@ impl FsCore {
     /// Removes a name (a directory if `dir`), preserving the directory and
     /// the inode it named for the snapshots that still show them.
     fn remove(&self, parent: NodeId, name: &OsStr, dir: bool) -> io::Result<()> {
-        if let Obj::Layer(d) = &*self.dir_entry(parent, name)? {
+        if let Obj::Layer(d) = &self.dir_entry(parent, name)? {
             return d.remove(self.cx(), &*self.layers_of(d)?, name, dir);
         }
         let (obj, name) = self.main_entry(parent, name)?;
@@ -2186,7 +2241,7 @@ impl FsCore {
         let Ok(dir) = self.obj(newparent) else {
             return;
         };
-        if let Obj::Layer(d) = &*dir {
+        if let Obj::Layer(d) = &dir {
             if let Ok(layers) = self.layers_of(d) {
                 if let Ok(obj) = d.lookup(self.cx(), &layers, newname) {
                     self.renamed(&self.live_layer_obj(obj));
@@ -2254,7 +2309,7 @@ impl FsCore {
             self.dir_entry(parent, name)?,
             self.dir_entry(newparent, newname)?,
         );
-        match (&*old, &*new) {
+        match (&old, &new) {
             (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
                 let layers = self.layers_of(o)?;
                 let live = |obj| self.live_layer_obj(obj);
@@ -2304,7 +2359,7 @@ impl FsCore {
     pub fn link(&self, node: NodeId, newparent: NodeId, newname: &OsStr) -> io::Result<Entry> {
         let obj = self.obj(node)?;
         let dir = self.dir_entry(newparent, newname)?;
-        match (&*obj, &*dir) {
+        match (&obj, &dir) {
             (Obj::Layer(o), Obj::Layer(d)) if Arc::ptr_eq(&o.view, &d.view) => {
                 let layers = self.layers_of(o)?;
                 let new = o.link(self.cx(), &layers, d, newname)?;
@@ -2451,7 +2506,7 @@ impl FsCore {
 
     fn open_file(&self, node: NodeId, flags: i32) -> io::Result<OpenFile> {
         let obj = self.obj(node)?;
-        let file = match &*obj {
+        let file = match &obj {
             Obj::Main(_) => OpenFile::Main(hostfs::reopen(
                 self.main_inode(&obj)?.as_fd(),
                 host_open_flags(flags),
@@ -2492,7 +2547,7 @@ impl FsCore {
         flags: i32,
         caller: Caller,
     ) -> io::Result<(Entry, FileHandle)> {
-        if let Obj::Layer(_) = &*self.dir_entry(parent, name)? {
+        if let Obj::Layer(_) = &self.dir_entry(parent, name)? {
             // Made like any node, then opened in the top layer: O_EXCL
             // holds because the name is made with mknod, which fails if it
             // exists. Without O_EXCL an existing file (made since the
@@ -2732,15 +2787,14 @@ impl FsCore {
     }
 
     fn dir_stream(&self, node: NodeId) -> io::Result<DirStream> {
-        let stream = match (node, &*self.obj(node)?) {
-            (_, Obj::Main(MainInode::Open(fd))) => DirStream::Host {
+        let stream = match (node, &self.obj(node)?) {
+            (_, obj @ Obj::Main(_)) => DirStream::Host {
                 dir: Mutex::new(hostfs::reopen(
-                    fd.as_fd(),
+                    obj.main_dir()?,
                     libc::O_RDONLY | libc::O_DIRECTORY,
                 )?),
                 is_root: node == NodeId::ROOT,
             },
-            (_, Obj::Main(MainInode::Handle { .. })) => return Err(errno(libc::ENOTDIR)),
             (_, Obj::Snap(s)) => {
                 let view = s.snap.0 as u64;
                 DirStream::Listed(
@@ -2925,7 +2979,7 @@ impl FsCore {
     /// Reads an extended attribute.
     pub fn getxattr(&self, node: NodeId, name: &OsStr, size: u32) -> io::Result<XattrReply> {
         let obj = self.obj(node)?;
-        match &*obj {
+        match &obj {
             Obj::Main(_) => hostfs::getxattr(self.main_inode(&obj)?.as_fd(), name, size),
             Obj::Snap(s) => s.getxattr(&self.store, self.mount_fd(), name, size),
             Obj::Layer(o) => {
@@ -2944,7 +2998,7 @@ impl FsCore {
     /// Lists extended attribute names.
     pub fn listxattr(&self, node: NodeId, size: u32) -> io::Result<XattrReply> {
         let obj = self.obj(node)?;
-        match &*obj {
+        match &obj {
             Obj::Main(_) => hostfs::listxattr(self.main_inode(&obj)?.as_fd(), size),
             Obj::Snap(s) => s.listxattr(&self.store, self.mount_fd(), size),
             Obj::Layer(o) => {

@@ -76,7 +76,7 @@ struct Cli {
     #[arg(long)]
     no_source_watch: bool,
     /// Nodes (files and directories) the kernel may keep before the worker
-    /// has it drop file names: each costs about 500 bytes of the worker's
+    /// has it drop file names: each costs about 600 bytes of the worker's
     /// memory, and a record in the handoff journal.
     #[arg(long, default_value_t = MAX_NODES as u32, value_name = "N",
           value_parser = clap::value_parser!(u32).range(

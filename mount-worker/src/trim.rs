@@ -38,12 +38,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::hash::{BuildHasher, RandomState};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use fuser::{INodeNo, Notifier};
+use hashbrown::HashTable;
 
 /// How often the node count is checked.
 const PERIOD: Duration = Duration::from_millis(50);
@@ -57,8 +59,9 @@ const THROTTLE: Duration = Duration::from_millis(10);
 const NOW_WAIT: Duration = Duration::from_millis(50);
 
 /// Nodes the kernel may keep by default, whatever they hold
-/// (`--max-cached-nodes`): each costs the worker about 500 bytes of memory
-/// (its node, its object, its name here; 51 MB for 100 000 files of main)
+/// (`--max-cached-nodes`): each costs the worker about 600 bytes of memory
+/// (its node, its object, its name here; 54 MiB for 100 000 files of main,
+/// 78 MiB for the same seen through a branch: `bench/rss.sh`)
 /// and the handoff journal a record (it holds some 650 000 with names as
 /// long as git's objects').
 pub const MAX_NODES: usize = 150_000;
@@ -160,13 +163,25 @@ struct Dropped {
 /// A name in a directory: (parent node, name).
 type Key = (u64, OsString);
 
+/// A node's latest name, and when it was looked up (a key of
+/// [`Names::by_age`]).
+struct Named {
+    parent: u64,
+    name: Box<OsStr>,
+    age: u64,
+}
+
 /// Both directions of one relation, a node's latest name and the node a
-/// name stands for, and the order in which the names were looked up.
+/// name stands for, and the order in which the names were looked up. Each
+/// name is held once, in `by_node`: the trimmer holds one for every file
+/// the kernel keeps (100 000s in a tree kept whole), and a second copy
+/// of each was a tenth of the worker's memory.
 #[derive(Default)]
 struct Names {
-    /// A node's name, and when it was looked up (a key of `by_age`).
-    by_node: HashMap<u64, (Key, u64)>,
-    by_name: HashMap<Key, u64>,
+    by_node: HashMap<u64, Named>,
+    /// The nodes of `by_node` by their names, hashed by `hasher`.
+    by_name: HashTable<u64>,
+    hasher: RandomState,
     /// Nodes by the time of their name's latest lookup, oldest first.
     by_age: BTreeMap<u64, u64>,
     /// The next lookup's time.
@@ -174,36 +189,68 @@ struct Names {
 }
 
 impl Names {
+    fn hash(hasher: &RandomState, parent: u64, name: &OsStr) -> u64 {
+        hasher.hash_one((parent, name))
+    }
+
+    /// The node `name` in `parent` stands for.
+    fn node(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let hash = Names::hash(&self.hasher, parent, name);
+        let by_node = &self.by_node;
+        self.by_name
+            .find(hash, |n| {
+                by_node
+                    .get(n)
+                    .is_some_and(|e| e.parent == parent && &*e.name == name)
+            })
+            .copied()
+    }
+
     fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
-        let node = self.by_name.remove(&(parent, name.to_owned()))?;
-        if let Some((_, age)) = self.by_node.remove(&node) {
-            self.by_age.remove(&age);
-        }
+        let node = self.node(parent, name)?;
+        self.remove_node(node);
         Some(node)
     }
 
     fn remove_node(&mut self, node: u64) {
-        if let Some((key, age)) = self.by_node.remove(&node) {
-            self.by_name.remove(&key);
-            self.by_age.remove(&age);
+        if let Some(e) = self.by_node.remove(&node) {
+            let hash = Names::hash(&self.hasher, e.parent, &e.name);
+            if let Ok(found) = self.by_name.find_entry(hash, |&n| n == node) {
+                found.remove();
+            }
+            self.by_age.remove(&e.age);
         }
     }
 
-    fn insert(&mut self, node: u64, parent: u64, name: OsString) {
+    fn insert(&mut self, node: u64, parent: u64, name: &OsStr) {
         self.remove_node(node);
-        self.remove_name(parent, &name);
+        self.remove_name(parent, name);
         let age = self.clock;
         self.clock += 1;
-        self.by_name.insert((parent, name.clone()), node);
-        self.by_node.insert(node, ((parent, name), age));
+        let hash = Names::hash(&self.hasher, parent, name);
+        self.by_node.insert(
+            node,
+            Named {
+                parent,
+                name: name.into(),
+                age,
+            },
+        );
+        let (by_node, hasher) = (&self.by_node, &self.hasher);
+        self.by_name.insert_unique(hash, node, |n| {
+            let e = &by_node[n];
+            Names::hash(hasher, e.parent, &e.name)
+        });
         self.by_age.insert(age, node);
     }
 
-    /// Every name with its node, looked up longest ago first.
-    fn oldest_first(&self) -> impl Iterator<Item = (&Key, u64)> {
-        self.by_age
-            .values()
-            .map(|node| (&self.by_node[node].0, *node))
+    /// Every name (parent and name) with its node, looked up longest ago
+    /// first.
+    fn oldest_first(&self) -> impl Iterator<Item = (u64, &OsStr, u64)> {
+        self.by_age.values().map(|node| {
+            let e = &self.by_node[node];
+            (e.parent, &*e.name, *node)
+        })
     }
 }
 
@@ -272,10 +319,7 @@ impl Trimmer {
 
     /// The kernel now knows `node` (not a directory) as `name` in `parent`.
     pub fn named(&self, node: u64, parent: u64, name: &OsStr) {
-        self.names
-            .lock()
-            .unwrap()
-            .insert(node, parent, name.to_owned());
+        self.names.lock().unwrap().insert(node, parent, name);
     }
 
     /// Has the kernel drop `name` in `parent` as soon as the trimmer runs
@@ -317,12 +361,7 @@ impl Trimmer {
     /// The node the kernel knows as `name` in `parent`, as far as the
     /// trimmer knows (names it dropped are gone from here).
     pub fn node_named(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        self.names
-            .lock()
-            .unwrap()
-            .by_name
-            .get(&(parent, name.to_owned()))
-            .copied()
+        self.names.lock().unwrap().node(parent, name)
     }
 
     /// `name` in `parent` was removed.
@@ -344,10 +383,10 @@ impl Trimmer {
         let moved = names.remove_name(parent, name);
         let replaced = names.remove_name(newparent, newname);
         if let Some(node) = moved {
-            names.insert(node, newparent, newname.to_owned());
+            names.insert(node, newparent, newname);
         }
         if let (true, Some(node)) = (exchange, replaced) {
-            names.insert(node, parent, name.to_owned());
+            names.insert(node, parent, name);
         }
     }
 
@@ -381,7 +420,10 @@ impl Trimmer {
             // is copied first.
             let named: Vec<(Key, u64)> = {
                 let names = self.names.lock().unwrap();
-                names.oldest_first().map(|(k, n)| (k.clone(), n)).collect()
+                names
+                    .oldest_first()
+                    .map(|(parent, name, n)| ((parent, name.to_owned()), n))
+                    .collect()
             };
             let ids: Vec<u64> = named.iter().map(|(_, n)| *n).collect();
             let holding: Vec<Key> = named
@@ -405,9 +447,9 @@ impl Trimmer {
             let more = any - take.len();
             let others: Vec<Key> = names
                 .oldest_first()
-                .filter(|(k, _)| !take.contains(*k))
+                .map(|(parent, name, _)| (parent, name.to_owned()))
+                .filter(|k| !take.contains(k))
                 .take(more)
-                .map(|(k, _)| k.clone())
                 .collect();
             take.extend(others);
         }
@@ -499,8 +541,9 @@ mod tests {
         t.renamed(2, n("c"), 1, n("b"), true);
         {
             let names = t.names.lock().unwrap();
-            assert_eq!(names.by_node[&10].0, (1, n("b").to_owned()));
-            assert_eq!(names.by_node[&11].0, (2, n("c").to_owned()));
+            assert_eq!(names.node(1, n("b")), Some(10));
+            assert_eq!(names.node(2, n("c")), Some(11));
+            assert_eq!(names.by_node.len(), 2);
         }
         // A rename over a name: the node it stood for has no name now.
         t.renamed(1, n("b"), 2, n("c"), false);
