@@ -483,7 +483,9 @@ impl Shown {
         }
     }
 
-    /// Takes `id` out; true if none is left.
+    /// Takes `id` out; true if none is left, when the caller drops the
+    /// whole entry (a `One` is not emptied itself, and a `Many` stays one:
+    /// an inode several views showed is likely to be shown again).
     fn remove(&mut self, id: u64) -> bool {
         match self {
             Shown::One(only) => *only == id,

@@ -249,21 +249,20 @@ impl PreImageStore {
         fs::create_dir_all(&hdir)?;
         let tmp = hdir.join(format!(".tmp-{tag}"));
         let _ = fs::remove_dir_all(&tmp);
-        if let Err(e) = write_preimage(&tmp, node, &st) {
-            // ENOSPC, EIO...: the change is refused; leave nothing behind.
-            let _ = fs::remove_dir_all(&tmp);
-            let _ = fs::remove_dir(&hdir);
-            return Err(e);
-        }
         let made = hdir.join(tag.to_string());
-        fs::rename(&tmp, &made)?;
-        let durable = File::open(&hdir)
-            .and_then(|d| d.sync_all())
+        let stored = write_preimage(&tmp, node, &st)
+            .and_then(|()| fs::rename(&tmp, &made))
+            .and_then(|()| File::open(&hdir)?.sync_all())
             .and_then(|()| File::open(&self.root)?.sync_all());
-        if let Err(e) = durable {
-            // The change is refused: a crash could lose a pre-image that a
-            // change made now would outlive.
-            let _ = fs::remove_dir_all(&made);
+        if let Err(e) = stored {
+            // ENOSPC, EIO...: the change is refused (a crash could lose a
+            // pre-image that a change made now would outlive), and nothing
+            // is left behind. A numbered directory is a pre-image to
+            // `open`, so one renamed already goes back under its temporary
+            // name first (one step), which `open` sweeps should the
+            // removal stop part way.
+            let _ = fs::rename(&made, &tmp);
+            let _ = fs::remove_dir_all(&tmp);
             let _ = fs::remove_dir(&hdir);
             return Err(e);
         }

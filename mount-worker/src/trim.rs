@@ -59,9 +59,9 @@ const THROTTLE: Duration = Duration::from_millis(10);
 const NOW_WAIT: Duration = Duration::from_millis(50);
 
 /// Nodes the kernel may keep by default, whatever they hold
-/// (`--max-cached-nodes`): each costs the worker about 600 bytes of memory
-/// (its node, its object, its name here; 54 MiB for 100 000 files of main,
-/// 78 MiB for the same seen through a branch: `bench/rss.sh`)
+/// (`--max-cached-nodes`): each costs the worker about 600 bytes of memory,
+/// 800 seen through a branch (its node, its objects, its name here: 54 MiB
+/// for 100 000 files of main, 78 MiB through a branch; `bench/rss.sh`)
 /// and the handoff journal a record (it holds some 650 000 with names as
 /// long as git's objects').
 pub const MAX_NODES: usize = 150_000;

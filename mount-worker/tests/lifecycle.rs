@@ -241,9 +241,18 @@ fn a_second_sigterm_ends_a_detached_mount_still_in_use() {
             .unwrap(),
     );
     let cwd = PathBuf::from(format!("/proc/{}/cwd", user.0.id()));
+    // Any of its threads alive: one stuck in the kernel after the main
+    // thread exited still holds /dev/fuse, and reading the mount would
+    // then block this test instead of failing it.
     let running = |pid: u32| {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        !stat.is_empty() && !stat.contains(") Z")
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                !stat.is_empty() && !stat.contains(") Z") && !stat.contains(") X")
+            })
     };
     let st = Command::new("fusermount3")
         .args(["-u", "-z"])
