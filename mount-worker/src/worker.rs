@@ -336,9 +336,10 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             open_files / 2
         );
     }
-    spawn_signal_handler(mountpoint.clone(), guard.dev)
+    let session_over = spawn_signal_handler(mountpoint.clone(), guard.dev)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     let result = session.run();
+    session_over.store(true, Ordering::SeqCst);
     drop(guard);
     match result {
         Ok(()) => {
@@ -488,10 +489,14 @@ impl Drop for UnmountGuard {
 /// SIGTERM/SIGINT: the first unmounts (the session then ends once open files
 /// are closed); a second one aborts the connection so the worker exits now.
 /// A worker serving a given descriptor just exits: the mount is not its own.
-fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Result<()> {
+/// Returns the flag to set once the session is over: from then on a signal
+/// just exits, as the connection's number may already be another mount's.
+fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    let stopping = Arc::new(AtomicBool::new(false));
+    let session_over = Arc::new(AtomicBool::new(false));
+    let over = session_over.clone();
+    let mut stopping = false;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -500,7 +505,11 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
                     tracing::info!(signal = sig, "stopping; the mount stays with its owner");
                     std::process::exit(0);
                 };
-                if stopping.swap(true, Ordering::SeqCst) {
+                if over.load(Ordering::SeqCst) {
+                    tracing::info!(signal = sig, "the session is over; exiting");
+                    std::process::exit(0);
+                }
+                if std::mem::replace(&mut stopping, true) {
                     tracing::warn!(signal = sig, "second signal: aborting the FUSE connection");
                     abort_or_exit(dev);
                 } else if mount::device_of(&mountpoint).ok() == Some(dev) {
@@ -524,7 +533,7 @@ fn spawn_signal_handler(mountpoint: PathBuf, dev: Option<u64>) -> std::io::Resul
                 }
             }
         })?;
-    Ok(())
+    Ok(session_over)
 }
 
 /// Aborts the FUSE connection, or where that is refused (no CAP_SYS_ADMIN)
