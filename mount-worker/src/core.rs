@@ -31,7 +31,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
@@ -564,6 +564,53 @@ impl HostFd<'_> {
     }
 }
 
+/// Descriptors of frozen layers' trees and indexes, shared by every view
+/// that merges the layer: a branch snapshotted n times has n frozen
+/// layers, and each of its snapshots shows every layer below it, so a
+/// descriptor per view and layer made n²/2 of each (EMFILE after some
+/// 140 snapshots of one branch under a limit of 20 000). Weak: a layer's
+/// descriptors close with the last view that merges it.
+#[derive(Default)]
+struct FrozenFds(Mutex<HashMap<(LayerId, &'static str), Weak<OwnedFd>>>);
+
+impl FrozenFds {
+    /// The shared descriptor of `part` ("tree" or "index") of layer `id`,
+    /// `open`ed if no view holds it.
+    fn get(
+        &self,
+        id: LayerId,
+        part: &'static str,
+        open: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> io::Result<Arc<OwnedFd>> {
+        let mut fds = self.0.lock().unwrap();
+        if let Some(fd) = fds.get(&(id, part)).and_then(Weak::upgrade) {
+            return Ok(fd);
+        }
+        let fd = Arc::new(open()?);
+        FrozenFds::keep(&mut fds, id, part, &fd);
+        Ok(fd)
+    }
+
+    /// `fd`, a view's descriptor of `part` of layer `id` that froze, is
+    /// the one to share from now on.
+    fn share(&self, id: LayerId, part: &'static str, fd: &Arc<OwnedFd>) {
+        let mut fds = self.0.lock().unwrap();
+        if fds.get(&(id, part)).and_then(Weak::upgrade).is_none() {
+            FrozenFds::keep(&mut fds, id, part, fd);
+        }
+    }
+
+    fn keep(
+        fds: &mut HashMap<(LayerId, &'static str), Weak<OwnedFd>>,
+        id: LayerId,
+        part: &'static str,
+        fd: &Arc<OwnedFd>,
+    ) {
+        fds.retain(|_, w| w.strong_count() > 0);
+        fds.insert((id, part), Arc::downgrade(fd));
+    }
+}
+
 /// A branch or snapshot-of-branch view that is open.
 struct OpenView {
     view: Arc<LayerView>,
@@ -632,6 +679,7 @@ pub struct FsCore {
     latest: RwLock<Latest>,
     /// The open layered views by view number.
     views: RwLock<HashMap<u32, OpenView>>,
+    frozen: FrozenFds,
     bindings: Arc<Bindings>,
     isolation: Isolation,
     started: SystemTime,
@@ -752,6 +800,7 @@ impl FsCore {
             spare: Spare::start(state.join("layers")),
             store,
             views: RwLock::default(),
+            frozen: FrozenFds::default(),
             bindings,
             isolation: Isolation::default(),
             started: SystemTime::now(),
@@ -781,6 +830,14 @@ impl FsCore {
 
     fn open_index(&self, id: LayerId) -> io::Result<Arc<OwnedFd>> {
         hostfs::open_dir_path(&self.layer_dir(id).join("index")).map(Arc::new)
+    }
+
+    /// The descriptor of `part` ("tree" or "index") of the frozen layer
+    /// `id`, shared by the views that merge it ([`FrozenFds`]).
+    fn open_frozen(&self, id: LayerId, part: &'static str) -> io::Result<Arc<OwnedFd>> {
+        self.frozen.get(id, part, || {
+            hostfs::open_dir_path(&self.layer_dir(id).join(part))
+        })
     }
 
     /// A layer that takes changes.
@@ -881,11 +938,14 @@ impl FsCore {
         };
         let indexes = frozen
             .iter()
-            .map(|&l| self.open_index(l))
+            .map(|&l| self.open_frozen(l, "index"))
             .collect::<io::Result<Vec<_>>>()?;
         let mut lowers = frozen
             .iter()
-            .map(|&l| self.open_tree(l).map(|t| Part::Layer(Inode::Open(t))))
+            .map(|&l| {
+                self.open_frozen(l, "tree")
+                    .map(|t| Part::Layer(Inode::Open(t)))
+            })
             .collect::<io::Result<Vec<_>>>()?;
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
@@ -3117,6 +3177,9 @@ impl FsCore {
         self.spare.want(LayerId(next.next_layer));
         *catalog = next;
         if let Some(old) = layers.top.replace(top) {
+            // Frozen now: the snapshot's view shares the branch's.
+            self.frozen.share(b.layers[0], "tree", &old.tree);
+            self.frozen.share(b.layers[0], "index", &old.index);
             layers.indexes.insert(0, old.index);
         }
         layers.generation += 1;
