@@ -3165,7 +3165,10 @@ impl FsCore {
         let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
-        let old_top = Part::Layer(Inode::Open(self.open_tree(b.layers[0])?));
+        // The layer that freezes, as the catalog has it now (`b` was read
+        // before the lock: a snapshot taken meanwhile froze its top).
+        let frozen = snap.layers[0];
+        let old_top = Part::Layer(Inode::Open(self.open_tree(frozen)?));
         self.create_layer(layer, &old_top)?;
         let top = self
             .open_top(layer)
@@ -3178,8 +3181,8 @@ impl FsCore {
         *catalog = next;
         if let Some(old) = layers.top.replace(top) {
             // Frozen now: the snapshot's view shares the branch's.
-            self.frozen.share(b.layers[0], "tree", &old.tree);
-            self.frozen.share(b.layers[0], "index", &old.index);
+            self.frozen.share(frozen, "tree", &old.tree);
+            self.frozen.share(frozen, "index", &old.index);
             layers.indexes.insert(0, old.index);
         }
         layers.generation += 1;
