@@ -1060,7 +1060,7 @@ impl FsCore {
             unkey_if(
                 &mut t,
                 &key,
-                |o| matches!(o, Obj::Layer(live) if live.is_dir || !live.is_found_again(&obj, stat.st_nlink, layers)),
+                |o| matches!(o, Obj::Layer(live) if live.is_dir || !live.is_found_again(&obj, Some(stat.st_nlink), layers)),
             );
         }
         Ok(self.register(
@@ -1080,8 +1080,10 @@ impl FsCore {
     }
 
     /// The live object with `obj`'s identity if the kernel holds one, else
-    /// `obj` itself.
-    fn live_layer_obj(&self, obj: LayerObj) -> Arc<LayerObj> {
+    /// `obj` itself. A live file of the same id may be another, removed
+    /// file whose inode number `obj` got (directories are held by
+    /// descriptor: their numbers are not reused while known).
+    fn live_layer_obj(&self, obj: LayerObj, layers: &Layers) -> Arc<LayerObj> {
         let t = self.nodes.lock().unwrap();
         let key = NodeKey::Layer(obj.view.number, obj.id);
         match t
@@ -1090,7 +1092,12 @@ impl FsCore {
             .and_then(|id| t.by_id.get(id))
             .map(|n| &n.obj)
         {
-            Some(Obj::Layer(live)) => live.clone(),
+            Some(Obj::Layer(live))
+                if live.is_dir == obj.is_dir
+                    && (live.is_dir || live.is_found_again(&obj, None, layers)) =>
+            {
+                live.clone()
+            }
             _ => Arc::new(obj),
         }
     }
@@ -2278,7 +2285,9 @@ impl FsCore {
     /// the inode it named for the snapshots that still show them.
     fn remove(&self, parent: NodeId, name: &OsStr, dir: bool) -> io::Result<()> {
         if let Obj::Layer(d) = &self.dir_entry(parent, name)? {
-            return d.remove(self.cx(), &*self.layers_of(d)?, name, dir);
+            let layers = self.layers_of(d)?;
+            let live = |obj| self.live_layer_obj(obj, &layers);
+            return d.remove(self.cx(), &layers, name, dir, &live);
         }
         let (obj, name) = self.main_entry(parent, name)?;
         let pfd = obj.main_dir()?;
@@ -2306,7 +2315,7 @@ impl FsCore {
         if let Obj::Layer(d) = &dir {
             if let Ok(layers) = self.layers_of(d) {
                 if let Ok(obj) = d.lookup(self.cx(), &layers, newname) {
-                    self.renamed(&self.live_layer_obj(obj));
+                    self.renamed(&self.live_layer_obj(obj, &layers));
                 }
             }
         }
@@ -2374,7 +2383,7 @@ impl FsCore {
         match (&old, &new) {
             (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
                 let layers = self.layers_of(o)?;
-                let live = |obj| self.live_layer_obj(obj);
+                let live = |obj| self.live_layer_obj(obj, &layers);
                 for obj in o.rename(self.cx(), &layers, name, n, newname, flags, &live)? {
                     self.renamed(&obj);
                 }
@@ -3183,7 +3192,7 @@ impl FsCore {
             // Frozen now: the snapshot's view shares the branch's.
             self.frozen.share(frozen, "tree", &old.tree);
             self.frozen.share(frozen, "index", &old.index);
-            layers.indexes.insert(0, old.index);
+            layers.freeze(old.index);
         }
         layers.generation += 1;
         // Lock order: views before catalog (opendir of .agentfs/branches).

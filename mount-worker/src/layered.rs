@@ -20,16 +20,17 @@
 //! ([`Layers::generation`] advances); objects notice on their next use and treat
 //! their old top copy as a lower part ([`LayerObj::current`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
+use crate::layer_index::{LayerIndex, PartEntry};
 use crate::names::Names;
 use crate::preserve::PreImageStore;
 use crate::snapview::SnapObj;
@@ -254,15 +255,64 @@ pub struct Layers {
     /// The layer taking changes (branches only).
     pub top: Option<Top>,
     /// The indexes of the frozen layers, top first.
-    pub indexes: Vec<Arc<OwnedFd>>,
+    indexes: Vec<Arc<OwnedFd>>,
+    /// With [`INDEXED_FROM`] frozen layers or more, once needed: the ids
+    /// the frozen indexes hold, each with the topmost index holding it,
+    /// numbered from the bottom (frozen indexes never change, and one that
+    /// freezes goes on top: [`Layers::freeze`]).
+    frozen_ids: OnceLock<HashMap<u64, u32>>,
 }
 
 impl Layers {
+    /// Puts the index of the top layer, frozen now, on top of the frozen
+    /// ones.
+    pub fn freeze(&mut self, index: Arc<OwnedFd>) {
+        if let Some(ids) = self.frozen_ids.get_mut() {
+            match index_ids(&index) {
+                Ok(new) => {
+                    let at = u32::try_from(self.indexes.len()).expect("fewer than 2^32 layers");
+                    ids.extend(new.into_iter().map(|id| (id, at)));
+                }
+                // Read again when next needed.
+                Err(_) => self.frozen_ids = OnceLock::new(),
+            }
+        }
+        self.indexes.insert(0, index);
+    }
+
+    /// The frozen indexes that may hold object `id`, top first: all of
+    /// them, or once there are enough to need [`Layers::frozen_ids`] (read
+    /// now if it was not; if it cannot be, all of them), the one that does.
+    fn frozen_holding(&self, id: u64) -> Vec<&Arc<OwnedFd>> {
+        if self.indexes.len() < INDEXED_FROM {
+            return self.indexes.iter().collect();
+        }
+        let ids = match self.frozen_ids.get() {
+            Some(ids) => ids,
+            None => {
+                let mut ids = HashMap::new();
+                for (at, ix) in self.indexes.iter().rev().enumerate() {
+                    let Ok(held) = index_ids(ix) else {
+                        return self.indexes.iter().collect();
+                    };
+                    ids.extend(held.into_iter().map(|id| (id, at as u32)));
+                }
+                // Another thread may have read them too: the same ids.
+                let _ = self.frozen_ids.set(ids);
+                self.frozen_ids.get().expect("set just now")
+            }
+        };
+        ids.get(&id)
+            .map(|&at| &self.indexes[self.indexes.len() - 1 - at as usize])
+            .into_iter()
+            .collect()
+    }
+
     /// The newest copy of object `id` in an index, if it has one.
     fn indexed(&self, id: u64) -> io::Result<Option<Inode>> {
         let name = index_name(id);
         let tops = self.top.iter().map(|t| &t.index);
-        for ix in tops.chain(&self.indexes) {
+        for ix in tops.chain(self.frozen_holding(id)) {
             match hostfs::open_node(ix.as_fd(), &name) {
                 Ok(fd) => return Ok(Some(Inode::new(fd, false, ix, &name))),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -271,6 +321,15 @@ impl Layers {
         }
         Ok(None)
     }
+}
+
+/// The ids a layer's index holds (its entries' names).
+fn index_ids(index: &OwnedFd) -> io::Result<Vec<u64>> {
+    let d = hostfs::reopen(index.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+    Ok(hostfs::read_dir_all(&d)?
+        .into_iter()
+        .filter_map(|e| std::str::from_utf8(&e.name).ok()?.parse().ok())
+        .collect())
 }
 
 fn index_name(id: u64) -> CString {
@@ -341,6 +400,7 @@ impl LayerView {
                 generation: 0,
                 top,
                 indexes,
+                frozen_ids: OnceLock::new(),
             }),
             copy_up: Mutex::new(()),
             names: RwLock::new(()),
@@ -412,12 +472,26 @@ pub struct Listed {
     pub name: Vec<u8>,
 }
 
-/// One entry of one part of a directory.
-struct PartEntry {
-    name: Vec<u8>,
-    d_type: u8,
-    /// `None` for a whiteout.
-    id: Option<u64>,
+/// The entries of a layer directory with their ids.
+fn layer_entries(dir: &Inode) -> io::Result<Vec<PartEntry>> {
+    let dir = dir.dir()?;
+    let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut out = Vec::new();
+    for e in hostfs::read_dir_all(&d)? {
+        let fd = hostfs::open_node(dir.as_fd(), &hostfs::component(OsStr::from_bytes(&e.name))?)?;
+        let st = hostfs::stat(fd.as_fd())?;
+        let id = if is_whiteout(fd.as_fd(), &st)? {
+            None
+        } else {
+            Some(layer_id(fd.as_fd(), &st)?)
+        };
+        out.push(PartEntry {
+            name: e.name,
+            d_type: e.d_type,
+            id,
+        });
+    }
+    Ok(out)
 }
 
 /// The id of an object of a layer directory.
@@ -511,29 +585,7 @@ impl Part {
     /// Entries with their ids.
     fn entries(&self, cx: Ctx<'_>) -> io::Result<Vec<PartEntry>> {
         match self {
-            Part::Layer(dir) => {
-                let dir = dir.dir()?;
-                let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-                let mut out = Vec::new();
-                for e in hostfs::read_dir_all(&d)? {
-                    let fd = hostfs::open_node(
-                        dir.as_fd(),
-                        &hostfs::component(OsStr::from_bytes(&e.name))?,
-                    )?;
-                    let st = hostfs::stat(fd.as_fd())?;
-                    let id = if is_whiteout(fd.as_fd(), &st)? {
-                        None
-                    } else {
-                        Some(layer_id(fd.as_fd(), &st)?)
-                    };
-                    out.push(PartEntry {
-                        name: e.name,
-                        d_type: e.d_type,
-                        id,
-                    });
-                }
-                Ok(out)
-            }
+            Part::Layer(dir) => layer_entries(dir),
             Part::Base(s) => Ok(s
                 .list(cx.store, cx.mount_fd)?
                 .into_iter()
@@ -647,7 +699,39 @@ struct State {
     upper: Option<Inode>,
     /// The object below the top: for a directory every part it merges, top
     /// first (none below an opaque one); otherwise the topmost part.
-    lowers: Vec<Part>,
+    /// Shared: a directory changed between many snapshots merges many.
+    lowers: Arc<[Part]>,
+    /// For a directory merging at least [`INDEXED_FROM`] frozen layer
+    /// parts, once it is read: what those parts hold.
+    index: Option<Arc<LayerIndex>>,
+}
+
+/// How many frozen layer parts a directory merges before a lookup there
+/// reads an index of them rather than trying each ([`LayerIndex`]).
+const INDEXED_FROM: usize = 4;
+
+impl State {
+    /// The parts below the top that may hold `name`, top first: all of
+    /// them, or with an index those it says hold the name, and main's.
+    fn below(&self, name: &OsStr) -> Vec<&Part> {
+        match &self.index {
+            None => self.lowers.iter().collect(),
+            Some(ix) => ix
+                .holding(name.as_bytes())
+                .map(|i| &self.lowers[i])
+                .chain(self.lowers.get(ix.parts()))
+                .collect(),
+        }
+    }
+
+    /// How many frozen layer parts it merges (main's part is the last one
+    /// if it merges it).
+    fn layer_parts(&self) -> usize {
+        self.lowers
+            .iter()
+            .take_while(|p| matches!(p, Part::Layer(_)))
+            .count()
+    }
 }
 
 /// An object of a layered view.
@@ -687,7 +771,8 @@ impl LayerObj {
             state: RwLock::new(State {
                 generation: u64::MAX,
                 upper: None,
-                lowers,
+                lowers: lowers.into(),
+                index: None,
             }),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
@@ -744,13 +829,10 @@ impl LayerObj {
     /// Main's object at the view's epoch, where this one shows it: the
     /// bottom part it merges or stands on.
     pub fn base(&self, layers: &Layers) -> Option<Arc<SnapObj>> {
-        self.current(layers)
-            .lowers
-            .into_iter()
-            .find_map(|p| match p {
-                Part::Base(s) => Some(s),
-                Part::Layer(_) => None,
-            })
+        self.current(layers).lowers.iter().find_map(|p| match p {
+            Part::Base(s) => Some(s.clone()),
+            Part::Layer(_) => None,
+        })
     }
 
     /// Whether this is the root of its view.
@@ -771,9 +853,20 @@ impl LayerObj {
         if s.generation != layers.generation {
             if let Some(u) = s.upper.take() {
                 if !self.is_dir || u.dir().and_then(|d| is_opaque(d.as_fd())).unwrap_or(true) {
-                    s.lowers.clear();
+                    s.index = None;
+                    s.lowers = Arc::new([Part::Layer(u)]);
+                } else {
+                    // The index, if any, takes the frozen copy on top; if
+                    // it cannot be read the index goes (rebuilt on use).
+                    if let Some(mut ix) = s.index.take() {
+                        if let Ok(entries) = layer_entries(&u) {
+                            Arc::make_mut(&mut ix).push(entries);
+                            s.index = Some(ix);
+                        }
+                    }
+                    let below = s.lowers.iter().cloned();
+                    s.lowers = std::iter::once(Part::Layer(u)).chain(below).collect();
                 }
-                s.lowers.insert(0, Part::Layer(u));
             }
             if self.is_root() {
                 s.upper = layers.top.as_ref().map(|t| Inode::Open(t.tree.clone()));
@@ -783,6 +876,42 @@ impl LayerObj {
         s.clone()
     }
 
+    /// [`LayerObj::current`], with the index of a directory's frozen parts
+    /// if it merges enough of them to need one (made now if it has none).
+    /// Without one (not needed, or it could not be made: any error shows
+    /// again on the way without it) every part is tried, to the same end.
+    fn current_with_index(&self, layers: &Layers) -> State {
+        let s = self.current(layers);
+        if s.index.is_some() || s.layer_parts() < INDEXED_FROM {
+            return s;
+        }
+        let mut w = self.state.write().unwrap();
+        if w.generation != s.generation || !Arc::ptr_eq(&w.lowers, &s.lowers) {
+            return s;
+        }
+        if w.index.is_none() {
+            let parts = w.lowers[..w.layer_parts()]
+                .iter()
+                .map(|p| match p {
+                    Part::Layer(dir) => layer_entries(dir),
+                    Part::Base(_) => unreachable!("main's part is the bottom one"),
+                })
+                .collect::<io::Result<Vec<_>>>();
+            match parts {
+                Ok(parts) => w.index = Some(Arc::new(LayerIndex::new(parts))),
+                Err(e) => {
+                    tracing::debug!(
+                        view = self.view.number,
+                        "index of directory {}: {e}",
+                        self.id
+                    );
+                    return s;
+                }
+            }
+        }
+        w.clone()
+    }
+
     /// Attributes (`st_ino` is the caller's business).
     pub fn stat(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Stat> {
         self.topmost(layers)?.stat(cx)
@@ -790,9 +919,9 @@ impl LayerObj {
 
     fn topmost(&self, layers: &Layers) -> io::Result<Part> {
         let s = self.current(layers);
-        match (s.upper, s.lowers.into_iter().next()) {
+        match (s.upper, s.lowers.first()) {
             (Some(u), _) => Ok(Part::Layer(u)),
-            (None, Some(p)) => Ok(p),
+            (None, Some(p)) => Ok(p.clone()),
             (None, None) => Err(errno(libc::ESTALE)),
         }
     }
@@ -802,8 +931,8 @@ impl LayerObj {
     /// inode number (the id of a file made in a layer) may go to another
     /// file while the kernel still holds this node. If it is this object,
     /// this object is opened by the name `found` was found at from now on
-    /// (`links`: its link count).
-    pub fn is_found_again(&self, found: &LayerObj, links: u64, layers: &Layers) -> bool {
+    /// if `links` (its link count) is given.
+    pub fn is_found_again(&self, found: &LayerObj, links: Option<u64>, layers: &Layers) -> bool {
         let (Ok(Part::Layer(Inode::Handle(mine))), Ok(Part::Layer(Inode::Handle(theirs)))) =
             (self.topmost(layers), found.topmost(layers))
         else {
@@ -812,7 +941,7 @@ impl LayerObj {
         if mine.handle != theirs.handle {
             return false;
         }
-        if let Some(name) = theirs.at.newest() {
+        if let (Some(name), Some(links)) = (theirs.at.newest(), links) {
             mine.at.learn(name, links);
         }
         true
@@ -847,7 +976,7 @@ impl LayerObj {
         name: &OsStr,
     ) -> io::Result<LayerObj> {
         let cname = hostfs::component(name)?;
-        let s = self.current(layers);
+        let s = self.current_with_index(layers);
         // The topmost part's attributes and the object's id.
         let mut first: Option<(Stat, u64)> = None;
         let mut upper = None;
@@ -871,7 +1000,7 @@ impl LayerObj {
             }
         }
         if !done {
-            for p in &s.lowers {
+            for p in s.below(name) {
                 match p.child(cx, name)? {
                     Child::Missing => continue,
                     Child::Whiteout => break,
@@ -915,7 +1044,8 @@ impl LayerObj {
             state: RwLock::new(State {
                 generation: layers.generation,
                 upper,
-                lowers,
+                lowers: lowers.into(),
+                index: None,
             }),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
@@ -924,11 +1054,11 @@ impl LayerObj {
 
     /// The merged entries of this directory (`.` and `..` excluded).
     pub fn list(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Vec<Listed>> {
-        let s = self.current(layers);
+        let s = self.current_with_index(layers);
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for p in s.upper.map(Part::Layer).into_iter().chain(s.lowers) {
-            for e in p.entries(cx)? {
+        let mut add = |entries: &mut dyn Iterator<Item = PartEntry>| {
+            for e in entries {
                 if seen.insert(e.name.clone()) {
                     if let Some(id) = e.id {
                         out.push(Listed {
@@ -939,6 +1069,17 @@ impl LayerObj {
                     }
                 }
             }
+        };
+        if let Some(u) = s.upper {
+            add(&mut layer_entries(&u)?.into_iter());
+        }
+        let mut parts = &s.lowers[..];
+        if let Some(ix) = &s.index {
+            add(&mut ix.entries());
+            parts = &parts[ix.parts()..];
+        }
+        for p in parts {
+            add(&mut p.entries(cx)?.into_iter());
         }
         Ok(out)
     }
@@ -946,7 +1087,7 @@ impl LayerObj {
     /// Whether a layer below the top has `name` in this directory (so
     /// removing it from the top needs a whiteout).
     fn lower_has(&self, cx: Ctx<'_>, layers: &Layers, name: &OsStr) -> io::Result<bool> {
-        for p in &self.current(layers).lowers {
+        for p in self.current_with_index(layers).below(name) {
             match p.child(cx, name)? {
                 Child::Missing => continue,
                 Child::Whiteout => return Ok(false),
@@ -1084,18 +1225,27 @@ impl LayerObj {
         let _one = self.view.copy_up.lock().unwrap();
         let s = self.current(layers);
         let index = index_name(self.id);
-        let fd = match hostfs::open_node(top.index.as_fd(), &index) {
-            Ok(fd) => fd,
+        let (fd, made) = match hostfs::open_node(top.index.as_fd(), &index) {
+            Ok(fd) => (fd, false),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match s.lowers.first() {
-                Some(p) if self.has_names_below(cx, &s)? => self.index_copy(cx, top, p)?,
+                Some(p) if self.has_names_below(cx, &s)? => (self.index_copy(cx, top, p)?, true),
                 _ => return Ok(()),
             },
             Err(e) => return Err(e),
         };
         match logical_nlink(fd.as_fd(), &hostfs::stat(fd.as_fd())?)? {
-            Some(n) if n > 1 => set_nlink(fd.as_fd(), n - 1),
-            _ => hostfs::unlink(top.index.as_fd(), &index, false),
+            Some(n) if n > 1 => set_nlink(fd.as_fd(), n - 1)?,
+            _ => return hostfs::unlink(top.index.as_fd(), &index, false),
         }
+        if made {
+            // Its other names show the new copy from now on, as a lookup
+            // of them would find it (the part below it shows the old count).
+            let mut s = self.state.write().unwrap();
+            if s.upper.is_none() {
+                s.lowers = Arc::new([Part::Layer(Inode::new(fd, false, &top.index, &index))]);
+            }
+        }
+        Ok(())
     }
 
     /// Takes `fd`, `name` in the top layer's directory `dir`, as this
@@ -1105,7 +1255,7 @@ impl LayerObj {
         let mut s = self.state.write().unwrap();
         s.upper = Some(u.clone());
         if !self.is_dir {
-            s.lowers.clear();
+            s.lowers = Arc::new([]);
         }
         if matches!(u, Inode::Open(_))
             && self
@@ -1138,7 +1288,9 @@ impl LayerObj {
             live(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers, live)?;
         }
         set_opaque(u.dir()?.as_fd())?;
-        self.state.write().unwrap().lowers.clear();
+        let mut s = self.state.write().unwrap();
+        s.lowers = Arc::new([]);
+        s.index = None;
         Ok(u)
     }
 
@@ -1222,7 +1374,8 @@ impl LayerObj {
             state: RwLock::new(State {
                 generation: layers.generation,
                 upper: Some(Inode::new(fd, is_dir(&st), &pu, &cname)),
-                lowers: Vec::new(),
+                lowers: Arc::new([]),
+                index: None,
             }),
             place: Mutex::new(Some((self.clone(), cname))),
             copies: AtomicU64::new(0),
@@ -1239,16 +1392,18 @@ impl LayerObj {
     }
 
     /// Removes `name` (a directory if `dir`) from this directory, leaving
-    /// a whiteout where a lower layer has the name.
+    /// a whiteout where a lower layer has the name. `live` as for
+    /// [`LayerObj::rename`]: a file's other names live on in that object.
     pub fn remove(
         self: &Arc<Self>,
         cx: Ctx<'_>,
         layers: &Layers,
         name: &OsStr,
         dir: bool,
+        live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
     ) -> io::Result<()> {
         let pu = self.upper_dir(cx, layers)?;
-        let child = self.lookup(cx, layers, name)?;
+        let child = live(self.lookup(cx, layers, name)?);
         match (dir, child.is_dir) {
             (true, false) => return Err(errno(libc::ENOTDIR)),
             (false, true) => return Err(errno(libc::EISDIR)),

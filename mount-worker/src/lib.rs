@@ -15,6 +15,7 @@ pub mod fuse_adapter;
 pub mod handoff;
 pub mod hex;
 pub mod hostfs;
+pub mod layer_index;
 pub mod layered;
 pub mod logging;
 pub mod mount;

@@ -19,7 +19,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use agentfs_mount_worker::control::{ControlError, ErrorKind, Request};
-use common::{Mount, bind_pid, branch, branch_dir, ctl, snapshot, snapshot_dir, tree};
+use common::{
+    Mount, bind_pid, branch, branch_dir, ctl, snapshot, snapshot_dir, tree, tree_content,
+};
 use serde_json::{Value, json};
 
 /// The record of the branch called `name` in `branch-list`.
@@ -2344,4 +2346,124 @@ fn snapshots_of_a_branch_share_their_layers_descriptors() {
         assert_eq!(fs::read(s.join(format!("f{i}"))).unwrap(), b"x");
         assert!(!s.join(format!("f{}", i + 1)).exists());
     }
+}
+
+/// One round of changes a branch snapshotted after each round must show
+/// through every layer: in the root and in `d/`, both changed in every
+/// round (so both merge one frozen part per round), applied alike to the
+/// branch and to a plain reference directory.
+fn churn(root: &Path, round: usize) {
+    for dir in [root.to_path_buf(), root.join("d")] {
+        fs::write(dir.join(format!("r{round}")), format!("made in {round}")).unwrap();
+        // A name made two rounds ago goes (a whiteout over a frozen layer),
+        // one removed two rounds before that comes back (over a whiteout).
+        if round >= 2 {
+            fs::remove_file(dir.join(format!("r{}", round - 2))).unwrap();
+        }
+        if round >= 4 && round.is_multiple_of(2) {
+            fs::write(
+                dir.join(format!("r{}", round - 4)),
+                format!("back in {round}"),
+            )
+            .unwrap();
+        }
+        // A file from main changed (copied up again), one from main removed.
+        fs::write(dir.join("main.txt"), format!("changed in {round}")).unwrap();
+        let _ = fs::remove_file(dir.join(format!("m{round}")));
+        // A directory removed and made again: opaque over its old copies.
+        if round.is_multiple_of(3) {
+            let _ = fs::remove_dir_all(dir.join("sub"));
+            fs::create_dir(dir.join("sub")).unwrap();
+        }
+        fs::write(dir.join("sub").join(format!("s{round}")), b"s").unwrap();
+        // Files from main with two names: each round changes one through
+        // its first name (one copy, in that round's layer's index, shown by
+        // both), reads the last round's through its second name (first
+        // looked up now, so found in a frozen index), and removes a name.
+        OpenOptions::new()
+            .append(true)
+            .open(dir.join(format!("h{round}")))
+            .unwrap()
+            .write_all(b" and more")
+            .unwrap();
+        if round >= 1 {
+            let other = fs::read(dir.join(format!("h{}-2", round - 1))).unwrap();
+            assert_eq!(other, b"linked and more", "round {round}");
+        }
+        if round == 9 {
+            fs::remove_file(dir.join("h2")).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_branch_snapshotted_many_times_resolves_names_through_every_layer() {
+    // Well past the point where a directory's frozen parts get an index.
+    const ROUNDS: usize = 16;
+    fn fill(root: &Path) {
+        for dir in [root.to_path_buf(), root.join("d")] {
+            fs::create_dir_all(dir.join("sub")).unwrap();
+            fs::write(dir.join("main.txt"), b"main").unwrap();
+            fs::write(dir.join("sub/old"), b"old").unwrap();
+            for i in 0..ROUNDS {
+                fs::write(dir.join(format!("h{i}")), b"linked").unwrap();
+                fs::hard_link(dir.join(format!("h{i}")), dir.join(format!("h{i}-2"))).unwrap();
+            }
+            for i in 0..20 {
+                fs::write(dir.join(format!("m{i}")), b"m").unwrap();
+            }
+        }
+    }
+    let mut m = Mount::builder().populate(fill).start();
+    let reference = tempfile::tempdir().unwrap();
+    fill(reference.path());
+    snapshot(&m, None, "base");
+    branch(&m, "base", "b");
+    let dir = branch_dir(&m, "b");
+    let mut taken = Vec::new();
+    for round in 0..ROUNDS {
+        churn(&dir, round);
+        churn(reference.path(), round);
+        snapshot(&m, Some("b"), &format!("s{round}"));
+        taken.push(tree_content(reference.path()));
+    }
+    let check = |m: &Mount, when: &str| {
+        assert_eq!(tree_content(&dir), tree_content(reference.path()), "{when}");
+        for (round, expected) in taken.iter().enumerate() {
+            let s = snapshot_dir(m, &format!("s{round}"));
+            assert_eq!(&tree_content(&s), expected, "snapshot s{round}, {when}");
+        }
+        for d in [dir.clone(), dir.join("d")] {
+            // Names of frozen layers only, whited out, or nowhere.
+            assert_eq!(fs::read(d.join("r14")).unwrap(), b"made in 14", "{when}");
+            assert_eq!(fs::read(d.join("r0")).unwrap(), b"back in 4", "{when}");
+            assert_eq!(errno(fs::metadata(d.join("r1"))), Some(libc::ENOENT));
+            assert_eq!(errno(fs::metadata(d.join("r13"))), Some(libc::ENOENT));
+            assert_eq!(errno(fs::metadata(d.join("m5"))), Some(libc::ENOENT));
+            assert_eq!(errno(fs::metadata(d.join("nowhere"))), Some(libc::ENOENT));
+            assert_eq!(errno(fs::metadata(d.join("sub/old"))), Some(libc::ENOENT));
+            // A name some frozen layer holds is taken; one it whites out
+            // is free.
+            let new = |n: &str| {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(d.join(n))
+            };
+            assert_eq!(errno(new("r14")), Some(libc::EEXIST), "{when}");
+            assert_eq!(errno(new("m19")), Some(libc::EEXIST), "{when}");
+            assert_eq!(errno(fs::create_dir(d.join("sub"))), Some(libc::EEXIST));
+        }
+    };
+    check(&m, "as made");
+    // A new worker reads every layer afresh.
+    m.kill();
+    m.restart(&[]);
+    check(&m, "after a restart");
+    // Freed names can be made again, in the branch and in the reference.
+    for root in [dir.clone(), reference.path().to_path_buf()] {
+        fs::write(root.join("r13"), b"new").unwrap();
+        fs::write(root.join("d/m5"), b"new").unwrap();
+    }
+    assert_eq!(tree_content(&dir), tree_content(reference.path()));
 }
