@@ -902,11 +902,15 @@ impl FsCore {
                 _ => std::fs::remove_dir_all(e.path())?,
             }
         }
+        // A layer is shared by its branch and the branch's snapshots, over
+        // the same layers in each: checked once (n snapshots of a branch
+        // would otherwise open its layers n²/2 times).
+        let mut checked = HashSet::new();
         for b in &catalog.branches {
-            self.stamp_again(&b.layers, b.snapshot, b.epoch)?;
+            self.stamp_again(&b.layers, b.snapshot, b.epoch, &mut checked)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.stamp_again(&s.layers, s.id, s.epoch)?;
+            self.stamp_again(&s.layers, s.id, s.epoch, &mut checked)?;
         }
         self.spare.want(LayerId(catalog.next_layer));
         for b in &catalog.branches {
@@ -977,9 +981,19 @@ impl FsCore {
     }
 
     /// Stamps again, bottom up, the layers of a view (`layers` over main at
-    /// `epoch`) whose stamp a crash lost (see [`crate::spare`]).
-    fn stamp_again(&self, layers: &[LayerId], snap: SnapshotId, epoch: u64) -> io::Result<()> {
+    /// `epoch`) whose stamp a crash lost (see [`crate::spare`]), but for
+    /// those `checked` already.
+    fn stamp_again(
+        &self,
+        layers: &[LayerId],
+        snap: SnapshotId,
+        epoch: u64,
+        checked: &mut HashSet<LayerId>,
+    ) -> io::Result<()> {
         for i in (0..layers.len()).rev() {
+            if !checked.insert(layers[i]) {
+                continue;
+            }
             let tree = self.open_tree(layers[i])?;
             if spare::unstamped(tree.as_fd())? {
                 let below = self.root_part(&layers[i + 1..], snap, epoch)?;
