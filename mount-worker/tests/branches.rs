@@ -2393,6 +2393,23 @@ fn churn(root: &Path, round: usize) {
         if round == 9 {
             fs::remove_file(dir.join("h2")).unwrap();
         }
+        // Renames: a file made last round (in a frozen layer now) to a new
+        // name, and one moved last round onto a name from further down.
+        fs::write(dir.join(format!("t{round}")), format!("t{round}")).unwrap();
+        if round >= 1 {
+            fs::rename(
+                dir.join(format!("t{}", round - 1)),
+                dir.join(format!("u{round}")),
+            )
+            .unwrap();
+        }
+        if round >= 4 {
+            fs::rename(
+                dir.join(format!("u{}", round - 1)),
+                dir.join(format!("u{}", round - 3)),
+            )
+            .unwrap();
+        }
     }
 }
 
