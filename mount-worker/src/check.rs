@@ -90,9 +90,6 @@ pub fn check(state: &Path) -> io::Result<Report> {
                     c.next_id
                 ));
             }
-            if b.layers.is_empty() {
-                r.problems.push(format!("{what}: has no layer"));
-            }
             if b.epoch == 0 || b.epoch >= c.main_epoch {
                 r.problems.push(format!(
                     "{what}: epoch {} is not below main's epoch {}",
@@ -160,6 +157,12 @@ pub fn check(state: &Path) -> io::Result<Report> {
 /// nobody uses (but the spare, `crate::spare`) and files left in `work/`
 /// are garbage.
 fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
+    if let Some(l) = c.layer_loop() {
+        r.problems.push(format!(
+            "layer {}: the layers below it in the catalog (\"below\") lead back to it",
+            l.0
+        ));
+    }
     let in_use = c.layers_in_use();
     for l in &in_use {
         r.layers += 1;

@@ -571,15 +571,33 @@ impl HostFd<'_> {
 /// 140 snapshots of one branch under a limit of 20 000). Weak: a layer's
 /// descriptors close with the last view that merges it.
 #[derive(Default)]
-struct FrozenFds(Mutex<HashMap<(LayerId, &'static str), Weak<OwnedFd>>>);
+struct FrozenFds(Mutex<HashMap<(LayerId, LayerPart), Weak<OwnedFd>>>);
+
+/// A directory of a layer that views hold open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum LayerPart {
+    /// Its files.
+    Tree,
+    /// Its index of hard-linked files.
+    Index,
+}
+
+impl LayerPart {
+    fn dir_name(self) -> &'static str {
+        match self {
+            LayerPart::Tree => "tree",
+            LayerPart::Index => "index",
+        }
+    }
+}
 
 impl FrozenFds {
-    /// The shared descriptor of `part` ("tree" or "index") of layer `id`,
+    /// The shared descriptor of `part` of layer `id`,
     /// `open`ed if no view holds it.
     fn get(
         &self,
         id: LayerId,
-        part: &'static str,
+        part: LayerPart,
         open: impl FnOnce() -> io::Result<OwnedFd>,
     ) -> io::Result<Arc<OwnedFd>> {
         let mut fds = self.0.lock().unwrap();
@@ -593,7 +611,7 @@ impl FrozenFds {
 
     /// `fd`, a view's descriptor of `part` of layer `id` that froze, is
     /// the one to share from now on.
-    fn share(&self, id: LayerId, part: &'static str, fd: &Arc<OwnedFd>) {
+    fn share(&self, id: LayerId, part: LayerPart, fd: &Arc<OwnedFd>) {
         let mut fds = self.0.lock().unwrap();
         if fds.get(&(id, part)).and_then(Weak::upgrade).is_none() {
             FrozenFds::keep(&mut fds, id, part, fd);
@@ -601,9 +619,9 @@ impl FrozenFds {
     }
 
     fn keep(
-        fds: &mut HashMap<(LayerId, &'static str), Weak<OwnedFd>>,
+        fds: &mut HashMap<(LayerId, LayerPart), Weak<OwnedFd>>,
         id: LayerId,
-        part: &'static str,
+        part: LayerPart,
         fd: &Arc<OwnedFd>,
     ) {
         fds.retain(|_, w| w.strong_count() > 0);
@@ -824,20 +842,18 @@ impl FsCore {
         self.state.join("layers").join(id.0.to_string())
     }
 
+    fn open_part(&self, id: LayerId, part: LayerPart) -> io::Result<OwnedFd> {
+        hostfs::open_dir_path(&self.layer_dir(id).join(part.dir_name()))
+    }
+
     fn open_tree(&self, id: LayerId) -> io::Result<Arc<OwnedFd>> {
-        hostfs::open_dir_path(&self.layer_dir(id).join("tree")).map(Arc::new)
+        self.open_part(id, LayerPart::Tree).map(Arc::new)
     }
 
-    fn open_index(&self, id: LayerId) -> io::Result<Arc<OwnedFd>> {
-        hostfs::open_dir_path(&self.layer_dir(id).join("index")).map(Arc::new)
-    }
-
-    /// The descriptor of `part` ("tree" or "index") of the frozen layer
-    /// `id`, shared by the views that merge it ([`FrozenFds`]).
-    fn open_frozen(&self, id: LayerId, part: &'static str) -> io::Result<Arc<OwnedFd>> {
-        self.frozen.get(id, part, || {
-            hostfs::open_dir_path(&self.layer_dir(id).join(part))
-        })
+    /// The descriptor of `part` of the frozen layer `id`, shared by the
+    /// views that merge it ([`FrozenFds`]).
+    fn open_frozen(&self, id: LayerId, part: LayerPart) -> io::Result<Arc<OwnedFd>> {
+        self.frozen.get(id, part, || self.open_part(id, part))
     }
 
     /// A layer that takes changes.
@@ -845,7 +861,7 @@ impl FsCore {
         Ok(Top {
             tree: self.open_tree(id)?,
             work: hostfs::open_dir_path(&self.layer_dir(id).join("work"))?,
-            index: self.open_index(id)?,
+            index: self.open_part(id, LayerPart::Index).map(Arc::new)?,
         })
     }
 
@@ -861,11 +877,11 @@ impl FsCore {
         ))
     }
 
-    /// The topmost part of a view's root with these layers: what a new
-    /// layer's root copies its attributes from.
-    fn root_part(&self, layers: &[LayerId], snap: SnapshotId, epoch: u64) -> io::Result<Part> {
-        match layers.first() {
-            Some(&l) => Ok(Part::Layer(Inode::Open(self.open_tree(l)?))),
+    /// The topmost part of a view's root with `top` its top layer: what a
+    /// new layer's root copies its attributes from.
+    fn root_part(&self, top: Option<LayerId>, snap: SnapshotId, epoch: u64) -> io::Result<Part> {
+        match top {
+            Some(l) => Ok(Part::Layer(Inode::Open(self.open_tree(l)?))),
             None => Ok(Part::Base(Arc::new(self.base_root(snap, epoch)?))),
         }
     }
@@ -907,23 +923,24 @@ impl FsCore {
         // would otherwise open its layers n²/2 times).
         let mut checked = HashSet::new();
         for b in &catalog.branches {
-            self.stamp_again(&b.layers, b.snapshot, b.epoch, &mut checked)?;
+            self.stamp_again(&catalog.branch_layers(b), b.snapshot, b.epoch, &mut checked)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.stamp_again(&s.layers, s.id, s.epoch, &mut checked)?;
+            self.stamp_again(&catalog.layers(s.layer), s.id, s.epoch, &mut checked)?;
         }
         self.spare.want(LayerId(catalog.next_layer));
         for b in &catalog.branches {
-            self.open_branch_view(b)?;
+            self.open_branch_view(b, &catalog.branch_layers(b))?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.open_view(s.id.0, None, &s.layers, s.id, s.epoch)?;
+            self.open_view(s.id.0, None, &catalog.layers(s.layer), s.id, s.epoch)?;
         }
         Ok(())
     }
 
-    fn open_branch_view(&self, b: &Branch) -> io::Result<()> {
-        let (top, frozen) = b.layers.split_first().expect("a branch has a layer");
+    /// Opens the view of branch `b`, whose layers are `layers`.
+    fn open_branch_view(&self, b: &Branch, layers: &[LayerId]) -> io::Result<()> {
+        let (top, frozen) = layers.split_first().expect("a branch has a layer");
         self.open_view(b.id.0, Some(*top), frozen, b.snapshot, b.epoch)
     }
 
@@ -942,12 +959,12 @@ impl FsCore {
         };
         let indexes = frozen
             .iter()
-            .map(|&l| self.open_frozen(l, "index"))
+            .map(|&l| self.open_frozen(l, LayerPart::Index))
             .collect::<io::Result<Vec<_>>>()?;
         let mut lowers = frozen
             .iter()
             .map(|&l| {
-                self.open_frozen(l, "tree")
+                self.open_frozen(l, LayerPart::Tree)
                     .map(|t| Part::Layer(Inode::Open(t)))
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -996,7 +1013,7 @@ impl FsCore {
             }
             let tree = self.open_tree(layers[i])?;
             if spare::unstamped(tree.as_fd())? {
-                let below = self.root_part(&layers[i + 1..], snap, epoch)?;
+                let below = self.root_part(layers.get(i + 1).copied(), snap, epoch)?;
                 spare::stamp(self.cx(), tree.as_fd(), &below)?;
                 hostfs::sync_dir(tree.as_fd())?;
                 tracing::info!(
@@ -3188,9 +3205,10 @@ impl FsCore {
         let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
+        let snap_layers = next.layers(snap.layer);
         // The layer that freezes, as the catalog has it now (`b` was read
         // before the lock: a snapshot taken meanwhile froze its top).
-        let frozen = snap.layers[0];
+        let frozen = snap.layer.expect("a snapshot of a branch has a layer");
         let old_top = Part::Layer(Inode::Open(self.open_tree(frozen)?));
         self.create_layer(layer, &old_top)?;
         let top = self
@@ -3204,14 +3222,14 @@ impl FsCore {
         *catalog = next;
         if let Some(old) = layers.top.replace(top) {
             // Frozen now: the snapshot's view shares the branch's.
-            self.frozen.share(frozen, "tree", &old.tree);
-            self.frozen.share(frozen, "index", &old.index);
+            self.frozen.share(frozen, LayerPart::Tree, &old.tree);
+            self.frozen.share(frozen, LayerPart::Index, &old.index);
             layers.freeze(old.index);
         }
         layers.generation += 1;
         // Lock order: views before catalog (opendir of .agentfs/branches).
         drop((layers, catalog));
-        self.open_view(snap.id.0, None, &snap.layers, b.snapshot, snap.epoch)?;
+        self.open_view(snap.id.0, None, &snap_layers, b.snapshot, snap.epoch)?;
         tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");
         Ok(snap)
     }
@@ -3248,6 +3266,7 @@ impl FsCore {
         let mut catalog = self.catalog.lock().unwrap();
         let mut next = catalog.clone();
         let (removed, number) = edit(&mut next)?;
+        next.forget_unused_layers();
         self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
         let unused: Vec<LayerId> = catalog
             .layers_in_use()
@@ -3326,16 +3345,17 @@ impl FsCore {
         }
         let mut next = catalog.clone();
         let b = next.add_branch(name, &from);
-        let root = self.root_part(&from.layers, from.id, from.epoch)?;
-        self.create_layer(b.layers[0], &root)?;
+        let root = self.root_part(from.layer, from.id, from.epoch)?;
+        self.create_layer(b.layer, &root)?;
         if let Err(e) = self.save_catalog(&next) {
-            self.discard_layer(b.layers[0]);
+            self.discard_layer(b.layer);
             return Err(catalog_error(&e));
         }
         self.spare.want(LayerId(next.next_layer));
+        let layers = next.branch_layers(&b);
         *catalog = next;
         drop(catalog);
-        self.open_branch_view(&b)?;
+        self.open_branch_view(&b, &layers)?;
         tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, took_us = micros(started), "branch created");
         Ok(b)
     }

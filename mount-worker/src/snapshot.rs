@@ -2,7 +2,7 @@
 //! persisted in `<state>/catalog.json` and `<state>/catalog.log` (see
 //! specs/state-format.md). One owner: FsCore keeps the only live copy.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -22,8 +22,9 @@ const LOG: &str = "catalog.log";
 /// lines long for a larger catalog (many bindings).
 const LOG_LIMIT: u64 = 1 << 20;
 /// The format this worker writes. It also reads version 1 (snapshots of
-/// main only) and 2 (no log), which version 3 extends.
-pub const FORMAT_VERSION: u32 = 3;
+/// main only), 2 (no log) and 3 (each view listing all its layers), which
+/// version 4 extends or replaces.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Id of a snapshot. It is also the snapshot's view number in node ids, so
 /// ids are never reused within a state directory.
@@ -74,10 +75,10 @@ pub struct Snapshot {
     /// The branch it was taken of; absent for main.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<BranchId>,
-    /// The frozen layers it shows over main's epoch, top first (empty for
-    /// a snapshot of main).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub layers: Vec<LayerId>,
+    /// The topmost of the frozen layers it shows over main's epoch (none
+    /// for a snapshot of main); the others: [`Catalog::layers`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerId>,
 }
 
 /// One branch.
@@ -94,9 +95,9 @@ pub struct Branch {
     pub snapshot: SnapshotId,
     /// The epoch of main at its bottom.
     pub epoch: u64,
-    /// Its layers, top first: `layers[0]` takes its changes, the others
-    /// are frozen (shared with snapshots).
-    pub layers: Vec<LayerId>,
+    /// Its top layer, which takes its changes; the frozen ones below it
+    /// (shared with snapshots): [`Catalog::layers`].
+    pub layer: LayerId,
 }
 
 /// The persisted catalog.
@@ -122,6 +123,11 @@ pub struct Catalog {
     /// The bindings.
     #[serde(default)]
     pub bindings: Vec<Binding>,
+    /// The layer each layer sits on, for every layer a view uses but the
+    /// bottom ones (which sit on main). Each view names only its top layer:
+    /// n snapshots of a branch cost n entries here, not n²/2 in lists.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    below: BTreeMap<LayerId, LayerId>,
 }
 
 fn first_id() -> u32 {
@@ -148,14 +154,22 @@ impl Catalog {
 
     /// Parses and checks one catalog text (of `path`, for errors).
     fn parse(path: &Path, text: &[u8]) -> Result<Catalog, CatalogError> {
-        let mut c: Catalog = serde_json::from_slice(text)
-            .map_err(|e| CatalogError::Invalid(path.to_owned(), e.to_string()))?;
-        if c.format != "agentfs-state" || !(1..=FORMAT_VERSION).contains(&c.version) {
-            return Err(CatalogError::Invalid(
-                path.to_owned(),
-                format!("format {:?} version {}", c.format, c.version),
-            ));
+        let invalid = |e: String| CatalogError::Invalid(path.to_owned(), e);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(text).map_err(|e| invalid(e.to_string()))?;
+        let (format, version) = (v["format"].as_str(), v["version"].as_u64());
+        if format != Some("agentfs-state")
+            || !version.is_some_and(|n| (1..=FORMAT_VERSION as u64).contains(&n))
+        {
+            return Err(invalid(format!(
+                "format {} version {}",
+                v["format"], v["version"]
+            )));
         }
+        if version < Some(4) {
+            lists_to_chain(&mut v).map_err(invalid)?;
+        }
+        let mut c: Catalog = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
         c.version = FORMAT_VERSION;
         Ok(c)
     }
@@ -170,6 +184,7 @@ impl Catalog {
             next_layer: 1,
             branches: Vec::new(),
             bindings: Vec::new(),
+            below: BTreeMap::new(),
         }
     }
 
@@ -235,7 +250,7 @@ impl Catalog {
             epoch: self.main_epoch,
             created: now(),
             branch: None,
-            layers: Vec::new(),
+            layer: None,
         };
         self.main_epoch += 1;
         self.snapshots.push(snap.clone());
@@ -260,9 +275,10 @@ impl Catalog {
             epoch: b.epoch,
             created: now(),
             branch: Some(branch),
-            layers: b.layers.clone(),
+            layer: Some(b.layer),
         };
-        b.layers.insert(0, layer);
+        b.layer = layer;
+        self.below.insert(layer, snap.layer.expect("just set"));
         self.snapshots.push(snap.clone());
         (snap, layer)
     }
@@ -271,18 +287,56 @@ impl Catalog {
     /// on top (returned; the caller creates its directory before saving).
     pub fn add_branch(&mut self, name: String, from: &Snapshot) -> Branch {
         let layer = self.next_layer_id();
-        let mut layers = vec![layer];
-        layers.extend(&from.layers);
+        if let Some(l) = from.layer {
+            self.below.insert(layer, l);
+        }
         let b = Branch {
             id: BranchId(self.next_view_id()),
             name,
             created: now(),
             snapshot: from.id,
             epoch: from.epoch,
-            layers,
+            layer,
         };
         self.branches.push(b.clone());
         b
+    }
+
+    /// The layers of a view whose top layer is `top`, top first.
+    pub fn layers(&self, top: Option<LayerId>) -> Vec<LayerId> {
+        let mut out = Vec::new();
+        let mut at = top;
+        while let Some(l) = at {
+            out.push(l);
+            // A loop in a damaged catalog (`--check` reports it) ends here:
+            // a chain without one has at most one layer more than `below`
+            // has entries.
+            if out.len() > self.below.len() + 1 {
+                break;
+            }
+            at = self.below.get(&l).copied();
+        }
+        out
+    }
+
+    /// The layers of branch `b`, top first.
+    pub fn branch_layers(&self, b: &Branch) -> Vec<LayerId> {
+        self.layers(Some(b.layer))
+    }
+
+    /// A layer whose layers below lead back to it, if any (damage).
+    pub fn layer_loop(&self) -> Option<LayerId> {
+        self.below
+            .keys()
+            .copied()
+            .find(|&l| self.layers(Some(l)).len() > self.below.len() + 1)
+    }
+
+    /// Forgets where layers no view uses any more sat (after a view was
+    /// removed).
+    pub fn forget_unused_layers(&mut self) {
+        let used = self.layers_in_use();
+        self.below.retain(|l, _| used.contains(l));
     }
 
     /// Every epoch of main that a snapshot or branch shows: the pre-images
@@ -300,11 +354,16 @@ impl Catalog {
 
     /// Every layer a snapshot or branch uses.
     pub fn layers_in_use(&self) -> BTreeSet<LayerId> {
-        let snaps = self.snapshots.iter().flat_map(|s| &s.layers);
-        snaps
-            .chain(self.branches.iter().flat_map(|b| &b.layers))
-            .copied()
-            .collect()
+        let mut used = BTreeSet::new();
+        let tops = self.snapshots.iter().filter_map(|s| s.layer);
+        for top in tops.chain(self.branches.iter().map(|b| b.layer)) {
+            // Each layer once: views share the layers below their tops.
+            let mut at = Some(top);
+            while let Some(l) = at.filter(|&l| used.insert(l)) {
+                at = self.below.get(&l).copied();
+            }
+        }
+        used
     }
 }
 
@@ -312,7 +371,7 @@ impl Catalog {
 pub struct Loaded {
     /// The newest catalog: the log's last whole line, else `catalog.json`.
     pub catalog: Catalog,
-    /// Whether `catalog.log` exists (the state is of format 3).
+    /// Whether `catalog.log` exists (the state is of format 3 or later).
     logged: bool,
     /// The length of the log up to the end of its last whole line.
     log_valid: u64,
@@ -386,6 +445,47 @@ impl Loaded {
     }
 }
 
+/// Turns a catalog of version 3 or older, whose snapshots and branches
+/// list all their layers (`"layers"`, top first), into version 4's: each
+/// names its top layer (`"layer"`), and `"below"` where each layer sits.
+fn lists_to_chain(v: &mut serde_json::Value) -> Result<(), String> {
+    let mut below = serde_json::Map::new();
+    for kind in ["snapshots", "branches"] {
+        let Some(views) = v.get_mut(kind).and_then(|x| x.as_array_mut()) else {
+            continue;
+        };
+        for view in views {
+            let Some(obj) = view.as_object_mut() else {
+                continue;
+            };
+            let layers = match obj.remove("layers") {
+                Some(serde_json::Value::Array(l)) => l,
+                None => Vec::new(),
+                Some(other) => return Err(format!("{kind}: \"layers\" is {other}")),
+            };
+            if let Some(top) = layers.first() {
+                obj.insert("layer".into(), top.clone());
+            }
+            for pair in layers.windows(2) {
+                let key = pair[0].to_string();
+                match below.get(&key) {
+                    Some(was) if *was != pair[1] => {
+                        return Err(format!(
+                            "layer {key} sits on {was} in one view and on {} in another",
+                            pair[1]
+                        ));
+                    }
+                    _ => {
+                        below.insert(key, pair[1].clone());
+                    }
+                }
+            }
+        }
+    }
+    v["below"] = serde_json::Value::Object(below);
+    Ok(())
+}
+
 /// Whether `line` is well-formed JSON, without the zeros of pages a crash
 /// did not write.
 fn whole_json(line: &[u8]) -> bool {
@@ -397,7 +497,7 @@ fn whole_json(line: &[u8]) -> bool {
 /// is long.
 pub struct CatalogWriter {
     state: PathBuf,
-    /// The log, once started (the state is then of format 3).
+    /// The log, once started (the state is then of format 3 or later).
     log: Option<File>,
     /// Its length.
     len: u64,
@@ -476,7 +576,7 @@ impl CatalogWriter {
     /// line equals `catalog.json` throughout: `c` is appended first (the
     /// change is then made), then `catalog.json` replaced, then the log
     /// emptied. The first fold starts the log instead, after a
-    /// `catalog.json` of format 3 (the change is then made), which an
+    /// `catalog.json` of this format (the change is then made), which an
     /// older worker refuses instead of missing what the log holds.
     fn fold(&mut self, c: &Catalog, line: &[u8]) -> Result<(), CatalogError> {
         let started = self.log.is_some();
@@ -547,14 +647,14 @@ mod tests {
     }
 
     #[test]
-    fn the_first_change_writes_format_3_then_changes_are_log_lines() {
+    fn the_first_change_writes_the_format_then_changes_are_log_lines() {
         let d = tempfile::tempdir().unwrap();
         let mut c = Catalog::empty();
         let mut w = writer(d.path());
         save_all(&mut w, &mut c, &["a", "b", "c"]);
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(d.path().join(CATALOG)).unwrap()).unwrap();
-        assert_eq!(json["version"], 3);
+        assert_eq!(json["version"], FORMAT_VERSION);
         assert_eq!(json["snapshots"].as_array().unwrap().len(), 1);
         let log = fs::read_to_string(d.path().join(LOG)).unwrap();
         assert_eq!(log.lines().count(), 2, "{log}");
@@ -585,10 +685,10 @@ mod tests {
             .lines()
             .last()
             .unwrap()
-            .replace("\"version\":3", "\"version\":4");
+            .replace("\"version\":4", "\"version\":5");
         append_raw(d.path(), format!("{newer}\n").as_bytes());
         let e = Loaded::read(d.path()).err().expect("a newer format");
-        assert!(e.to_string().contains("version 4"), "{e}");
+        assert!(e.to_string().contains("version 5"), "{e}");
         let log = fs::read(d.path().join(LOG)).unwrap();
         fs::write(d.path().join(LOG), &log[..log.len() - newer.len() - 1]).unwrap();
         assert_eq!(names(d.path()), ["a", "b"]);
@@ -598,6 +698,108 @@ mod tests {
         append_raw(d.path(), b"{}\n");
         let e = Loaded::read(d.path()).err().expect("damage");
         assert!(e.to_string().contains("catalog.log"), "{e}");
+    }
+
+    /// A catalog of version 3 lists every layer of each view: read, each
+    /// view names its top layer and the layers below are kept once.
+    #[test]
+    fn a_version_3_catalog_becomes_layer_chains() {
+        let v3 = br#"{"format":"agentfs-state","version":3,"main_epoch":2,"next_id":6,
+            "snapshots":[{"id":1,"name":"clean","epoch":1,"created":1},
+              {"id":4,"name":"a1","epoch":1,"created":3,"branch":2,"layers":[1]},
+              {"id":5,"name":"a2","epoch":1,"created":4,"branch":2,"layers":[4,1]}],
+            "next_layer":6,
+            "branches":[{"id":2,"name":"a","created":2,"snapshot":1,"epoch":1,"layers":[5,4,1]},
+              {"id":3,"name":"b","created":2,"snapshot":1,"epoch":1,"layers":[2]}],
+            "bindings":[]}"#;
+        let c = Catalog::parse(Path::new("catalog.json"), v3).unwrap();
+        let layers = |top| c.layers(top).into_iter().map(|l| l.0).collect::<Vec<_>>();
+        assert_eq!(layers(c.snapshots[0].layer), Vec::<u32>::new());
+        assert_eq!(layers(c.snapshots[1].layer), [1]);
+        assert_eq!(layers(c.snapshots[2].layer), [4, 1]);
+        assert_eq!(layers(Some(c.branches[0].layer)), [5, 4, 1]);
+        assert_eq!(layers(Some(c.branches[1].layer)), [2]);
+        assert_eq!(c.below.len(), 2);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["version"], FORMAT_VERSION);
+        assert!(json["branches"][0].get("layers").is_none(), "{json}");
+        // Lists that disagree on what a layer sits on are damage.
+        let bad = String::from_utf8(v3.to_vec())
+            .unwrap()
+            .replace("\"layers\":[4,1]", "\"layers\":[4,2]");
+        let e = Catalog::parse(Path::new("catalog.json"), bad.as_bytes()).err();
+        assert!(e.expect("damage").to_string().contains("layer 4 sits on"));
+    }
+
+    /// Layer chains against a model that keeps every view's whole list:
+    /// snapshots and branches made and deleted at random, each layer
+    /// listed in use exactly while a model list holds it.
+    #[test]
+    fn layer_chains_match_whole_lists() {
+        let mut c = Catalog::empty();
+        // Every view's layers in full, by view id.
+        let mut model: BTreeMap<u32, Vec<LayerId>> = BTreeMap::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for step in 0..3000 {
+            let name = format!("v{step}");
+            match next(6) {
+                0 => {
+                    let s = c.add(name);
+                    model.insert(s.id.0, Vec::new());
+                }
+                1 | 2 if !c.branches.is_empty() => {
+                    let b = c.branches[next(c.branches.len())].id;
+                    let (s, layer) = c.add_branch_snapshot(b, name);
+                    let below = model[&b.0].clone();
+                    model.insert(s.id.0, below.clone());
+                    model.insert(b.0, std::iter::once(layer).chain(below).collect());
+                }
+                3 if !c.snapshots.is_empty() => {
+                    let from = c.snapshots[next(c.snapshots.len())].clone();
+                    let b = c.add_branch(name, &from);
+                    let below = model[&from.id.0].clone();
+                    model.insert(b.id.0, std::iter::once(b.layer).chain(below).collect());
+                }
+                4 if !c.snapshots.is_empty() => {
+                    let s = c.snapshots.remove(next(c.snapshots.len()));
+                    model.remove(&s.id.0);
+                    c.forget_unused_layers();
+                }
+                5 if !c.branches.is_empty() => {
+                    let b = c.branches.remove(next(c.branches.len()));
+                    model.remove(&b.id.0);
+                    c.forget_unused_layers();
+                }
+                _ => continue,
+            }
+            for s in &c.snapshots {
+                assert_eq!(c.layers(s.layer), model[&s.id.0], "snapshot {}", s.id.0);
+            }
+            for b in &c.branches {
+                assert_eq!(c.branch_layers(b), model[&b.id.0], "branch {}", b.id.0);
+            }
+            let used: BTreeSet<LayerId> = model.values().flatten().copied().collect();
+            assert_eq!(c.layers_in_use(), used, "step {step}");
+            assert!(c.below.keys().all(|l| used.contains(l)), "step {step}");
+        }
+        assert_eq!(c.layer_loop(), None);
+        // A loop (damage) is found, and ends a chain.
+        let mut looped = c.clone();
+        looped.below.insert(LayerId(1), LayerId(2));
+        looped.below.insert(LayerId(2), LayerId(1));
+        assert!(looped.layer_loop().is_some());
+        assert!(looped.layers(Some(LayerId(1))).len() <= looped.below.len() + 2);
+        // The catalog reads back as it was written.
+        let text = serde_json::to_vec(&c).unwrap();
+        let back = Catalog::parse(Path::new("catalog.json"), &text).unwrap();
+        assert_eq!(back.below, c.below);
+        assert_eq!(back.layers_in_use(), c.layers_in_use());
     }
 
     #[test]

@@ -2191,7 +2191,7 @@ fn a_lost_stamp_of_a_new_layer_is_made_again_at_start() {
         })
         .start();
     snapshot(&m, None, "s");
-    let layer = branch(&m, "s", "b")["layers"][0].as_u64().unwrap();
+    let layer = branch(&m, "s", "b")["layer"].as_u64().unwrap();
     // A later change of main's root does not reach the branch.
     fs::write(m.path().join("later"), b"").unwrap();
     let root = |p: &Path| {
@@ -2483,4 +2483,83 @@ fn a_branch_snapshotted_many_times_resolves_names_through_every_layer() {
         fs::write(root.join("d/m5"), b"new").unwrap();
     }
     assert_eq!(tree_content(&dir), tree_content(reference.path()));
+}
+
+/// A state directory of format version 3 (every snapshot and branch
+/// listing all its layers) is read as it was, and the next change writes
+/// version 4 (each names its top layer; `below` says where layers sit).
+#[test]
+fn a_state_of_version_3_is_read_and_written_as_version_4() {
+    let mut m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "b");
+    let b = branch_dir(&m, "b");
+    fs::write(b.join("one"), b"1").unwrap();
+    snapshot(&m, Some("b"), "b1");
+    fs::write(b.join("two"), b"2").unwrap();
+    fs::remove_file(b.join("one")).unwrap();
+    snapshot(&m, Some("b"), "b2");
+    branch(&m, "b1", "c");
+    fs::write(branch_dir(&m, "c").join("three"), b"3").unwrap();
+    let views = ["b", "c"]
+        .map(|n| branch_dir(&m, n))
+        .into_iter()
+        .chain(["base", "b1", "b2"].map(|n| snapshot_dir(&m, n)))
+        .collect::<Vec<_>>();
+    let before: Vec<_> = views.iter().map(|v| tree(v)).collect();
+    m.stop();
+
+    // The catalog as version 3 wrote it, alone in catalog.json.
+    let state = m.state_dir();
+    let log = fs::read_to_string(state.join("catalog.log")).unwrap_or_default();
+    let text = match log.lines().last() {
+        Some(line) => line.to_owned(),
+        None => fs::read_to_string(state.join("catalog.json")).unwrap(),
+    };
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["version"], 4);
+    let below = v["below"].as_object().cloned().unwrap_or_default();
+    let chain = |top: &Value| {
+        let mut out = Vec::new();
+        let mut at = top.as_u64();
+        while let Some(l) = at {
+            out.push(l);
+            at = below.get(&l.to_string()).and_then(Value::as_u64);
+        }
+        out
+    };
+    for kind in ["snapshots", "branches"] {
+        for view in v[kind].as_array_mut().unwrap() {
+            let layers = chain(&view["layer"]);
+            let view = view.as_object_mut().unwrap();
+            view.remove("layer");
+            if !layers.is_empty() {
+                view.insert("layers".into(), json!(layers));
+            }
+        }
+    }
+    let v3 = v.as_object_mut().unwrap();
+    v3.remove("below");
+    v3.insert("version".into(), json!(3));
+    fs::write(
+        state.join("catalog.json"),
+        serde_json::to_vec_pretty(&v).unwrap(),
+    )
+    .unwrap();
+    fs::write(state.join("catalog.log"), b"").unwrap();
+
+    m.restart(&[]);
+    let after: Vec<_> = views.iter().map(|v| tree(v)).collect();
+    assert_eq!(after, before, "every view as it was");
+    assert!(common::check_state(m.state_dir()).contains("0 problems"));
+    // The next change is written in version 4, and the views stay.
+    snapshot(&m, Some("c"), "c1");
+    let log = fs::read_to_string(m.state_dir().join("catalog.log")).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["version"], 4);
+    assert!(last["branches"][0].get("layers").is_none(), "{last}");
+    assert_eq!(tree(&snapshot_dir(&m, "c1")), before[1]);
+    assert_eq!(fs::read(snapshot_dir(&m, "b2").join("two")).unwrap(), b"2");
+    assert!(!snapshot_dir(&m, "b2").join("one").exists());
+    assert!(common::check_state(m.state_dir()).contains("0 problems"));
 }
