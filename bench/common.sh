@@ -18,12 +18,12 @@ trap cleanup EXIT
 # fresh: an empty source and state.
 fresh() { rm -rf "$work/src" "$work/state"; mkdir -p "$work/src" "$work/mnt"; }
 # start: a worker on them (its log to "$log" whatever the environment
-# says), once mounted.
+# says, at RUST_LOG's level), once mounted.
 start() {
-  env -u JOURNAL_STREAM RUST_LOG=info "$bin/agentfs-mount-worker" --source "$work/src" --mountpoint "$work/mnt" --state-dir "$work/state" 2>"$log" &
+  env -u JOURNAL_STREAM "$bin/agentfs-mount-worker" --source "$work/src" --mountpoint "$work/mnt" --state-dir "$work/state" 2>"$log" &
   pid=$!
-  for _ in $(seq 100); do grep -q " $work/mnt fuse.agentfs " /proc/self/mounts && return; sleep 0.05; done
-  echo "the worker did not mount; its log: $log" >&2
+  for _ in $(seq 600); do grep -q " $work/mnt fuse.agentfs " /proc/self/mounts && return; sleep 0.05; done
+  echo "the worker did not mount within 30 s; its log: $log" >&2
   exit 1
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }

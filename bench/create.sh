@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("$@")
 [ "$#" -gt 0 ] || sizes=(1000 100000 1000000)
+# The worker logs took_us at info.
+export RUST_LOG=info
 . bench/common.sh
 
 # Median of 5 microsecond counts, as milliseconds.
@@ -27,7 +29,7 @@ median_ms() {
     ctl "${@//\{\}/$i}"
     t1=$(date +%s%N)
     times+=($(( (t1 - t0) / 1000 )))
-    took=$(tail -n +"$((before + 1))" "$log" | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'took_us=[0-9]*' | cut -d= -f2)
+    took=$(tail -n +"$((before + 1))" "$log" | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'took_us=[0-9]*' | cut -d= -f2 || true)
     [ -n "$took" ] || { echo "no took_us logged for: $*" >&2; exit 1; }
     inside+=("$took")
   done

@@ -2942,12 +2942,12 @@ impl FsCore {
                 )
             }
             (NodeId::BRANCHES, Obj::Virtual) => {
+                // One lock at a time: a deletion holds the catalog while it
+                // closes the view (views after catalog).
+                let branches = self.catalog.lock().unwrap().branches.clone();
                 let views = self.views.read().unwrap();
                 DirStream::Listed(
-                    self.catalog
-                        .lock()
-                        .unwrap()
-                        .branches
+                    branches
                         .iter()
                         .filter_map(|b| {
                             let root = views.get(&b.id.0)?.root;
@@ -3227,7 +3227,8 @@ impl FsCore {
             layers.freeze(old.index);
         }
         layers.generation += 1;
-        // Lock order: views before catalog (opendir of .agentfs/branches).
+        // Released before the view opens: a deletion holds the catalog
+        // while it takes the views' lock.
         drop((layers, catalog));
         self.open_view(snap.id.0, None, &snap_layers, b.snapshot, snap.epoch)?;
         tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");

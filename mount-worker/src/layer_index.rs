@@ -13,7 +13,7 @@
 //! its copy of the directory goes on top with [`LayerIndex::push`]. The
 //! index is plain data: [`crate::layered`] reads the parts and keeps it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// One entry of one part of a directory.
 pub struct PartEntry {
@@ -26,10 +26,13 @@ pub struct PartEntry {
 }
 
 /// The names held by the top `parts` frozen layer parts of a directory.
+/// Ordered by name, so that a listing made from it comes out the same in
+/// every worker (a worker taking over serves a directory read half way by
+/// listing it again and going on at the kernel's offset).
 #[derive(Clone, Default)]
 pub struct LayerIndex {
     parts: usize,
-    names: HashMap<Box<[u8]>, Held>,
+    names: BTreeMap<Box<[u8]>, Held>,
 }
 
 /// Where the indexed parts hold one name.
@@ -81,8 +84,8 @@ impl LayerIndex {
         at.iter().rev().map(|&p| self.parts - 1 - p as usize)
     }
 
-    /// The topmost entry of every name the indexed parts hold: what a
-    /// listing of those parts, top first, would meet first.
+    /// The topmost entry of every name the indexed parts hold (what a
+    /// listing of those parts, top first, would meet first), by name.
     pub fn entries(&self) -> impl Iterator<Item = PartEntry> + '_ {
         self.names.iter().map(|(name, h)| PartEntry {
             name: name.to_vec(),

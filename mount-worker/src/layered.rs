@@ -1240,9 +1240,11 @@ impl LayerObj {
         if made {
             // Its other names show the new copy from now on, as a lookup
             // of them would find it (the part below it shows the old count).
+            let copy = Inode::new(fd, false, &top.index, &index);
             let mut s = self.state.write().unwrap();
             if s.upper.is_none() {
-                s.lowers = Arc::new([Part::Layer(Inode::new(fd, false, &top.index, &index))]);
+                self.count_heavy_if(&copy);
+                s.lowers = Arc::new([Part::Layer(copy)]);
             }
         }
         Ok(())
@@ -1257,7 +1259,16 @@ impl LayerObj {
         if !self.is_dir {
             s.lowers = Arc::new([]);
         }
-        if matches!(u, Inode::Open(_))
+        self.count_heavy_if(&u);
+        self.copies.fetch_add(1, Ordering::AcqRel);
+        u
+    }
+
+    /// Counts this object in the tally as holding descriptors from now on
+    /// if `part`, newly its own, holds one (see [`LayerObj::count_in`];
+    /// under the state's write lock).
+    fn count_heavy_if(&self, part: &Inode) {
+        if matches!(part, Inode::Open(_))
             && self
                 .counted
                 .compare_exchange(LIGHT, HEAVY, Ordering::Relaxed, Ordering::Relaxed)
@@ -1265,8 +1276,6 @@ impl LayerObj {
         {
             self.view.holding.fetch_add(1, Ordering::Relaxed);
         }
-        self.copies.fetch_add(1, Ordering::AcqRel);
-        u
     }
 
     /// Copies up this object and, for a directory, everything below it,

@@ -450,6 +450,8 @@ impl Loaded {
 /// names its top layer (`"layer"`), and `"below"` where each layer sits.
 fn lists_to_chain(v: &mut serde_json::Value) -> Result<(), String> {
     let mut below = serde_json::Map::new();
+    // Layers some view lists last: they sit on main in every view.
+    let mut bottoms = Vec::new();
     for kind in ["snapshots", "branches"] {
         let Some(views) = v.get_mut(kind).and_then(|x| x.as_array_mut()) else {
             continue;
@@ -466,6 +468,7 @@ fn lists_to_chain(v: &mut serde_json::Value) -> Result<(), String> {
             if let Some(top) = layers.first() {
                 obj.insert("layer".into(), top.clone());
             }
+            bottoms.extend(layers.last().map(|l| l.to_string()));
             for pair in layers.windows(2) {
                 let key = pair[0].to_string();
                 match below.get(&key) {
@@ -481,6 +484,12 @@ fn lists_to_chain(v: &mut serde_json::Value) -> Result<(), String> {
                 }
             }
         }
+    }
+    if let Some(l) = bottoms.iter().find(|l| below.contains_key(*l)) {
+        return Err(format!(
+            "layer {l} sits on main in one view and on {} in another",
+            below[l]
+        ));
     }
     v["below"] = serde_json::Value::Object(below);
     Ok(())
@@ -729,6 +738,12 @@ mod tests {
             .replace("\"layers\":[4,1]", "\"layers\":[4,2]");
         let e = Catalog::parse(Path::new("catalog.json"), bad.as_bytes()).err();
         assert!(e.expect("damage").to_string().contains("layer 4 sits on"));
+        let bad = String::from_utf8(v3.to_vec())
+            .unwrap()
+            .replace("\"layers\":[1]", "\"layers\":[4]");
+        let e = Catalog::parse(Path::new("catalog.json"), bad.as_bytes()).err();
+        let e = e.expect("damage").to_string();
+        assert!(e.contains("layer 4 sits on main in one view"), "{e}");
     }
 
     /// Layer chains against a model that keeps every view's whole list:
