@@ -903,8 +903,7 @@ impl FsCore {
             match id {
                 Some(id) if in_use.contains(&id) => {
                     let work = hostfs::open_dir_path(&e.path().join("work"))?;
-                    let w = hostfs::reopen(work.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-                    for t in hostfs::read_dir_all(&w)? {
+                    for t in hostfs::read_dir_all(work.as_fd())? {
                         layered::remove_tree(
                             work.as_fd(),
                             &hostfs::component(OsStr::from_bytes(&t.name))?,

@@ -695,8 +695,10 @@ pub fn proc_status(pid: impl std::fmt::Display, key: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// Every entry of an open directory except `.` and `..`.
-pub fn read_dir_all(dir: &File) -> io::Result<Vec<DirEntry>> {
+/// Every entry of directory `node` (any descriptor of it, `O_PATH` ones
+/// too: it is opened for reading here) except `.` and `..`.
+pub fn read_dir_all(node: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
+    let dir = &reopen(node, libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut out = Vec::new();
     let mut offset = 0;
     loop {

@@ -325,8 +325,7 @@ impl Layers {
 
 /// The ids a layer's index holds (its entries' names).
 fn index_ids(index: &OwnedFd) -> io::Result<Vec<u64>> {
-    let d = hostfs::reopen(index.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-    Ok(hostfs::read_dir_all(&d)?
+    Ok(hostfs::read_dir_all(index.as_fd())?
         .into_iter()
         .filter_map(|e| std::str::from_utf8(&e.name).ok()?.parse().ok())
         .collect())
@@ -475,9 +474,8 @@ pub struct Listed {
 /// The entries of a layer directory with their ids.
 fn layer_entries(dir: &Inode) -> io::Result<Vec<PartEntry>> {
     let dir = dir.dir()?;
-    let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut out = Vec::new();
-    for e in hostfs::read_dir_all(&d)? {
+    for e in hostfs::read_dir_all(dir.as_fd())? {
         let fd = hostfs::open_node(dir.as_fd(), &hostfs::component(OsStr::from_bytes(&e.name))?)?;
         let st = hostfs::stat(fd.as_fd())?;
         let id = if is_whiteout(fd.as_fd(), &st)? {
@@ -1573,8 +1571,7 @@ impl LayerObj {
 /// Removes the whiteouts left in an upper directory that is empty in the
 /// merged view, so that the host can remove or replace it.
 fn clear_whiteouts(dir: &OwnedFd) -> io::Result<()> {
-    let d = hostfs::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-    for e in hostfs::read_dir_all(&d)? {
+    for e in hostfs::read_dir_all(dir.as_fd())? {
         hostfs::unlink(
             dir.as_fd(),
             &hostfs::component(OsStr::from_bytes(&e.name))?,
@@ -1588,8 +1585,7 @@ fn clear_whiteouts(dir: &OwnedFd) -> io::Result<()> {
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let fd = hostfs::open_node(dir, name)?;
     if is_dir(&hostfs::stat(fd.as_fd())?) {
-        let d = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        for e in hostfs::read_dir_all(&d)? {
+        for e in hostfs::read_dir_all(fd.as_fd())? {
             remove_tree(fd.as_fd(), &hostfs::component(OsStr::from_bytes(&e.name))?)?;
         }
         hostfs::unlink(dir, name, true)

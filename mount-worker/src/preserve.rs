@@ -362,8 +362,7 @@ fn write_preimage(tmp: &Path, node: BorrowedFd<'_>, st: &Stat) -> io::Result<()>
 
 /// The entries of a live directory, each with the handle of its inode.
 fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<EntryRec>> {
-    let d = hostfs::reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    hostfs::read_dir_all(&d)?
+    hostfs::read_dir_all(dir)?
         .into_iter()
         .map(|e| {
             let name = hostfs::component(OsStr::from_bytes(&e.name))?;

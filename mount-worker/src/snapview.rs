@@ -288,17 +288,14 @@ impl SnapObj {
                     })
                 })
                 .collect()),
-            Source::Live(fd) => {
-                let dir = hostfs::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-                Ok(hostfs::read_dir_all(&dir)?
-                    .into_iter()
-                    .map(|e| Listed {
-                        ino: e.ino,
-                        d_type: e.d_type,
-                        name: e.name,
-                    })
-                    .collect())
-            }
+            Source::Live(fd) => Ok(hostfs::read_dir_all(fd.as_fd())?
+                .into_iter()
+                .map(|e| Listed {
+                    ino: e.ino,
+                    d_type: e.d_type,
+                    name: e.name,
+                })
+                .collect()),
         })
     }
 
