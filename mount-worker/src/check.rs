@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::control::validate_name;
 use crate::hostfs::HostHandle;
 use crate::preserve::{EntryRec, Meta};
-use crate::snapshot::{Catalog, LayerId, Loaded, SnapshotId};
+use crate::snapshot::{Catalog, LayerDir, Loaded, SnapshotId};
 
 /// What a check found.
 #[derive(Debug, Default)]
@@ -157,12 +157,6 @@ pub fn check(state: &Path) -> io::Result<Report> {
 /// nobody uses (but the spare, `crate::spare`) and files left in `work/`
 /// are garbage.
 fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
-    if let Some(l) = c.layer_loop() {
-        r.problems.push(format!(
-            "layer {}: the layers below it in the catalog (\"below\") lead back to it",
-            l.0
-        ));
-    }
     let in_use = c.layers_in_use();
     for l in &in_use {
         r.layers += 1;
@@ -199,12 +193,22 @@ fn check_layers(state: &Path, c: &Catalog, r: &mut Report) -> io::Result<()> {
     for e in rd {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let id = name.parse().ok().map(LayerId);
-        let used = id.is_some_and(|id| in_use.contains(&id));
-        let spare = id == Some(LayerId(c.next_layer)) && crate::spare::is_spare(&e.path());
-        if !used && !spare {
-            r.garbage
-                .push(format!("layers/{name}: no snapshot or branch uses it"));
+        match c.layer_dir(&e.file_name(), &in_use) {
+            LayerDir::InUse => {}
+            LayerDir::Next if crate::spare::is_spare(&e.path()) => {}
+            LayerDir::Next => r
+                .garbage
+                .push(format!("layers/{name}: a creation interrupted by a crash")),
+            LayerDir::Freed => r
+                .garbage
+                .push(format!("layers/{name}: no snapshot or branch uses it")),
+            LayerDir::Unexplained => r.problems.push(format!(
+                "layers/{name}: no snapshot or branch uses it, yet no deletion freed it \
+                 (the catalog may have lost where it sits: \"below\"); the worker keeps it"
+            )),
+            LayerDir::NotALayer => r
+                .problems
+                .push(format!("layers/{name}: not a layer (the worker leaves it)")),
         }
     }
     Ok(())

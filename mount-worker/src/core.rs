@@ -43,7 +43,9 @@ use crate::names::Names;
 use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
-use crate::snapshot::{Branch, Catalog, CatalogWriter, LayerId, Loaded, Snapshot, SnapshotId};
+use crate::snapshot::{
+    Branch, Catalog, CatalogWriter, LayerDir, LayerId, Loaded, Snapshot, SnapshotId,
+};
 use crate::snapview::SnapObj;
 use crate::spare::{self, Spare};
 use crate::trim::Load;
@@ -895,13 +897,8 @@ impl FsCore {
         std::fs::create_dir_all(&layers)?;
         for e in std::fs::read_dir(&layers)? {
             let e = e?;
-            let id = e
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse().ok())
-                .map(LayerId);
-            match id {
-                Some(id) if in_use.contains(&id) => {
+            match catalog.layer_dir(&e.file_name(), &in_use) {
+                LayerDir::InUse => {
                     let work = hostfs::open_dir_path(&e.path().join("work"))?;
                     for t in hostfs::read_dir_all(work.as_fd())? {
                         layered::remove_tree(
@@ -910,13 +907,24 @@ impl FsCore {
                         )?;
                     }
                 }
-                // The spare, kept.
-                Some(id) if id.0 == catalog.next_layer && spare::is_spare(&e.path()) => {}
-                // Made by a creation or left by a deletion that a crash
-                // interrupted: no view uses it.
-                _ => std::fs::remove_dir_all(e.path())?,
+                LayerDir::Next if spare::is_spare(&e.path()) => {}
+                // A creation or a deletion a crash interrupted.
+                LayerDir::Next | LayerDir::Freed => std::fs::remove_dir_all(e.path())?,
+                LayerDir::Unexplained => tracing::error!(
+                    "{}: no snapshot or branch uses this layer, yet no deletion freed it \
+                     (the catalog may have lost where it sits); kept: see \
+                     `agentfs-mount-worker --check --state-dir {}`",
+                    e.path().display(),
+                    self.state.display()
+                ),
+                LayerDir::NotALayer => tracing::warn!(
+                    "{}: not a layer of AgentFS; left as it is",
+                    e.path().display()
+                ),
             }
         }
+        // Their directories are gone: written with the next change.
+        self.catalog.lock().unwrap().freed.clear();
         // A layer is shared by its branch and the branch's snapshots, over
         // the same layers in each: checked once (n snapshots of a branch
         // would otherwise open its layers n²/2 times).
@@ -3266,21 +3274,21 @@ impl FsCore {
         let mut catalog = self.catalog.lock().unwrap();
         let mut next = catalog.clone();
         let (removed, number) = edit(&mut next)?;
-        next.forget_unused_layers();
+        let unused = next.free_unused_layers(&catalog);
         self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
-        let unused: Vec<LayerId> = catalog
-            .layers_in_use()
-            .difference(&next.layers_in_use())
-            .copied()
-            .collect();
         *catalog = next;
         *latest = Latest::new(catalog.latest_epoch());
         self.close_view(number);
-        // The record is gone first, so a crash from here on leaves only
-        // garbage, which the next start (or deletion) removes.
+        // The record is gone first, and the layers recorded as freed, so a
+        // crash from here on leaves only garbage the next start removes.
         for l in unused {
-            if let Err(e) = std::fs::remove_dir_all(self.layer_dir(l)) {
-                tracing::warn!("removing unused layer {}: {e}", l.0);
+            match std::fs::remove_dir_all(self.layer_dir(l)) {
+                // Written with the next change; until then a start finds
+                // no directory to remove.
+                Ok(()) => {
+                    catalog.freed.remove(&l);
+                }
+                Err(e) => tracing::warn!("removing unused layer {}: {e}", l.0),
             }
         }
         if let Err(e) = self.store.collect_garbage(&catalog.live_epochs()) {

@@ -3,6 +3,7 @@
 //! specs/state-format.md). One owner: FsCore keeps the only live copy.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -22,9 +23,9 @@ const LOG: &str = "catalog.log";
 /// lines long for a larger catalog (many bindings).
 const LOG_LIMIT: u64 = 1 << 20;
 /// The format this worker writes. It also reads version 1 (snapshots of
-/// main only), 2 (no log) and 3 (each view listing all its layers), which
-/// version 4 extends or replaces.
-pub const FORMAT_VERSION: u32 = 4;
+/// main only), 2 (no log), 3 (each view listing all its layers) and 4
+/// (deletions not recorded), which version 5 extends or replaces.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Id of a snapshot. It is also the snapshot's view number in node ids, so
 /// ids are never reused within a state directory.
@@ -100,6 +101,22 @@ pub struct Branch {
     pub layer: LayerId,
 }
 
+/// What a directory of `layers/` is, by the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerDir {
+    /// A layer some snapshot or branch uses.
+    InUse,
+    /// The next layer: the spare, or one whose creation a crash cut short.
+    Next,
+    /// A layer a deletion freed (garbage).
+    Freed,
+    /// A layer no view uses and no deletion freed: the catalog may have
+    /// lost where it sits. Kept and reported.
+    Unexplained,
+    /// Not named as a layer is: not AgentFS's. Kept and reported.
+    NotALayer,
+}
+
 /// The persisted catalog.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +145,16 @@ pub struct Catalog {
     /// n snapshots of a branch cost n entries here, not n²/2 in lists.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     below: BTreeMap<LayerId, LayerId>,
+    /// Layers a deletion left unused whose directories may still exist:
+    /// the only unused layers below `next_layer` a worker removes at
+    /// start. Any other is kept, as damage to report: a catalog that lost
+    /// an entry of `below` must not cost the layers under it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub freed: BTreeSet<LayerId>,
+    /// Read from a version before 5, which did not record `freed`: every
+    /// unused layer is taken as freed, as those versions did.
+    #[serde(skip)]
+    pub unrecorded_frees: bool,
 }
 
 fn first_id() -> u32 {
@@ -170,6 +197,13 @@ impl Catalog {
             lists_to_chain(&mut v).map_err(invalid)?;
         }
         let mut c: Catalog = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
+        if let Some(l) = c.layer_loop() {
+            return Err(invalid(format!(
+                "layer {}: the layers below it (\"below\") lead back to it",
+                l.0
+            )));
+        }
+        c.unrecorded_frees = version < Some(5);
         c.version = FORMAT_VERSION;
         Ok(c)
     }
@@ -185,6 +219,8 @@ impl Catalog {
             branches: Vec::new(),
             bindings: Vec::new(),
             below: BTreeMap::new(),
+            freed: BTreeSet::new(),
+            unrecorded_frees: false,
         }
     }
 
@@ -325,7 +361,7 @@ impl Catalog {
     }
 
     /// A layer whose layers below lead back to it, if any (damage).
-    pub fn layer_loop(&self) -> Option<LayerId> {
+    fn layer_loop(&self) -> Option<LayerId> {
         self.below
             .keys()
             .copied()
@@ -333,10 +369,30 @@ impl Catalog {
     }
 
     /// Forgets where layers no view uses any more sat (after a view was
-    /// removed).
-    pub fn forget_unused_layers(&mut self) {
+    /// removed) and records them as freed. Returns them.
+    pub fn free_unused_layers(&mut self, was: &Catalog) -> Vec<LayerId> {
         let used = self.layers_in_use();
         self.below.retain(|l, _| used.contains(l));
+        let unused: Vec<LayerId> = was.layers_in_use().difference(&used).copied().collect();
+        self.freed.extend(&unused);
+        unused
+    }
+
+    /// What the directory `layers/<name>` is to this catalog, whose layers
+    /// in use are `in_use`.
+    pub fn layer_dir(&self, name: &OsStr, in_use: &BTreeSet<LayerId>) -> LayerDir {
+        let Some(id) = name.to_str().and_then(|s| s.parse().ok()).map(LayerId) else {
+            return LayerDir::NotALayer;
+        };
+        if in_use.contains(&id) {
+            LayerDir::InUse
+        } else if id.0 == self.next_layer {
+            LayerDir::Next
+        } else if id.0 < self.next_layer && (self.unrecorded_frees || self.freed.contains(&id)) {
+            LayerDir::Freed
+        } else {
+            LayerDir::Unexplained
+        }
     }
 
     /// Every epoch of main that a snapshot or branch shows: the pre-images
@@ -690,14 +746,14 @@ mod tests {
         }
         // A whole line of a newer format is not cut off as torn.
         let newer = fs::read_to_string(d.path().join(LOG)).unwrap();
-        let newer = newer
-            .lines()
-            .last()
-            .unwrap()
-            .replace("\"version\":4", "\"version\":5");
+        let newer = newer.lines().last().unwrap().replace(
+            &format!("\"version\":{FORMAT_VERSION}"),
+            &format!("\"version\":{}", FORMAT_VERSION + 1),
+        );
         append_raw(d.path(), format!("{newer}\n").as_bytes());
         let e = Loaded::read(d.path()).err().expect("a newer format");
-        assert!(e.to_string().contains("version 5"), "{e}");
+        let want = format!("version {}", FORMAT_VERSION + 1);
+        assert!(e.to_string().contains(&want), "{e}");
         let log = fs::read(d.path().join(LOG)).unwrap();
         fs::write(d.path().join(LOG), &log[..log.len() - newer.len() - 1]).unwrap();
         assert_eq!(names(d.path()), ["a", "b"]);
@@ -763,6 +819,8 @@ mod tests {
         };
         for step in 0..3000 {
             let name = format!("v{step}");
+            let was = c.clone();
+            let mut freed = Vec::new();
             match next(6) {
                 0 => {
                     let s = c.add(name);
@@ -784,12 +842,12 @@ mod tests {
                 4 if !c.snapshots.is_empty() => {
                     let s = c.snapshots.remove(next(c.snapshots.len()));
                     model.remove(&s.id.0);
-                    c.forget_unused_layers();
+                    freed = c.free_unused_layers(&was);
                 }
                 5 if !c.branches.is_empty() => {
                     let b = c.branches.remove(next(c.branches.len()));
                     model.remove(&b.id.0);
-                    c.forget_unused_layers();
+                    freed = c.free_unused_layers(&was);
                 }
                 _ => continue,
             }
@@ -802,14 +860,44 @@ mod tests {
             let used: BTreeSet<LayerId> = model.values().flatten().copied().collect();
             assert_eq!(c.layers_in_use(), used, "step {step}");
             assert!(c.below.keys().all(|l| used.contains(l)), "step {step}");
+            // A deletion frees exactly the layers it leaves unused; a start
+            // removes those, and no other unused layer below the next.
+            let was_used = was.layers_in_use();
+            let want: Vec<LayerId> = was_used.difference(&used).copied().collect();
+            assert_eq!(freed, want, "step {step}");
+            assert!(freed.iter().all(|l| c.freed.contains(l)), "step {step}");
+            for l in (1..c.next_layer).map(LayerId) {
+                let dir = c.layer_dir(OsStr::new(&l.0.to_string()), &used);
+                let expected = if used.contains(&l) {
+                    LayerDir::InUse
+                } else if c.freed.contains(&l) {
+                    LayerDir::Freed
+                } else {
+                    LayerDir::Unexplained
+                };
+                assert_eq!(dir, expected, "layer {} at step {step}", l.0);
+            }
+            // Their directories went: a start forgets them.
+            if next(4) == 0 {
+                c.freed.clear();
+            }
         }
         assert_eq!(c.layer_loop(), None);
-        // A loop (damage) is found, and ends a chain.
+        // A loop (damage) is found, ends a chain, and refuses the catalog.
         let mut looped = c.clone();
         looped.below.insert(LayerId(1), LayerId(2));
         looped.below.insert(LayerId(2), LayerId(1));
         assert!(looped.layer_loop().is_some());
         assert!(looped.layers(Some(LayerId(1))).len() <= looped.below.len() + 2);
+        let text = serde_json::to_vec(&looped).unwrap();
+        let e = Catalog::parse(Path::new("catalog.json"), &text).err();
+        assert!(e.expect("damage").to_string().contains("lead back to it"));
+        // Beyond the next layer, and names no layer has.
+        let none = BTreeSet::new();
+        let next_dir = |n: u32| c.layer_dir(OsStr::new(&n.to_string()), &none);
+        assert_eq!(next_dir(c.next_layer), LayerDir::Next);
+        assert_eq!(next_dir(c.next_layer + 1), LayerDir::Unexplained);
+        assert_eq!(c.layer_dir(OsStr::new("7.old"), &none), LayerDir::NotALayer);
         // The catalog reads back as it was written.
         let text = serde_json::to_vec(&c).unwrap();
         let back = Catalog::parse(Path::new("catalog.json"), &text).unwrap();

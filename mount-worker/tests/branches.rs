@@ -2277,7 +2277,13 @@ fn removed_then_reused(
 #[test]
 fn a_reused_inode_number_in_a_layer_is_another_file_to_the_mount() {
     // Attributes never cached: the old node's are asked for at the end.
-    let m = Mount::builder().arg("--cache-timeout-ms").arg("0").start();
+    // The layers on a file system of the test's own: tests running beside
+    // it would take the freed inode numbers of a shared one.
+    let m = Mount::builder()
+        .arg("--cache-timeout-ms")
+        .arg("0")
+        .state_on_ext4(64)
+        .start();
     snapshot(&m, None, "s");
     branch(&m, "s", "b");
     let b = branch_dir(&m, "b");
@@ -2487,9 +2493,10 @@ fn a_branch_snapshotted_many_times_resolves_names_through_every_layer() {
 
 /// A state directory of format version 3 (every snapshot and branch
 /// listing all its layers) is read as it was, and the next change writes
-/// version 4 (each names its top layer; `below` says where layers sit).
+/// the current version (each names its top layer; `below` says where
+/// layers sit).
 #[test]
-fn a_state_of_version_3_is_read_and_written_as_version_4() {
+fn a_state_of_version_3_is_read_and_written_in_the_current_version() {
     let mut m = Mount::builder().populate(populate).start();
     snapshot(&m, None, "base");
     branch(&m, "base", "b");
@@ -2511,13 +2518,7 @@ fn a_state_of_version_3_is_read_and_written_as_version_4() {
 
     // The catalog as version 3 wrote it, alone in catalog.json.
     let state = m.state_dir();
-    let log = fs::read_to_string(state.join("catalog.log")).unwrap_or_default();
-    let text = match log.lines().last() {
-        Some(line) => line.to_owned(),
-        None => fs::read_to_string(state.join("catalog.json")).unwrap(),
-    };
-    let mut v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["version"], 4);
+    let mut v = latest_catalog(state);
     let below = v["below"].as_object().cloned().unwrap_or_default();
     let chain = |top: &Value| {
         let mut out = Vec::new();
@@ -2541,25 +2542,167 @@ fn a_state_of_version_3_is_read_and_written_as_version_4() {
     let v3 = v.as_object_mut().unwrap();
     v3.remove("below");
     v3.insert("version".into(), json!(3));
-    fs::write(
-        state.join("catalog.json"),
-        serde_json::to_vec_pretty(&v).unwrap(),
-    )
-    .unwrap();
-    fs::write(state.join("catalog.log"), b"").unwrap();
+    put_catalog(state, &v);
+    // Version 3 did not record the layers a deletion freed: a layer no view
+    // uses is garbage, as it was for that version.
+    let stray = state.join(format!("layers/{}", layer_ids(&m)[0]));
+    let freed = state.join("layers/0");
+    copy_tree(&stray, &freed);
 
     m.restart(&[]);
+    assert!(!freed.exists(), "an unused layer of a version-3 state goes");
     let after: Vec<_> = views.iter().map(|v| tree(v)).collect();
     assert_eq!(after, before, "every view as it was");
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
-    // The next change is written in version 4, and the views stay.
+    // The next change is written in the current version, and the views stay.
     snapshot(&m, Some("c"), "c1");
-    let log = fs::read_to_string(m.state_dir().join("catalog.log")).unwrap();
-    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
-    assert_eq!(last["version"], 4);
+    let last = latest_catalog(m.state_dir());
+    assert_eq!(last["version"], 5);
     assert!(last["branches"][0].get("layers").is_none(), "{last}");
     assert_eq!(tree(&snapshot_dir(&m, "c1")), before[1]);
     assert_eq!(fs::read(snapshot_dir(&m, "b2").join("two")).unwrap(), b"2");
     assert!(!snapshot_dir(&m, "b2").join("one").exists());
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
+}
+
+/// The newest catalog of a stopped mount's state directory: the log's
+/// last line, else `catalog.json`.
+fn latest_catalog(state: &Path) -> Value {
+    let log = fs::read_to_string(state.join("catalog.log")).unwrap_or_default();
+    let text = match log.lines().last() {
+        Some(line) => line.to_owned(),
+        None => fs::read_to_string(state.join("catalog.json")).unwrap(),
+    };
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Makes `v` the catalog of a stopped mount's state directory.
+fn put_catalog(state: &Path, v: &Value) {
+    fs::write(
+        state.join("catalog.json"),
+        serde_json::to_vec_pretty(v).unwrap(),
+    )
+    .unwrap();
+    fs::write(state.join("catalog.log"), b"").unwrap();
+}
+
+/// The ids of the layer directories in the state directory, ascending.
+fn layer_ids(m: &Mount) -> Vec<u64> {
+    let mut ids: Vec<u64> = fs::read_dir(m.state_dir().join("layers"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Copies directory `from` to `to` with everything in it (xattrs too).
+fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// A layer directory no view uses is removed at start only when a deletion
+/// recorded it as freed (or by a creation a crash cut short): a catalog
+/// that lost where a layer sits must not cost the snapshots under it.
+#[test]
+fn a_start_removes_only_the_layers_a_deletion_freed() {
+    let mut m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    let first = branch(&m, "base", "b")["layer"].as_u64().unwrap();
+    let b = branch_dir(&m, "b");
+    fs::write(b.join("kept"), b"in the first layer").unwrap();
+    snapshot(&m, Some("b"), "b1");
+    fs::write(b.join("later"), b"in the second layer").unwrap();
+    snapshot(&m, Some("b"), "b2");
+    branch(&m, "b1", "gone");
+    let gone = listed_branch(&m, "gone").unwrap()["layer"]
+        .as_u64()
+        .unwrap();
+    fs::write(branch_dir(&m, "gone").join("x"), b"x").unwrap();
+    let b2 = tree(&snapshot_dir(&m, "b2"));
+
+    // A deletion a crash cut short after its catalog line: its layer's
+    // directory is still there, and goes at the next start.
+    let state = m.state_dir().to_path_buf();
+    let kept_copy = state.join(format!("copy-of-{gone}"));
+    copy_tree(&state.join(format!("layers/{gone}")), &kept_copy);
+    ctl(
+        &m,
+        Request::BranchDelete {
+            branch: "gone".into(),
+            force: false,
+        },
+    )
+    .expect("branch-delete");
+    m.stop();
+    assert_eq!(latest_catalog(&state)["freed"], json!([gone]));
+    fs::rename(&kept_copy, state.join(format!("layers/{gone}"))).unwrap();
+    let report = common::check_state(&state);
+    assert!(
+        report.contains(&format!("layers/{gone}: no snapshot")),
+        "{report}"
+    );
+    m.restart(&[]);
+    assert!(!layer_ids(&m).contains(&gone), "{:?}", layer_ids(&m));
+    assert_eq!(tree(&snapshot_dir(&m, "b2")), b2);
+
+    // Damage: the catalog loses where b's first layer sits. Its directory
+    // stays (the worker logs an error naming it), the check names it, and
+    // the views come back whole once the entry is put back. With b1 gone,
+    // b's first layer is only reached through "below".
+    ctl(
+        &m,
+        Request::SnapshotDelete {
+            snapshot: "b1".into(),
+        },
+    )
+    .expect("snapshot-delete");
+    m.stop();
+    let mut v = latest_catalog(&state);
+    let entry = v["below"].as_object_mut().unwrap();
+    let (key, _) = entry
+        .iter()
+        .find(|(_, l)| l.as_u64() == Some(first))
+        .map(|(k, l)| (k.clone(), l.clone()))
+        .expect("a layer sits on the first");
+    let lost = entry.remove(&key).unwrap();
+    let damaged = v.clone();
+    put_catalog(&state, &damaged);
+    let (ok, report) = common::check_report(&state);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains(&format!(
+            "layers/{first}: no snapshot or branch uses it, yet"
+        )),
+        "{report}"
+    );
+    m.restart(&[]);
+    assert!(state.join(format!("layers/{first}/tree/kept")).exists());
+    m.stop();
+    v["below"][key] = lost;
+    put_catalog(&state, &v);
+    assert!(common::check_state(&state).contains("0 problems"));
+    m.restart(&[]);
+    assert_eq!(tree(&snapshot_dir(&m, "b2")), b2);
+    assert_eq!(
+        fs::read(snapshot_dir(&m, "b2").join("kept")).unwrap(),
+        b"in the first layer"
+    );
+
+    // A loop in "below" is refused as damage, naming the layer.
+    m.stop();
+    let mut looped = v.clone();
+    looped["below"][first.to_string()] = json!(first);
+    put_catalog(&state, &looped);
+    let (ok, report) = common::check_report(&state);
+    assert!(!ok && report.contains("lead back to it"), "{report}");
+    put_catalog(&state, &v);
+    m.restart(&[]);
+    assert_eq!(tree(&snapshot_dir(&m, "b2")), b2);
 }

@@ -282,17 +282,7 @@ fn check_tool_reports_damage_and_changes_nothing() {
     create(&m, "s");
     fs::write(m.path().join("a.txt"), b"changed").unwrap();
     m.stop();
-    let run = || {
-        let out = std::process::Command::new(common::WORKER)
-            .args(["--check", "--state-dir"])
-            .arg(m.state_dir())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let run = || common::check_report(m.state_dir());
     let (ok, report) = run();
     assert!(ok, "{report}");
     assert!(

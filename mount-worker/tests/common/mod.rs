@@ -1039,6 +1039,14 @@ pub fn assert_workload_prefix(snapshot: &Path) {
 /// Runs `agentfs-mount-worker --check` on a state directory, asserts that
 /// it found nothing wrong (exit 0), and returns its report.
 pub fn check_state(state_dir: &Path) -> String {
+    let (ok, report) = check_report(state_dir);
+    assert!(ok, "state check failed:\n{report}");
+    report
+}
+
+/// Runs `--check` on `state_dir`: whether it found no problem, and its
+/// report.
+pub fn check_report(state_dir: &Path) -> (bool, String) {
     let check = Command::new(WORKER)
         .arg("--check")
         .arg("--state-dir")
@@ -1046,8 +1054,7 @@ pub fn check_state(state_dir: &Path) -> String {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&check.stdout).into_owned();
-    assert!(check.status.success(), "state check failed:\n{report}");
-    report
+    (check.status.success(), report)
 }
 
 /// A shared, writable memory map of a whole file (opened read-write), for
