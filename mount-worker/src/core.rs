@@ -31,11 +31,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
+use crate::frozen::FrozenStack;
 use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layered::{self, Ctx, Inode, InodeFd, LayerObj, LayerView, Layers, Part, ReadFile, Top};
@@ -566,17 +567,8 @@ impl HostFd<'_> {
     }
 }
 
-/// Descriptors of frozen layers' trees and indexes, shared by every view
-/// that merges the layer: a branch snapshotted n times has n frozen
-/// layers, and each of its snapshots shows every layer below it, so a
-/// descriptor per view and layer made n²/2 of each (EMFILE after some
-/// 140 snapshots of one branch under a limit of 20 000). Weak: a layer's
-/// descriptors close with the last view that merges it.
-#[derive(Default)]
-struct FrozenFds(Mutex<HashMap<(LayerId, LayerPart), Weak<OwnedFd>>>);
-
 /// A directory of a layer that views hold open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 enum LayerPart {
     /// Its files.
     Tree,
@@ -590,44 +582,6 @@ impl LayerPart {
             LayerPart::Tree => "tree",
             LayerPart::Index => "index",
         }
-    }
-}
-
-impl FrozenFds {
-    /// The shared descriptor of `part` of layer `id`,
-    /// `open`ed if no view holds it.
-    fn get(
-        &self,
-        id: LayerId,
-        part: LayerPart,
-        open: impl FnOnce() -> io::Result<OwnedFd>,
-    ) -> io::Result<Arc<OwnedFd>> {
-        let mut fds = self.0.lock().unwrap();
-        if let Some(fd) = fds.get(&(id, part)).and_then(Weak::upgrade) {
-            return Ok(fd);
-        }
-        let fd = Arc::new(open()?);
-        FrozenFds::keep(&mut fds, id, part, &fd);
-        Ok(fd)
-    }
-
-    /// `fd`, a view's descriptor of `part` of layer `id` that froze, is
-    /// the one to share from now on.
-    fn share(&self, id: LayerId, part: LayerPart, fd: &Arc<OwnedFd>) {
-        let mut fds = self.0.lock().unwrap();
-        if fds.get(&(id, part)).and_then(Weak::upgrade).is_none() {
-            FrozenFds::keep(&mut fds, id, part, fd);
-        }
-    }
-
-    fn keep(
-        fds: &mut HashMap<(LayerId, LayerPart), Weak<OwnedFd>>,
-        id: LayerId,
-        part: LayerPart,
-        fd: &Arc<OwnedFd>,
-    ) {
-        fds.retain(|_, w| w.strong_count() > 0);
-        fds.insert((id, part), Arc::downgrade(fd));
     }
 }
 
@@ -699,7 +653,6 @@ pub struct FsCore {
     latest: RwLock<Latest>,
     /// The open layered views by view number.
     views: RwLock<HashMap<u32, OpenView>>,
-    frozen: FrozenFds,
     bindings: Arc<Bindings>,
     isolation: Isolation,
     started: SystemTime,
@@ -820,7 +773,6 @@ impl FsCore {
             spare: Spare::start(state.join("layers")),
             store,
             views: RwLock::default(),
-            frozen: FrozenFds::default(),
             bindings,
             isolation: Isolation::default(),
             started: SystemTime::now(),
@@ -852,10 +804,32 @@ impl FsCore {
         self.open_part(id, LayerPart::Tree).map(Arc::new)
     }
 
-    /// The descriptor of `part` of the frozen layer `id`, shared by the
-    /// views that merge it ([`FrozenFds`]).
-    fn open_frozen(&self, id: LayerId, part: LayerPart) -> io::Result<Arc<OwnedFd>> {
-        self.frozen.get(id, part, || self.open_part(id, part))
+    /// The frozen layers whose top is `top` (none: main), each opened
+    /// once: a layer in `opened` already is shared with the views that
+    /// show it, with the layers below it.
+    fn open_frozen(
+        &self,
+        top: Option<LayerId>,
+        catalog: &Catalog,
+        opened: &mut HashMap<LayerId, FrozenStack>,
+    ) -> io::Result<FrozenStack> {
+        let mut stack = FrozenStack::default();
+        let mut to_open = Vec::new();
+        let mut at = top;
+        while let Some(l) = at {
+            if let Some(below) = opened.get(&l) {
+                stack = below.clone();
+                break;
+            }
+            to_open.push(l);
+            at = catalog.layer_below(l);
+        }
+        for l in to_open.into_iter().rev() {
+            let index = self.open_part(l, LayerPart::Index)?;
+            stack = stack.push(self.open_tree(l)?, Arc::new(index));
+            opened.insert(l, stack.clone());
+        }
+        Ok(stack)
     }
 
     /// A layer that takes changes.
@@ -908,7 +882,8 @@ impl FsCore {
                     }
                 }
                 LayerDir::Next if spare::is_spare(&e.path()) => {}
-                // A creation or a deletion a crash interrupted.
+                // A creation a crash cut short, or a layer a deletion
+                // freed (its removal interrupted or failed).
                 LayerDir::Next | LayerDir::Freed => std::fs::remove_dir_all(e.path())?,
                 LayerDir::Unexplained => tracing::error!(
                     "{}: no snapshot or branch uses this layer, yet no deletion freed it \
@@ -923,7 +898,9 @@ impl FsCore {
                 ),
             }
         }
-        // Their directories are gone: written with the next change.
+        // Their directories are gone, for good once flushed: written with
+        // the next change.
+        File::open(&layers)?.sync_all()?;
         self.catalog.lock().unwrap().freed.clear();
         // A layer is shared by its branch and the branch's snapshots, over
         // the same layers in each: checked once (n snapshots of a branch
@@ -936,19 +913,22 @@ impl FsCore {
             self.stamp_again(&catalog.layers(s.layer), s.id, s.epoch, &mut checked)?;
         }
         self.spare.want(LayerId(catalog.next_layer));
+        let mut opened = HashMap::new();
         for b in &catalog.branches {
-            self.open_branch_view(b, &catalog.branch_layers(b))?;
+            let below = catalog.layer_below(b.layer);
+            let frozen = self.open_frozen(below, &catalog, &mut opened)?;
+            self.open_branch_view(b, frozen)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.open_view(s.id.0, None, &catalog.layers(s.layer), s.id, s.epoch)?;
+            let frozen = self.open_frozen(s.layer, &catalog, &mut opened)?;
+            self.open_view(s.id.0, None, frozen, s.id, s.epoch)?;
         }
         Ok(())
     }
 
-    /// Opens the view of branch `b`, whose layers are `layers`.
-    fn open_branch_view(&self, b: &Branch, layers: &[LayerId]) -> io::Result<()> {
-        let (top, frozen) = layers.split_first().expect("a branch has a layer");
-        self.open_view(b.id.0, Some(*top), frozen, b.snapshot, b.epoch)
+    /// Opens the view of branch `b`, whose frozen layers are `frozen`.
+    fn open_branch_view(&self, b: &Branch, frozen: FrozenStack) -> io::Result<()> {
+        self.open_view(b.id.0, Some(b.layer), frozen, b.snapshot, b.epoch)
     }
 
     /// Opens a layered view and registers its root node.
@@ -956,31 +936,16 @@ impl FsCore {
         &self,
         number: u32,
         top: Option<LayerId>,
-        frozen: &[LayerId],
+        frozen: FrozenStack,
         snap: SnapshotId,
         epoch: u64,
     ) -> io::Result<()> {
-        let top = match top {
-            Some(id) => Some(self.open_top(id)?),
-            None => None,
-        };
-        let indexes = frozen
-            .iter()
-            .map(|&l| self.open_frozen(l, LayerPart::Index))
-            .collect::<io::Result<Vec<_>>>()?;
-        let mut lowers = frozen
-            .iter()
-            .map(|&l| {
-                self.open_frozen(l, LayerPart::Tree)
-                    .map(|t| Part::Layer(Inode::Open(t)))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let top = top.map(|id| self.open_top(id)).transpose()?;
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
-        lowers.push(Part::Base(Arc::new(base)));
         let holding = self.nodes.lock().unwrap().holding.clone();
-        let view = Arc::new(LayerView::new(number, top, indexes, holding));
-        let root = LayerObj::root(view.clone(), root_ino, lowers);
+        let view = Arc::new(LayerView::new(number, top, frozen, holding));
+        let root = LayerObj::root(view.clone(), root_ino, Part::Base(Arc::new(base)));
         let id = NodeId::in_view(number as u64, root_ino);
         self.nodes.lock().unwrap().insert(
             id.0,
@@ -3209,14 +3174,17 @@ impl FsCore {
         // Wait for the branch's changes in flight and hold new ones off.
         let mut layers = view.layers.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
+        if catalog.branch(b.id).is_none() {
+            // Deleted since it was found.
+            return Err(no_branch(key));
+        }
         let name = snapshot_name(&catalog, name)?;
         let mut next = catalog.clone();
         let (snap, layer) = next.add_branch_snapshot(b.id, name);
-        let snap_layers = next.layers(snap.layer);
-        // The layer that freezes, as the catalog has it now (`b` was read
-        // before the lock: a snapshot taken meanwhile froze its top).
-        let frozen = snap.layer.expect("a snapshot of a branch has a layer");
-        let old_top = Part::Layer(Inode::Open(self.open_tree(frozen)?));
+        // The layer that freezes, the view's top under the lock (`b` was
+        // read before it: a snapshot taken meanwhile froze its top).
+        let freezing = layers.top.as_ref().expect("a branch has a top layer");
+        let old_top = Part::Layer(Inode::Open(freezing.tree.clone()));
         self.create_layer(layer, &old_top)?;
         let top = self
             .open_top(layer)
@@ -3227,17 +3195,13 @@ impl FsCore {
         }
         self.spare.want(LayerId(next.next_layer));
         *catalog = next;
-        if let Some(old) = layers.top.replace(top) {
-            // Frozen now: the snapshot's view shares the branch's.
-            self.frozen.share(frozen, LayerPart::Tree, &old.tree);
-            self.frozen.share(frozen, LayerPart::Index, &old.index);
-            layers.freeze(old.index);
-        }
-        layers.generation += 1;
+        layers.freeze(top);
+        // The snapshot shows the branch's frozen layers as they are now.
+        let frozen = layers.frozen().clone();
         // Released before the view opens: a deletion holds the catalog
         // while it takes the views' lock.
         drop((layers, catalog));
-        self.open_view(snap.id.0, None, &snap_layers, b.snapshot, snap.epoch)?;
+        self.open_view(snap.id.0, None, frozen, b.snapshot, snap.epoch)?;
         tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");
         Ok(snap)
     }
@@ -3281,14 +3245,25 @@ impl FsCore {
         self.close_view(number);
         // The record is gone first, and the layers recorded as freed, so a
         // crash from here on leaves only garbage the next start removes.
-        for l in unused {
-            match std::fs::remove_dir_all(self.layer_dir(l)) {
-                // Written with the next change; until then a start finds
-                // no directory to remove.
-                Ok(()) => {
-                    catalog.freed.remove(&l);
+        let gone: Vec<LayerId> = unused
+            .into_iter()
+            .filter(|&l| match std::fs::remove_dir_all(self.layer_dir(l)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("removing unused layer {} (retried at start): {e}", l.0);
+                    false
                 }
-                Err(e) => tracing::warn!("removing unused layer {}: {e}", l.0),
+            })
+            .collect();
+        // Forgotten once their removal is durable (written with the next
+        // change; until then a start finds no directory to remove).
+        if !gone.is_empty()
+            && File::open(self.state.join("layers"))
+                .and_then(|d| d.sync_all())
+                .is_ok()
+        {
+            for l in gone {
+                catalog.freed.remove(&l);
             }
         }
         if let Err(e) = self.store.collect_garbage(&catalog.live_epochs()) {
@@ -3303,12 +3278,7 @@ impl FsCore {
             .unwrap()
             .find_branch(key)
             .cloned()
-            .ok_or_else(|| {
-                ControlError::new(
-                    ErrorKind::NotFound,
-                    format!("no branch named {key:?}; `branch-list` shows the branches"),
-                )
-            })
+            .ok_or_else(|| no_branch(key))
     }
 
     fn open_view_of(&self, number: u32) -> Result<Arc<LayerView>, ControlError> {
@@ -3353,17 +3323,33 @@ impl FsCore {
         }
         let mut next = catalog.clone();
         let b = next.add_branch(name, &from);
-        let root = self.root_part(from.layer, from.id, from.epoch)?;
+        // The snapshot's frozen layers, shared with its view (whose layers
+        // are never locked for writing: safe under the catalog's lock);
+        // opened here if its view is not open yet (a snapshot of a branch
+        // made a moment ago opens its view after the catalog changed).
+        let view = self
+            .views
+            .read()
+            .unwrap()
+            .get(&from.id.0)
+            .map(|v| v.view.clone());
+        let frozen = match view {
+            Some(v) => v.layers.read().unwrap().frozen().clone(),
+            None => self.open_frozen(from.layer, &catalog, &mut HashMap::new())?,
+        };
+        let root = match frozen.iter().next() {
+            Some(f) => Part::Layer(Inode::Open(f.tree.clone())),
+            None => Part::Base(Arc::new(self.base_root(from.id, from.epoch)?)),
+        };
         self.create_layer(b.layer, &root)?;
         if let Err(e) = self.save_catalog(&next) {
             self.discard_layer(b.layer);
             return Err(catalog_error(&e));
         }
         self.spare.want(LayerId(next.next_layer));
-        let layers = next.branch_layers(&b);
         *catalog = next;
         drop(catalog);
-        self.open_branch_view(&b, &layers)?;
+        self.open_branch_view(&b, frozen)?;
         tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, took_us = micros(started), "branch created");
         Ok(b)
     }
@@ -3465,6 +3451,13 @@ fn preserve_failed(epoch: u64, e: &io::Error) {
              stored in the state directory: {e}; free space there (or delete snapshots)"
         );
     }
+}
+
+fn no_branch(key: &str) -> ControlError {
+    ControlError::new(
+        ErrorKind::NotFound,
+        format!("no branch named {key:?}; `branch-list` shows the branches"),
+    )
 }
 
 fn catalog_error(e: &crate::snapshot::CatalogError) -> ControlError {

@@ -29,6 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
+use crate::frozen::{Frozen, FrozenStack};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layer_index::{LayerIndex, PartEntry};
 use crate::names::Names;
@@ -254,58 +255,62 @@ pub struct Layers {
     pub generation: u64,
     /// The layer taking changes (branches only).
     pub top: Option<Top>,
-    /// The indexes of the frozen layers, top first.
-    indexes: Vec<Arc<OwnedFd>>,
+    /// The frozen layers, shared with the views that show them.
+    frozen: FrozenStack,
     /// With [`INDEXED_FROM`] frozen layers or more, once needed: the ids
-    /// the frozen indexes hold, each with the topmost index holding it,
-    /// numbered from the bottom (frozen indexes never change, and one that
-    /// freezes goes on top: [`Layers::freeze`]).
-    frozen_ids: OnceLock<HashMap<u64, u32>>,
+    /// the frozen indexes hold, each with the topmost index holding it
+    /// (frozen indexes never change, and one that freezes goes on top:
+    /// [`Layers::freeze`]).
+    frozen_ids: OnceLock<HashMap<u64, Arc<OwnedFd>>>,
 }
 
 impl Layers {
-    /// Puts the index of the top layer, frozen now, on top of the frozen
-    /// ones.
-    pub fn freeze(&mut self, index: Arc<OwnedFd>) {
+    /// The frozen layers.
+    pub fn frozen(&self) -> &FrozenStack {
+        &self.frozen
+    }
+
+    /// Freezes the top layer (a snapshot of the branch takes it) and
+    /// starts `next` over it.
+    pub fn freeze(&mut self, next: Top) {
+        let old = self.top.replace(next).expect("a branch has a top layer");
         if let Some(ids) = self.frozen_ids.get_mut() {
-            match index_ids(&index) {
-                Ok(new) => {
-                    let at = u32::try_from(self.indexes.len()).expect("fewer than 2^32 layers");
-                    ids.extend(new.into_iter().map(|id| (id, at)));
-                }
+            match index_ids(&old.index) {
+                Ok(new) => ids.extend(new.into_iter().map(|id| (id, old.index.clone()))),
                 // Read again when next needed.
                 Err(_) => self.frozen_ids = OnceLock::new(),
             }
         }
-        self.indexes.insert(0, index);
+        self.frozen = self.frozen.push(old.tree, old.index);
+        self.generation += 1;
     }
 
     /// The frozen indexes that may hold object `id`, top first: all of
     /// them, or once there are enough to need [`Layers::frozen_ids`] (read
     /// now if it was not; if it cannot be, all of them), the one that does.
     fn frozen_holding(&self, id: u64) -> Vec<&Arc<OwnedFd>> {
-        if self.indexes.len() < INDEXED_FROM {
-            return self.indexes.iter().collect();
+        let all = || self.frozen.iter().map(|f| &f.index).collect();
+        if self.frozen.len() < INDEXED_FROM {
+            return all();
         }
         let ids = match self.frozen_ids.get() {
             Some(ids) => ids,
             None => {
                 let mut ids = HashMap::new();
-                for (at, ix) in self.indexes.iter().rev().enumerate() {
-                    let Ok(held) = index_ids(ix) else {
-                        return self.indexes.iter().collect();
+                // Bottom first, so that a higher index's copy wins.
+                let bottom_up: Vec<&Frozen> = self.frozen.iter().collect();
+                for f in bottom_up.into_iter().rev() {
+                    let Ok(held) = index_ids(&f.index) else {
+                        return all();
                     };
-                    ids.extend(held.into_iter().map(|id| (id, at as u32)));
+                    ids.extend(held.into_iter().map(|id| (id, f.index.clone())));
                 }
                 // Another thread may have read them too: the same ids.
                 let _ = self.frozen_ids.set(ids);
                 self.frozen_ids.get().expect("set just now")
             }
         };
-        ids.get(&id)
-            .map(|&at| &self.indexes[self.indexes.len() - 1 - at as usize])
-            .into_iter()
-            .collect()
+        ids.get(&id).into_iter().collect()
     }
 
     /// The newest copy of object `id` in an index, if it has one.
@@ -385,12 +390,11 @@ pub struct LayerView {
 }
 
 impl LayerView {
-    /// A view with the given layers (`indexes`: those of the frozen
-    /// layers, top first), whose nodes count in `holding`.
+    /// A view with the given layers, whose nodes count in `holding`.
     pub fn new(
         number: u32,
         top: Option<Top>,
-        indexes: Vec<Arc<OwnedFd>>,
+        frozen: FrozenStack,
         holding: Arc<AtomicUsize>,
     ) -> LayerView {
         LayerView {
@@ -398,7 +402,7 @@ impl LayerView {
             layers: RwLock::new(Layers {
                 generation: 0,
                 top,
-                indexes,
+                frozen,
                 frozen_ids: OnceLock::new(),
             }),
             copy_up: Mutex::new(()),
@@ -749,6 +753,9 @@ pub struct LayerObj {
     counted: AtomicU8,
 }
 
+/// The generation of a view root's state before its first use.
+const UNREAD: u64 = u64::MAX;
+
 /// Not a node's object (any more), or not yet.
 const UNCOUNTED: u8 = 0;
 /// A node's object that holds no descriptor.
@@ -757,19 +764,20 @@ const LIGHT: u8 = 1;
 const HEAVY: u8 = 2;
 
 impl LayerObj {
-    /// The root of a view: `upper` is the top layer's tree (none for a
-    /// snapshot), `lowers` the frozen layer trees and main's root at the
-    /// bottom.
-    pub fn root(view: Arc<LayerView>, id: u64, lowers: Vec<Part>) -> LayerObj {
+    /// The root of a view over `base`, main's root at the view's epoch.
+    /// Its other parts (the top layer's tree, the frozen ones) are taken
+    /// from the view's layers on first use ([`LayerObj::current`]): a
+    /// snapshot nobody looks into holds no list of them.
+    pub fn root(view: Arc<LayerView>, id: u64, base: Part) -> LayerObj {
         LayerObj {
             view,
             id,
             is_dir: true,
             place: Mutex::new(None),
             state: RwLock::new(State {
-                generation: u64::MAX,
+                generation: UNREAD,
                 upper: None,
-                lowers: lowers.into(),
+                lowers: Arc::new([base]),
                 index: None,
             }),
             copies: AtomicU64::new(0),
@@ -849,7 +857,13 @@ impl LayerObj {
         }
         let mut s = self.state.write().unwrap();
         if s.generation != layers.generation {
-            if let Some(u) = s.upper.take() {
+            if s.generation == UNREAD {
+                let trees = layers
+                    .frozen
+                    .iter()
+                    .map(|f| Part::Layer(Inode::Open(f.tree.clone())));
+                s.lowers = trees.chain(s.lowers.iter().cloned()).collect();
+            } else if let Some(u) = s.upper.take() {
                 if !self.is_dir || u.dir().and_then(|d| is_opaque(d.as_fd())).unwrap_or(true) {
                     s.index = None;
                     s.lowers = Arc::new([Part::Layer(u)]);
@@ -916,6 +930,19 @@ impl LayerObj {
     }
 
     fn topmost(&self, layers: &Layers) -> io::Result<Part> {
+        {
+            // A view's root nobody looked into yet: its topmost part
+            // without listing its parts (`ls -l` of the snapshots stats
+            // every root).
+            let s = self.state.read().unwrap();
+            if s.generation == UNREAD {
+                let tree = layers.top.as_ref().map(|t| &t.tree);
+                return match tree.or(layers.frozen.iter().next().map(|f| &f.tree)) {
+                    Some(tree) => Ok(Part::Layer(Inode::Open(tree.clone()))),
+                    None => s.lowers.first().cloned().ok_or_else(|| errno(libc::ESTALE)),
+                };
+            }
+        }
         let s = self.current(layers);
         match (s.upper, s.lowers.first()) {
             (Some(u), _) => Ok(Part::Layer(u)),

@@ -11,6 +11,7 @@ pub mod check;
 pub mod control;
 pub mod core;
 pub mod error;
+pub mod frozen;
 pub mod fuse_adapter;
 pub mod handoff;
 pub mod hex;

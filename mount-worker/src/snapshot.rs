@@ -203,6 +203,17 @@ impl Catalog {
                 l.0
             )));
         }
+        // A layer in use at the next id would be taken for the spare.
+        let mut named = c
+            .layers_in_use()
+            .into_iter()
+            .chain(c.below.values().copied());
+        if let Some(l) = named.find(|l| l.0 >= c.next_layer) {
+            return Err(invalid(format!(
+                "layer {} is in use, yet not below next_layer {}",
+                l.0, c.next_layer
+            )));
+        }
         c.unrecorded_frees = version < Some(5);
         c.version = FORMAT_VERSION;
         Ok(c)
@@ -344,15 +355,20 @@ impl Catalog {
         let mut at = top;
         while let Some(l) = at {
             out.push(l);
-            // A loop in a damaged catalog (`--check` reports it) ends here:
-            // a chain without one has at most one layer more than `below`
-            // has entries.
+            // A loop (a catalog read with one is refused: `layer_loop`)
+            // ends here: a chain without one has at most one layer more
+            // than `below` has entries.
             if out.len() > self.below.len() + 1 {
                 break;
             }
             at = self.below.get(&l).copied();
         }
         out
+    }
+
+    /// The layer `l` sits on, if it sits on one (not on main).
+    pub fn layer_below(&self, l: LayerId) -> Option<LayerId> {
+        self.below.get(&l).copied()
     }
 
     /// The layers of branch `b`, top first.
@@ -362,10 +378,20 @@ impl Catalog {
 
     /// A layer whose layers below lead back to it, if any (damage).
     fn layer_loop(&self) -> Option<LayerId> {
-        self.below
-            .keys()
-            .copied()
-            .find(|&l| self.layers(Some(l)).len() > self.below.len() + 1)
+        // Layers whose chains are known to end: each is walked once.
+        let mut ends = BTreeSet::new();
+        for &start in self.below.keys() {
+            let mut path = BTreeSet::new();
+            let mut at = Some(start);
+            while let Some(l) = at.filter(|l| !ends.contains(l)) {
+                if !path.insert(l) {
+                    return Some(l);
+                }
+                at = self.below.get(&l).copied();
+            }
+            ends.extend(path);
+        }
+        None
     }
 
     /// Forgets where layers no view uses any more sat (after a view was
@@ -892,6 +918,17 @@ mod tests {
         let text = serde_json::to_vec(&looped).unwrap();
         let e = Catalog::parse(Path::new("catalog.json"), &text).err();
         assert!(e.expect("damage").to_string().contains("lead back to it"));
+        // A layer in use at the next id (damage) would be taken for the
+        // spare: refused.
+        let mut ahead = c.clone();
+        ahead.next_layer = c.branches.first().expect("branches were left").layer.0;
+        let text = serde_json::to_vec(&ahead).unwrap();
+        let e = Catalog::parse(Path::new("catalog.json"), &text).err();
+        assert!(
+            e.expect("damage")
+                .to_string()
+                .contains("not below next_layer")
+        );
         // Beyond the next layer, and names no layer has.
         let none = BTreeSet::new();
         let next_dir = |n: u32| c.layer_dir(OsStr::new(&n.to_string()), &none);
