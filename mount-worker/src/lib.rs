@@ -7,6 +7,7 @@
 //! ARCHITECTURE.md at the top of the repository for the full map.
 
 pub mod binding;
+pub mod catalog_change;
 pub mod check;
 pub mod control;
 pub mod core;

@@ -1,6 +1,8 @@
 //! The catalog: snapshots, branches, their layers and the bindings,
 //! persisted in `<state>/catalog.json` and `<state>/catalog.log` (see
-//! specs/state-format.md). One owner: FsCore keeps the only live copy.
+//! specs/state-format.md). One owner: FsCore keeps the only live copy
+//! (its [`CatalogWriter`], the copy last saved, which each change is
+//! written against: [`crate::catalog_change`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -13,18 +15,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::binding::Binding;
+use crate::catalog_change::{self, Change};
 
 /// Name of the catalog file in the state directory.
 const CATALOG: &str = "catalog.json";
-/// Name of the catalog log: every change appends the whole new catalog as
-/// one line, which wins over `catalog.json`.
+/// Name of the catalog log: every change appends one line saying what
+/// changed, replayed over `catalog.json` when read.
 const LOG: &str = "catalog.log";
 /// The log is folded into `catalog.json` once it is this long, or eight
-/// lines long for a larger catalog (many bindings).
+/// lines long for larger changes (many bindings).
 const LOG_LIMIT: u64 = 1 << 20;
 /// The format this worker writes. It also reads version 1 (snapshots of
 /// main only), 2 (no log), 3 (each view listing all its layers) and 4
-/// (deletions not recorded), which version 5 extends or replaces.
+/// (deletions not recorded, whole catalogs as log lines), which version 5
+/// extends or replaces.
 pub const FORMAT_VERSION: u32 = 5;
 
 /// Id of a snapshot. It is also the snapshot's view number in node ids, so
@@ -61,7 +65,7 @@ impl ViewId {
 }
 
 /// One snapshot, of main or of a branch.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// Stable id (also its view number).
@@ -83,7 +87,7 @@ pub struct Snapshot {
 }
 
 /// One branch.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Branch {
     /// Stable id (also its view number).
@@ -144,7 +148,7 @@ pub struct Catalog {
     /// bottom ones (which sit on main). Each view names only its top layer:
     /// n snapshots of a branch cost n entries here, not n²/2 in lists.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    below: BTreeMap<LayerId, LayerId>,
+    pub(crate) below: BTreeMap<LayerId, LayerId>,
     /// Layers a deletion left unused whose directories may still exist:
     /// the only unused layers below `next_layer` a worker removes at
     /// start. Any other is kept, as damage to report: a catalog that lost
@@ -179,47 +183,31 @@ impl Catalog {
         Ok(Loaded::read(state)?.catalog)
     }
 
-    /// Parses and checks one catalog text (of `path`, for errors).
-    fn parse(path: &Path, text: &[u8]) -> Result<Catalog, CatalogError> {
-        let invalid = |e: String| CatalogError::Invalid(path.to_owned(), e);
-        let mut v: serde_json::Value =
-            serde_json::from_slice(text).map_err(|e| invalid(e.to_string()))?;
-        let (format, version) = (v["format"].as_str(), v["version"].as_u64());
-        if format != Some("agentfs-state")
-            || !version.is_some_and(|n| (1..=FORMAT_VERSION as u64).contains(&n))
-        {
-            return Err(invalid(format!(
-                "format {} version {}",
-                v["format"], v["version"]
-            )));
-        }
-        if version < Some(4) {
-            lists_to_chain(&mut v).map_err(invalid)?;
-        }
-        let mut c: Catalog = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
-        if let Some(l) = c.layer_loop() {
-            return Err(invalid(format!(
+    /// This catalog if nothing in it is damage: a `below` that loops, a
+    /// layer in use at or above the next id (which would be taken for the
+    /// spare).
+    fn checked(self, path: &Path) -> Result<Catalog, CatalogError> {
+        let invalid = |e: String| Err(CatalogError::Invalid(path.to_owned(), e));
+        if let Some(l) = self.layer_loop() {
+            return invalid(format!(
                 "layer {}: the layers below it (\"below\") lead back to it",
                 l.0
-            )));
+            ));
         }
-        // A layer in use at the next id would be taken for the spare.
-        let mut named = c
+        let mut named = self
             .layers_in_use()
             .into_iter()
-            .chain(c.below.values().copied());
-        if let Some(l) = named.find(|l| l.0 >= c.next_layer) {
-            return Err(invalid(format!(
+            .chain(self.below.values().copied());
+        if let Some(l) = named.find(|l| l.0 >= self.next_layer) {
+            return invalid(format!(
                 "layer {} is in use, yet not below next_layer {}",
-                l.0, c.next_layer
-            )));
+                l.0, self.next_layer
+            ));
         }
-        c.unrecorded_frees = version < Some(5);
-        c.version = FORMAT_VERSION;
-        Ok(c)
+        Ok(self)
     }
 
-    fn empty() -> Catalog {
+    pub(crate) fn empty() -> Catalog {
         Catalog {
             format: "agentfs-state".into(),
             version: FORMAT_VERSION,
@@ -449,6 +437,46 @@ impl Catalog {
     }
 }
 
+/// A line of the log, or `catalog.json`.
+enum Line {
+    /// A whole catalog: `catalog.json`, or a line of a version before 5.
+    Whole(Catalog),
+    /// A change of the catalog before it.
+    Change(Change),
+}
+
+impl Line {
+    /// Parses one text of `path` (for errors), unchecked.
+    fn parse(path: &Path, text: &[u8]) -> Result<Line, CatalogError> {
+        let invalid = |e: String| CatalogError::Invalid(path.to_owned(), e);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(text).map_err(|e| invalid(e.to_string()))?;
+        let (format, version) = (v["format"].as_str(), v["version"].as_u64());
+        let known =
+            |from: u64| version.is_some_and(|n| (from..=FORMAT_VERSION as u64).contains(&n));
+        match format {
+            Some("agentfs-state") if known(1) => {}
+            Some(catalog_change::FORMAT) if known(5) => {
+                let c: Change = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
+                return Ok(Line::Change(c));
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "format {} version {}",
+                    v["format"], v["version"]
+                )));
+            }
+        }
+        if version < Some(4) {
+            lists_to_chain(&mut v).map_err(invalid)?;
+        }
+        let mut c: Catalog = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
+        c.unrecorded_frees = version < Some(5);
+        c.version = FORMAT_VERSION;
+        Ok(Line::Whole(c))
+    }
+}
+
 /// The catalog as a state directory holds it, and where its log ends.
 pub struct Loaded {
     /// The newest catalog: the log's last whole line, else `catalog.json`.
@@ -462,21 +490,31 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Reads the catalog of `state`. `catalog.json` is parsed even when the
-    /// log has a newer catalog, so that damage to it is reported.
+    /// Reads the catalog of `state`: `catalog.json`, then each line of
+    /// the log in turn (a change, or a whole catalog in a log of a version
+    /// before 5).
     pub fn read(state: &Path) -> Result<Loaded, CatalogError> {
         let path = state.join(CATALOG);
         let mut catalog = match fs::read(&path) {
-            Ok(text) => Catalog::parse(&path, &text)?,
+            Ok(text) => match Line::parse(&path, &text)? {
+                Line::Whole(c) => c,
+                Line::Change(_) => {
+                    return Err(CatalogError::Invalid(
+                        path,
+                        "a change, not a catalog".into(),
+                    ));
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Catalog::empty(),
             Err(e) => return Err(CatalogError::Io(path, e)),
         };
+        let json = path;
         let path = state.join(LOG);
         let log = match fs::read(&path) {
             Ok(log) => log,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(Loaded {
-                    catalog,
+                    catalog: catalog.checked(&json)?,
                     logged: false,
                     log_valid: 0,
                     torn: 0,
@@ -487,39 +525,28 @@ impl Loaded {
         // Whole lines end with a newline. A crash can leave the last one
         // cut, or of the right length with pages of zeros inside: that
         // line was never acknowledged (each is flushed before its change
-        // is), so the one before stands. Two bad lines, or a last line of
-        // well-formed JSON that is no catalog of this format, are damage.
-        let mut ends: Vec<usize> = log
-            .iter()
-            .enumerate()
-            .filter(|&(_, &b)| b == b'\n')
-            .map(|(i, _)| i + 1)
-            .collect();
+        // is), so the ones before stand. A bad line before the last, or a
+        // last line of well-formed JSON that is no line of this format (a
+        // newer worker's, which must not be cut off), is damage.
         let mut valid = 0;
-        for attempt in 0..2 {
-            let Some(&end) = ends.last() else { break };
-            ends.pop();
-            let start = ends.last().copied().unwrap_or(0);
+        let mut start = 0;
+        let lines = log.iter().enumerate().filter(|&(_, &b)| b == b'\n');
+        let ends: Vec<usize> = lines.map(|(i, _)| i + 1).collect();
+        for (n, &end) in ends.iter().enumerate() {
             let line = &log[start..end];
-            match Catalog::parse(&path, line) {
-                Ok(c) => {
-                    catalog = c;
-                    valid = end;
-                    break;
+            match Line::parse(&path, line) {
+                Ok(Line::Whole(c)) => catalog = c,
+                Ok(Line::Change(c)) => c.apply_to(&mut catalog),
+                Err(_) if n + 1 == ends.len() && !whole_json(line) => break,
+                Err(e) => {
+                    return Err(CatalogError::Invalid(path, format!("line {}: {e}", n + 1)));
                 }
-                // Whole JSON is no crash's doing: a catalog of a newer
-                // format (or damage) must not be cut off as torn.
-                Err(e) if attempt == 1 || whole_json(line) => {
-                    return Err(CatalogError::Invalid(
-                        path,
-                        format!("line {}: {e}", ends.len() + 1),
-                    ));
-                }
-                Err(_) => {}
             }
+            valid = end;
+            start = end;
         }
         Ok(Loaded {
-            catalog,
+            catalog: catalog.checked(&path)?,
             logged: true,
             log_valid: valid as u64,
             torn: (log.len() - valid) as u64,
@@ -598,6 +625,8 @@ pub struct CatalogWriter {
     uncut: bool,
     /// [`LOG_LIMIT`] (lower in tests).
     limit: u64,
+    /// The catalog as saved: each line holds what changed since.
+    saved: Catalog,
 }
 
 impl CatalogWriter {
@@ -626,18 +655,24 @@ impl CatalogWriter {
             len: loaded.log_valid,
             uncut: false,
             limit: LOG_LIMIT,
+            saved: loaded.catalog.clone(),
         })
     }
 
     /// Makes `c` the catalog, durably, or leaves the old one.
     pub fn save(&mut self, c: &Catalog) -> Result<(), CatalogError> {
-        let mut line = serde_json::to_vec(c).expect("catalog serializes");
+        let change = Change::between(&self.saved, c, FORMAT_VERSION);
+        let mut line = serde_json::to_vec(&change).expect("a change serializes");
         line.push(b'\n');
+        // A start replays the whole log: folded at the limit, or once it
+        // holds eight changes this long (thousands of bindings).
         let limit = self.limit.max(8 * line.len() as u64);
         match &self.log {
             Some(_) if self.len + line.len() as u64 <= limit => self.append(&line),
             _ => self.fold(c, &line),
-        }
+        }?;
+        self.saved = c.clone();
+        Ok(())
     }
 
     /// Appends one line and flushes it; on failure the log is cut back,
@@ -663,10 +698,12 @@ impl CatalogWriter {
         Ok(())
     }
 
-    /// Folds the log into `catalog.json` with `c` last. The log's last
-    /// line equals `catalog.json` throughout: `c` is appended first (the
-    /// change is then made), then `catalog.json` replaced, then the log
-    /// emptied. The first fold starts the log instead, after a
+    /// Folds the log into `catalog.json` with `c` last. The log replayed
+    /// over `catalog.json` gives `c` throughout: `c`'s change is appended
+    /// first (the change is then made), then `catalog.json` replaced by
+    /// `c` (over which the log's changes give `c` again: each says what a
+    /// part of the catalog is, not how it moved), then the log emptied.
+    /// The first fold starts the log instead, after a
     /// `catalog.json` of this format (the change is then made), which an
     /// older worker refuses instead of missing what the log holds.
     fn fold(&mut self, c: &Catalog, line: &[u8]) -> Result<(), CatalogError> {
@@ -708,9 +745,29 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A reproducible stream of numbers below the bound asked for each
+/// time (xorshift from `seed`), for tests of random changes.
+#[cfg(test)]
+pub(crate) fn random_below(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parses and checks one whole catalog text.
+    fn parse(path: &Path, text: &[u8]) -> Result<Catalog, CatalogError> {
+        match Line::parse(path, text)? {
+            Line::Whole(c) => c.checked(path),
+            Line::Change(_) => panic!("a change, not a whole catalog"),
+        }
+    }
 
     fn writer(state: &Path) -> CatalogWriter {
         CatalogWriter::open(state, &Loaded::read(state).unwrap()).unwrap()
@@ -750,6 +807,37 @@ mod tests {
         let log = fs::read_to_string(d.path().join(LOG)).unwrap();
         assert_eq!(log.lines().count(), 2, "{log}");
         assert_eq!(names(d.path()), ["a", "b", "c"]);
+    }
+
+    /// Each line is what changed, not the whole catalog: it stays short
+    /// however many snapshots there are. Over a catalog of version 4,
+    /// which recorded no freed layers, the first change starts recording
+    /// them.
+    #[test]
+    fn log_lines_are_changes_that_stay_short() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        let names: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &names);
+        let log = fs::read_to_string(d.path().join(LOG)).unwrap();
+        let longest = log.lines().map(str::len).max().unwrap();
+        assert!(longest < 300, "{longest} bytes: {log}");
+        assert_eq!(Loaded::read(d.path()).unwrap().catalog.snapshots.len(), 300);
+
+        let mut v: serde_json::Value = serde_json::to_value(&c).unwrap();
+        v["version"] = 4.into();
+        fs::write(d.path().join(CATALOG), v.to_string()).unwrap();
+        fs::write(d.path().join(LOG), b"").unwrap();
+        let loaded = Loaded::read(d.path()).unwrap();
+        assert!(loaded.catalog.unrecorded_frees);
+        let mut w = writer(d.path());
+        c.add("after".into());
+        w.save(&c).unwrap();
+        let loaded = Loaded::read(d.path()).unwrap();
+        assert!(!loaded.catalog.unrecorded_frees);
+        assert_eq!(loaded.catalog.snapshots.len(), 301);
     }
 
     #[test]
@@ -803,7 +891,7 @@ mod tests {
             "branches":[{"id":2,"name":"a","created":2,"snapshot":1,"epoch":1,"layers":[5,4,1]},
               {"id":3,"name":"b","created":2,"snapshot":1,"epoch":1,"layers":[2]}],
             "bindings":[]}"#;
-        let c = Catalog::parse(Path::new("catalog.json"), v3).unwrap();
+        let c = parse(Path::new("catalog.json"), v3).unwrap();
         let layers = |top| c.layers(top).into_iter().map(|l| l.0).collect::<Vec<_>>();
         assert_eq!(layers(c.snapshots[0].layer), Vec::<u32>::new());
         assert_eq!(layers(c.snapshots[1].layer), [1]);
@@ -818,12 +906,12 @@ mod tests {
         let bad = String::from_utf8(v3.to_vec())
             .unwrap()
             .replace("\"layers\":[4,1]", "\"layers\":[4,2]");
-        let e = Catalog::parse(Path::new("catalog.json"), bad.as_bytes()).err();
+        let e = parse(Path::new("catalog.json"), bad.as_bytes()).err();
         assert!(e.expect("damage").to_string().contains("layer 4 sits on"));
         let bad = String::from_utf8(v3.to_vec())
             .unwrap()
             .replace("\"layers\":[1]", "\"layers\":[4]");
-        let e = Catalog::parse(Path::new("catalog.json"), bad.as_bytes()).err();
+        let e = parse(Path::new("catalog.json"), bad.as_bytes()).err();
         let e = e.expect("damage").to_string();
         assert!(e.contains("layer 4 sits on main in one view"), "{e}");
     }
@@ -836,13 +924,7 @@ mod tests {
         let mut c = Catalog::empty();
         // Every view's layers in full, by view id.
         let mut model: BTreeMap<u32, Vec<LayerId>> = BTreeMap::new();
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = random_below(0x2545_f491_4f6c_dd1d);
         for step in 0..3000 {
             let name = format!("v{step}");
             let was = c.clone();
@@ -916,14 +998,14 @@ mod tests {
         assert!(looped.layer_loop().is_some());
         assert!(looped.layers(Some(LayerId(1))).len() <= looped.below.len() + 2);
         let text = serde_json::to_vec(&looped).unwrap();
-        let e = Catalog::parse(Path::new("catalog.json"), &text).err();
+        let e = parse(Path::new("catalog.json"), &text).err();
         assert!(e.expect("damage").to_string().contains("lead back to it"));
         // A layer in use at the next id (damage) would be taken for the
         // spare: refused.
         let mut ahead = c.clone();
         ahead.next_layer = c.branches.first().expect("branches were left").layer.0;
         let text = serde_json::to_vec(&ahead).unwrap();
-        let e = Catalog::parse(Path::new("catalog.json"), &text).err();
+        let e = parse(Path::new("catalog.json"), &text).err();
         assert!(
             e.expect("damage")
                 .to_string()
@@ -937,7 +1019,7 @@ mod tests {
         assert_eq!(c.layer_dir(OsStr::new("7.old"), &none), LayerDir::NotALayer);
         // The catalog reads back as it was written.
         let text = serde_json::to_vec(&c).unwrap();
-        let back = Catalog::parse(Path::new("catalog.json"), &text).unwrap();
+        let back = parse(Path::new("catalog.json"), &text).unwrap();
         assert_eq!(back.below, c.below);
         assert_eq!(back.layers_in_use(), c.layers_in_use());
     }
@@ -952,7 +1034,7 @@ mod tests {
         let more: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
         let more: Vec<&str> = more.iter().map(String::as_str).collect();
         save_all(&mut w, &mut c, &more);
-        let json = Catalog::parse(
+        let json = parse(
             &d.path().join(CATALOG),
             &fs::read(d.path().join(CATALOG)).unwrap(),
         )

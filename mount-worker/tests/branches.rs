@@ -19,6 +19,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use agentfs_mount_worker::control::{ControlError, ErrorKind, Request};
+use agentfs_mount_worker::snapshot::Catalog;
 use common::{
     Mount, bind_pid, branch, branch_dir, ctl, snapshot, snapshot_dir, tree, tree_content,
 };
@@ -2554,26 +2555,28 @@ fn a_state_of_version_3_is_read_and_written_in_the_current_version() {
     let after: Vec<_> = views.iter().map(|v| tree(v)).collect();
     assert_eq!(after, before, "every view as it was");
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
-    // The next change is written in the current version, and the views stay.
+    // The next change is written in the current version (a line of what
+    // changed), and the views stay.
     snapshot(&m, Some("c"), "c1");
-    let last = latest_catalog(m.state_dir());
-    assert_eq!(last["version"], 5);
+    let log = fs::read_to_string(m.state_dir().join("catalog.log")).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&last["format"], &last["version"]),
+        (&json!("agentfs-change"), &json!(5))
+    );
+    assert_eq!(last["snapshots"][0]["name"], "c1", "{last}");
     assert!(last["branches"][0].get("layers").is_none(), "{last}");
+    assert!(last.get("bindings").is_none(), "unchanged: {last}");
     assert_eq!(tree(&snapshot_dir(&m, "c1")), before[1]);
     assert_eq!(fs::read(snapshot_dir(&m, "b2").join("two")).unwrap(), b"2");
     assert!(!snapshot_dir(&m, "b2").join("one").exists());
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
 }
 
-/// The newest catalog of a stopped mount's state directory: the log's
-/// last line, else `catalog.json`.
+/// The catalog of a stopped mount's state directory (`catalog.json` and
+/// the changes its log holds), as JSON.
 fn latest_catalog(state: &Path) -> Value {
-    let log = fs::read_to_string(state.join("catalog.log")).unwrap_or_default();
-    let text = match log.lines().last() {
-        Some(line) => line.to_owned(),
-        None => fs::read_to_string(state.join("catalog.json")).unwrap(),
-    };
-    serde_json::from_str(&text).unwrap()
+    serde_json::to_value(Catalog::load(state).unwrap()).unwrap()
 }
 
 /// Makes `v` the catalog of a stopped mount's state directory.
