@@ -3201,7 +3201,8 @@ impl FsCore {
         // Released before the view opens: a deletion holds the catalog
         // while it takes the views' lock.
         drop((layers, catalog));
-        self.open_view(snap.id.0, None, frozen, b.snapshot, snap.epoch)?;
+        // Its bottom named by its own id, as a restart names it.
+        self.open_view(snap.id.0, None, frozen, snap.id, snap.epoch)?;
         tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");
         Ok(snap)
     }
