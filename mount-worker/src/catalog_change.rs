@@ -141,6 +141,10 @@ fn put<T, K: std::hash::Hash + Eq>(
     gone: &[K],
     id: impl Fn(&T) -> K,
 ) {
+    if records.is_empty() && gone.is_empty() {
+        // Most changes touch one list at most: no map of the others.
+        return;
+    }
     let gone: std::collections::HashSet<&K> = gone.iter().collect();
     list.retain(|r| !gone.contains(&id(r)));
     let mut at: HashMap<K, usize> = list.iter().enumerate().map(|(i, r)| (id(r), i)).collect();

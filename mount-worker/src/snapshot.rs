@@ -479,7 +479,7 @@ impl Line {
 
 /// The catalog as a state directory holds it, and where its log ends.
 pub struct Loaded {
-    /// The newest catalog: the log's last whole line, else `catalog.json`.
+    /// The newest catalog: `catalog.json` with the log's lines applied.
     pub catalog: Catalog,
     /// Whether `catalog.log` exists (the state is of format 3 or later).
     logged: bool,
@@ -545,8 +545,10 @@ impl Loaded {
             valid = end;
             start = end;
         }
+        // Damage is named where it comes from: the log if it had a line.
+        let source = if valid > 0 { path } else { json };
         Ok(Loaded {
-            catalog: catalog.checked(&path)?,
+            catalog: catalog.checked(&source)?,
             logged: true,
             log_valid: valid as u64,
             torn: (log.len() - valid) as u64,
@@ -726,7 +728,9 @@ impl CatalogWriter {
         let io = |e| CatalogError::Io(path.clone(), e);
         if started {
             c.write_json(&self.state)?;
-            self.log.as_ref().expect("started").set_len(0).map_err(io)?;
+            // Flushed, or the next line could land on the old ones.
+            let log = self.log.as_ref().expect("started");
+            log.set_len(0).and_then(|()| log.sync_data()).map_err(io)?;
         } else {
             let log = File::create(&path).map_err(io)?;
             File::open(&self.state)
@@ -838,6 +842,33 @@ mod tests {
         let loaded = Loaded::read(d.path()).unwrap();
         assert!(!loaded.catalog.unrecorded_frees);
         assert_eq!(loaded.catalog.snapshots.len(), 301);
+    }
+
+    /// A fold a crash cut short after `catalog.json` was replaced, before
+    /// the log was emptied: the log's changes, applied over the catalog
+    /// they produced, give it again.
+    #[test]
+    fn a_fold_cut_short_reads_the_same_catalog() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["a", "b", "c", "d"]);
+        c.snapshots.retain(|s| s.name != "b");
+        w.save(&c).unwrap();
+        save_all(&mut w, &mut c, &["e"]);
+        assert!(
+            fs::read_to_string(d.path().join(LOG))
+                .unwrap()
+                .lines()
+                .count()
+                >= 4
+        );
+        c.write_json(d.path()).unwrap();
+        assert_eq!(names(d.path()), ["a", "c", "d", "e"]);
+        // And the next change goes on from there.
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["f"]);
+        assert_eq!(names(d.path()), ["a", "c", "d", "e", "f"]);
     }
 
     #[test]
