@@ -813,17 +813,9 @@ impl FsCore {
         catalog: &Catalog,
         opened: &mut HashMap<LayerId, FrozenStack>,
     ) -> io::Result<FrozenStack> {
-        let mut stack = FrozenStack::default();
-        let mut to_open = Vec::new();
-        let mut at = top;
-        while let Some(l) = at {
-            if let Some(below) = opened.get(&l) {
-                stack = below.clone();
-                break;
-            }
-            to_open.push(l);
-            at = catalog.layer_below(l);
-        }
+        let to_open = catalog.chain_while(top, |l| !opened.contains_key(&l));
+        let below = to_open.last().map_or(top, |&l| catalog.layer_below(l));
+        let mut stack = below.map(|l| opened[&l].clone()).unwrap_or_default();
         for l in to_open.into_iter().rev() {
             let index = self.open_part(l, LayerPart::Index)?;
             stack = stack.push(self.open_tree(l)?, Arc::new(index));
@@ -869,6 +861,7 @@ impl FsCore {
         let in_use = catalog.layers_in_use();
         let layers = self.state.join("layers");
         std::fs::create_dir_all(&layers)?;
+        let mut removed = false;
         for e in std::fs::read_dir(&layers)? {
             let e = e?;
             match catalog.layer_dir(&e.file_name(), &in_use) {
@@ -884,7 +877,10 @@ impl FsCore {
                 LayerDir::Next if spare::is_spare(&e.path()) => {}
                 // A creation a crash cut short, or a layer a deletion
                 // freed (its removal interrupted or failed).
-                LayerDir::Next | LayerDir::Freed => std::fs::remove_dir_all(e.path())?,
+                LayerDir::Next | LayerDir::Freed => {
+                    std::fs::remove_dir_all(e.path())?;
+                    removed = true;
+                }
                 LayerDir::Unexplained => tracing::error!(
                     "{}: no snapshot or branch uses this layer, yet no deletion freed it \
                      (the catalog may have lost where it sits); kept: see \
@@ -900,17 +896,19 @@ impl FsCore {
         }
         // Their directories are gone, for good once flushed: written with
         // the next change.
-        File::open(&layers)?.sync_all()?;
+        if removed {
+            File::open(&layers)?.sync_all()?;
+        }
         self.catalog.lock().unwrap().freed.clear();
         // A layer is shared by its branch and the branch's snapshots, over
         // the same layers in each: checked once (n snapshots of a branch
         // would otherwise open its layers n²/2 times).
         let mut checked = HashSet::new();
         for b in &catalog.branches {
-            self.stamp_again(&catalog.branch_layers(b), b.snapshot, b.epoch, &mut checked)?;
+            self.stamp_again(&catalog, Some(b.layer), b.snapshot, b.epoch, &mut checked)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.stamp_again(&catalog.layers(s.layer), s.id, s.epoch, &mut checked)?;
+            self.stamp_again(&catalog, s.layer, s.id, s.epoch, &mut checked)?;
         }
         self.spare.want(LayerId(catalog.next_layer));
         let mut opened = HashMap::new();
@@ -969,29 +967,29 @@ impl FsCore {
         }
     }
 
-    /// Stamps again, bottom up, the layers of a view (`layers` over main at
-    /// `epoch`) whose stamp a crash lost (see [`crate::spare`]), but for
-    /// those `checked` already.
+    /// Stamps again, bottom up, the layers of a view (`top` and the layers
+    /// below it, over main at `epoch`) whose stamp a crash lost (see
+    /// [`crate::spare`]), down to the first one `checked` already (the
+    /// layers below it were checked with it).
     fn stamp_again(
         &self,
-        layers: &[LayerId],
+        catalog: &Catalog,
+        top: Option<LayerId>,
         snap: SnapshotId,
         epoch: u64,
         checked: &mut HashSet<LayerId>,
     ) -> io::Result<()> {
-        for i in (0..layers.len()).rev() {
-            if !checked.insert(layers[i]) {
-                continue;
-            }
-            let tree = self.open_tree(layers[i])?;
+        for l in catalog
+            .chain_while(top, |l| checked.insert(l))
+            .into_iter()
+            .rev()
+        {
+            let tree = self.open_tree(l)?;
             if spare::unstamped(tree.as_fd())? {
-                let below = self.root_part(layers.get(i + 1).copied(), snap, epoch)?;
+                let below = self.root_part(catalog.layer_below(l), snap, epoch)?;
                 spare::stamp(self.cx(), tree.as_fd(), &below)?;
                 hostfs::sync_dir(tree.as_fd())?;
-                tracing::info!(
-                    layer = layers[i].0,
-                    "layer root stamped again after a crash"
-                );
+                tracing::info!(layer = l.0, "layer root stamped again after a crash");
             }
         }
         Ok(())

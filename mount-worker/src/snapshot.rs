@@ -337,11 +337,17 @@ impl Catalog {
         b
     }
 
-    /// The layers of a view whose top layer is `top`, top first.
-    pub fn layers(&self, top: Option<LayerId>) -> Vec<LayerId> {
+    /// The layers from `top` down, top first, as long as `new` takes
+    /// them: it is asked about each in turn, and the first it turns down
+    /// ends the walk (the layers below it were walked before).
+    pub fn chain_while(
+        &self,
+        top: Option<LayerId>,
+        mut new: impl FnMut(LayerId) -> bool,
+    ) -> Vec<LayerId> {
         let mut out = Vec::new();
         let mut at = top;
-        while let Some(l) = at {
+        while let Some(l) = at.filter(|&l| new(l)) {
             out.push(l);
             // A loop (a catalog read with one is refused: `layer_loop`)
             // ends here: a chain without one has at most one layer more
@@ -357,11 +363,6 @@ impl Catalog {
     /// The layer `l` sits on, if it sits on one (not on main).
     pub fn layer_below(&self, l: LayerId) -> Option<LayerId> {
         self.below.get(&l).copied()
-    }
-
-    /// The layers of branch `b`, top first.
-    pub fn branch_layers(&self, b: &Branch) -> Vec<LayerId> {
-        self.layers(Some(b.layer))
     }
 
     /// A layer whose layers below lead back to it, if any (damage).
@@ -428,10 +429,7 @@ impl Catalog {
         let tops = self.snapshots.iter().filter_map(|s| s.layer);
         for top in tops.chain(self.branches.iter().map(|b| b.layer)) {
             // Each layer once: views share the layers below their tops.
-            let mut at = Some(top);
-            while let Some(l) = at.filter(|&l| used.insert(l)) {
-                at = self.below.get(&l).copied();
-            }
+            self.chain_while(Some(top), |l| used.insert(l));
         }
         used
     }
@@ -764,6 +762,18 @@ pub(crate) fn random_below(mut seed: u64) -> impl FnMut(usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Catalog {
+        /// The layers of a view whose top layer is `top`, top first.
+        fn layers(&self, top: Option<LayerId>) -> Vec<LayerId> {
+            self.chain_while(top, |_| true)
+        }
+
+        /// The layers of branch `b`, top first.
+        fn branch_layers(&self, b: &Branch) -> Vec<LayerId> {
+            self.layers(Some(b.layer))
+        }
+    }
 
     /// Parses and checks one whole catalog text.
     fn parse(path: &Path, text: &[u8]) -> Result<Catalog, CatalogError> {
