@@ -15,13 +15,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::binding::Binding;
-use crate::snapshot::{Branch, BranchId, Catalog, LayerId, Snapshot, SnapshotId};
+use crate::snapshot::{Branch, BranchId, Catalog, FORMAT_VERSION, LayerId, Snapshot, SnapshotId};
 
 /// The `format` of a change line.
 pub const FORMAT: &str = "agentfs-change";
 
-/// A change of the catalog.
-#[derive(Debug, Serialize, Deserialize)]
+/// A change of the catalog: made by the catalog's hot changes
+/// (`Catalog::add` and the like) as they plan it, or found by comparing
+/// two catalogs ([`Change::between`]) for the rare ones (deletions).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Change {
     /// Always [`FORMAT`].
@@ -29,39 +31,60 @@ pub struct Change {
     /// The catalog's format version it belongs to.
     version: u32,
     /// Main's epoch after the change.
-    main_epoch: u64,
+    pub(crate) main_epoch: u64,
     /// The next view id after the change.
-    next_id: u32,
+    pub(crate) next_id: u32,
     /// The next layer id after the change.
-    next_layer: u32,
+    pub(crate) next_layer: u32,
     /// Snapshots added or changed, as they are now (new ones last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    snapshots: Vec<Snapshot>,
+    pub(crate) snapshots: Vec<Snapshot>,
     /// Snapshots removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    snapshots_gone: Vec<SnapshotId>,
+    pub(crate) snapshots_gone: Vec<SnapshotId>,
     /// Branches added or changed, as they are now (new ones last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    branches: Vec<Branch>,
+    pub(crate) branches: Vec<Branch>,
     /// Branches removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    branches_gone: Vec<BranchId>,
+    pub(crate) branches_gone: Vec<BranchId>,
     /// Entries of `below` added or changed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    below: BTreeMap<LayerId, LayerId>,
+    pub(crate) below: BTreeMap<LayerId, LayerId>,
     /// Entries of `below` removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    below_gone: Vec<LayerId>,
+    pub(crate) below_gone: Vec<LayerId>,
     /// `freed`, whole, if it changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    freed: Option<BTreeSet<LayerId>>,
+    pub(crate) freed: Option<BTreeSet<LayerId>>,
     /// The bindings, whole, if they changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    bindings: Option<Vec<Binding>>,
+    pub(crate) bindings: Option<Vec<Binding>>,
 }
 
 impl Change {
-    /// What turns `was` into `now` (of format `version`).
+    /// A change of `c` that changes nothing yet: its scalars as they are,
+    /// for the caller to fill in.
+    pub fn of(c: &Catalog) -> Change {
+        Change {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            main_epoch: c.main_epoch,
+            next_id: c.next_id,
+            next_layer: c.next_layer,
+            snapshots: Vec::new(),
+            snapshots_gone: Vec::new(),
+            branches: Vec::new(),
+            branches_gone: Vec::new(),
+            below: BTreeMap::new(),
+            below_gone: Vec::new(),
+            freed: None,
+            bindings: None,
+        }
+    }
+
+    /// What turns `was` into `now` (of format `version`): linear in the
+    /// catalog's size, for changes that are linear anyway.
     pub fn between(was: &Catalog, now: &Catalog, version: u32) -> Change {
         let (snapshots, snapshots_gone) = records(&was.snapshots, &now.snapshots, |s| s.id);
         let (branches, branches_gone) = records(&was.branches, &now.branches, |b| b.id);
@@ -134,27 +157,20 @@ fn records<T: Clone + PartialEq, K: std::hash::Hash + Eq>(
 }
 
 /// Removes the records of `list` with ids `gone`, then puts each of
-/// `records` in place of the one with its id, or last.
-fn put<T, K: std::hash::Hash + Eq>(
-    list: &mut Vec<T>,
-    records: Vec<T>,
-    gone: &[K],
-    id: impl Fn(&T) -> K,
-) {
-    if records.is_empty() && gone.is_empty() {
-        // Most changes touch one list at most: no map of the others.
-        return;
+/// `records` in place of the one with its id, or where its id sorts (last,
+/// for a new one: ids only grow). `list` is sorted by id, as a catalog's
+/// lists are once read ([`Catalog`]'s invariant): each record costs a
+/// binary search, not a pass over the list.
+fn put<T, K: Ord>(list: &mut Vec<T>, records: Vec<T>, gone: &[K], id: impl Fn(&T) -> K) {
+    for k in gone {
+        if let Ok(i) = list.binary_search_by(|r| id(r).cmp(k)) {
+            list.remove(i);
+        }
     }
-    let gone: std::collections::HashSet<&K> = gone.iter().collect();
-    list.retain(|r| !gone.contains(&id(r)));
-    let mut at: HashMap<K, usize> = list.iter().enumerate().map(|(i, r)| (id(r), i)).collect();
     for r in records {
-        match at.get(&id(&r)) {
-            Some(&i) => list[i] = r,
-            None => {
-                at.insert(id(&r), list.len());
-                list.push(r);
-            }
+        match list.binary_search_by(|x| id(x).cmp(&id(&r))) {
+            Ok(i) => list[i] = r,
+            Err(i) => list.insert(i, r),
         }
     }
 }
@@ -177,46 +193,78 @@ mod tests {
         let mut c = Catalog::empty();
         let first = c.clone();
         let mut lines = Vec::new();
+        let mut made = [0; 9];
         let mut next = crate::snapshot::random_below(0x9e37_79b9_7f4a_7c15);
         for step in 0..2000 {
             let was = c.clone();
             let name = format!("v{step}");
-            match next(8) {
-                0 => {
-                    c.add(name);
-                }
+            // The hot changes as the worker plans them; deletions found
+            // by comparing the catalog with an edited copy.
+            let deletion = |remove: &dyn Fn(&mut Catalog)| {
+                let mut next = was.clone();
+                remove(&mut next);
+                next.free_unused_layers(&was);
+                (Change::between(&was, &next, 5), Some(next))
+            };
+            let kind = next(9);
+            let (change, edited) = match kind {
+                0 => (c.add(name).1, None),
                 1 | 2 if !c.branches.is_empty() => {
                     let b = c.branches[next(c.branches.len())].id;
-                    c.add_branch_snapshot(b, name);
+                    (c.add_branch_snapshot(b, name).2, None)
                 }
                 3 if !c.snapshots.is_empty() => {
                     let from = c.snapshots[next(c.snapshots.len())].clone();
-                    c.add_branch(name, &from);
+                    (c.add_branch(name, &from).1, None)
                 }
                 4 if !c.snapshots.is_empty() => {
-                    c.snapshots.remove(next(c.snapshots.len()));
-                    c.free_unused_layers(&was);
+                    let i = next(c.snapshots.len());
+                    deletion(&|c| {
+                        c.snapshots.remove(i);
+                    })
                 }
                 5 if !c.branches.is_empty() => {
-                    c.branches.remove(next(c.branches.len()));
-                    c.free_unused_layers(&was);
+                    let i = next(c.branches.len());
+                    deletion(&|c| {
+                        c.branches.remove(i);
+                    })
                 }
                 6 if !c.branches.is_empty() => {
                     let branch = c.branches[next(c.branches.len())].id;
                     let path = format!("/agents/{step}");
-                    c.bindings.push(Binding {
+                    let mut bindings = c.bindings.clone();
+                    bindings.push(Binding {
                         subject: Subject::Cgroup { path },
                         branch,
                     });
+                    (c.with_bindings(&bindings), None)
                 }
                 7 => {
-                    // Freed layers whose directories went (a start).
-                    c.freed.clear();
-                    c.bindings.retain(|_| next(2) == 0);
+                    let kept: Vec<Binding> = c
+                        .bindings
+                        .iter()
+                        .filter(|_| next(2) == 0)
+                        .cloned()
+                        .collect();
+                    (c.with_bindings(&kept), None)
+                }
+                8 if !c.freed.is_empty() => {
+                    // Freed layers whose directories went.
+                    let gone: Vec<LayerId> =
+                        c.freed.iter().copied().filter(|_| next(2) == 0).collect();
+                    (c.forget_freed(&gone), None)
                 }
                 _ => continue,
+            };
+            made[kind] += 1;
+            change.clone().apply_to(&mut c);
+            if let Some(edited) = edited {
+                assert_eq!(json(&c), json(&edited), "step {step}");
             }
-            let change = Change::between(&was, &c, 5);
+            // A planned change is the one comparing copies finds.
+            let found = Change::between(&was, &c, 5);
+            let as_json = |ch: &Change| serde_json::to_value(ch).unwrap();
+            assert_eq!(as_json(&change), as_json(&found), "step {step}");
             let line = serde_json::to_string(&change).unwrap();
             assert!(
                 line.len() < 2000 + 60 * c.bindings.len(),
@@ -228,7 +276,10 @@ mod tests {
             assert_eq!(json(&replayed), json(&c), "step {step}: {line}");
             lines.push(line);
         }
-        assert!(c.snapshots.len() > 50 && c.branches.len() > 5);
+        assert!(
+            made.iter().all(|&n| n > 50),
+            "changes of each kind: {made:?}"
+        );
         for from in [first, c.clone()] {
             let mut replayed = from;
             for line in &lines {

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::{Bindings, Subject};
+use crate::catalog_change::Change;
 use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::frozen::FrozenStack;
 use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
@@ -45,7 +46,7 @@ use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::snapshot::{
-    Branch, Catalog, CatalogWriter, LayerDir, LayerId, Loaded, Snapshot, SnapshotId,
+    Branch, Catalog, CatalogWriter, FORMAT_VERSION, LayerDir, LayerId, Loaded, Snapshot, SnapshotId,
 };
 use crate::snapview::SnapObj;
 use crate::spare::{self, Spare};
@@ -818,7 +819,7 @@ impl FsCore {
         let mut stack = below.map(|l| opened[&l].clone()).unwrap_or_default();
         for l in to_open.into_iter().rev() {
             let index = self.open_part(l, LayerPart::Index)?;
-            stack = stack.push(self.open_tree(l)?, Arc::new(index));
+            stack = stack.push(l, self.open_tree(l)?, Arc::new(index));
             opened.insert(l, stack.clone());
         }
         Ok(stack)
@@ -827,6 +828,7 @@ impl FsCore {
     /// A layer that takes changes.
     fn open_top(&self, id: LayerId) -> io::Result<Top> {
         Ok(Top {
+            id,
             tree: self.open_tree(id)?,
             work: hostfs::open_dir_path(&self.layer_dir(id).join("work"))?,
             index: self.open_part(id, LayerPart::Index).map(Arc::new)?,
@@ -843,15 +845,6 @@ impl FsCore {
             hostfs::stat(root)?.st_ino,
             true,
         ))
-    }
-
-    /// The topmost part of a view's root with `top` its top layer: what a
-    /// new layer's root copies its attributes from.
-    fn root_part(&self, top: Option<LayerId>, snap: SnapshotId, epoch: u64) -> io::Result<Part> {
-        match top {
-            Some(l) => Ok(Part::Layer(Inode::Open(self.open_tree(l)?))),
-            None => Ok(Part::Base(Arc::new(self.base_root(snap, epoch)?))),
-        }
     }
 
     /// Opens the views of every branch and snapshot of a branch, and clears
@@ -894,31 +887,30 @@ impl FsCore {
                 ),
             }
         }
-        // Their directories are gone, for good once flushed: written with
-        // the next change.
-        if removed {
+        // Their directories are gone, for good once flushed (those of
+        // `freed` may have gone before a crash, unflushed), then forgotten.
+        let freed: Vec<LayerId> = catalog.freed.iter().copied().collect();
+        if removed || !freed.is_empty() {
             File::open(&layers)?.sync_all()?;
         }
-        self.catalog.lock().unwrap().freed.clear();
-        // A layer is shared by its branch and the branch's snapshots, over
-        // the same layers in each: checked once (n snapshots of a branch
-        // would otherwise open its layers n²/2 times).
-        let mut checked = HashSet::new();
-        for b in &catalog.branches {
-            self.stamp_again(&catalog, Some(b.layer), b.snapshot, b.epoch, &mut checked)?;
-        }
-        for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            self.stamp_again(&catalog, s.layer, s.id, s.epoch, &mut checked)?;
-        }
+        self.forget_freed(&mut self.catalog.lock().unwrap(), &freed);
         self.spare.want(LayerId(catalog.next_layer));
+        // A layer is shared by its branch and the branch's snapshots, over
+        // the same layers in each: opened once, and checked once for a
+        // lost stamp (n snapshots of a branch would otherwise open its
+        // layers n²/2 times), before any view shows it.
         let mut opened = HashMap::new();
+        let mut checked = HashSet::new();
         for b in &catalog.branches {
             let below = catalog.layer_below(b.layer);
             let frozen = self.open_frozen(below, &catalog, &mut opened)?;
-            self.open_branch_view(b, frozen)?;
+            let top = self.open_top(b.layer)?;
+            self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)?;
+            self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
             let frozen = self.open_frozen(s.layer, &catalog, &mut opened)?;
+            self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)?;
             self.open_view(s.id.0, None, frozen, s.id, s.epoch)?;
         }
         Ok(())
@@ -926,19 +918,19 @@ impl FsCore {
 
     /// Opens the view of branch `b`, whose frozen layers are `frozen`.
     fn open_branch_view(&self, b: &Branch, frozen: FrozenStack) -> io::Result<()> {
-        self.open_view(b.id.0, Some(b.layer), frozen, b.snapshot, b.epoch)
+        let top = self.open_top(b.layer)?;
+        self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)
     }
 
     /// Opens a layered view and registers its root node.
     fn open_view(
         &self,
         number: u32,
-        top: Option<LayerId>,
+        top: Option<Top>,
         frozen: FrozenStack,
         snap: SnapshotId,
         epoch: u64,
     ) -> io::Result<()> {
-        let top = top.map(|id| self.open_top(id)).transpose()?;
         let base = self.base_root(snap, epoch)?;
         let root_ino = base.ino;
         let holding = self.nodes.lock().unwrap().holding.clone();
@@ -967,30 +959,43 @@ impl FsCore {
         }
     }
 
-    /// Stamps again, bottom up, the layers of a view (`top` and the layers
-    /// below it, over main at `epoch`) whose stamp a crash lost (see
+    /// Stamps again, bottom up, the layers of a view (`top`, then
+    /// `frozen`, over main at `epoch`) whose stamp a crash lost (see
     /// [`crate::spare`]), down to the first one `checked` already (the
     /// layers below it were checked with it).
     fn stamp_again(
         &self,
-        catalog: &Catalog,
-        top: Option<LayerId>,
+        top: Option<&Top>,
+        frozen: &FrozenStack,
         snap: SnapshotId,
         epoch: u64,
         checked: &mut HashSet<LayerId>,
     ) -> io::Result<()> {
-        for l in catalog
-            .chain_while(top, |l| checked.insert(l))
+        let top = top.map(|t| (t.id, &t.tree));
+        let mut unchecked = Vec::new();
+        // The first layer checked before, or none: main.
+        let mut below = None;
+        for (l, tree) in top
             .into_iter()
-            .rev()
+            .chain(frozen.iter().map(|f| (f.id, &f.tree)))
         {
-            let tree = self.open_tree(l)?;
+            if !checked.insert(l) {
+                below = Some(tree.clone());
+                break;
+            }
+            unchecked.push((l, tree));
+        }
+        for (l, tree) in unchecked.into_iter().rev() {
             if spare::unstamped(tree.as_fd())? {
-                let below = self.root_part(catalog.layer_below(l), snap, epoch)?;
-                spare::stamp(self.cx(), tree.as_fd(), &below)?;
+                let part = match &below {
+                    Some(t) => Part::Layer(Inode::Open(t.clone())),
+                    None => Part::Base(Arc::new(self.base_root(snap, epoch)?)),
+                };
+                spare::stamp(self.cx(), tree.as_fd(), &part)?;
                 hostfs::sync_dir(tree.as_fd())?;
                 tracing::info!(layer = l.0, "layer root stamped again after a crash");
             }
+            below = Some(tree.clone());
         }
         Ok(())
     }
@@ -3101,10 +3106,29 @@ impl FsCore {
         hostfs::removexattr(fd.as_fd(), name)
     }
 
-    /// Makes `next` the saved catalog (the caller holds `catalog`'s lock
-    /// and replaces it on success).
-    fn save_catalog(&self, next: &Catalog) -> Result<(), crate::snapshot::CatalogError> {
-        self.catalog_writer.lock().unwrap().save(next)
+    /// Saves `change` of `catalog` (the caller holds its lock), then
+    /// makes it; on failure the catalog stays as it was.
+    fn save_change(&self, catalog: &mut Catalog, change: Change) -> Result<(), ControlError> {
+        let saved = self.catalog_writer.lock().unwrap().save(catalog, &change);
+        saved.map_err(|e| catalog_error(&e))?;
+        change.apply_to(catalog);
+        Ok(())
+    }
+
+    /// Forgets freed layers `gone`, whose removal is flushed. On failure
+    /// they stay in `freed`, and a start that finds no directory to
+    /// remove forgets them (ids are never reused).
+    fn forget_freed(&self, catalog: &mut Catalog, gone: &[LayerId]) {
+        if gone.is_empty() {
+            return;
+        }
+        let change = catalog.forget_freed(gone);
+        if let Err(e) = self.save_change(catalog, change) {
+            tracing::warn!(
+                "forgetting removed layers (retried at start): {}",
+                e.message
+            );
+        }
     }
 
     /// Takes a snapshot of main (O(1): one catalog write). `name` defaults
@@ -3116,11 +3140,9 @@ impl FsCore {
         let mut latest = self.latest.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
         let name = snapshot_name(&catalog, name)?;
-        let mut next = catalog.clone();
-        let snap = next.add(name);
+        let (snap, change) = catalog.add(name);
         self.preserve_unseen(snap.epoch)?;
-        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
-        *catalog = next;
+        self.save_change(&mut catalog, change)?;
         *latest = Latest::new(Some(snap.epoch));
         tracing::info!(snapshot = %snap.name, id = snap.id.0, epoch = snap.epoch, took_us = micros(started), "snapshot of main created");
         Ok(snap)
@@ -3177,8 +3199,7 @@ impl FsCore {
             return Err(no_branch(key));
         }
         let name = snapshot_name(&catalog, name)?;
-        let mut next = catalog.clone();
-        let (snap, layer) = next.add_branch_snapshot(b.id, name);
+        let (snap, layer, change) = catalog.add_branch_snapshot(b.id, name);
         // The layer that freezes, the view's top under the lock (`b` was
         // read before it: a snapshot taken meanwhile froze its top).
         let freezing = layers.top.as_ref().expect("a branch has a top layer");
@@ -3187,12 +3208,9 @@ impl FsCore {
         let top = self
             .open_top(layer)
             .inspect_err(|_| self.discard_layer(layer))?;
-        if let Err(e) = self.save_catalog(&next) {
-            self.discard_layer(layer);
-            return Err(catalog_error(&e));
-        }
-        self.spare.want(LayerId(next.next_layer));
-        *catalog = next;
+        self.save_change(&mut catalog, change)
+            .inspect_err(|_| self.discard_layer(layer))?;
+        self.spare.want(LayerId(catalog.next_layer));
         layers.freeze(top);
         // The snapshot shows the branch's frozen layers as they are now.
         let frozen = layers.frozen().clone();
@@ -3235,11 +3253,12 @@ impl FsCore {
     ) -> Result<(T, u32), ControlError> {
         let mut latest = self.latest.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
+        // Linear anyway (finding the layers no view uses): made on a copy.
         let mut next = catalog.clone();
         let (removed, number) = edit(&mut next)?;
         let unused = next.free_unused_layers(&catalog);
-        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
-        *catalog = next;
+        let change = Change::between(&catalog, &next, FORMAT_VERSION);
+        self.save_change(&mut catalog, change)?;
         *latest = Latest::new(catalog.latest_epoch());
         self.close_view(number);
         // The record is gone first, and the layers recorded as freed, so a
@@ -3254,16 +3273,14 @@ impl FsCore {
                 }
             })
             .collect();
-        // Forgotten once their removal is durable (written with the next
-        // change; until then a start finds no directory to remove).
+        // Forgotten once their removal is durable (if this fails, a start
+        // finds no directory to remove and forgets them).
         if !gone.is_empty()
             && File::open(self.state.join("layers"))
                 .and_then(|d| d.sync_all())
                 .is_ok()
         {
-            for l in gone {
-                catalog.freed.remove(&l);
-            }
+            self.forget_freed(&mut catalog, &gone);
         }
         if let Err(e) = self.store.collect_garbage(&catalog.live_epochs()) {
             tracing::warn!("removing unneeded pre-images: {e}");
@@ -3320,8 +3337,7 @@ impl FsCore {
                 ),
             ));
         }
-        let mut next = catalog.clone();
-        let b = next.add_branch(name, &from);
+        let (b, change) = catalog.add_branch(name, &from);
         // The snapshot's frozen layers, shared with its view (whose layers
         // are never locked for writing: safe under the catalog's lock);
         // opened here if its view is not open yet (a snapshot of a branch
@@ -3341,12 +3357,9 @@ impl FsCore {
             None => Part::Base(Arc::new(self.base_root(from.id, from.epoch)?)),
         };
         self.create_layer(b.layer, &root)?;
-        if let Err(e) = self.save_catalog(&next) {
-            self.discard_layer(b.layer);
-            return Err(catalog_error(&e));
-        }
-        self.spare.want(LayerId(next.next_layer));
-        *catalog = next;
+        self.save_change(&mut catalog, change)
+            .inspect_err(|_| self.discard_layer(b.layer))?;
+        self.spare.want(LayerId(catalog.next_layer));
         drop(catalog);
         self.open_branch_view(&b, frozen)?;
         tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, took_us = micros(started), "branch created");
@@ -3404,11 +3417,12 @@ impl FsCore {
     /// Saves the catalog with new bindings (the bindings' persist step).
     fn save_bindings(&self, list: &[crate::binding::Binding]) -> Result<(), ControlError> {
         let mut catalog = self.catalog.lock().unwrap();
-        let mut next = catalog.clone();
-        next.bindings = list.to_vec();
-        self.save_catalog(&next).map_err(|e| catalog_error(&e))?;
-        *catalog = next;
-        Ok(())
+        if catalog.bindings == list {
+            // A branch deleted unbound: nothing to write.
+            return Ok(());
+        }
+        let change = catalog.with_bindings(list);
+        self.save_change(&mut catalog, change)
     }
 }
 

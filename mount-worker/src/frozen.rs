@@ -11,12 +11,16 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::snapshot::LayerId;
+
 /// The frozen layers of a view, top first (none: the view sits on main).
 #[derive(Clone, Default)]
 pub struct FrozenStack(Option<Arc<Frozen>>);
 
 /// One frozen layer, and the stack below it.
 pub struct Frozen {
+    /// Its id.
+    pub id: LayerId,
     /// The root of its tree.
     pub tree: Arc<OwnedFd>,
     /// Its index of the copies of hard-linked files.
@@ -27,9 +31,10 @@ pub struct Frozen {
 }
 
 impl FrozenStack {
-    /// This stack with the layer of `tree` and `index` frozen on top.
-    pub fn push(&self, tree: Arc<OwnedFd>, index: Arc<OwnedFd>) -> FrozenStack {
+    /// This stack with layer `id`, of `tree` and `index`, frozen on top.
+    pub fn push(&self, id: LayerId, tree: Arc<OwnedFd>, index: Arc<OwnedFd>) -> FrozenStack {
         FrozenStack(Some(Arc::new(Frozen {
+            id,
             tree,
             index,
             below: self.clone(),
@@ -78,9 +83,9 @@ mod tests {
 
     #[test]
     fn stacks_share_the_layers_below_their_tops() {
-        let one = FrozenStack::default().push(fd(), fd());
-        let two = one.push(fd(), fd());
-        let other = one.push(fd(), fd());
+        let one = FrozenStack::default().push(LayerId(1), fd(), fd());
+        let two = one.push(LayerId(2), fd(), fd());
+        let other = one.push(LayerId(3), fd(), fd());
         assert_eq!((one.len(), two.len(), other.len()), (1, 2, 2));
         assert!(FrozenStack::default().is_empty());
         let bottom = |s: &FrozenStack| Arc::as_ptr(&s.iter().last().unwrap().tree);
@@ -95,7 +100,7 @@ mod tests {
         let shared = fd();
         let mut s = FrozenStack::default();
         for _ in 0..200_000 {
-            s = s.push(shared.clone(), shared.clone());
+            s = s.push(LayerId(1), shared.clone(), shared.clone());
         }
         let half = {
             let mut h = s.clone();

@@ -34,6 +34,7 @@ use crate::hostfs::{self, HostHandle, Stat, XattrReply};
 use crate::layer_index::{LayerIndex, PartEntry};
 use crate::names::Names;
 use crate::preserve::PreImageStore;
+use crate::snapshot::LayerId;
 use crate::snapview::SnapObj;
 
 /// Ids of objects created in a layer: their inode number there with this
@@ -240,6 +241,8 @@ impl Inode {
 
 /// The writable top layer of a branch.
 pub struct Top {
+    /// Its id: `layers/<id>/` in the state directory.
+    pub id: LayerId,
     /// Root of its tree.
     pub tree: Arc<OwnedFd>,
     /// Its staging directory for copy-ups and atomic replacements.
@@ -281,7 +284,7 @@ impl Layers {
                 Err(_) => self.frozen_ids = OnceLock::new(),
             }
         }
-        self.frozen = self.frozen.push(old.tree, old.index);
+        self.frozen = self.frozen.push(old.id, old.tree, old.index);
         self.generation += 1;
     }
 

@@ -1,8 +1,9 @@
 //! The catalog: snapshots, branches, their layers and the bindings,
 //! persisted in `<state>/catalog.json` and `<state>/catalog.log` (see
-//! specs/state-format.md). One owner: FsCore keeps the only live copy
-//! (its [`CatalogWriter`], the copy last saved, which each change is
-//! written against: [`crate::catalog_change`]).
+//! specs/state-format.md). One owner: FsCore keeps the only copy; each
+//! change is planned as a [`Change`] against it, saved by the
+//! [`CatalogWriter`], then applied to it. Only a deletion (which walks
+//! every view's layers anyway) and a fold of the log copy the catalog.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -33,12 +34,12 @@ pub const FORMAT_VERSION: u32 = 5;
 
 /// Id of a snapshot. It is also the snapshot's view number in node ids, so
 /// ids are never reused within a state directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Ord, PartialOrd, Serialize, Deserialize)]
 pub struct SnapshotId(pub u32);
 
 /// Id of a branch, from the same sequence as snapshot ids: it is the
 /// branch's view number in node ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Ord, PartialOrd, Serialize, Deserialize)]
 pub struct BranchId(pub u32);
 
 /// Id of a layer directory, `layers/<id>/` in the state directory.
@@ -133,12 +134,13 @@ pub struct Catalog {
     pub main_epoch: u64,
     /// The next snapshot id to hand out.
     pub next_id: u32,
-    /// Live snapshots, oldest first.
+    /// Live snapshots, oldest first: in id order, which changes keep and
+    /// look records up by (ids only grow; a list read is sorted).
     pub snapshots: Vec<Snapshot>,
     /// The next layer id to hand out.
     #[serde(default = "first_id")]
     pub next_layer: u32,
-    /// Live branches, oldest first.
+    /// Live branches, oldest first: in id order, as `snapshots`.
     #[serde(default)]
     pub branches: Vec<Branch>,
     /// The bindings.
@@ -165,6 +167,30 @@ fn first_id() -> u32 {
     1
 }
 
+/// `key` as an id, if it is one as the catalog writes ids (so that "07"
+/// names no view).
+fn decimal_id(key: &str) -> Option<u32> {
+    key.parse().ok().filter(|n: &u32| n.to_string() == key)
+}
+
+/// The first id of sorted `ids` that follows itself.
+fn listed_twice(mut ids: impl Iterator<Item = u32>) -> Option<u32> {
+    let mut last = None;
+    ids.find(|&id| last.replace(id) == Some(id))
+}
+
+/// Takes the next view id of the catalog `change` makes.
+fn next_view_id(change: &mut Change) -> u32 {
+    change.next_id += 1;
+    change.next_id - 1
+}
+
+/// Takes the next layer id of the catalog `change` makes.
+fn next_layer_id(change: &mut Change) -> LayerId {
+    change.next_layer += 1;
+    LayerId(change.next_layer - 1)
+}
+
 /// Why a catalog cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -183,11 +209,30 @@ impl Catalog {
         Ok(Loaded::read(state)?.catalog)
     }
 
-    /// This catalog if nothing in it is damage: a `below` that loops, a
-    /// layer in use at or above the next id (which would be taken for the
-    /// spare).
+    /// This catalog if nothing in it is damage: an id listed twice or not
+    /// below the next (the lists are sorted by id), a `below` that loops,
+    /// a layer in use at or above the next id (which would be taken for
+    /// the spare).
     fn checked(self, path: &Path) -> Result<Catalog, CatalogError> {
         let invalid = |e: String| Err(CatalogError::Invalid(path.to_owned(), e));
+        // A change would replace the record listed with the id it gives.
+        for (what, ids) in [
+            (
+                "snapshot",
+                self.snapshots.iter().map(|s| s.id.0).collect::<Vec<_>>(),
+            ),
+            ("branch", self.branches.iter().map(|b| b.id.0).collect()),
+        ] {
+            if let Some(id) = listed_twice(ids.iter().copied()) {
+                return invalid(format!("{what} id {id} is listed twice"));
+            }
+            if let Some(id) = ids.last().filter(|&&id| id >= self.next_id) {
+                return invalid(format!(
+                    "{what} id {id} is not below next_id {}",
+                    self.next_id
+                ));
+            }
+        }
         if let Some(l) = self.layer_loop() {
             return invalid(format!(
                 "layer {}: the layers below it (\"below\") lead back to it",
@@ -243,98 +288,113 @@ impl Catalog {
 
     /// The snapshot called `key` (a name, or an id as decimal).
     pub fn find(&self, key: &str) -> Option<&Snapshot> {
-        self.snapshots
-            .iter()
-            .find(|s| s.name == key)
-            .or_else(|| self.snapshots.iter().find(|s| s.id.0.to_string() == key))
+        let by_name = self.snapshots.iter().find(|s| s.name == key);
+        by_name.or_else(|| self.snapshot(SnapshotId(decimal_id(key)?)))
     }
 
     /// The branch called `key` (a name, or an id as decimal).
     pub fn find_branch(&self, key: &str) -> Option<&Branch> {
-        self.branches
-            .iter()
-            .find(|b| b.name == key)
-            .or_else(|| self.branches.iter().find(|b| b.id.0.to_string() == key))
+        let by_name = self.branches.iter().find(|b| b.name == key);
+        by_name.or_else(|| self.branch(BranchId(decimal_id(key)?)))
     }
 
     /// The branch with id `id`.
     pub fn branch(&self, id: BranchId) -> Option<&Branch> {
-        self.branches.iter().find(|b| b.id == id)
+        let i = self.branches.binary_search_by_key(&id, |b| b.id).ok()?;
+        Some(&self.branches[i])
     }
 
     /// The snapshot with id `id`.
     pub fn snapshot(&self, id: SnapshotId) -> Option<&Snapshot> {
-        self.snapshots.iter().find(|s| s.id == id)
+        let i = self.snapshots.binary_search_by_key(&id, |s| s.id).ok()?;
+        Some(&self.snapshots[i])
     }
 
-    fn next_view_id(&mut self) -> u32 {
-        self.next_id += 1;
-        self.next_id - 1
-    }
-
-    fn next_layer_id(&mut self) -> LayerId {
-        self.next_layer += 1;
-        LayerId(self.next_layer - 1)
-    }
-
-    /// Records a new snapshot of main at the current epoch and advances it.
-    pub fn add(&mut self, name: String) -> Snapshot {
+    /// A new snapshot of main at the current epoch, which advances: the
+    /// snapshot and the change that records it.
+    pub fn add(&self, name: String) -> (Snapshot, Change) {
+        let mut change = Change::of(self);
         let snap = Snapshot {
-            id: SnapshotId(self.next_view_id()),
+            id: SnapshotId(next_view_id(&mut change)),
             name,
             epoch: self.main_epoch,
             created: now(),
             branch: None,
             layer: None,
         };
-        self.main_epoch += 1;
-        self.snapshots.push(snap.clone());
-        snap
+        change.main_epoch += 1;
+        change.snapshots.push(snap.clone());
+        (snap, change)
     }
 
-    /// Records a snapshot of `branch`: its layers freeze and become the
-    /// snapshot's; the branch continues on a new empty layer over them.
-    /// Returns the snapshot and the new layer (whose directory the caller
-    /// creates before saving).
-    pub fn add_branch_snapshot(&mut self, branch: BranchId, name: String) -> (Snapshot, LayerId) {
-        let layer = self.next_layer_id();
-        let id = SnapshotId(self.next_view_id());
-        let b = self
-            .branches
-            .iter_mut()
-            .find(|b| b.id == branch)
-            .expect("the caller found the branch");
+    /// A snapshot of `branch` (which exists): its layers freeze and become
+    /// the snapshot's; the branch continues on a new empty layer over them.
+    /// The snapshot, the new layer (whose directory the caller creates
+    /// before saving) and the change that records them.
+    pub fn add_branch_snapshot(
+        &self,
+        branch: BranchId,
+        name: String,
+    ) -> (Snapshot, LayerId, Change) {
+        let mut change = Change::of(self);
+        let layer = next_layer_id(&mut change);
+        let mut b = self
+            .branch(branch)
+            .expect("the caller found the branch")
+            .clone();
         let snap = Snapshot {
-            id,
+            id: SnapshotId(next_view_id(&mut change)),
             name,
             epoch: b.epoch,
             created: now(),
             branch: Some(branch),
             layer: Some(b.layer),
         };
+        change.below.insert(layer, b.layer);
         b.layer = layer;
-        self.below.insert(layer, snap.layer.expect("just set"));
-        self.snapshots.push(snap.clone());
-        (snap, layer)
+        change.branches.push(b);
+        change.snapshots.push(snap.clone());
+        (snap, layer, change)
     }
 
-    /// Records a new branch over snapshot `from`, with a new empty layer
-    /// on top (returned; the caller creates its directory before saving).
-    pub fn add_branch(&mut self, name: String, from: &Snapshot) -> Branch {
-        let layer = self.next_layer_id();
+    /// A new branch over snapshot `from`, with a new empty layer on top
+    /// (the caller creates its directory before saving), and the change
+    /// that records it.
+    pub fn add_branch(&self, name: String, from: &Snapshot) -> (Branch, Change) {
+        let mut change = Change::of(self);
+        let layer = next_layer_id(&mut change);
         if let Some(l) = from.layer {
-            self.below.insert(layer, l);
+            change.below.insert(layer, l);
         }
         let b = Branch {
-            id: BranchId(self.next_view_id()),
+            id: BranchId(next_view_id(&mut change)),
             name,
             created: now(),
             snapshot: from.id,
             epoch: from.epoch,
             layer,
         };
-        self.branches.push(b.clone());
-        b
+        change.branches.push(b.clone());
+        (b, change)
+    }
+
+    /// The change that makes `bindings` the bindings.
+    pub fn with_bindings(&self, bindings: &[Binding]) -> Change {
+        let mut change = Change::of(self);
+        change.bindings = (self.bindings != bindings).then(|| bindings.to_vec());
+        change
+    }
+
+    /// The change that forgets freed layers `gone`, whose removal is
+    /// durable.
+    pub fn forget_freed(&self, gone: &[LayerId]) -> Change {
+        let mut change = Change::of(self);
+        let mut freed = self.freed.clone();
+        for l in gone {
+            freed.remove(l);
+        }
+        change.freed = (freed != self.freed).then_some(freed);
+        change
     }
 
     /// The layers from `top` down, top first, as long as `new` takes
@@ -469,6 +529,10 @@ impl Line {
             lists_to_chain(&mut v).map_err(invalid)?;
         }
         let mut c: Catalog = serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?;
+        // Oldest first is id order (ids only grow), which changes keep and
+        // look records up by; a list edited out of it is put back in it.
+        c.snapshots.sort_by_key(|s| s.id);
+        c.branches.sort_by_key(|b| b.id);
         c.unrecorded_frees = version < Some(5);
         c.version = FORMAT_VERSION;
         Ok(Line::Whole(c))
@@ -625,8 +689,6 @@ pub struct CatalogWriter {
     uncut: bool,
     /// [`LOG_LIMIT`] (lower in tests).
     limit: u64,
-    /// The catalog as saved: each line holds what changed since.
-    saved: Catalog,
 }
 
 impl CatalogWriter {
@@ -655,24 +717,26 @@ impl CatalogWriter {
             len: loaded.log_valid,
             uncut: false,
             limit: LOG_LIMIT,
-            saved: loaded.catalog.clone(),
         })
     }
 
-    /// Makes `c` the catalog, durably, or leaves the old one.
-    pub fn save(&mut self, c: &Catalog) -> Result<(), CatalogError> {
-        let change = Change::between(&self.saved, c, FORMAT_VERSION);
-        let mut line = serde_json::to_vec(&change).expect("a change serializes");
+    /// Saves `change` of the catalog `c` (the catalog as saved last),
+    /// durably, or leaves the old one: on success the caller applies it.
+    pub fn save(&mut self, c: &Catalog, change: &Change) -> Result<(), CatalogError> {
+        let mut line = serde_json::to_vec(change).expect("a change serializes");
         line.push(b'\n');
         // A start replays the whole log: folded at the limit, or once it
         // holds eight changes this long (thousands of bindings).
         let limit = self.limit.max(8 * line.len() as u64);
         match &self.log {
             Some(_) if self.len + line.len() as u64 <= limit => self.append(&line),
-            _ => self.fold(c, &line),
-        }?;
-        self.saved = c.clone();
-        Ok(())
+            _ => {
+                // Once per megabyte of changes: the only copy of the catalog.
+                let mut whole = c.clone();
+                change.clone().apply_to(&mut whole);
+                self.fold(&whole, &line)
+            }
+        }
     }
 
     /// Appends one line and flushes it; on failure the log is cut back,
@@ -803,9 +867,19 @@ mod tests {
     /// Saves snapshots `names` one by one, each a change of its own.
     fn save_all(w: &mut CatalogWriter, c: &mut Catalog, names: &[&str]) {
         for n in names {
-            c.add(n.to_string());
-            w.save(c).unwrap();
+            let (_, change) = c.add(n.to_string());
+            w.save(c, &change).unwrap();
+            change.apply_to(c);
         }
+    }
+
+    /// Saves what `edit` changes of `c`, as a deletion does.
+    fn save_edit(w: &mut CatalogWriter, c: &mut Catalog, edit: impl FnOnce(&mut Catalog)) {
+        let mut next = c.clone();
+        edit(&mut next);
+        w.save(c, &Change::between(c, &next, FORMAT_VERSION))
+            .unwrap();
+        *c = next;
     }
 
     #[test]
@@ -846,12 +920,41 @@ mod tests {
         fs::write(d.path().join(LOG), b"").unwrap();
         let loaded = Loaded::read(d.path()).unwrap();
         assert!(loaded.catalog.unrecorded_frees);
-        let mut w = writer(d.path());
-        c.add("after".into());
-        w.save(&c).unwrap();
+        save_all(&mut writer(d.path()), &mut c, &["after"]);
         let loaded = Loaded::read(d.path()).unwrap();
         assert!(!loaded.catalog.unrecorded_frees);
         assert_eq!(loaded.catalog.snapshots.len(), 301);
+    }
+
+    /// A change whose line could not be written leaves the catalog as it
+    /// was (the caller applies a change only once saved), and the next
+    /// change goes on from it: read back, the state is the catalog in
+    /// memory.
+    #[test]
+    fn a_failed_save_changes_nothing_and_the_next_goes_on() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::empty();
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["a", "b"]);
+        let log = w.log.take().unwrap();
+        // Read-only: the append fails, and so does the cut after it.
+        w.log = Some(File::open(d.path().join(LOG)).unwrap());
+        let (_, change) = c.add("lost".into());
+        assert!(w.save(&c, &change).is_err());
+        assert!(w.uncut);
+        // A line written whole but not known flushed is what the next
+        // save cuts off first; here the bytes of one.
+        append_raw(d.path(), b"{\"format\":\"agentfs-change\"");
+        w.log = Some(log);
+        save_all(&mut w, &mut c, &["c"]);
+        assert!(!w.uncut);
+        let read = Loaded::read(d.path()).unwrap();
+        assert_eq!(read.torn, 0);
+        assert_eq!(
+            serde_json::to_value(&read.catalog).unwrap(),
+            serde_json::to_value(&c).unwrap()
+        );
+        assert_eq!(names(d.path()), ["a", "b", "c"]);
     }
 
     /// A fold a crash cut short after `catalog.json` was replaced, before
@@ -863,8 +966,7 @@ mod tests {
         let mut c = Catalog::empty();
         let mut w = writer(d.path());
         save_all(&mut w, &mut c, &["a", "b", "c", "d"]);
-        c.snapshots.retain(|s| s.name != "b");
-        w.save(&c).unwrap();
+        save_edit(&mut w, &mut c, |c| c.snapshots.retain(|s| s.name != "b"));
         save_all(&mut w, &mut c, &["e"]);
         assert!(
             fs::read_to_string(d.path().join(LOG))
@@ -894,10 +996,10 @@ mod tests {
             assert_eq!(names(d.path()), ["a", "b"]);
             let mut w = writer(d.path());
             assert_eq!(Loaded::read(d.path()).unwrap().torn, 0);
-            c.add("c".into());
-            w.save(&c).unwrap();
-            c.snapshots.pop();
-            w.save(&c).unwrap();
+            save_all(&mut w, &mut c, &["c"]);
+            save_edit(&mut w, &mut c, |c| {
+                c.snapshots.pop();
+            });
         }
         // A whole line of a newer format is not cut off as torn.
         let newer = fs::read_to_string(d.path().join(LOG)).unwrap();
@@ -918,6 +1020,46 @@ mod tests {
         append_raw(d.path(), b"{}\n");
         let e = Loaded::read(d.path()).err().expect("damage");
         assert!(e.to_string().contains("catalog.log"), "{e}");
+    }
+
+    /// Changes find records by id in lists kept in id order: a list out
+    /// of order is put back in it when read, and an id listed twice is
+    /// damage (a change would replace one of the two).
+    #[test]
+    fn records_are_read_in_id_order_and_an_id_twice_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let text = |ids: [u32; 3]| {
+            let snaps: Vec<String> = ids
+                .iter()
+                .map(|i| format!(r#"{{"id":{i},"name":"s{i}","epoch":1,"created":1}}"#))
+                .collect();
+            format!(
+                r#"{{"format":"agentfs-state","version":5,"main_epoch":2,"next_id":9,
+                "snapshots":[{}],"next_layer":1}}"#,
+                snaps.join(",")
+            )
+        };
+        fs::write(d.path().join(CATALOG), text([5, 2, 7])).unwrap();
+        fs::write(d.path().join(LOG), b"").unwrap();
+        let mut c = Loaded::read(d.path()).unwrap().catalog;
+        let ids = |c: &Catalog| c.snapshots.iter().map(|s| s.id.0).collect::<Vec<_>>();
+        assert_eq!(ids(&c), [2, 5, 7]);
+        assert_eq!(c.find("5").unwrap().name, "s5");
+        assert!(c.find("05").is_none(), "ids are written without zeros");
+        let mut w = writer(d.path());
+        save_all(&mut w, &mut c, &["new"]);
+        save_edit(&mut w, &mut c, |c| c.snapshots.retain(|s| s.id.0 != 5));
+        let read = Loaded::read(d.path()).unwrap().catalog;
+        assert_eq!(ids(&read), [2, 7, 9]);
+        assert_eq!(ids(&read), ids(&c));
+
+        fs::write(d.path().join(CATALOG), text([5, 2, 5])).unwrap();
+        fs::write(d.path().join(LOG), b"").unwrap();
+        let e = Loaded::read(d.path()).err().expect("an id twice");
+        assert!(
+            e.to_string().contains("snapshot id 5 is listed twice"),
+            "{e}"
+        );
     }
 
     /// A catalog of version 3 lists every layer of each view: read, each
@@ -972,19 +1114,22 @@ mod tests {
             let mut freed = Vec::new();
             match next(6) {
                 0 => {
-                    let s = c.add(name);
+                    let (s, change) = c.add(name);
+                    change.apply_to(&mut c);
                     model.insert(s.id.0, Vec::new());
                 }
                 1 | 2 if !c.branches.is_empty() => {
                     let b = c.branches[next(c.branches.len())].id;
-                    let (s, layer) = c.add_branch_snapshot(b, name);
+                    let (s, layer, change) = c.add_branch_snapshot(b, name);
+                    change.apply_to(&mut c);
                     let below = model[&b.0].clone();
                     model.insert(s.id.0, below.clone());
                     model.insert(b.0, std::iter::once(layer).chain(below).collect());
                 }
                 3 if !c.snapshots.is_empty() => {
                     let from = c.snapshots[next(c.snapshots.len())].clone();
-                    let b = c.add_branch(name, &from);
+                    let (b, change) = c.add_branch(name, &from);
+                    change.apply_to(&mut c);
                     let below = model[&from.id.0].clone();
                     model.insert(b.id.0, std::iter::once(b.layer).chain(below).collect());
                 }

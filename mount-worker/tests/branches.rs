@@ -2231,6 +2231,24 @@ fn a_lost_stamp_of_a_new_layer_is_made_again_at_start() {
     assert_eq!(fs::read(b.join("f")).unwrap(), b"f");
     assert!(!b.join("later").exists());
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
+
+    // Over a frozen layer: a snapshot of the branch freezes its layer,
+    // whose root the branch changed; the new top's lost stamp is made
+    // again from that frozen root, not from main's.
+    fs::set_permissions(&b, fs::Permissions::from_mode(0o755)).unwrap();
+    snapshot(&m, Some("b"), "b1");
+    let top = listed_branch(&m, "b").unwrap()["layer"].as_u64().unwrap();
+    assert!(top > layer);
+    let want = root(&b);
+    assert_eq!(want.0 & 0o7777, 0o755);
+    m.stop();
+    let tree = m.state_dir().join(format!("layers/{top}/tree"));
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o700)).unwrap();
+    common::setxattr(&tree, "trusted.agentfs.unstamped", "1");
+    m.restart(&[]);
+    assert_eq!(root(&branch_dir(&m, "b")), want, "stamped again");
+    assert_eq!(root(&snapshot_dir(&m, "b1")), want);
+    assert!(common::check_state(m.state_dir()).contains("0 problems"));
 }
 
 /// The host inode number of the file `name` at the root of a layer of
@@ -2589,6 +2607,21 @@ fn put_catalog(state: &Path, v: &Value) {
     fs::write(state.join("catalog.log"), b"").unwrap();
 }
 
+/// Cuts the last line off a stopped mount's catalog log: the one that
+/// forgot the layers a deletion freed, once their removal was flushed
+/// (as if a crash had come before it).
+fn cut_the_forgetting_line(state: &Path) {
+    assert_eq!(latest_catalog(state)["freed"], json!(null));
+    let log = fs::read_to_string(state.join("catalog.log")).unwrap();
+    let forgetting = log.lines().last().unwrap();
+    assert!(forgetting.contains("\"freed\":[]"), "{forgetting}");
+    fs::write(
+        state.join("catalog.log"),
+        &log[..log.len() - forgetting.len() - 1],
+    )
+    .unwrap();
+}
+
 /// The ids of the layer directories in the state directory, ascending.
 fn layer_ids(m: &Mount) -> Vec<u64> {
     let mut ids: Vec<u64> = fs::read_dir(m.state_dir().join("layers"))
@@ -2644,6 +2677,9 @@ fn a_start_removes_only_the_layers_a_deletion_freed() {
     )
     .expect("branch-delete");
     m.stop();
+    // Removed and flushed, the layer was forgotten by a line of its own:
+    // the crash comes before it.
+    cut_the_forgetting_line(&state);
     assert_eq!(latest_catalog(&state)["freed"], json!([gone]));
     fs::rename(&kept_copy, state.join(format!("layers/{gone}"))).unwrap();
     let report = common::check_state(&state);
@@ -2654,6 +2690,29 @@ fn a_start_removes_only_the_layers_a_deletion_freed() {
     m.restart(&[]);
     assert!(!layer_ids(&m).contains(&gone), "{:?}", layer_ids(&m));
     assert_eq!(tree(&snapshot_dir(&m, "b2")), b2);
+    // And forgotten by that start.
+    assert_eq!(latest_catalog(&state)["freed"], json!(null));
+
+    // A crash after the removal, before the line that forgets it: the
+    // start finds no directory, and forgets it all the same.
+    branch(&m, "b2", "gone2");
+    let gone2 = listed_branch(&m, "gone2").unwrap()["layer"]
+        .as_u64()
+        .unwrap();
+    ctl(
+        &m,
+        Request::BranchDelete {
+            branch: "gone2".into(),
+            force: false,
+        },
+    )
+    .expect("branch-delete");
+    m.stop();
+    cut_the_forgetting_line(&state);
+    assert_eq!(latest_catalog(&state)["freed"], json!([gone2]));
+    assert!(!state.join(format!("layers/{gone2}")).exists());
+    m.restart(&[]);
+    assert_eq!(latest_catalog(&state)["freed"], json!(null));
 
     // Damage: the catalog loses where b's first layer sits. Its directory
     // stays (the worker logs an error naming it), the check names it, and
