@@ -847,8 +847,10 @@ impl FsCore {
         ))
     }
 
-    /// Opens the views of every branch and snapshot of a branch, and clears
-    /// what a crash may have left in the layer directories.
+    /// Clears what a crash may have left in the layer directories (work
+    /// files, a creation cut short, freed layers, which it then forgets),
+    /// stamps again the layer roots whose stamp it lost, and opens the
+    /// views of every branch and snapshot of a branch.
     fn open_layers(&self) -> io::Result<()> {
         let catalog = self.catalog.lock().unwrap().clone();
         let in_use = catalog.layers_in_use();
@@ -859,19 +861,22 @@ impl FsCore {
             let e = e?;
             match catalog.layer_dir(&e.file_name(), &in_use) {
                 LayerDir::InUse => {
-                    let work = hostfs::open_dir_path(&e.path().join("work"))?;
-                    for t in hostfs::read_dir_all(work.as_fd())? {
-                        layered::remove_tree(
-                            work.as_fd(),
-                            &hostfs::component(OsStr::from_bytes(&t.name))?,
-                        )?;
-                    }
+                    let path = e.path().join("work");
+                    let clear = || -> io::Result<()> {
+                        let work = hostfs::open_dir_path(&path)?;
+                        for t in hostfs::read_dir_all(work.as_fd())? {
+                            let name = hostfs::component(OsStr::from_bytes(&t.name))?;
+                            layered::remove_tree(work.as_fd(), &name)?;
+                        }
+                        Ok(())
+                    };
+                    clear().map_err(naming(path.display()))?;
                 }
                 LayerDir::Next if spare::is_spare(&e.path()) => {}
                 // A creation a crash cut short, or a layer a deletion
                 // freed (its removal interrupted or failed).
                 LayerDir::Next | LayerDir::Freed => {
-                    std::fs::remove_dir_all(e.path())?;
+                    std::fs::remove_dir_all(e.path()).map_err(naming(e.path().display()))?;
                     removed = true;
                 }
                 LayerDir::Unexplained => tracing::error!(
@@ -902,21 +907,31 @@ impl FsCore {
         let mut opened = HashMap::new();
         let mut checked = HashSet::new();
         for b in &catalog.branches {
+            let what = || format!("branch {:?} (layers/{} and below)", b.name, b.layer.0);
             let below = catalog.layer_below(b.layer);
-            let frozen = self.open_frozen(below, &catalog, &mut opened)?;
-            let top = self.open_top(b.layer)?;
-            self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)?;
+            let frozen = self
+                .open_frozen(below, &catalog, &mut opened)
+                .map_err(naming(what()))?;
+            let top = self.open_top(b.layer).map_err(naming(what()))?;
+            self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)
+                .map_err(naming(what()))?;
             self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            let frozen = self.open_frozen(s.layer, &catalog, &mut opened)?;
-            self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)?;
+            let layer = s.layer.map_or(0, |l| l.0);
+            let what = format!("snapshot {:?} (layers/{layer} and below)", s.name);
+            let frozen = self
+                .open_frozen(s.layer, &catalog, &mut opened)
+                .map_err(naming(what.clone()))?;
+            self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)
+                .map_err(naming(what))?;
             self.open_view(s.id.0, None, frozen, s.id, s.epoch)?;
         }
         Ok(())
     }
 
-    /// Opens the view of branch `b`, whose frozen layers are `frozen`.
+    /// Opens the view of a new branch `b`, whose frozen layers are
+    /// `frozen`, with its top layer.
     fn open_branch_view(&self, b: &Branch, frozen: FrozenStack) -> io::Result<()> {
         let top = self.open_top(b.layer)?;
         self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)
@@ -991,8 +1006,9 @@ impl FsCore {
                     Some(t) => Part::Layer(Inode::Open(t.clone())),
                     None => Part::Base(Arc::new(self.base_root(snap, epoch)?)),
                 };
-                spare::stamp(self.cx(), tree.as_fd(), &part)?;
-                hostfs::sync_dir(tree.as_fd())?;
+                spare::stamp(self.cx(), tree.as_fd(), &part)
+                    .and_then(|()| hostfs::sync_dir(tree.as_fd()))
+                    .map_err(naming(format!("stamping layers/{} again", l.0)))?;
                 tracing::info!(layer = l.0, "layer root stamped again after a crash");
             }
             below = Some(tree.clone());
@@ -3190,7 +3206,13 @@ impl FsCore {
     ) -> Result<Snapshot, ControlError> {
         let started = Instant::now();
         let b = self.find_branch(key)?;
-        let view = self.open_view_of(b.id.0)?;
+        let view = self.open_view_of(b.id.0).map_err(|e| {
+            // Deleted since it was found: its view is closed.
+            match self.catalog.lock().unwrap().branch(b.id) {
+                None => no_branch(key),
+                Some(_) => e,
+            }
+        })?;
         // Wait for the branch's changes in flight and hold new ones off.
         let mut layers = view.layers.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
@@ -3464,6 +3486,11 @@ fn preserve_failed(epoch: u64, e: &io::Error) {
              stored in the state directory: {e}; free space there (or delete snapshots)"
         );
     }
+}
+
+/// `e` with `what` in front: what a start could not use.
+fn naming(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 fn no_branch(key: &str) -> ControlError {

@@ -8,8 +8,9 @@
 //! view below (no flush) and appends the catalog line (one flush). The
 //! stamp may then be lost in a crash: a spare's tree root carries
 //! [`UNSTAMPED_XATTR`] until stamped, and a worker that starts stamps again
-//! every layer in use that still has it, from the frozen view below, which
-//! gives the same attributes. The mark goes last, on the same inode as the
+//! every layer in use that still has it, from the root of the view below
+//! (the layer below, or main at the view's epoch), which gives the same
+//! attributes. The mark goes last, on the same inode as the
 //! stamp: should its removal be durable, so is the stamp; a user's change
 //! of the branch root comes after both.
 

@@ -2170,6 +2170,60 @@ fn parallel_walks_of_a_tree_larger_than_the_open_file_limit_work() {
     assert_descriptors_below(&m, 4096);
 }
 
+/// A branch deleted while snapshots of it are being taken: each snapshot
+/// is taken whole or refused as of a branch that is gone (naming it), the
+/// worker goes on answering (no lock left poisoned), and the state checks
+/// clean. The deletion lands at a different point of a snapshot's making
+/// in each round.
+#[test]
+fn a_branch_deleted_while_it_is_snapshotted_refuses_cleanly() {
+    let m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    for round in 0..48 {
+        let name = format!("r{round}");
+        branch(&m, "base", &name);
+        fs::write(branch_dir(&m, &name).join("f"), b"x").unwrap();
+        std::thread::scope(|s| {
+            let take = |k: usize| {
+                let mut taken = Vec::new();
+                for i in 0..10_000 {
+                    let req = Request::SnapshotCreate {
+                        branch: Some(name.clone()),
+                        name: Some(format!("{name}-{k}-{i}")),
+                    };
+                    match ctl(&m, req) {
+                        Ok(v) => taken.push(v["name"].as_str().unwrap().to_owned()),
+                        Err(e) => {
+                            assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+                            assert!(e.message.contains(&name), "{}", e.message);
+                            return taken;
+                        }
+                    }
+                }
+                panic!("the branch was never deleted");
+            };
+            // More takers than CPUs: one is preempted between finding
+            // the branch and taking its view now and then.
+            let takers: Vec<_> = (0..4).map(|k| s.spawn(move || take(k))).collect();
+            std::thread::sleep(Duration::from_micros(700 * (round % 8)));
+            ctl(
+                &m,
+                Request::BranchDelete {
+                    branch: name.clone(),
+                    force: true,
+                },
+            )
+            .expect("branch-delete");
+            for t in takers.into_iter().flat_map(|t| t.join().unwrap()) {
+                let f = snapshot_dir(&m, &t).join("f");
+                assert_eq!(fs::read(&f).unwrap(), b"x", "{}", f.display());
+            }
+        });
+    }
+    snapshot(&m, None, "after");
+    assert!(common::check_state(m.state_dir()).contains("0 problems"));
+}
+
 /// A branch's new layer comes from the spare layer made ahead of time
 /// (`spare.rs`): creation only stamps its root with the attributes of the
 /// view below, without a flush. A crash that loses the stamp (simulated:
@@ -2234,21 +2288,53 @@ fn a_lost_stamp_of_a_new_layer_is_made_again_at_start() {
 
     // Over a frozen layer: a snapshot of the branch freezes its layer,
     // whose root the branch changed; the new top's lost stamp is made
-    // again from that frozen root, not from main's.
+    // again from that frozen root, not from main's. So is that of a
+    // branch of the snapshot, whose layers below were checked with b's.
     fs::set_permissions(&b, fs::Permissions::from_mode(0o755)).unwrap();
     snapshot(&m, Some("b"), "b1");
-    let top = listed_branch(&m, "b").unwrap()["layer"].as_u64().unwrap();
-    assert!(top > layer);
+    branch(&m, "b1", "c");
+    let top = |name| listed_branch(&m, name).unwrap()["layer"].as_u64().unwrap();
+    let tops = [top("b"), top("c")];
+    assert!(tops.iter().all(|&t| t > layer));
     let want = root(&b);
     assert_eq!(want.0 & 0o7777, 0o755);
+    assert_eq!(root(&branch_dir(&m, "c")), want);
     m.stop();
-    let tree = m.state_dir().join(format!("layers/{top}/tree"));
-    fs::set_permissions(&tree, fs::Permissions::from_mode(0o700)).unwrap();
-    common::setxattr(&tree, "trusted.agentfs.unstamped", "1");
+    for t in tops {
+        let tree = m.state_dir().join(format!("layers/{t}/tree"));
+        fs::set_permissions(&tree, fs::Permissions::from_mode(0o700)).unwrap();
+        common::setxattr(&tree, "trusted.agentfs.unstamped", "1");
+    }
     m.restart(&[]);
     assert_eq!(root(&branch_dir(&m, "b")), want, "stamped again");
-    assert_eq!(root(&snapshot_dir(&m, "b1")), want);
+    assert_eq!(root(&branch_dir(&m, "c")), want, "stamped again");
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
+
+    // A layer a start cannot open is named, with the view that shows it.
+    m.stop();
+    let index = m.state_dir().join(format!("layers/{}/index", tops[0]));
+    fs::remove_dir_all(&index).unwrap();
+    let mut worker = Command::new(common::WORKER)
+        .arg("--source")
+        .arg(m.source())
+        .arg("--mountpoint")
+        .arg(m.path())
+        .arg("--state-dir")
+        .arg(m.state_dir())
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_timeout(&mut worker, Duration::from_secs(30));
+    if status.is_none() {
+        common::signal(worker.id(), libc::SIGKILL);
+        common::reap_killed(&mut worker, m.path());
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    let named = format!("branch \"b\" (layers/{} and below)", tops[0]);
+    assert!(err.contains(&named), "{err}");
 }
 
 /// The host inode number of the file `name` at the root of a layer of
