@@ -41,19 +41,19 @@ pub struct Change {
     pub(crate) snapshots: Vec<Snapshot>,
     /// Snapshots removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) snapshots_gone: Vec<SnapshotId>,
+    snapshots_gone: Vec<SnapshotId>,
     /// Branches added or changed, as they are now (new ones last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) branches: Vec<Branch>,
     /// Branches removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) branches_gone: Vec<BranchId>,
+    branches_gone: Vec<BranchId>,
     /// Entries of `below` added or changed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) below: BTreeMap<LayerId, LayerId>,
     /// Entries of `below` removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) below_gone: Vec<LayerId>,
+    below_gone: Vec<LayerId>,
     /// `freed`, whole, if it changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) freed: Option<BTreeSet<LayerId>>,
@@ -83,35 +83,27 @@ impl Change {
         }
     }
 
-    /// What turns `was` into `now` (of format `version`): linear in the
-    /// catalog's size, for changes that are linear anyway.
-    pub fn between(was: &Catalog, now: &Catalog, version: u32) -> Change {
-        let (snapshots, snapshots_gone) = records(&was.snapshots, &now.snapshots, |s| s.id);
-        let (branches, branches_gone) = records(&was.branches, &now.branches, |b| b.id);
+    /// What turns `was` into `now`: linear in the catalog's size, for
+    /// changes that are linear anyway.
+    pub fn between(was: &Catalog, now: &Catalog) -> Change {
+        let mut change = Change::of(now);
+        (change.snapshots, change.snapshots_gone) =
+            records(&was.snapshots, &now.snapshots, |s| s.id);
+        (change.branches, change.branches_gone) = records(&was.branches, &now.branches, |b| b.id);
         let (was_below, now_below) = (&was.below, &now.below);
-        Change {
-            format: FORMAT.into(),
-            version,
-            main_epoch: now.main_epoch,
-            next_id: now.next_id,
-            next_layer: now.next_layer,
-            snapshots,
-            snapshots_gone,
-            branches,
-            branches_gone,
-            below: now_below
-                .iter()
-                .filter(|&(l, b)| was_below.get(l) != Some(b))
-                .map(|(&l, &b)| (l, b))
-                .collect(),
-            below_gone: was_below
-                .keys()
-                .filter(|l| !now_below.contains_key(l))
-                .copied()
-                .collect(),
-            freed: (was.freed != now.freed).then(|| now.freed.clone()),
-            bindings: (was.bindings != now.bindings).then(|| now.bindings.clone()),
-        }
+        change.below = now_below
+            .iter()
+            .filter(|&(l, b)| was_below.get(l) != Some(b))
+            .map(|(&l, &b)| (l, b))
+            .collect();
+        change.below_gone = was_below
+            .keys()
+            .filter(|l| !now_below.contains_key(l))
+            .copied()
+            .collect();
+        change.freed = (was.freed != now.freed).then(|| now.freed.clone());
+        change.bindings = (was.bindings != now.bindings).then(|| now.bindings.clone());
+        change
     }
 
     /// Makes `c` what the change says.
@@ -204,7 +196,7 @@ mod tests {
                 let mut next = was.clone();
                 remove(&mut next);
                 next.free_unused_layers(&was);
-                (Change::between(&was, &next, 5), Some(next))
+                (Change::between(&was, &next), Some(next))
             };
             let kind = next(9);
             let (change, edited) = match kind {
@@ -262,7 +254,7 @@ mod tests {
                 assert_eq!(json(&c), json(&edited), "step {step}");
             }
             // A planned change is the one comparing copies finds.
-            let found = Change::between(&was, &c, 5);
+            let found = Change::between(&was, &c);
             let as_json = |ch: &Change| serde_json::to_value(ch).unwrap();
             assert_eq!(as_json(&change), as_json(&found), "step {step}");
             let line = serde_json::to_string(&change).unwrap();

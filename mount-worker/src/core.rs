@@ -46,7 +46,7 @@ use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
 use crate::root_cache::RootCache;
 use crate::snapshot::{
-    Branch, Catalog, CatalogWriter, FORMAT_VERSION, LayerDir, LayerId, Loaded, Snapshot, SnapshotId,
+    Branch, Catalog, CatalogWriter, LayerDir, LayerId, Loaded, Snapshot, SnapshotId,
 };
 use crate::snapview::SnapObj;
 use crate::spare::{self, Spare};
@@ -870,13 +870,14 @@ impl FsCore {
                         }
                         Ok(())
                     };
-                    clear().map_err(naming(path.display()))?;
+                    clear().map_err(|e| named(path.display(), e))?;
                 }
                 LayerDir::Next if spare::is_spare(&e.path()) => {}
                 // A creation a crash cut short, or a layer a deletion
                 // freed (its removal interrupted or failed).
                 LayerDir::Next | LayerDir::Freed => {
-                    std::fs::remove_dir_all(e.path()).map_err(naming(e.path().display()))?;
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(|err| named(e.path().display(), err))?;
                     removed = true;
                 }
                 LayerDir::Unexplained => tracing::error!(
@@ -907,25 +908,31 @@ impl FsCore {
         let mut opened = HashMap::new();
         let mut checked = HashSet::new();
         for b in &catalog.branches {
-            let what = || format!("branch {:?} (layers/{} and below)", b.name, b.layer.0);
-            let below = catalog.layer_below(b.layer);
-            let frozen = self
-                .open_frozen(below, &catalog, &mut opened)
-                .map_err(naming(what()))?;
-            let top = self.open_top(b.layer).map_err(naming(what()))?;
-            self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)
-                .map_err(naming(what()))?;
-            self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)?;
+            let mut open = || -> io::Result<()> {
+                let below = catalog.layer_below(b.layer);
+                let frozen = self.open_frozen(below, &catalog, &mut opened)?;
+                let top = self.open_top(b.layer)?;
+                self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)?;
+                self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)
+            };
+            open().map_err(|e| {
+                let what = format_args!("branch {:?} (layers/{} and below)", b.name, b.layer.0);
+                named(what, e)
+            })?;
         }
         for s in catalog.snapshots.iter().filter(|s| s.branch.is_some()) {
-            let layer = s.layer.map_or(0, |l| l.0);
-            let what = format!("snapshot {:?} (layers/{layer} and below)", s.name);
-            let frozen = self
-                .open_frozen(s.layer, &catalog, &mut opened)
-                .map_err(naming(what.clone()))?;
-            self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)
-                .map_err(naming(what))?;
-            self.open_view(s.id.0, None, frozen, s.id, s.epoch)?;
+            let mut open = || -> io::Result<()> {
+                let frozen = self.open_frozen(s.layer, &catalog, &mut opened)?;
+                self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)?;
+                self.open_view(s.id.0, None, frozen, s.id, s.epoch)
+            };
+            open().map_err(|e| {
+                let layer = s.layer.map_or(0, |l| l.0);
+                named(
+                    format_args!("snapshot {:?} (layers/{layer} and below)", s.name),
+                    e,
+                )
+            })?;
         }
         Ok(())
     }
@@ -1008,7 +1015,7 @@ impl FsCore {
                 };
                 spare::stamp(self.cx(), tree.as_fd(), &part)
                     .and_then(|()| hostfs::sync_dir(tree.as_fd()))
-                    .map_err(naming(format!("stamping layers/{} again", l.0)))?;
+                    .map_err(|e| named(format_args!("stamping layers/{} again", l.0), e))?;
                 tracing::info!(layer = l.0, "layer root stamped again after a crash");
             }
             below = Some(tree.clone());
@@ -3279,7 +3286,7 @@ impl FsCore {
         let mut next = catalog.clone();
         let (removed, number) = edit(&mut next)?;
         let unused = next.free_unused_layers(&catalog);
-        let change = Change::between(&catalog, &next, FORMAT_VERSION);
+        let change = Change::between(&catalog, &next);
         self.save_change(&mut catalog, change)?;
         *latest = Latest::new(catalog.latest_epoch());
         self.close_view(number);
@@ -3489,8 +3496,8 @@ fn preserve_failed(epoch: u64, e: &io::Error) {
 }
 
 /// `e` with `what` in front: what a start could not use.
-fn naming(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
+fn named(what: impl std::fmt::Display, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 fn no_branch(key: &str) -> ControlError {

@@ -877,8 +877,7 @@ mod tests {
     fn save_edit(w: &mut CatalogWriter, c: &mut Catalog, edit: impl FnOnce(&mut Catalog)) {
         let mut next = c.clone();
         edit(&mut next);
-        w.save(c, &Change::between(c, &next, FORMAT_VERSION))
-            .unwrap();
+        w.save(c, &Change::between(c, &next)).unwrap();
         *c = next;
     }
 
