@@ -621,6 +621,12 @@ enum DirStream {
 }
 
 /// The core of one mount.
+///
+/// Locks nest in one order: `latest`, a branch view's `layers`, the
+/// bindings' `changing`, `catalog` (with `catalog_writer`), a snapshot
+/// view's `layers` (never locked for writing), `views`, `nodes`. A
+/// snapshot or branch and its view come and go together under `catalog`:
+/// a request that finds one in the catalog finds its view open.
 pub struct FsCore {
     nodes: Mutex<NodeTable>,
     /// Device of the source: its inodes use their own numbers as node ids.
@@ -913,7 +919,9 @@ impl FsCore {
                 let frozen = self.open_frozen(below, &catalog, &mut opened)?;
                 let top = self.open_top(b.layer)?;
                 self.stamp_again(Some(&top), &frozen, b.snapshot, b.epoch, &mut checked)?;
-                self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)
+                let base = Arc::new(self.base_root(b.snapshot, b.epoch)?);
+                self.add_view(b.id.0, Some(top), frozen, base);
+                Ok(())
             };
             open().map_err(|e| {
                 let what = format_args!("branch {:?} (layers/{} and below)", b.name, b.layer.0);
@@ -924,7 +932,9 @@ impl FsCore {
             let mut open = || -> io::Result<()> {
                 let frozen = self.open_frozen(s.layer, &catalog, &mut opened)?;
                 self.stamp_again(None, &frozen, s.id, s.epoch, &mut checked)?;
-                self.open_view(s.id.0, None, frozen, s.id, s.epoch)
+                let base = Arc::new(self.base_root(s.id, s.epoch)?);
+                self.add_view(s.id.0, None, frozen, base);
+                Ok(())
             };
             open().map_err(|e| {
                 let layer = s.layer.map_or(0, |l| l.0);
@@ -937,27 +947,17 @@ impl FsCore {
         Ok(())
     }
 
-    /// Opens the view of a new branch `b`, whose frozen layers are
-    /// `frozen`, with its top layer.
-    fn open_branch_view(&self, b: &Branch, frozen: FrozenStack) -> io::Result<()> {
-        let top = self.open_top(b.layer)?;
-        self.open_view(b.id.0, Some(top), frozen, b.snapshot, b.epoch)
-    }
-
-    /// Opens a layered view and registers its root node.
-    fn open_view(
-        &self,
-        number: u32,
-        top: Option<Top>,
-        frozen: FrozenStack,
-        snap: SnapshotId,
-        epoch: u64,
-    ) -> io::Result<()> {
-        let base = self.base_root(snap, epoch)?;
+    /// Registers a layered view and its root node, over main's root
+    /// `base` ([`Self::base_root`]). Cannot fail: a new snapshot or branch
+    /// has what its view needs before the catalog takes it, and its view
+    /// is added under the catalog's lock, so that no request finds the
+    /// record without its view, nor deletes the record before its view is
+    /// there to close.
+    fn add_view(&self, number: u32, top: Option<Top>, frozen: FrozenStack, base: Arc<SnapObj>) {
         let root_ino = base.ino;
         let holding = self.nodes.lock().unwrap().holding.clone();
         let view = Arc::new(LayerView::new(number, top, frozen, holding));
-        let root = LayerObj::root(view.clone(), root_ino, Part::Base(Arc::new(base)));
+        let root = LayerObj::root(view.clone(), root_ino, Part::Base(base));
         let id = NodeId::in_view(number as u64, root_ino);
         self.nodes.lock().unwrap().insert(
             id.0,
@@ -971,7 +971,6 @@ impl FsCore {
             .write()
             .unwrap()
             .insert(number, OpenView { view, root: id });
-        Ok(())
     }
 
     /// Forgets a view that was deleted: its nodes answer ESTALE from now on.
@@ -3212,14 +3211,16 @@ impl FsCore {
         name: Option<String>,
     ) -> Result<Snapshot, ControlError> {
         let started = Instant::now();
-        let b = self.find_branch(key)?;
-        let view = self.open_view_of(b.id.0).map_err(|e| {
-            // Deleted since it was found: its view is closed.
-            match self.catalog.lock().unwrap().branch(b.id) {
-                None => no_branch(key),
-                Some(_) => e,
-            }
-        })?;
+        let (b, view) = {
+            // A branch in the catalog has its view open (`add_view`).
+            let catalog = self.catalog.lock().unwrap();
+            let b = catalog
+                .find_branch(key)
+                .cloned()
+                .ok_or_else(|| no_branch(key))?;
+            let view = self.open_view_of(b.id.0)?;
+            (b, view)
+        };
         // Wait for the branch's changes in flight and hold new ones off.
         let mut layers = view.layers.write().unwrap();
         let mut catalog = self.catalog.lock().unwrap();
@@ -3234,20 +3235,22 @@ impl FsCore {
         let freezing = layers.top.as_ref().expect("a branch has a top layer");
         let old_top = Part::Layer(Inode::Open(freezing.tree.clone()));
         self.create_layer(layer, &old_top)?;
-        let top = self
+        // Its bottom named by its own id, as a restart names it.
+        let made = self
             .open_top(layer)
-            .inspect_err(|_| self.discard_layer(layer))?;
+            .and_then(|top| Ok((top, Arc::new(self.base_root(snap.id, snap.epoch)?))));
+        let (top, base) = made.inspect_err(|_| self.discard_layer(layer))?;
         self.save_change(&mut catalog, change)
             .inspect_err(|_| self.discard_layer(layer))?;
         self.spare.want(LayerId(catalog.next_layer));
         layers.freeze(top);
         // The snapshot shows the branch's frozen layers as they are now.
         let frozen = layers.frozen().clone();
-        // Released before the view opens: a deletion holds the catalog
-        // while it takes the views' lock.
-        drop((layers, catalog));
-        // Its bottom named by its own id, as a restart names it.
-        self.open_view(snap.id.0, None, frozen, snap.id, snap.epoch)?;
+        // The branch's changes go on; the catalog stays locked until the
+        // snapshot's view is there (lock order: catalog, then views).
+        drop(layers);
+        self.add_view(snap.id.0, None, frozen, base);
+        drop(catalog);
         tracing::info!(snapshot = %snap.name, id = snap.id.0, branch = %b.name, took_us = micros(started), "snapshot of branch created");
         Ok(snap)
     }
@@ -3368,29 +3371,32 @@ impl FsCore {
         }
         let (b, change) = catalog.add_branch(name, &from);
         // The snapshot's frozen layers, shared with its view (whose layers
-        // are never locked for writing: safe under the catalog's lock);
-        // opened here if its view is not open yet (a snapshot of a branch
-        // made a moment ago opens its view after the catalog changed).
-        let view = self
-            .views
-            .read()
-            .unwrap()
-            .get(&from.id.0)
-            .map(|v| v.view.clone());
-        let frozen = match view {
-            Some(v) => v.layers.read().unwrap().frozen().clone(),
-            None => self.open_frozen(from.layer, &catalog, &mut HashMap::new())?,
+        // are never locked for writing: safe under the catalog's lock).
+        let frozen = match from.layer {
+            Some(_) => self
+                .open_view_of(from.id.0)?
+                .layers
+                .read()
+                .unwrap()
+                .frozen()
+                .clone(),
+            // A snapshot of main: main alone, no view.
+            None => FrozenStack::default(),
         };
+        let base = Arc::new(self.base_root(b.snapshot, b.epoch)?);
         let root = match frozen.iter().next() {
             Some(f) => Part::Layer(Inode::Open(f.tree.clone())),
-            None => Part::Base(Arc::new(self.base_root(from.id, from.epoch)?)),
+            None => Part::Base(base.clone()),
         };
         self.create_layer(b.layer, &root)?;
+        let top = self
+            .open_top(b.layer)
+            .inspect_err(|_| self.discard_layer(b.layer))?;
         self.save_change(&mut catalog, change)
             .inspect_err(|_| self.discard_layer(b.layer))?;
         self.spare.want(LayerId(catalog.next_layer));
+        self.add_view(b.id.0, Some(top), frozen, base);
         drop(catalog);
-        self.open_branch_view(&b, frozen)?;
         tracing::info!(branch = %b.name, id = b.id.0, snapshot = %from.name, took_us = micros(started), "branch created");
         Ok(b)
     }

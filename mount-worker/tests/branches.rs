@@ -2224,6 +2224,73 @@ fn a_branch_deleted_while_it_is_snapshotted_refuses_cleanly() {
     assert!(common::check_state(m.state_dir()).contains("0 problems"));
 }
 
+/// A branch is whole from the moment a request can find it: a snapshot
+/// of a branch asked for while the branch is being created finds no branch
+/// yet or is taken, and a deletion racing the creation deletes a branch the
+/// creation made whole (and reported made). Each round a snapshot and a
+/// deletion of the new name are asked for over and over while it is
+/// created; before the view of a new branch opened under the catalog's
+/// lock, the snapshot could answer "view N is not open" and the creation
+/// fail after the deletion had removed its layer.
+#[test]
+fn a_branch_is_whole_once_a_request_can_find_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = Mount::builder().populate(populate).start();
+    snapshot(&m, None, "base");
+    let expected = tree_content(&snapshot_dir(&m, "base"));
+    let mut taken = Vec::new();
+    for round in 0..150 {
+        let name = format!("n{round}");
+        let deleted = AtomicBool::new(false);
+        let not_found = |e: ControlError| {
+            assert_eq!(e.kind, ErrorKind::NotFound, "round {round}: {}", e.message);
+            assert!(e.message.contains(&name), "round {round}: {}", e.message);
+        };
+        std::thread::scope(|s| {
+            let snap = s.spawn(|| {
+                let req = Request::SnapshotCreate {
+                    branch: Some(name.clone()),
+                    name: Some(format!("{name}-s")),
+                };
+                while !deleted.load(Ordering::SeqCst) {
+                    match ctl(&m, req.clone()) {
+                        Ok(_) => return true,
+                        Err(e) => not_found(e),
+                    }
+                }
+                false
+            });
+            let delete = s.spawn(|| {
+                let req = Request::BranchDelete {
+                    branch: name.clone(),
+                    force: true,
+                };
+                for _ in 0..100_000 {
+                    match ctl(&m, req.clone()) {
+                        Ok(_) => return deleted.store(true, Ordering::SeqCst),
+                        Err(e) => not_found(e),
+                    }
+                }
+                panic!("round {round}: the branch never appeared to its deletion");
+            });
+            branch(&m, "base", &name);
+            delete.join().unwrap();
+            if snap.join().unwrap() {
+                taken.push(format!("{name}-s"));
+            }
+        });
+    }
+    for t in &taken {
+        assert_eq!(tree_content(&snapshot_dir(&m, t)), expected, "{t}");
+    }
+    assert!(listed_branch(&m, "n0").is_none());
+    assert!(common::check_state(m.state_dir()).contains("0 problems"));
+    eprintln!(
+        "{} of 150 snapshots taken before their branch's deletion",
+        taken.len()
+    );
+}
+
 /// A branch's new layer comes from the spare layer made ahead of time
 /// (`spare.rs`): creation only stamps its root with the attributes of the
 /// view below, without a flush. A crash that loses the stamp (simulated:
