@@ -624,9 +624,11 @@ enum DirStream {
 ///
 /// Locks nest in one order: `latest`, a branch view's `layers`, the
 /// bindings' `changing`, `catalog` (with `catalog_writer`), a snapshot
-/// view's `layers` (never locked for writing), `views`, `nodes`. A
-/// snapshot or branch and its view come and go together under `catalog`:
-/// a request that finds one in the catalog finds its view open.
+/// view's `layers` (never locked for writing), `views`, `nodes`; and no
+/// thread reads a lock it holds already (a writer waiting in between
+/// would leave both waiting forever). A snapshot or branch and its view
+/// come and go together under `catalog`: a request that finds one in the
+/// catalog finds its view open.
 pub struct FsCore {
     nodes: Mutex<NodeTable>,
     /// Device of the source: its inodes use their own numbers as node ids.
@@ -2112,6 +2114,13 @@ impl FsCore {
     /// explicit mode must come after it), then mode, size and times.
     pub fn setattr(&self, node: NodeId, fh: Option<FileHandle>, attr: SetAttr) -> io::Result<Stat> {
         let obj = self.obj(node)?;
+        // Before the change's guard: a predecessor's file is opened again
+        // through the view's layers, and a second read of that lock on this
+        // thread would wait forever behind a snapshot waiting to write it.
+        let file = match (attr.size, fh) {
+            (Some(_), Some(fh)) => Some(self.file(fh)?),
+            _ => None,
+        };
         let (_change, fd) = self.writable(&obj)?;
         let fd = fd.as_fd();
         if attr.uid.is_some() || attr.gid.is_some() {
@@ -2121,7 +2130,7 @@ impl FsCore {
             hostfs::chmod(fd, mode & 0o7777)?;
         }
         if let Some(size) = attr.size {
-            match fh.map(|fh| self.file(fh)).transpose()?.as_deref() {
+            match file.as_deref() {
                 Some(OpenFile::Main(file)) => file.set_len(size)?,
                 _ => hostfs::reopen(fd, libc::O_WRONLY)?.set_len(size)?,
             }
@@ -2960,24 +2969,24 @@ impl FsCore {
 
     /// An open directory.
     fn dir(&self, dh: DirHandle) -> io::Result<Arc<OpenDir>> {
-        let dir = match self.dirs.read().unwrap().get(&dh.0) {
-            Some(d) => d.clone(),
-            None => {
-                // Opened by a predecessor. A host directory's offsets are
-                // the host file system's cookies and hold for the new
-                // stream; a listed one is listed again.
-                let node = self
-                    .held(|h| h.dirs.get(&dh.0).copied())
-                    .ok_or_else(|| errno(libc::EBADF))?;
-                self.dirs
-                    .write()
-                    .unwrap()
-                    .entry(dh.0)
-                    .or_insert_with(|| Arc::new(OpenDir::new(NodeId(node))))
-                    .clone()
-            }
-        };
-        Ok(dir)
+        // Not a `match` on the lookup: its read guard would live through
+        // the arms, and the write below would wait for it forever.
+        if let Some(d) = self.dirs.read().unwrap().get(&dh.0) {
+            return Ok(d.clone());
+        }
+        // Opened by a predecessor. A host directory's offsets are the host
+        // file system's cookies and hold for the new stream; a listed one
+        // is listed again.
+        let node = self
+            .held(|h| h.dirs.get(&dh.0).copied())
+            .ok_or_else(|| errno(libc::EBADF))?;
+        Ok(self
+            .dirs
+            .write()
+            .unwrap()
+            .entry(dh.0)
+            .or_insert_with(|| Arc::new(OpenDir::new(NodeId(node))))
+            .clone())
     }
 
     /// The stream of an open directory, made now if not yet read.

@@ -8,8 +8,10 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
-use agentfs_mount_worker::core::{FsCore, NodeId};
+use agentfs_mount_worker::core::{FsCore, NodeId, SetAttr};
 use agentfs_mount_worker::handoff::{self, Journal};
 
 struct Setup {
@@ -94,4 +96,101 @@ fn a_successor_drops_a_node_only_once_every_lookup_is_forgotten() {
 
     let fourth = s.worker(true);
     assert!(fourth.getattr(f).is_err(), "f forgotten for good");
+}
+
+/// Runs `f` on `core` in a thread of its own and waits up to 20 s for it:
+/// a request that deadlocks fails the test instead of hanging it.
+fn within_20s<T: Send + 'static>(
+    core: &Arc<FsCore>,
+    what: &str,
+    f: impl FnOnce(&FsCore) -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    let core = core.clone();
+    std::thread::spawn(move || {
+        let out = f(&core);
+        // Let go of the worker before answering: the caller may crash it.
+        drop(core);
+        let _ = tx.send(out);
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what}: no answer within 20 s (deadlocked?)"))
+}
+
+/// A directory the predecessor opened is read and flushed through the
+/// successor, which finds the handle in the journal and opens the
+/// directory again. Before, the first read hung the successor's thread
+/// for good: looking the handle up kept the table's read lock through the
+/// write that added it.
+#[test]
+fn a_successor_reads_a_directory_its_predecessor_opened() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let dh = first.opendir(NodeId::ROOT).unwrap();
+    drop(first); // the crash
+
+    let second = Arc::new(s.worker(true));
+    let (read, synced, mut names) = within_20s(&second, "readdir", move |c| {
+        let mut names = Vec::new();
+        let read = c.readdir(dh, 0, |e| {
+            names.push(String::from_utf8_lossy(e.name).into_owned());
+            false
+        });
+        (read, c.fsyncdir(dh, false), names)
+    });
+    read.expect("readdir of the predecessor's handle");
+    synced.expect("fsyncdir of the predecessor's handle");
+    names.sort();
+    assert_eq!(names, [".", "..", "f", "g"]);
+}
+
+/// A branch file the predecessor opened is truncated through its handle
+/// by the successor (which opens it again, through the branch's layers)
+/// while snapshots of the branch are taken: the branch's file changes,
+/// main's does not. The reopening used to read the branch's layers lock a
+/// second time on the thread that held it already, which waits forever if
+/// a snapshot is waiting to write it in between: before the fix about
+/// half of the single crashes here hit that window, so the test crashes
+/// eight times.
+#[test]
+fn a_successor_truncates_a_branch_file_its_predecessor_opened() {
+    let s = Setup::new();
+    let mut worker = Arc::new(s.worker(false));
+    worker.snapshot_create(Some("s".into())).unwrap();
+    worker.branch_create("s", Some("b".into())).unwrap();
+    let mut dir = NodeId::ROOT;
+    for name in [".agentfs", "branches", "b"] {
+        dir = worker.lookup(dir, OsStr::new(name)).unwrap().node;
+    }
+    let f = worker.lookup(dir, OsStr::new("f")).unwrap().node;
+    for round in 0..8u64 {
+        let fh = worker.open(f, libc::O_RDWR).unwrap();
+        drop(worker); // the crash
+        worker = Arc::new(s.worker(true));
+        let snapshotter = {
+            let c = worker.clone();
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    c.snapshot_branch("b", Some(format!("r{round}-{i}")))
+                        .unwrap();
+                }
+            })
+        };
+        let size = 10 + round;
+        let truncated = within_20s(&worker, "setattr", move |c| {
+            let attr = SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            };
+            c.setattr(f, Some(fh), attr)
+        });
+        assert_eq!(
+            truncated.expect("truncate through the handle").st_size as u64,
+            size
+        );
+        snapshotter.join().unwrap();
+        assert_eq!(worker.getattr(f).unwrap().st_size as u64, size);
+    }
+    let main_f = worker.getattr(lookup(&worker, "f")).unwrap();
+    assert_eq!(main_f.st_size, 1, "main's f keeps its byte");
 }
