@@ -278,36 +278,44 @@ impl PreImageStore {
 
     /// Removes every pre-image no live snapshot needs. A pre-image tagged
     /// `t`, whose previous tag for the same inode is `p` (0 if none), serves
-    /// exactly the snapshots with `p < epoch <= t`.
+    /// exactly the snapshots with `p < epoch <= t`. Found in the index
+    /// (exact: this store is its only writer), so a deletion costs reads
+    /// of the disk only for what it removes, not for every pre-image kept.
     pub fn collect_garbage(&self, live_epochs: &[u64]) -> io::Result<usize> {
         let _w = self.writing.lock().unwrap();
-        let removed = self.remove_unneeded(live_epochs);
-        // Even after a failure part way: what is left on disk.
-        *self.tags.lock().unwrap() = index(&self.root)?;
-        removed
-    }
-
-    fn remove_unneeded(&self, live_epochs: &[u64]) -> io::Result<usize> {
-        let mut removed = 0;
-        for h in fs::read_dir(&self.root)? {
-            let hdir = h?.path();
-            let mut tags: Vec<u64> = fs::read_dir(&hdir)?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect();
-            tags.sort_unstable();
-            let mut prev = 0;
-            for &t in &tags {
-                if !live_epochs.iter().any(|&e| prev < e && e <= t) {
-                    fs::remove_dir_all(hdir.join(t.to_string()))?;
-                    removed += 1;
-                }
-                prev = t;
+        let unneeded: Vec<(HostHandle, u64)> = {
+            let tags = self.tags.lock().unwrap();
+            tags.iter()
+                .flat_map(|(h, tags)| {
+                    let prev = std::iter::once(0).chain(tags.iter().copied());
+                    prev.zip(tags.iter().copied())
+                        .filter(|&(p, t)| !live_epochs.iter().any(|&e| p < e && e <= t))
+                        .map(move |(_, t)| (h.clone(), t))
+                })
+                .collect()
+        };
+        for (h, t) in &unneeded {
+            let hdir = self.root.join(h.to_hex());
+            match fs::remove_dir_all(hdir.join(t.to_string())) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
-            if fs::read_dir(&hdir)?.next().is_none() {
-                fs::remove_dir(&hdir)?;
+            // Out of the index once gone from the disk, so that it stays
+            // exact should a later removal fail.
+            let mut tags = self.tags.lock().unwrap();
+            let left = tags.get_mut(h).expect("indexed above");
+            left.retain(|x| x != t);
+            if left.is_empty() {
+                tags.remove(h);
+                drop(tags);
+                // Anything else left in it is damage `--check` names.
+                fs::remove_dir(&hdir).or_else(|e| match e.raw_os_error() {
+                    Some(libc::ENOTEMPTY) => Ok(()),
+                    _ => Err(e),
+                })?;
             }
         }
-        Ok(removed)
+        Ok(unneeded.len())
     }
 }
 
@@ -459,5 +467,44 @@ mod tests {
         for s in [&store, &PreImageStore::open(t.path()).unwrap()] {
             assert!(s.find(&h, 1).unwrap().is_none(), "all collected");
         }
+    }
+
+    /// Collection works from the index: of several inodes' pre-images it
+    /// removes exactly those no live epoch needs (a store opened again
+    /// finds the same), takes one already gone from the disk as removed,
+    /// and removes an inode's directory with its last pre-image.
+    #[test]
+    fn collection_removes_exactly_the_unneeded_pre_images() {
+        let t = tempfile::tempdir().unwrap();
+        let store = PreImageStore::open(t.path()).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..3 {
+            let f = t.path().join(format!("f{i}"));
+            fs::write(&f, format!("{i}")).unwrap();
+            let fd = fs::File::open(&f).unwrap();
+            let h = hostfs::handle_of(fd.as_fd()).unwrap();
+            // Tags 2, 4, 6 for each inode.
+            for tag in [2, 4, 6] {
+                store.preserve(fd.as_fd(), &h, tag).unwrap();
+            }
+            handles.push(h);
+        }
+        let hdir = |h: &HostHandle| t.path().join("preserved").join(h.to_hex());
+        fs::remove_dir_all(hdir(&handles[2]).join("2")).unwrap();
+        // Epoch 3 needs tag 4 (2 < 3 <= 4) of each inode; tags 2 and 6
+        // serve none: six removals, one of them already done by hand.
+        assert_eq!(store.collect_garbage(&[3]).unwrap(), 6);
+        let tags = |s: &PreImageStore, h: &HostHandle| s.with_tags(h, <[u64]>::to_vec);
+        for s in [&store, &PreImageStore::open(t.path()).unwrap()] {
+            assert_eq!(tags(s, &handles[0]), [4]);
+            assert_eq!(tags(s, &handles[1]), [4]);
+            assert_eq!(tags(s, &handles[2]), [4]);
+        }
+        assert!(hdir(&handles[0]).join("4").is_dir());
+        assert!(!hdir(&handles[0]).join("2").exists());
+        // With its last pre-image an inode's directory goes.
+        assert_eq!(store.collect_garbage(&[]).unwrap(), 3);
+        assert_eq!(fs::read_dir(t.path().join("preserved")).unwrap().count(), 0);
+        assert_eq!(tags(&store, &handles[0]), Vec::<u64>::new());
     }
 }
