@@ -2523,6 +2523,20 @@ impl FsCore {
             .clone())
     }
 
+    /// Opens again, as their next use would, the files a predecessor left
+    /// open that this worker has not used yet, so that they count where
+    /// open files are counted (a branch is busy while one is open in it).
+    /// One that cannot be found again answers ESTALE on its next use and
+    /// keeps nothing busy.
+    fn resume_files(&self) {
+        let held: Vec<u64> = self
+            .held(|h| Some(h.files.keys().copied().collect()))
+            .unwrap_or_default();
+        for fh in held {
+            let _ = self.file(FileHandle(fh));
+        }
+    }
+
     /// Runs `f` on the host file behind `fh` for a change: main's file
     /// after preserving it for the snapshots, a branch's file
     /// in its top layer (reopened there if the layer it was opened in has
@@ -3420,6 +3434,7 @@ impl FsCore {
     pub fn branch_delete(&self, key: &str, force: bool) -> Result<Branch, ControlError> {
         let b = self.find_branch(key)?;
         let bound = self.bindings.bound_to(b.id);
+        self.resume_files();
         let open = self
             .files
             .read()

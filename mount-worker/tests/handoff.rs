@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use agentfs_mount_worker::control::ErrorKind;
 use agentfs_mount_worker::core::{FsCore, NodeId, SetAttr};
 use agentfs_mount_worker::handoff::{self, Journal};
 
@@ -144,6 +145,17 @@ fn a_successor_reads_a_directory_its_predecessor_opened() {
     assert_eq!(names, [".", "..", "f", "g"]);
 }
 
+/// Makes branch `b` of snapshot `s` of main; returns its file `f`.
+fn branch_file(core: &FsCore) -> NodeId {
+    core.snapshot_create(Some("s".into())).unwrap();
+    core.branch_create("s", Some("b".into())).unwrap();
+    let mut dir = NodeId::ROOT;
+    for name in [".agentfs", "branches", "b", "f"] {
+        dir = core.lookup(dir, OsStr::new(name)).unwrap().node;
+    }
+    dir
+}
+
 /// A branch file the predecessor opened is truncated through its handle
 /// by the successor (which opens it again, through the branch's layers)
 /// while snapshots of the branch are taken: the branch's file changes,
@@ -156,13 +168,7 @@ fn a_successor_reads_a_directory_its_predecessor_opened() {
 fn a_successor_truncates_a_branch_file_its_predecessor_opened() {
     let s = Setup::new();
     let mut worker = Arc::new(s.worker(false));
-    worker.snapshot_create(Some("s".into())).unwrap();
-    worker.branch_create("s", Some("b".into())).unwrap();
-    let mut dir = NodeId::ROOT;
-    for name in [".agentfs", "branches", "b"] {
-        dir = worker.lookup(dir, OsStr::new(name)).unwrap().node;
-    }
-    let f = worker.lookup(dir, OsStr::new("f")).unwrap().node;
+    let f = branch_file(&worker);
     for round in 0..8u64 {
         let fh = worker.open(f, libc::O_RDWR).unwrap();
         drop(worker); // the crash
@@ -193,4 +199,28 @@ fn a_successor_truncates_a_branch_file_its_predecessor_opened() {
     }
     let main_f = worker.getattr(lookup(&worker, "f")).unwrap();
     assert_eq!(main_f.st_size, 1, "main's f keeps its byte");
+}
+
+/// A file of a branch the predecessor opened keeps the branch busy for
+/// the successor before the kernel uses it again: a deletion without
+/// force is refused, and goes ahead once the file is released. Before, the
+/// successor counted only the files it had opened itself, and deleted the
+/// branch under the application's descriptor.
+#[test]
+fn a_branch_file_open_before_a_crash_keeps_the_branch_busy() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    let fh = first.open(f, libc::O_RDONLY).unwrap();
+    drop(first); // the crash
+
+    let second = s.worker(true);
+    let e = second.branch_delete("b", false).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
+    assert!(e.message.contains("1 open file(s)"), "{}", e.message);
+    assert_eq!(second.read(fh, 0, 8).unwrap(), b"f", "the file still reads");
+    second.release(fh);
+    second
+        .branch_delete("b", false)
+        .expect("deleted once released");
 }
