@@ -2183,10 +2183,15 @@ fn a_branch_deleted_while_it_is_snapshotted_refuses_cleanly() {
         let name = format!("r{round}");
         branch(&m, "base", &name);
         fs::write(branch_dir(&m, &name).join("f"), b"x").unwrap();
+        // Ends the takers at once should the deletion fail.
+        let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let take = |k: usize| {
                 let mut taken = Vec::new();
                 for i in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return taken;
+                    }
                     let req = Request::SnapshotCreate {
                         branch: Some(name.clone()),
                         name: Some(format!("{name}-{k}-{i}")),
@@ -2206,14 +2211,16 @@ fn a_branch_deleted_while_it_is_snapshotted_refuses_cleanly() {
             // the branch and taking its view now and then.
             let takers: Vec<_> = (0..4).map(|k| s.spawn(move || take(k))).collect();
             std::thread::sleep(Duration::from_micros(700 * (round % 8)));
-            ctl(
+            let deleted = ctl(
                 &m,
                 Request::BranchDelete {
                     branch: name.clone(),
                     force: true,
                 },
-            )
-            .expect("branch-delete");
+            );
+            // Otherwise each taker ends at its first refusal.
+            stop.store(deleted.is_err(), std::sync::atomic::Ordering::SeqCst);
+            deleted.expect("branch-delete");
             for t in takers.into_iter().flat_map(|t| t.join().unwrap()) {
                 let f = snapshot_dir(&m, &t).join("f");
                 assert_eq!(fs::read(&f).unwrap(), b"x", "{}", f.display());
