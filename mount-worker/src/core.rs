@@ -863,10 +863,11 @@ impl FsCore {
         let catalog = self.catalog.lock().unwrap().clone();
         let in_use = catalog.layers_in_use();
         let layers = self.state.join("layers");
-        std::fs::create_dir_all(&layers)?;
+        let in_layers = |e| named(layers.display(), e);
+        std::fs::create_dir_all(&layers).map_err(in_layers)?;
         let mut removed = false;
-        for e in std::fs::read_dir(&layers)? {
-            let e = e?;
+        for e in std::fs::read_dir(&layers).map_err(in_layers)? {
+            let e = e.map_err(in_layers)?;
             match catalog.layer_dir(&e.file_name(), &in_use) {
                 LayerDir::InUse => {
                     let path = e.path().join("work");
@@ -905,7 +906,9 @@ impl FsCore {
         // `freed` may have gone before a crash, unflushed), then forgotten.
         let freed: Vec<LayerId> = catalog.freed.iter().copied().collect();
         if removed || !freed.is_empty() {
-            File::open(&layers)?.sync_all()?;
+            File::open(&layers)
+                .and_then(|d| d.sync_all())
+                .map_err(in_layers)?;
         }
         self.forget_freed(&mut self.catalog.lock().unwrap(), &freed);
         self.spare.want(LayerId(catalog.next_layer));

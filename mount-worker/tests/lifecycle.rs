@@ -184,6 +184,27 @@ fn refuses_busy_mountpoint_and_busy_state_dir() {
     fs::write(m.path().join("still"), b"works").unwrap();
 }
 
+/// A state directory whose `layers/` cannot be used is refused with a
+/// message naming it (before, only the state directory was named).
+#[test]
+fn refuses_a_state_directory_whose_layers_cannot_be_used() {
+    let mut m = Mount::new();
+    m.stop();
+    let layers = m.state_dir().join("layers");
+    fs::remove_dir_all(&layers).unwrap();
+    fs::write(&layers, b"not a directory").unwrap();
+    let out = worker(&[
+        "--source",
+        s(m.source()),
+        "--mountpoint",
+        s(m.path()),
+        "--state-dir",
+        s(m.state_dir()),
+    ]);
+    assert_refused(&out, &[s(&layers)]);
+    assert!(!is_mounted(m.path()));
+}
+
 #[test]
 fn sigterm_unmounts_and_exits_zero() {
     let mut m = Mount::new();
