@@ -124,10 +124,11 @@ impl Passthrough {
             told: AtomicBool::new(false),
         };
         // Backing files of nodes with no open file left: nothing uses them.
+        // Closed before the journal forgets them, as `release` does.
         for (node, id) in backings {
             if !pt.table.lock().unwrap().nodes.contains_key(&node) {
-                core.journal_backing(NodeId(node), None);
                 pt.close(id);
+                core.journal_backing(NodeId(node), None);
             }
         }
         pt
