@@ -626,9 +626,9 @@ enum DirStream {
 /// bindings' `changing`, `catalog` (with `catalog_writer`), a snapshot
 /// view's `layers` (never locked for writing), `views`, `nodes`; and no
 /// thread reads a lock it holds already (a writer waiting in between
-/// would leave both waiting forever). A snapshot or branch and its view
-/// come and go together under `catalog`: a request that finds one in the
-/// catalog finds its view open.
+/// would leave both waiting forever). A branch or a snapshot of a branch
+/// and its view come and go together under `catalog`: a request that
+/// finds one in the catalog finds its view open.
 pub struct FsCore {
     nodes: Mutex<NodeTable>,
     /// Device of the source: its inodes use their own numbers as node ids.
@@ -2517,23 +2517,35 @@ impl FsCore {
             .ok_or_else(|| errno(libc::EBADF))?;
         let again = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
         let file = Arc::new(self.open_file(NodeId(node), again)?);
-        Ok(self
-            .files
-            .write()
-            .unwrap()
-            .entry(fh.0)
-            .or_insert(file)
-            .clone())
+        // Added only if still inherited, under that table's lock: a branch
+        // deletion reopens handles the kernel may be releasing meanwhile
+        // (`release` forgets the inherited handle first).
+        self.held(|h| {
+            h.files.contains_key(&fh.0).then(|| {
+                self.files
+                    .write()
+                    .unwrap()
+                    .entry(fh.0)
+                    .or_insert(file)
+                    .clone()
+            })
+        })
+        .ok_or_else(|| errno(libc::EBADF))
     }
 
     /// Opens again, as their next use would, the files a predecessor left
-    /// open that this worker has not used yet, so that they count where
-    /// open files are counted (a branch is busy while one is open in it).
-    /// One that cannot be found again answers ESTALE on its next use and
-    /// keeps nothing busy.
-    fn resume_files(&self) {
+    /// open in view `view` (or in a view their node id does not tell)
+    /// that this worker has not used yet, so that they count where open
+    /// files are counted (a branch is busy while one is open in it). One
+    /// that cannot be found again answers ESTALE on its next use and keeps
+    /// nothing busy.
+    fn resume_files_of(&self, view: u32) {
+        let of_view = |node: u64| node >> VIEW_SHIFT == view as u64 || node >= SYNTHETIC_BASE;
         let held: Vec<u64> = self
-            .held(|h| Some(h.files.keys().copied().collect()))
+            .held(|h| {
+                let fhs = h.files.iter().filter(|(_, (node, _))| of_view(*node));
+                Some(fhs.map(|(&fh, _)| fh).collect())
+            })
             .unwrap_or_default();
         for fh in held {
             let _ = self.file(FileHandle(fh));
@@ -2758,9 +2770,10 @@ impl FsCore {
 
     /// Closes a file handle.
     pub fn release(&self, fh: FileHandle) {
+        // Inherited no more first: `file` then adds no entry behind us.
+        self.released(fh.0);
         self.files.write().unwrap().remove(&fh.0);
         self.unseen.lock().unwrap().remove(&fh.0);
-        self.released(fh.0);
     }
 
     /// What the kernel may do with open file `fh` (opened with `flags`)
@@ -3437,7 +3450,9 @@ impl FsCore {
     pub fn branch_delete(&self, key: &str, force: bool) -> Result<Branch, ControlError> {
         let b = self.find_branch(key)?;
         let bound = self.bindings.bound_to(b.id);
-        self.resume_files();
+        if !force {
+            self.resume_files_of(b.id.0);
+        }
         let open = self
             .files
             .read()

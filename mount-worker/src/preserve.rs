@@ -281,6 +281,8 @@ impl PreImageStore {
     /// exactly the snapshots with `p < epoch <= t`. Found in the index
     /// (exact: this store is its only writer), so a deletion costs reads
     /// of the disk only for what it removes, not for every pre-image kept.
+    /// (A pre-image whose failed preservation could not even be moved back
+    /// out of the way stays unindexed until the next start indexes it.)
     pub fn collect_garbage(&self, live_epochs: &[u64]) -> io::Result<usize> {
         let _w = self.writing.lock().unwrap();
         let unneeded: Vec<(HostHandle, u64)> = {
@@ -310,7 +312,7 @@ impl PreImageStore {
                 drop(tags);
                 // Anything else left in it is damage `--check` names.
                 fs::remove_dir(&hdir).or_else(|e| match e.raw_os_error() {
-                    Some(libc::ENOTEMPTY) => Ok(()),
+                    Some(libc::ENOTEMPTY | libc::ENOENT) => Ok(()),
                     _ => Err(e),
                 })?;
             }

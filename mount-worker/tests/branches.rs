@@ -2249,6 +2249,9 @@ fn a_branch_is_whole_once_a_request_can_find_it() {
     for round in 0..150 {
         let name = format!("n{round}");
         let deleted = AtomicBool::new(false);
+        // Ends the racers at once should the creation fail.
+        let stop = AtomicBool::new(false);
+        let ended = || deleted.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst);
         let not_found = |e: ControlError| {
             assert_eq!(e.kind, ErrorKind::NotFound, "round {round}: {}", e.message);
             assert!(e.message.contains(&name), "round {round}: {}", e.message);
@@ -2259,7 +2262,7 @@ fn a_branch_is_whole_once_a_request_can_find_it() {
                     branch: Some(name.clone()),
                     name: Some(format!("{name}-s")),
                 };
-                while !deleted.load(Ordering::SeqCst) {
+                while !ended() {
                     match ctl(&m, req.clone()) {
                         Ok(_) => return true,
                         Err(e) => not_found(e),
@@ -2272,16 +2275,27 @@ fn a_branch_is_whole_once_a_request_can_find_it() {
                     branch: name.clone(),
                     force: true,
                 };
-                for _ in 0..100_000 {
+                while !stop.load(Ordering::SeqCst) {
                     match ctl(&m, req.clone()) {
                         Ok(_) => return deleted.store(true, Ordering::SeqCst),
                         Err(e) => not_found(e),
                     }
                 }
-                panic!("round {round}: the branch never appeared to its deletion");
+                // The creation failed (and says so).
             });
-            branch(&m, "base", &name);
-            delete.join().unwrap();
+            let made = ctl(
+                &m,
+                Request::BranchCreate {
+                    snapshot: "base".into(),
+                    name: Some(name.clone()),
+                },
+            );
+            stop.store(made.is_err(), Ordering::SeqCst);
+            made.unwrap_or_else(|e| panic!("round {round}: branch-create: {e}"));
+            let deletion = delete.join();
+            // The snapshot's racer ends even if the deletion's failed.
+            stop.store(true, Ordering::SeqCst);
+            deletion.unwrap();
             if snap.join().unwrap() {
                 taken.push(format!("{name}-s"));
             }
