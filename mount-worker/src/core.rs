@@ -77,6 +77,12 @@ impl NodeId {
     fn in_view(view: u64, local: u64) -> NodeId {
         NodeId(view << VIEW_SHIFT | local)
     }
+
+    /// The view its id names (`VIEW_SPECIAL` for virtual directories and
+    /// synthetic ids, whose view the id does not tell).
+    fn view(self) -> u64 {
+        self.0 >> VIEW_SHIFT
+    }
 }
 
 /// First synthetic id.
@@ -1373,7 +1379,7 @@ impl FsCore {
             None => {}
         }
         if let NodeKey::Layer(view, local) = key {
-            let synthetic = id.0 >> VIEW_SHIFT == VIEW_SPECIAL;
+            let synthetic = id.view() == VIEW_SPECIAL;
             if !synthetic && id != NodeId::in_view(view as u64, local) {
                 return Err(errno(libc::ESTALE));
             }
@@ -2045,7 +2051,7 @@ impl FsCore {
         if node == NodeId::ROOT {
             return self.bindings.root_shared();
         }
-        node.0 >> VIEW_SHIFT != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE
+        node.view() != VIEW_SPECIAL || node.0 >= SYNTHETIC_BASE
     }
 
     /// Whether the kernel may keep a directory's listing across opens
@@ -2540,7 +2546,7 @@ impl FsCore {
     /// that cannot be found again answers ESTALE on its next use and keeps
     /// nothing busy.
     fn resume_files_of(&self, view: u32) {
-        let of_view = |node: u64| node >> VIEW_SHIFT == view as u64 || node >= SYNTHETIC_BASE;
+        let of_view = |node: u64| NodeId(node).view() == view as u64 || node >= SYNTHETIC_BASE;
         let held: Vec<u64> = self
             .held(|h| {
                 let fhs = h.files.iter().filter(|(_, (node, _))| of_view(*node));

@@ -23,6 +23,18 @@ fn worker(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the worker on `source` at `mountpoint` with its state in `state`.
+fn worker_on(source: &Path, mountpoint: &Path, state: &Path) -> Output {
+    worker(&[
+        "--source",
+        s(source),
+        "--mountpoint",
+        s(mountpoint),
+        "--state-dir",
+        s(state),
+    ])
+}
+
 /// Asserts a refusal: non-zero exit, and a single stderr line that contains
 /// every one of `words`.
 fn assert_refused(out: &Output, words: &[&str]) {
@@ -73,38 +85,17 @@ fn refuses_missing_or_wrong_source_and_mountpoint() {
         d.path().join("state"),
     );
     fs::create_dir(&mnt).unwrap();
-    let out = worker(&[
-        "--source",
-        s(&src),
-        "--mountpoint",
-        s(&mnt),
-        "--state-dir",
-        s(&state),
-    ]);
+    let out = worker_on(&src, &mnt, &state);
     assert_refused(&out, &["source directory", s(&src), "--source"]);
 
     fs::write(&src, b"a file").unwrap();
-    let out = worker(&[
-        "--source",
-        s(&src),
-        "--mountpoint",
-        s(&mnt),
-        "--state-dir",
-        s(&state),
-    ]);
+    let out = worker_on(&src, &mnt, &state);
     assert_refused(&out, &["not a directory", s(&src)]);
 
     fs::remove_file(&src).unwrap();
     fs::create_dir(&src).unwrap();
     let missing = d.path().join("no-such-mountpoint");
-    let out = worker(&[
-        "--source",
-        s(&src),
-        "--mountpoint",
-        s(&missing),
-        "--state-dir",
-        s(&state),
-    ]);
+    let out = worker_on(&src, &missing, &state);
     assert_refused(&out, &["mountpoint", s(&missing), "mkdir"]);
     assert!(!is_mounted(&mnt) && !is_mounted(&missing));
 }
@@ -152,26 +143,12 @@ fn refuses_busy_mountpoint_and_busy_state_dir() {
     let m = Mount::new();
     let d = scratch();
     let other_state = d.path().join("state");
-    let out = worker(&[
-        "--source",
-        s(m.source()),
-        "--mountpoint",
-        s(m.path()),
-        "--state-dir",
-        s(&other_state),
-    ]);
+    let out = worker_on(m.source(), m.path(), &other_state);
     assert_refused(&out, &["busy", s(m.path()), "fusermount3 -u"]);
 
     let other_mnt = d.path().join("mnt");
     fs::create_dir(&other_mnt).unwrap();
-    let out = worker(&[
-        "--source",
-        s(m.source()),
-        "--mountpoint",
-        s(&other_mnt),
-        "--state-dir",
-        s(m.state_dir()),
-    ]);
+    let out = worker_on(m.source(), &other_mnt, m.state_dir());
     assert_refused(
         &out,
         &[
@@ -193,14 +170,7 @@ fn refuses_a_state_directory_whose_layers_cannot_be_used() {
     let layers = m.state_dir().join("layers");
     fs::remove_dir_all(&layers).unwrap();
     fs::write(&layers, b"not a directory").unwrap();
-    let out = worker(&[
-        "--source",
-        s(m.source()),
-        "--mountpoint",
-        s(m.path()),
-        "--state-dir",
-        s(m.state_dir()),
-    ]);
+    let out = worker_on(m.source(), m.path(), m.state_dir());
     assert_refused(&out, &[s(&layers)]);
     assert!(!is_mounted(m.path()));
 }
