@@ -678,6 +678,12 @@ pub struct FsCore {
     /// writes, shared maps of a passthrough file), by file handle: every
     /// snapshot preserves them when it is taken.
     unseen: Mutex<HashMap<u64, NodeId>>,
+    /// Main files whose last unseen writer was released: a shared map made
+    /// through it may still write the host file (the kernel maps the
+    /// passthrough backing file and lets the FUSE file go, so RELEASE comes
+    /// at `close`). Each snapshot preserves those still open for writing
+    /// somewhere and forgets the others ([`FsCore::preserve_unseen`]).
+    mapped: Mutex<HashSet<NodeId>>,
     /// Marks main's directories for changes made behind the mount's back.
     watch: Option<Arc<SourceWatch>>,
 }
@@ -793,6 +799,7 @@ impl FsCore {
             started: SystemTime::now(),
             handoff: None,
             unseen: Mutex::default(),
+            mapped: Mutex::default(),
             watch: None,
         };
         core.open_layers()?;
@@ -2779,7 +2786,9 @@ impl FsCore {
         // Inherited no more first: `file` then adds no entry behind us.
         self.released(fh.0);
         self.files.write().unwrap().remove(&fh.0);
-        self.unseen.lock().unwrap().remove(&fh.0);
+        if let Some(node) = self.unseen.lock().unwrap().remove(&fh.0) {
+            self.mapped.lock().unwrap().insert(node);
+        }
     }
 
     /// What the kernel may do with open file `fh` (opened with `flags`)
@@ -3217,11 +3226,20 @@ impl FsCore {
 
     /// Copies the pre-image, for a snapshot at `epoch`, of every main file
     /// that may change unseen: the only data a snapshot copies, and only
-    /// while passthrough writers are open (specs/semantics.md,
-    /// "Passthrough"). A pre-image left by a failure is for an epoch no
-    /// snapshot gets, and goes with the next garbage collection.
+    /// while passthrough writers or their shared maps are open
+    /// (specs/semantics.md, "Passthrough"). A pre-image left by a failure
+    /// is for an epoch no snapshot gets, and goes with the next garbage
+    /// collection.
     fn preserve_unseen(&self, epoch: u64) -> Result<(), ControlError> {
-        let nodes: HashSet<NodeId> = self.unseen.lock().unwrap().values().copied().collect();
+        let mut nodes: HashSet<NodeId> = self.unseen.lock().unwrap().values().copied().collect();
+        let mapped: Vec<NodeId> = self.mapped.lock().unwrap().iter().copied().collect();
+        for node in mapped {
+            if nodes.contains(&node) || self.maybe_mapped(node) {
+                nodes.insert(node);
+            } else {
+                self.mapped.lock().unwrap().remove(&node);
+            }
+        }
         for node in nodes {
             let kept = self.obj(node).and_then(|obj| {
                 let fd = self.main_inode(&obj)?;
@@ -3246,6 +3264,46 @@ impl FsCore {
             }
         }
         Ok(())
+    }
+
+    /// Whether main file `node`, no longer open for unseen writes, may
+    /// still be written through a shared map: while the map lives, its
+    /// (backing) file keeps the host file open for writing, and keeps the
+    /// kernel's node of it, so a node the kernel forgot has none. Where
+    /// that cannot be told, yes.
+    fn maybe_mapped(&self, node: NodeId) -> bool {
+        let Some(obj) = self
+            .nodes
+            .lock()
+            .unwrap()
+            .by_id
+            .get(&node.0)
+            .map(|n| n.obj.clone())
+        else {
+            return false;
+        };
+        let probe = self.main_inode(&obj).and_then(|fd| {
+            // Not waiting for another process's lease to break (EAGAIN:
+            // copied).
+            hostfs::open_for_writing_elsewhere(&hostfs::reopen(
+                fd.as_fd(),
+                libc::O_RDONLY | libc::O_NONBLOCK,
+            )?)
+        });
+        match probe {
+            Ok(written) => written,
+            Err(e) => match e.raw_os_error() {
+                // Gone from the source: no snapshot can show it.
+                Some(libc::ESTALE) => false,
+                _ => {
+                    tracing::debug!(
+                        node = node.0,
+                        "cannot tell whether a shared map still writes it: {e}"
+                    );
+                    true
+                }
+            },
+        }
     }
 
     /// Takes a snapshot of a branch (O(1)): the branch's top layer freezes

@@ -119,6 +119,26 @@ pub fn reopen(node: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Whether the file `file` (open read-only) is open for writing by any
+/// other open file description, the kernel's included (such as the backing
+/// file of a FUSE passthrough map): a read lease cannot be had then
+/// (EAGAIN). Otherwise one is taken and given back at once; a process
+/// opening the file for writing meanwhile waits for that and signals
+/// SIGIO, which the caller must not die of. EACCES without `CAP_LEASE` on
+/// a file of another owner; EINVAL where the file system has no leases.
+pub fn open_for_writing_elsewhere(file: &File) -> io::Result<bool> {
+    // SAFETY: fcntl on a descriptor we own, integer arguments only.
+    match cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) }) {
+        Ok(_) => {
+            // SAFETY: as above.
+            cvt(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) })?;
+            Ok(false)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// An `O_PATH` descriptor of the inode behind any open descriptor.
 pub fn path_fd_of(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let path = proc_path(fd);
@@ -739,6 +759,44 @@ mod tests {
 
     fn errno(r: io::Result<OwnedFd>) -> i32 {
         r.expect_err("must be refused").raw_os_error().unwrap()
+    }
+
+    /// A writer anywhere, a shared writable map whose descriptor is closed
+    /// included, is seen; readers and private maps are not.
+    #[test]
+    fn writers_elsewhere_are_seen_through_a_lease() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        fs::write(&path, b"0123").unwrap();
+        let probe = || open_for_writing_elsewhere(&File::open(&path).unwrap()).unwrap();
+        let reader = File::open(&path).unwrap();
+        assert!(!probe(), "a reader");
+        let writer = File::options().read(true).write(true).open(&path).unwrap();
+        assert!(probe(), "a writer");
+        let map = |file: File, flags| {
+            // SAFETY: a fresh mapping of 4 bytes, unmapped by the caller.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            addr
+        };
+        let shared = map(writer, libc::MAP_SHARED);
+        assert!(probe(), "a shared map of a closed writer");
+        // SAFETY: our mapping, not used after this.
+        unsafe { libc::munmap(shared, 4) };
+        assert!(!probe(), "the map gone");
+        let private = map(reader, libc::MAP_PRIVATE);
+        assert!(!probe(), "a private map");
+        // SAFETY: as above.
+        unsafe { libc::munmap(private, 4) };
     }
 
     /// Names and host symlinks never take a lookup out of its directory,

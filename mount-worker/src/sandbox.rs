@@ -45,7 +45,7 @@ const LANDLOCK_ABI: ABI = ABI::V7;
 /// The capabilities the worker keeps, and why (specs/security.md):
 /// it creates, changes and copies files of every user in the source and
 /// the state directory, with their owners, modes and extended attributes.
-pub const KEPT: [Capability; 8] = [
+pub const KEPT: [Capability; 9] = [
     // Files of every user, whatever their modes.
     Capability::CAP_DAC_OVERRIDE,
     // ... and open_by_handle_at(2), which hard links from below need.
@@ -60,6 +60,9 @@ pub const KEPT: [Capability; 8] = [
     Capability::CAP_MKNOD,
     // Copies keep security.capability.
     Capability::CAP_SETFCAP,
+    // Read leases on files of every user: a snapshot asks so whether a
+    // shared map still writes a file (`FsCore::maybe_mapped`).
+    Capability::CAP_LEASE,
     // trusted.* xattrs: the state directory's per-file records, and users'
     // own trusted.* attributes. Mounting, namespaces, BPF, ... are refused
     // by seccomp and Landlock.

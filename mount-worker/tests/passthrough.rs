@@ -126,6 +126,70 @@ fn writes_that_bypass_the_worker_never_change_a_snapshot() {
     }
 }
 
+/// Pre-images kept in the state directory.
+fn pre_images(m: &Mount) -> usize {
+    fs::read_dir(m.state_dir().join("preserved"))
+        .map(|inodes| {
+            inodes
+                .map(|i| fs::read_dir(i.unwrap().path()).unwrap().count())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_shared_map_that_outlives_its_descriptor_never_changes_a_snapshot() {
+    // The last: sandboxed as the supervisor runs it, with the file of
+    // another user (whether it is still mapped is asked with a lease).
+    for (policy, sandboxed) in [("auto", false), ("on", false), ("auto", true)] {
+        let mut b = Mount::builder()
+            .populate(|s| {
+                populate(s);
+                std::os::unix::fs::chown(s.join("f"), Some(1000), Some(1000)).unwrap();
+            })
+            .arg("--passthrough")
+            .arg(policy);
+        if sandboxed {
+            b = b.supervised();
+        }
+        let m = b.start();
+        let f = m.path().join("f");
+        let case = format!("{policy}, sandboxed: {sandboxed}");
+        // Someone opening the file for writing while a snapshot holds its
+        // lease signals SIGIO, which kills by default.
+        let status = fs::read_to_string(format!("/proc/{}/status", m.worker_pid())).unwrap();
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+            .unwrap();
+        assert_ne!(ignored & 1 << (libc::SIGIO - 1), 0, "{case}: {status}");
+        // auto: a reader makes the node passthrough and the writer joins
+        // it; the map is of the host file either way.
+        let reader = File::open(&f).unwrap();
+        let mut map = common::SharedMap::new(&f);
+        map.write_and_sync(0, b"1");
+        // The kernel releases the file at close; the map lives on.
+        map.close_file();
+        drop(reader);
+        common::snapshot(&m, None, "map-alive");
+        map.write_and_sync(0, b"2");
+        common::snapshot(&m, None, "map-alive-2");
+        map.write_and_sync(0, b"3");
+        drop(map);
+        let kept = pre_images(&m);
+        common::snapshot(&m, None, "map-gone");
+
+        let snap = |name: &str| fs::read(common::snapshot_dir(&m, name).join("f")).unwrap();
+        assert_eq!(snap("map-alive"), b"1123456789", "{case}");
+        assert_eq!(snap("map-alive-2"), b"2123456789", "{case}");
+        assert_eq!(snap("map-gone"), b"3123456789", "{case}");
+        assert_eq!(fs::read(&f).unwrap(), b"3123456789", "{case}");
+        // Nothing writes the file unseen any more: no copy for "map-gone".
+        assert_eq!(pre_images(&m), kept, "{case}");
+    }
+}
+
 #[test]
 fn a_snapshot_file_with_a_pre_image_is_read_through_passthrough() {
     let m = Mount::builder().populate(populate).start();

@@ -347,13 +347,13 @@ fi
 expect "agentfs@agent1 is active" "^active$" systemctl is-active agentfs@agent1
 # specs/security.md: the worker confines itself even under systemd's own
 # sandbox (CAP_SETPCAP lets it empty its bounding set).
-# 000000008820001f: CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
-# SYS_ADMIN MKNOD SETFCAP.
+# 000000009820001f: CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
+# SYS_ADMIN MKNOD LEASE SETFCAP.
 sandboxed='p=$(busctl get-property org.agentfs /org/agentfs/mount/agent1 org.agentfs.Mount1 WorkerPid | cut -d" " -f2)
   s=$(grep -E "^(NoNewPrivs|Seccomp|CapEff|CapBnd):" /proc/$p/status) && echo "$s" &&
   echo "$s" | grep -qE "^NoNewPrivs:\s+1$" && echo "$s" | grep -qE "^Seccomp:\s+2$" &&
-  echo "$s" | grep -qE "^CapEff:\s+000000008820001f$" && echo "$s" | grep -qE "^CapBnd:\s+000000008820001f$"'
-expect "its worker is sandboxed: no_new_privs, seccomp, 8 capabilities" "" sh -c "$sandboxed"
+  echo "$s" | grep -qE "^CapEff:\s+000000009820001f$" && echo "$s" | grep -qE "^CapBnd:\s+000000009820001f$"'
+expect "its worker is sandboxed: no_new_privs, seccomp, 9 capabilities" "" sh -c "$sandboxed"
 expect "/srv/agent1 is an AgentFS mount" "^fuse.agentfs$" findmnt -n -o FSTYPE --mountpoint /srv/agent1
 # specs/semantics.md section 1: the source watch works under the service's
 # own sandbox. Same size and the old mtime put back: without the watch the

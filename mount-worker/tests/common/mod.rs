@@ -1061,7 +1061,7 @@ pub fn check_report(state_dir: &Path) -> (bool, String) {
 /// writes that reach the file system only as dirty pages. Unmapped when
 /// dropped.
 pub struct SharedMap {
-    _file: fs::File,
+    file: Option<fs::File>,
     addr: *mut libc::c_void,
     len: usize,
 }
@@ -1089,10 +1089,16 @@ impl SharedMap {
         };
         assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
         SharedMap {
-            _file: file,
+            file: Some(file),
             addr,
             len,
         }
+    }
+
+    /// Closes the descriptor the map was made from; the map stays (and
+    /// keeps writing the file).
+    pub fn close_file(&mut self) {
+        self.file.take();
     }
 
     /// Stores `data` at `offset` through the map, then msync(MS_SYNC).
