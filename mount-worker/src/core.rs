@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -632,7 +632,8 @@ enum DirStream {
 /// bindings' `changing`, `catalog` (with `catalog_writer`), a snapshot
 /// view's `layers` (never locked for writing), `views`, `nodes`; and no
 /// thread reads a lock it holds already (a writer waiting in between
-/// would leave both waiting forever). A branch or a snapshot of a branch
+/// would leave both waiting forever). `unseen` and `mapped` are held
+/// alone (the journal's append aside). A branch or a snapshot of a branch
 /// and its view come and go together under `catalog`: a request that
 /// finds one in the catalog finds its view open.
 pub struct FsCore {
@@ -1184,6 +1185,7 @@ impl FsCore {
             })
             .map(|(&fh, &(node, _))| (fh, NodeId(node)))
             .collect();
+        *self.mapped.get_mut().unwrap() = held.mapped.iter().map(|&n| NodeId(n)).collect();
         self.handoff = Some((journal, Mutex::new(held)));
         self
     }
@@ -2786,8 +2788,14 @@ impl FsCore {
         // Inherited no more first: `file` then adds no entry behind us.
         self.released(fh.0);
         self.files.write().unwrap().remove(&fh.0);
-        if let Some(node) = self.unseen.lock().unwrap().remove(&fh.0) {
-            self.mapped.lock().unwrap().insert(node);
+        let unseen = self.unseen.lock().unwrap().get(&fh.0).copied();
+        if let Some(node) = unseen {
+            // Listed before it leaves `unseen`: a snapshot in between
+            // finds it in one of them.
+            if self.maybe_mapped(node) {
+                self.set_mapped(node, true);
+            }
+            self.unseen.lock().unwrap().remove(&fh.0);
         }
     }
 
@@ -3237,7 +3245,7 @@ impl FsCore {
             if nodes.contains(&node) || self.maybe_mapped(node) {
                 nodes.insert(node);
             } else {
-                self.mapped.lock().unwrap().remove(&node);
+                self.set_mapped(node, false);
             }
         }
         for node in nodes {
@@ -3256,7 +3264,8 @@ impl FsCore {
                         format!(
                             "no snapshot taken, nothing changed: a file open for writing \
                              with passthrough (node {}) could not be preserved: {e}; free \
-                             space in the state directory, or close the file, and retry",
+                             space in the state directory, or close (and unmap) the file, \
+                             and retry",
                             node.0
                         ),
                     ));
@@ -3266,23 +3275,14 @@ impl FsCore {
         Ok(())
     }
 
-    /// Whether main file `node`, no longer open for unseen writes, may
+    /// Whether main file `node`, whose unseen writer is released, may
     /// still be written through a shared map: while the map lives, its
     /// (backing) file keeps the host file open for writing, and keeps the
     /// kernel's node of it, so a node the kernel forgot has none. Where
     /// that cannot be told, yes.
     fn maybe_mapped(&self, node: NodeId) -> bool {
-        let Some(obj) = self
-            .nodes
-            .lock()
-            .unwrap()
-            .by_id
-            .get(&node.0)
-            .map(|n| n.obj.clone())
-        else {
-            return false;
-        };
-        let probe = self.main_inode(&obj).and_then(|fd| {
+        let probe = self.obj(node).and_then(|obj| {
+            let fd = self.main_inode(&obj)?;
             // Not waiting for another process's lease to break (EAGAIN:
             // copied).
             hostfs::open_for_writing_elsewhere(&hostfs::reopen(
@@ -3293,16 +3293,43 @@ impl FsCore {
         match probe {
             Ok(written) => written,
             Err(e) => match e.raw_os_error() {
-                // Gone from the source: no snapshot can show it.
+                // Forgotten by the kernel, or gone from the source (no
+                // snapshot can show it).
                 Some(libc::ESTALE) => false,
                 _ => {
-                    tracing::debug!(
-                        node = node.0,
-                        "cannot tell whether a shared map still writes it: {e}"
-                    );
+                    static TOLD: AtomicBool = AtomicBool::new(false);
+                    let msg = "cannot tell whether a shared map still writes a file (no \
+                               read lease: fs.leases-enable = 0, a network file system, or \
+                               no CAP_LEASE): it is copied at every snapshot until the \
+                               kernel forgets it";
+                    if TOLD.swap(true, Ordering::Relaxed) {
+                        tracing::debug!(node = node.0, "{msg}: {e}");
+                    } else {
+                        tracing::warn!(node = node.0, "{msg}: {e}");
+                    }
                     true
                 }
             },
+        }
+    }
+
+    /// Lists (or unlists) main file `node` as maybe written through a
+    /// shared map ([`FsCore::mapped`]), and journals it for a successor
+    /// under the list's lock, so that the journal's last word is the list's.
+    fn set_mapped(&self, node: NodeId, mapped: bool) {
+        let mut list = self.mapped.lock().unwrap();
+        let changed = if mapped {
+            list.insert(node)
+        } else {
+            list.remove(&node)
+        };
+        if changed {
+            self.journal(|| {
+                Some(match mapped {
+                    true => Record::Mapped(node.0),
+                    false => Record::Unmapped(node.0),
+                })
+            });
         }
     }
 

@@ -11,7 +11,8 @@
 //! many workers answered the lookups); an open file by its
 //! node and open flags; a directory stream by its node; the backing file
 //! id a node's passthrough opens share (the kernel refuses another one
-//! while any is open, `crate::passthrough`). A record is
+//! while any is open, `crate::passthrough`); the main files a shared map
+//! may still write unseen (`FsCore::maybe_mapped`). A record is
 //! written before the reply that hands the id to the kernel, so whatever
 //! the kernel holds is in the journal, even if the worker dies right after.
 //!
@@ -30,7 +31,7 @@
 //! nodes cached a fold takes seconds: made in place, it held up every
 //! request for that long.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -109,6 +110,11 @@ pub enum Record {
     Backing { node: u64, id: u32 },
     /// Node `node`'s backing file was closed.
     Unbacked(u64),
+    /// Main file `node` may be written through a shared map that outlived
+    /// its descriptor: snapshots ask whether it still is.
+    Mapped(u64),
+    /// Main file `node` is no longer written through a map.
+    Unmapped(u64),
 }
 
 /// A node the kernel holds.
@@ -137,6 +143,8 @@ pub struct Held {
     pub dirs: HashMap<u64, u64>,
     /// Backing file ids of nodes open for passthrough.
     pub backings: HashMap<u64, u32>,
+    /// Main files a shared map may still write.
+    pub mapped: HashSet<u64>,
 }
 
 impl Held {
@@ -182,6 +190,12 @@ impl Held {
             Record::Unbacked(node) => {
                 self.backings.remove(&node);
             }
+            Record::Mapped(node) => {
+                self.mapped.insert(node);
+            }
+            Record::Unmapped(node) => {
+                self.mapped.remove(&node);
+            }
         }
     }
 
@@ -223,7 +237,8 @@ impl Held {
             .backings
             .iter()
             .map(|(&node, &id)| Record::Backing { node, id });
-        nodes.chain(files).chain(dirs).chain(backings)
+        let mapped = self.mapped.iter().map(|&node| Record::Mapped(node));
+        nodes.chain(files).chain(dirs).chain(backings).chain(mapped)
     }
 
     /// The largest generation held (new ones go above it).
@@ -647,6 +662,8 @@ const BACKING: u8 = 8;
 const UNBACKED: u8 = 9;
 const LOOKUP: u8 = 10;
 const FORGET: u8 = 11;
+const MAPPED: u8 = 12;
+const UNMAPPED: u8 = 13;
 
 fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(&h.handle_type().to_le_bytes());
@@ -735,6 +752,14 @@ fn encode(r: &Record) -> Vec<u8> {
         }
         Record::Unbacked(node) => {
             out.push(UNBACKED);
+            out.extend_from_slice(&node.to_le_bytes());
+        }
+        Record::Mapped(node) => {
+            out.push(MAPPED);
+            out.extend_from_slice(&node.to_le_bytes());
+        }
+        Record::Unmapped(node) => {
+            out.push(UNMAPPED);
             out.extend_from_slice(&node.to_le_bytes());
         }
     }
@@ -834,6 +859,8 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
             id: f.u32()?,
         },
         UNBACKED => Record::Unbacked(f.u64()?),
+        MAPPED => Record::Mapped(f.u64()?),
+        UNMAPPED => Record::Unmapped(f.u64()?),
         _ => return None,
     };
     Some((r, at + 4 + n))
@@ -941,6 +968,9 @@ mod tests {
         j.append(&Record::Backing { node: 10, id: 3 });
         j.append(&Record::Backing { node: 11, id: 4 });
         j.append(&Record::Unbacked(11));
+        j.append(&Record::Mapped(10));
+        j.append(&Record::Mapped(12));
+        j.append(&Record::Unmapped(12));
         drop(j);
         let (j2, held) = Journal::open(dup(&fd), true).unwrap();
         assert_eq!(held.nodes.len(), 2);
@@ -969,6 +999,7 @@ mod tests {
         assert_eq!(held.dirs.get(&6), Some(&10));
         assert_eq!(held.max_handle(), 6);
         assert_eq!(held.backings, HashMap::from([(10, 3)]));
+        assert_eq!(held.mapped, HashSet::from([10]));
         // The successor's own journal holds the same after folding.
         drop(j2);
         let (_, again) = Journal::open(fd, true).unwrap();

@@ -288,6 +288,16 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
         takeover.then_some(tuning.cache_timeout),
     )
     .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
+    // A snapshot probes files with a read lease (`FsCore::maybe_mapped`):
+    // an open for writing meanwhile signals SIGIO, which would end us.
+    // SAFETY: SIG_IGN runs no code of ours.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGIO,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(|e| StartupError::Session(mountpoint.clone(), e.into()))?;
     let _control = control::serve(state.path(), handler)
         .map_err(|e| StartupError::StateDir(state.path().to_owned(), e))?;
     let weak = Arc::downgrade(&core);
@@ -336,16 +346,6 @@ pub fn run(opts: &Options) -> Result<(), StartupError> {
             open_files / 2
         );
     }
-    // A snapshot probes files with a read lease (`FsCore::maybe_mapped`):
-    // an open for writing meanwhile signals SIGIO, which would end us.
-    // SAFETY: SIG_IGN runs no code of ours.
-    unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::SIGIO,
-            nix::sys::signal::SigHandler::SigIgn,
-        )
-    }
-    .map_err(|e| StartupError::Session(mountpoint.clone(), e.into()))?;
     let session_over = spawn_signal_handler(mountpoint.clone(), guard.dev)
         .map_err(|e| StartupError::Session(mountpoint.clone(), e))?;
     let result = session.run();

@@ -755,6 +755,51 @@ fn files_open_for_passthrough_survive_a_worker_crash() {
     assert_eq!(fs::read_to_string(mnt.join("read")).unwrap(), "new345678X");
 }
 
+/// A shared map whose descriptor is closed writes the host file without
+/// the worker (passthrough maps the host file itself); the worker lists
+/// such files in the handoff journal, so that a successor too copies them
+/// at each snapshot while the map lives.
+#[test]
+fn a_shared_map_that_outlived_its_descriptor_is_seen_across_a_worker_crash() {
+    use std::os::fd::AsRawFd;
+    let dir = tempdir();
+    let s = Supervisor::start(dir.path());
+    let (src, mnt) = s.configure("mapped", "[fuse]\npassthrough = \"on\"\n");
+    fs::write(src.join("f"), "0123456789").unwrap();
+    ok(&s.manager("StartMount", "s", &["mapped"]));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("f"))
+        .unwrap();
+    // SAFETY: a fresh 10-byte shared mapping, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            10,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    drop(file);
+    kill_worker(&s, "mapped", 1);
+    ok(&s.mount_call("mapped", "CreateSnapshot", "ss", &["", "s"]));
+    // SAFETY: inside the mapping, which is ours and unmapped after.
+    unsafe {
+        *(map as *mut u8) = b'X';
+        assert_eq!(libc::msync(map, 10, libc::MS_SYNC), 0);
+        libc::munmap(map, 10);
+    }
+    assert_eq!(fs::read_to_string(src.join("f")).unwrap(), "X123456789");
+    assert_eq!(
+        fs::read_to_string(mnt.join(".agentfs/snapshots/s/f")).unwrap(),
+        "0123456789"
+    );
+}
+
 /// A sandboxed worker opens main's files, and a snapshot's that share
 /// main's inode, by the name it found them by: Landlock checks the host
 /// path of what it opens, which a file opened by a bare handle lacks once
