@@ -95,6 +95,28 @@ pub const AGENTFS_NAME: &[u8] = b".agentfs";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileHandle(pub u64);
 
+/// A file opened for the kernel and not given to it yet. A successor
+/// learns of it only once [`FsCore::hand_out`] records it, right before
+/// the reply: an open that a crash cuts short is sent again by the
+/// kernel, which never releases the first handle, so a record of it made
+/// earlier (before passthrough registration, or a pre-image's copy) kept
+/// the file counted open for good: its branch busy, its backing file
+/// open, its pre-image copied at every snapshot.
+#[must_use = "hand it out in the reply, or release it"]
+#[derive(Debug)]
+pub struct NewFile {
+    fh: FileHandle,
+    node: NodeId,
+    flags: i32,
+}
+
+impl NewFile {
+    /// Its handle, for what the worker does before the reply.
+    pub fn fh(&self) -> FileHandle {
+        self.fh
+    }
+}
+
 /// What the kernel may do with an open file without asking the worker,
 /// once given the host file (FUSE passthrough, `crate::passthrough`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2509,17 +2531,26 @@ impl FsCore {
 
     /// A handle for `file`, which is `node` opened with the caller's
     /// `flags`.
-    fn add_file(&self, node: NodeId, flags: i32, file: OpenFile) -> FileHandle {
+    fn add_file(&self, node: NodeId, flags: i32, file: OpenFile) -> NewFile {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.files.write().unwrap().insert(fh, Arc::new(file));
+        NewFile {
+            fh: FileHandle(fh),
+            node,
+            flags,
+        }
+    }
+
+    /// Records `file` for a successor, to be given to the kernel next.
+    pub fn hand_out(&self, file: NewFile) -> FileHandle {
         self.journal(|| {
             Some(Record::File {
-                fh,
-                node: node.0,
-                flags,
+                fh: file.fh.0,
+                node: file.node.0,
+                flags: file.flags,
             })
         });
-        self.files.write().unwrap().insert(fh, Arc::new(file));
-        FileHandle(fh)
+        file.fh
     }
 
     fn file(&self, fh: FileHandle) -> io::Result<Arc<OpenFile>> {
@@ -2651,7 +2682,7 @@ impl FsCore {
     }
 
     /// Opens a regular file with the caller's open flags.
-    pub fn open(&self, node: NodeId, flags: i32) -> io::Result<FileHandle> {
+    pub fn open(&self, node: NodeId, flags: i32) -> io::Result<NewFile> {
         let file = self.open_file(node, flags)?;
         Ok(self.add_file(node, flags, file))
     }
@@ -2698,7 +2729,7 @@ impl FsCore {
         mode: u32,
         flags: i32,
         caller: Caller,
-    ) -> io::Result<(Entry, FileHandle)> {
+    ) -> io::Result<(Entry, NewFile)> {
         if let Obj::Layer(_) = &self.dir_entry(parent, name)? {
             // Made like any node, then opened in the top layer: O_EXCL
             // holds because the name is made with mknod, which fails if it

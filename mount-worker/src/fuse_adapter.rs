@@ -629,8 +629,9 @@ impl Filesystem for Adapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = self.at(req, ino).and_then(|n| {
-            let fh = self.core.open(n, flags.0)?;
-            Ok((fh, self.how(n, fh, flags.0)?))
+            let new = self.core.open(n, flags.0)?;
+            let how = self.how(n, new.fh(), flags.0)?;
+            Ok((self.core.hand_out(new), how))
         });
         match r {
             Ok((fh, how @ Open::Cached { .. })) => {
@@ -673,8 +674,8 @@ impl Filesystem for Adapter {
                 }
             })?;
             self.changed_names(parent, p, &[name]);
-            match self.how(e.node, fh, flags) {
-                Ok(how) => Ok((e, fh, how)),
+            match self.how(e.node, fh.fh(), flags) {
+                Ok(how) => Ok((e, self.core.hand_out(fh), how)),
                 Err(err) => {
                     self.core.forget(e.node, 1);
                     Err(err)

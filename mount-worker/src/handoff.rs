@@ -14,7 +14,9 @@
 //! while any is open, `crate::passthrough`); the main files a shared map
 //! may still write unseen (`FsCore::maybe_mapped`). A record is
 //! written before the reply that hands the id to the kernel, so whatever
-//! the kernel holds is in the journal, even if the worker dies right after.
+//! the kernel holds is in the journal, even if the worker dies right after
+//! (an open file's right before, `FsCore::hand_out`: not a handle the
+//! kernel never got).
 //!
 //! Layout: a header page (magic, which half is active, bytes used in each
 //! half, and the highest file handle, generation and node id ever recorded,

@@ -170,7 +170,7 @@ fn a_successor_truncates_a_branch_file_its_predecessor_opened() {
     let mut worker = Arc::new(s.worker(false));
     let f = branch_file(&worker);
     for round in 0..8u64 {
-        let fh = worker.open(f, libc::O_RDWR).unwrap();
+        let fh = worker.hand_out(worker.open(f, libc::O_RDWR).unwrap());
         drop(worker); // the crash
         worker = Arc::new(s.worker(true));
         let snapshotter = {
@@ -211,7 +211,7 @@ fn a_branch_file_open_before_a_crash_keeps_the_branch_busy() {
     let s = Setup::new();
     let first = s.worker(false);
     let f = branch_file(&first);
-    let fh = first.open(f, libc::O_RDONLY).unwrap();
+    let fh = first.hand_out(first.open(f, libc::O_RDONLY).unwrap());
     drop(first); // the crash
 
     let second = s.worker(true);
@@ -223,4 +223,27 @@ fn a_branch_file_open_before_a_crash_keeps_the_branch_busy() {
     second
         .branch_delete("b", false)
         .expect("deleted once released");
+}
+
+/// An open the predecessor carried out but never answered (it died
+/// first) is not the kernel's: the kernel sends the OPEN again and never
+/// releases the first handle. The successor must not count it: before,
+/// it kept the branch busy for good (and would have kept a passthrough
+/// backing file open, and a main file copied at every snapshot).
+#[test]
+fn an_open_a_crash_cut_short_keeps_nothing_busy() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    let _never_answered = first.open(f, libc::O_RDONLY).unwrap();
+    drop(first); // the crash, before the reply
+
+    let second = s.worker(true);
+    // The OPEN sent again, answered and released.
+    let fh = second.hand_out(second.open(f, libc::O_RDONLY).unwrap());
+    assert_eq!(second.read(fh, 0, 8).unwrap(), b"f");
+    second.release(fh);
+    second
+        .branch_delete("b", false)
+        .expect("no open file left in the branch");
 }
