@@ -697,6 +697,9 @@ pub struct FsCore {
     /// Where ids handed to the kernel are recorded for a successor, and
     /// what a predecessor's kernel still holds (found again on first use).
     handoff: Option<(Journal, Mutex<Held>)>,
+    /// Layer nodes of a predecessor with ids of the synthetic range: their
+    /// record is all that names their object ([`FsCore::renamed`]).
+    held_synthetic: Vec<NodeId>,
     /// Main files open for changes the worker does not see (passthrough
     /// writes, shared maps of a passthrough file), by file handle: every
     /// snapshot preserves them when it is taken.
@@ -821,6 +824,7 @@ impl FsCore {
             isolation: Isolation::default(),
             started: SystemTime::now(),
             handoff: None,
+            held_synthetic: Vec::new(),
             unseen: Mutex::default(),
             mapped: Mutex::default(),
             watch: None,
@@ -1208,6 +1212,12 @@ impl FsCore {
             .map(|(&fh, &(node, _))| (fh, NodeId(node)))
             .collect();
         *self.mapped.get_mut().unwrap() = held.mapped.iter().map(|&n| NodeId(n)).collect();
+        self.held_synthetic = held
+            .nodes
+            .iter()
+            .filter(|&(&id, n)| id >= SYNTHETIC_BASE && matches!(n.origin, Origin::Layer { .. }))
+            .map(|(&id, _)| NodeId(id))
+            .collect();
         self.handoff = Some((journal, Mutex::new(held)));
         self
     }
@@ -1375,12 +1385,22 @@ impl FsCore {
                 shows = Some((obj.clone(), true));
                 (Obj::Snap(obj), NodeKey::Snap(snap, ino))
             }
-            Origin::Layer { parent, name } => {
+            Origin::Layer {
+                parent,
+                name,
+                local,
+            } => {
                 let Obj::Layer(dir) = &self.obj(NodeId(parent))? else {
                     return Err(errno(libc::ESTALE));
                 };
                 let layers = self.layers_of(dir)?;
                 let obj = dir.lookup(self.cx(), &layers, OsStr::from_bytes(&name))?;
+                // The name leads to another object now (its own was
+                // removed, or renamed by a worker that did not know this
+                // node): the kernel's node is gone.
+                if local.is_some_and(|l| l != obj.id) {
+                    return Err(errno(libc::ESTALE));
+                }
                 shows = obj.base(&layers).map(|b| (b, obj.is_dir));
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
@@ -2385,37 +2405,44 @@ impl FsCore {
 
     /// A rename the previous worker carried out but did not answer: journals
     /// where its object went, as [`FsCore::rename`] would have.
-    pub fn renamed_before_takeover(&self, newparent: NodeId, newname: &OsStr) {
+    pub fn renamed_before_takeover(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        newparent: NodeId,
+        newname: &OsStr,
+    ) {
         let Ok(dir) = self.obj(newparent) else {
             return;
         };
         if let Obj::Layer(d) = &dir {
             if let Ok(layers) = self.layers_of(d) {
                 if let Ok(obj) = d.lookup(self.cx(), &layers, newname) {
-                    self.renamed(&self.live_layer_obj(obj, &layers));
+                    self.renamed(&self.live_layer_obj(obj, &layers), (parent, name));
                 }
             }
         }
     }
 
-    /// Journals the new place of a layered object that was renamed: a
-    /// successor finds it by its new name.
-    fn renamed(&self, obj: &LayerObj) {
+    /// Journals the new place of a layered object that was renamed from
+    /// `was` (directory node, name): a successor finds it by its new name.
+    fn renamed(&self, obj: &LayerObj, was: (NodeId, &OsStr)) {
         let mut t = self.nodes.lock().unwrap();
         let Some(origin) = layer_origin(&t, obj) else {
             return;
         };
-        // Lookups the journal does not have yet: all of a node it learns
-        // of only now.
-        let mut unrecorded = 0;
-        let (id, generation) = match t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
+        // Its nodes: id, generation, and lookups the journal does not have
+        // yet (all of a node it learns of only now).
+        let mut nodes: Vec<(u64, u64, u64)> = Vec::new();
+        match t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
             Some(&id) => {
                 let node = t.by_id.get_mut(&id).expect("tables agree");
+                let mut unrecorded = 0;
                 if !node.journaled {
                     node.journaled = true;
                     unrecorded = node.lookups.saturating_sub(1);
                 }
-                (id, node.generation)
+                nodes.push((id, node.generation, unrecorded));
             }
             None => {
                 // Held from a predecessor and not used since.
@@ -2425,22 +2452,45 @@ impl FsCore {
                     node.origin = origin.clone();
                     Some(node.generation)
                 };
-                match self.held(moved) {
-                    Some(generation) => (id, generation),
-                    None => return,
-                }
+                nodes.extend(self.held(moved).map(|generation| (id, generation, 0)));
             }
-        };
-        self.journal(|| {
-            Some(Record::Node {
-                id,
-                generation,
-                origin,
-                at: None,
-            })
-        });
-        if unrecorded > 0 {
-            self.journal(|| Some(Record::Lookup { id, n: unrecorded }));
+        }
+        // Held ids a predecessor gave it when it found it by another name
+        // than the journal's (a hard link): known by the old place only.
+        let (dir, name) = (was.0.0, was.1.as_bytes());
+        for &id in &self.held_synthetic {
+            if nodes.iter().any(|n| n.0 == id.0) {
+                continue;
+            }
+            let moved = |h: &mut Held| {
+                let node = h.nodes.get_mut(&id.0)?;
+                match &node.origin {
+                    Origin::Layer {
+                        parent,
+                        name: held_name,
+                        local,
+                    } if *parent == dir
+                        && held_name == name
+                        && local.is_none_or(|l| l == obj.id) => {}
+                    _ => return None,
+                }
+                node.origin = origin.clone();
+                Some(node.generation)
+            };
+            nodes.extend(self.held(moved).map(|generation| (id.0, generation, 0)));
+        }
+        for (id, generation, unrecorded) in nodes {
+            self.journal(|| {
+                Some(Record::Node {
+                    id,
+                    generation,
+                    origin: origin.clone(),
+                    at: None,
+                })
+            });
+            if unrecorded > 0 {
+                self.journal(|| Some(Record::Lookup { id, n: unrecorded }));
+            }
         }
     }
 
@@ -2461,8 +2511,14 @@ impl FsCore {
             (Obj::Layer(o), Obj::Layer(n)) if Arc::ptr_eq(&o.view, &n.view) => {
                 let layers = self.layers_of(o)?;
                 let live = |obj| self.live_layer_obj(obj, &layers);
+                let at_new = Some((n.id, newname.as_bytes().to_vec()));
                 for obj in o.rename(self.cx(), &layers, name, n, newname, flags, &live)? {
-                    self.renamed(&obj);
+                    // Moved to the new name from the old, or back (an exchange).
+                    let was = match obj.place() == at_new {
+                        true => (parent, name),
+                        false => (newparent, newname),
+                    };
+                    self.renamed(&obj, was);
                 }
                 return Ok(());
             }
@@ -3732,7 +3788,11 @@ fn write_all_at(f: &File, data: &[u8], offset: u64, exact: bool) -> io::Result<u
 fn layer_origin(t: &NodeTable, o: &LayerObj) -> Option<Origin> {
     let (dir, name) = o.place()?;
     let parent = *t.by_key.get(&NodeKey::Layer(o.view.number, dir))?;
-    Some(Origin::Layer { parent, name })
+    Some(Origin::Layer {
+        parent,
+        name,
+        local: Some(o.id),
+    })
 }
 
 /// Unmaps `key` from its node if `stale` says the node's object is not

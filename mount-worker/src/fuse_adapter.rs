@@ -579,7 +579,7 @@ impl Filesystem for Adapter {
             let np = self.at(req, newparent)?;
             let r = self.core.rename(p, name, np, newname, flags.bits());
             unless_done(req, r, libc::ENOENT, || {
-                self.core.renamed_before_takeover(np, newname);
+                self.core.renamed_before_takeover(p, name, np, newname);
                 Ok(())
             })?;
             if parent == newparent {

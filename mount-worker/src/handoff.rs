@@ -73,6 +73,10 @@ pub enum Origin {
         parent: u64,
         /// The name in it.
         name: Vec<u8>,
+        /// The object's id in its view, which what is found there must
+        /// have: a name can lead to another object by then (None in
+        /// records of workers older than this check).
+        local: Option<u64>,
     },
 }
 
@@ -666,6 +670,8 @@ const LOOKUP: u8 = 10;
 const FORGET: u8 = 11;
 const MAPPED: u8 = 12;
 const UNMAPPED: u8 = 13;
+/// A layer node with its object's id.
+const NODE_LAYER_LOCAL: u8 = 14;
 
 fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(&h.handle_type().to_le_bytes());
@@ -714,11 +720,22 @@ fn encode(r: &Record) -> Vec<u8> {
                 put_handle(&mut out, handle);
                 put_found_at(&mut out, at);
             }
-            Origin::Layer { parent, name } => {
-                out.push(NODE_LAYER);
+            Origin::Layer {
+                parent,
+                name,
+                local,
+            } => {
+                out.push(if local.is_some() {
+                    NODE_LAYER_LOCAL
+                } else {
+                    NODE_LAYER
+                });
                 out.extend_from_slice(&id.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
                 out.extend_from_slice(&parent.to_le_bytes());
+                if let Some(local) = local {
+                    out.extend_from_slice(&local.to_le_bytes());
+                }
                 out.extend_from_slice(name);
             }
         },
@@ -832,6 +849,15 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
             Some(Origin::Layer {
                 parent,
                 name: std::mem::take(&mut f.0).to_vec(),
+                local: None,
+            })
+        })?,
+        NODE_LAYER_LOCAL => node(&mut f, &|f| {
+            let (parent, local) = (f.u64()?, f.u64()?);
+            Some(Origin::Layer {
+                parent,
+                name: std::mem::take(&mut f.0).to_vec(),
+                local: Some(local),
             })
         })?,
         LOOKUP => Record::Lookup {
@@ -938,6 +964,7 @@ mod tests {
             Origin::Layer {
                 parent: 10,
                 name: b"a b".to_vec(),
+                local: None,
             },
         ));
         j.append(&node(12, Origin::Main(h.clone())));
@@ -953,6 +980,7 @@ mod tests {
             Origin::Layer {
                 parent: 10,
                 name: b"moved".to_vec(),
+                local: Some(7),
             },
         ));
         j.append(&Record::File {
@@ -990,7 +1018,8 @@ mod tests {
             held.nodes[&11].origin,
             Origin::Layer {
                 parent: 10,
-                name: b"moved".to_vec()
+                name: b"moved".to_vec(),
+                local: Some(7),
             }
         );
         assert_eq!(held.max_generation(), 111);

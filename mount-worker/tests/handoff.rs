@@ -12,7 +12,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use agentfs_mount_worker::control::ErrorKind;
-use agentfs_mount_worker::core::{FsCore, NodeId, SetAttr};
+use agentfs_mount_worker::core::{Caller, FsCore, NodeId, SetAttr, SetIdBits};
 use agentfs_mount_worker::handoff::{self, Journal};
 
 struct Setup {
@@ -246,4 +246,55 @@ fn an_open_a_crash_cut_short_keeps_nothing_busy() {
     second
         .branch_delete("b", false)
         .expect("no open file left in the branch");
+}
+
+/// A branch file that a successor finds by a second name (a hard link
+/// made before the crash) gets a node id of its own, which the next
+/// successor knows by that name only. When that successor renames it and
+/// makes a new file under the old name, a descriptor held across both
+/// crashes must still reach the renamed file, never the new one.
+#[test]
+fn a_hard_link_held_across_two_crashes_keeps_its_file_when_renamed() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    let mut b = NodeId::ROOT;
+    for name in [".agentfs", "branches", "b"] {
+        b = first.lookup(b, OsStr::new(name)).unwrap().node;
+    }
+    assert_eq!(first.link(f, b, OsStr::new("h")).unwrap().node, f);
+    drop(first); // the first crash
+
+    let second = s.worker(true);
+    let h = second.lookup(b, OsStr::new("h")).unwrap().node;
+    assert_ne!(h, f, "found by another name than the journal's");
+    let fh = second.hand_out(second.open(h, libc::O_WRONLY).unwrap());
+    drop(second); // the second crash
+
+    let third = s.worker(true);
+    third
+        .rename(b, OsStr::new("h"), b, OsStr::new("h.1"), 0)
+        .unwrap();
+    let me = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0o022,
+    };
+    let (e, new) = third
+        .create(b, OsStr::new("h"), 0o644, libc::O_WRONLY, me)
+        .unwrap();
+    third.release(third.hand_out(new));
+    third.forget(e.node, 1);
+    third
+        .write(fh, 0, b"X", false, SetIdBits::Keep)
+        .expect("the held descriptor still writes its file");
+    let read = |name: &str| {
+        let node = third.lookup(b, OsStr::new(name)).unwrap().node;
+        let fh = third.hand_out(third.open(node, libc::O_RDONLY).unwrap());
+        let data = third.read(fh, 0, 8).unwrap();
+        third.release(fh);
+        data
+    };
+    assert_eq!(read("h.1"), b"X", "the renamed file got the write");
+    assert_eq!(read("h"), b"", "the new file did not");
 }
