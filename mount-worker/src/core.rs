@@ -654,8 +654,9 @@ enum DirStream {
 /// bindings' `changing`, `catalog` (with `catalog_writer`), a snapshot
 /// view's `layers` (never locked for writing), `views`, `nodes`; and no
 /// thread reads a lock it holds already (a writer waiting in between
-/// would leave both waiting forever). `unseen` and `mapped` are held
-/// alone (the journal's append aside). A branch or a snapshot of a branch
+/// would leave both waiting forever). A predecessor's `Held` comes after
+/// `nodes`, `files` after `Held`; `unseen` and `mapped` are held alone
+/// (the journal's append aside). A branch or a snapshot of a branch
 /// and its view come and go together under `catalog`: a request that
 /// finds one in the catalog finds its view open.
 pub struct FsCore {
@@ -1717,8 +1718,11 @@ impl FsCore {
         let held = |id: u64| {
             self.held(|h| {
                 let was = h.nodes.get(&id)?;
-                let same = origin.as_ref().is_some_and(|(o, _)| *o == was.origin);
-                Some(same.then(|| (was.generation, was.lookups, was.at.clone())))
+                let same = origin.as_ref().is_some_and(|(o, _)| o.matches(&was.origin));
+                // An older worker's record without the object's id is
+                // journaled again with it.
+                let exact = origin.as_ref().is_some_and(|(o, _)| *o == was.origin);
+                Some(same.then(|| (was.generation, was.lookups, was.at.clone(), exact)))
             })
         };
         let (id, inherited) = match id {
@@ -1735,8 +1739,8 @@ impl FsCore {
         // predecessor knew it elsewhere.
         let inherits = inherited.is_some();
         let (generation, lookups, record) = match inherited {
-            Some((generation, lookups, was_at)) => {
-                let moved = origin.filter(|(_, at)| at.is_some() && *at != was_at);
+            Some((generation, lookups, was_at, exact)) => {
+                let moved = origin.filter(|(_, at)| !exact || (at.is_some() && *at != was_at));
                 (generation, lookups + 1, moved)
             }
             None => {
@@ -2434,45 +2438,34 @@ impl FsCore {
         // Its nodes: id, generation, and lookups the journal does not have
         // yet (all of a node it learns of only now).
         let mut nodes: Vec<(u64, u64, u64)> = Vec::new();
-        match t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
-            Some(&id) => {
-                let node = t.by_id.get_mut(&id).expect("tables agree");
-                let mut unrecorded = 0;
-                if !node.journaled {
-                    node.journaled = true;
-                    unrecorded = node.lookups.saturating_sub(1);
-                }
-                nodes.push((id, node.generation, unrecorded));
+        if let Some(&id) = t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
+            let node = t.by_id.get_mut(&id).expect("tables agree");
+            let mut unrecorded = 0;
+            if !node.journaled {
+                node.journaled = true;
+                unrecorded = node.lookups.saturating_sub(1);
             }
-            None => {
-                // Held from a predecessor and not used since.
-                let id = NodeId::in_view(obj.view.number as u64, obj.id).0;
-                let moved = |h: &mut Held| {
-                    let node = h.nodes.get_mut(&id)?;
-                    node.origin = origin.clone();
-                    Some(node.generation)
-                };
-                nodes.extend(self.held(moved).map(|generation| (id, generation, 0)));
-            }
+            nodes.push((id, node.generation, unrecorded));
         }
-        // Held ids a predecessor gave it when it found it by another name
-        // than the journal's (a hard link): known by the old place only.
-        let (dir, name) = (was.0.0, was.1.as_bytes());
-        for &id in &self.held_synthetic {
+        // Held from a predecessor and not used since: its own id, and ids a
+        // predecessor gave it when it found it by another name than the
+        // journal's (a hard link), each known by its old place only. A
+        // record elsewhere is another object's (an inode number reused).
+        let was = Origin::Layer {
+            parent: was.0.0,
+            name: was.1.as_bytes().to_vec(),
+            local: Some(obj.id),
+        };
+        let natural = NodeId::in_view(obj.view.number as u64, obj.id);
+        let held = nodes.is_empty().then_some(natural);
+        for id in held.into_iter().chain(self.held_synthetic.iter().copied()) {
             if nodes.iter().any(|n| n.0 == id.0) {
                 continue;
             }
             let moved = |h: &mut Held| {
                 let node = h.nodes.get_mut(&id.0)?;
-                match &node.origin {
-                    Origin::Layer {
-                        parent,
-                        name: held_name,
-                        local,
-                    } if *parent == dir
-                        && held_name == name
-                        && local.is_none_or(|l| l == obj.id) => {}
-                    _ => return None,
+                if !was.matches(&node.origin) {
+                    return None;
                 }
                 node.origin = origin.clone();
                 Some(node.generation)
@@ -2873,7 +2866,7 @@ impl FsCore {
     /// Closes a file handle.
     pub fn release(&self, fh: FileHandle) {
         // Inherited no more first: `file` then adds no entry behind us.
-        self.released(fh.0);
+        self.held(|h| h.files.remove(&fh.0).map(drop));
         self.files.write().unwrap().remove(&fh.0);
         let unseen = self.unseen.lock().unwrap().get(&fh.0).copied();
         if let Some(node) = unseen {
@@ -2884,6 +2877,9 @@ impl FsCore {
             }
             self.unseen.lock().unwrap().remove(&fh.0);
         }
+        // Journaled last: a successor taking over before it still has the
+        // file open (and written unseen), never neither open nor mapped.
+        self.released(fh.0);
     }
 
     /// What the kernel may do with open file `fh` (opened with `flags`)

@@ -80,6 +80,29 @@ pub enum Origin {
     },
 }
 
+impl Origin {
+    /// Whether an object found now at `self` is the one a predecessor
+    /// recorded as `held`: the same, except that a layer record of a
+    /// worker older than object ids in records matches by place alone.
+    pub fn matches(&self, held: &Origin) -> bool {
+        match (self, held) {
+            (
+                Origin::Layer {
+                    parent,
+                    name,
+                    local,
+                },
+                Origin::Layer {
+                    parent: held_parent,
+                    name: held_name,
+                    local: None,
+                },
+            ) => parent == held_parent && name == held_name && local.is_some(),
+            _ => self == held,
+        }
+    }
+}
+
 /// Where a file of main or of a snapshot of main was found: the node id
 /// of its directory and its name there. Not what the node is (its
 /// [`Origin`] says that, and two records of one node may differ here)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use agentfs_mount_worker::control::ErrorKind;
 use agentfs_mount_worker::core::{Caller, FsCore, NodeId, SetAttr, SetIdBits};
-use agentfs_mount_worker::handoff::{self, Journal};
+use agentfs_mount_worker::handoff::{self, Journal, Origin, Record};
 
 struct Setup {
     _base: tempfile::TempDir,
@@ -40,6 +40,37 @@ impl Setup {
             journal: handoff::create_memfd("aft-handoff", b"test").unwrap(),
             _base: base,
         }
+    }
+
+    /// Rewrites the journal's nodes as a worker older than object ids in
+    /// layer records wrote them.
+    fn without_layer_ids(&mut self) {
+        let (_, held) = Journal::open(self.journal.try_clone().unwrap(), true).unwrap();
+        let older = handoff::create_memfd("aft-handoff", b"test").unwrap();
+        let (j, _) = Journal::open(older.try_clone().unwrap(), false).unwrap();
+        for (&id, n) in &held.nodes {
+            let origin = match n.origin.clone() {
+                Origin::Layer { parent, name, .. } => Origin::Layer {
+                    parent,
+                    name,
+                    local: None,
+                },
+                o => o,
+            };
+            j.append(&Record::Node {
+                id,
+                generation: n.generation,
+                origin,
+                at: n.at.clone(),
+            });
+            if n.lookups > 1 {
+                j.append(&Record::Lookup {
+                    id,
+                    n: n.lookups - 1,
+                });
+            }
+        }
+        self.journal = older;
     }
 
     /// A worker on the connection: the first one (`resume` false) or the
@@ -145,15 +176,18 @@ fn a_successor_reads_a_directory_its_predecessor_opened() {
     assert_eq!(names, [".", "..", "f", "g"]);
 }
 
+/// The node at `names` below the root.
+fn lookup_path(core: &FsCore, names: &[&str]) -> NodeId {
+    names.iter().fold(NodeId::ROOT, |dir, name| {
+        core.lookup(dir, OsStr::new(name)).unwrap().node
+    })
+}
+
 /// Makes branch `b` of snapshot `s` of main; returns its file `f`.
 fn branch_file(core: &FsCore) -> NodeId {
     core.snapshot_create(Some("s".into())).unwrap();
     core.branch_create("s", Some("b".into())).unwrap();
-    let mut dir = NodeId::ROOT;
-    for name in [".agentfs", "branches", "b", "f"] {
-        dir = core.lookup(dir, OsStr::new(name)).unwrap().node;
-    }
-    dir
+    lookup_path(core, &[".agentfs", "branches", "b", "f"])
 }
 
 /// A branch file the predecessor opened is truncated through its handle
@@ -258,10 +292,7 @@ fn a_hard_link_held_across_two_crashes_keeps_its_file_when_renamed() {
     let s = Setup::new();
     let first = s.worker(false);
     let f = branch_file(&first);
-    let mut b = NodeId::ROOT;
-    for name in [".agentfs", "branches", "b"] {
-        b = first.lookup(b, OsStr::new(name)).unwrap().node;
-    }
+    let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
     assert_eq!(first.link(f, b, OsStr::new("h")).unwrap().node, f);
     drop(first); // the first crash
 
@@ -297,4 +328,29 @@ fn a_hard_link_held_across_two_crashes_keeps_its_file_when_renamed() {
     };
     assert_eq!(read("h.1"), b"X", "the renamed file got the write");
     assert_eq!(read("h"), b"", "the new file did not");
+}
+
+/// A worker taking over from one older than object ids in layer records
+/// finds held branch nodes again under their ids, and records them anew
+/// with the object's id.
+#[test]
+fn branch_nodes_of_an_older_worker_keep_their_ids() {
+    let mut s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    drop(first); // the crash
+    s.without_layer_ids();
+
+    let second = s.worker(true);
+    assert_eq!(lookup_path(&second, &[".agentfs", "branches", "b", "f"]), f);
+    drop(second);
+    let (_, held) = Journal::open(s.journal.try_clone().unwrap(), true).unwrap();
+    assert!(
+        matches!(
+            held.nodes[&f.0].origin,
+            Origin::Layer { local: Some(_), .. }
+        ),
+        "{:?}",
+        held.nodes[&f.0]
+    );
 }
