@@ -1329,6 +1329,8 @@ impl FsCore {
         // Main's object a view's node shows, and whether to mark it for
         // the watch once the node is in the table (see `watch_main_dir`).
         let mut shows = None;
+        // An older worker's layer record, journaled again with the object's id.
+        let mut upgraded = None;
         let (obj, key) = match origin {
             Origin::Main(handle) => {
                 // By the name it was found by, if its directory is still
@@ -1402,6 +1404,13 @@ impl FsCore {
                 if local.is_some_and(|l| l != obj.id) {
                     return Err(errno(libc::ESTALE));
                 }
+                if local.is_none() {
+                    upgraded = Some(Origin::Layer {
+                        parent,
+                        name: name.clone(),
+                        local: Some(obj.id),
+                    });
+                }
                 shows = obj.base(&layers).map(|b| (b, obj.is_dir));
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
@@ -1449,6 +1458,17 @@ impl FsCore {
         }
         let node = t.by_id.get_mut(&id.0).expect("just inserted");
         node.journaled = true;
+        if let Some(origin) = upgraded {
+            let generation = node.generation;
+            self.journal(|| {
+                Some(Record::Node {
+                    id: id.0,
+                    generation,
+                    origin,
+                    at: None,
+                })
+            });
+        }
         Ok(Some(node.obj.clone()))
     }
 

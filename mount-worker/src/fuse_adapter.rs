@@ -779,7 +779,6 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         self.passthrough.release(&self.core, FileHandle(fh.0));
-        self.core.release(FileHandle(fh.0));
         reply.ok();
     }
 

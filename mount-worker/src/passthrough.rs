@@ -171,7 +171,6 @@ impl Passthrough {
         };
         if answer.is_err() {
             self.release(core, fh);
-            core.release(fh);
         }
         answer
     }
@@ -249,14 +248,31 @@ impl Passthrough {
         Ok((id, writable))
     }
 
-    /// Open file `fh` is released: the last passthrough file of a node
-    /// closes its backing file (the kernel let go of it already: it sends
-    /// RELEASE after the file's I/O ended).
+    /// Open file `fh` is released, here and in `core`: the last
+    /// passthrough file of a node closes its backing file (the kernel let
+    /// go of it already: it sends RELEASE after the file's I/O ended).
     pub fn release(&self, core: &FsCore, fh: FileHandle) {
+        let closed = self.forget_file(fh);
+        // Closed first: a successor that finds it journaled still only
+        // fails to close it again, never leaks it. Journaled closed only
+        // after `core` has let the file go: that asks whether a shared map
+        // still writes the file, which the read-write backing file would
+        // answer for, and journals the answer; a successor counts a file
+        // written unseen only while its node's backing file is journaled.
+        if let Some((_, id)) = closed {
+            self.close(id);
+        }
+        core.release(fh);
+        if let Some((node, _)) = closed {
+            core.journal_backing(node, None);
+        }
+    }
+
+    /// Takes `fh` out of the table; the node and backing file id to close
+    /// if it was the last passthrough file of its node.
+    fn forget_file(&self, fh: FileHandle) -> Option<(NodeId, u32)> {
         let mut t = self.table.lock().unwrap();
-        let Some(node) = t.files.remove(&fh.0) else {
-            return;
-        };
+        let node = t.files.remove(&fh.0)?;
         let last = match t.nodes.get_mut(&node) {
             Some(Mode::Cached(n)) | Some(Mode::Backed { open: n, .. }) => {
                 *n = n.saturating_sub(1);
@@ -264,13 +280,9 @@ impl Passthrough {
             }
             None => false,
         };
-        if last {
-            if let Some(Mode::Backed { id, .. }) = t.nodes.remove(&node) {
-                // Closed first: a successor that finds it journaled still
-                // only fails to close it again, never leaks it.
-                self.close(id);
-                core.journal_backing(NodeId(node), None);
-            }
+        match last.then(|| t.nodes.remove(&node)).flatten() {
+            Some(Mode::Backed { id, .. }) => Some((NodeId(node), id)),
+            _ => None,
         }
     }
 

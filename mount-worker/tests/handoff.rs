@@ -70,6 +70,9 @@ impl Setup {
                 });
             }
         }
+        for (&fh, &(node, flags)) in &held.files {
+            j.append(&Record::File { fh, node, flags });
+        }
         self.journal = older;
     }
 
@@ -331,26 +334,32 @@ fn a_hard_link_held_across_two_crashes_keeps_its_file_when_renamed() {
 }
 
 /// A worker taking over from one older than object ids in layer records
-/// finds held branch nodes again under their ids, and records them anew
-/// with the object's id.
+/// finds held branch nodes again under their ids, by a lookup or through
+/// an open file, and records them anew with the object's id.
 #[test]
 fn branch_nodes_of_an_older_worker_keep_their_ids() {
     let mut s = Setup::new();
     let first = s.worker(false);
     let f = branch_file(&first);
+    let g_path = [".agentfs", "branches", "b", "g"];
+    let g = lookup_path(&first, &g_path);
+    let fh = first.hand_out(first.open(f, libc::O_RDONLY).unwrap());
     drop(first); // the crash
     s.without_layer_ids();
 
     let second = s.worker(true);
-    assert_eq!(lookup_path(&second, &[".agentfs", "branches", "b", "f"]), f);
+    assert_eq!(lookup_path(&second, &g_path), g);
+    assert_eq!(second.read(fh, 0, 8).unwrap(), b"f");
     drop(second);
     let (_, held) = Journal::open(s.journal.try_clone().unwrap(), true).unwrap();
-    assert!(
-        matches!(
-            held.nodes[&f.0].origin,
-            Origin::Layer { local: Some(_), .. }
-        ),
-        "{:?}",
-        held.nodes[&f.0]
-    );
+    for node in [f, g] {
+        assert!(
+            matches!(
+                held.nodes[&node.0].origin,
+                Origin::Layer { local: Some(_), .. }
+            ),
+            "{:?}",
+            held.nodes[&node.0]
+        );
+    }
 }
