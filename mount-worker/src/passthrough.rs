@@ -264,7 +264,13 @@ impl Passthrough {
         }
         core.release(fh);
         if let Some((node, _)) = closed {
-            core.journal_backing(node, None);
+            // Under the table's lock, as `register` journals a backing file:
+            // an open of the node meanwhile may have registered a new one,
+            // whose record this must not undo.
+            let t = self.table.lock().unwrap();
+            if !matches!(t.nodes.get(&node.0), Some(Mode::Backed { .. })) {
+                core.journal_backing(node, None);
+            }
         }
     }
 
