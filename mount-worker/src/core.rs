@@ -699,7 +699,7 @@ pub struct FsCore {
     /// what a predecessor's kernel still holds (found again on first use).
     handoff: Option<(Journal, Mutex<Held>)>,
     /// Layer nodes of a predecessor with ids of the synthetic range: their
-    /// record is all that names their object ([`FsCore::renamed`]).
+    /// record is all that names their object ([`FsCore::left`]).
     held_synthetic: Vec<NodeId>,
     /// Main files open for changes the worker does not see (passthrough
     /// writes, shared maps of a passthrough file), by file handle: every
@@ -1415,9 +1415,10 @@ impl FsCore {
                 let key = NodeKey::Layer(obj.view.number, obj.id);
                 (Obj::Layer(Arc::new(obj)), key)
             }
+            Origin::Removed => return Err(errno(libc::ESTALE)),
         };
         let mut t = self.nodes.lock().unwrap();
-        // Read under the table's lock, as `forget` and `renamed` change
+        // Read under the table's lock, as `forget` and `left` change
         // them: the predecessors' lookups become this node's.
         let lookups = match self.held(|h| {
             h.nodes
@@ -2408,7 +2409,10 @@ impl FsCore {
         if let Obj::Layer(d) = &self.dir_entry(parent, name)? {
             let layers = self.layers_of(d)?;
             let live = |obj| self.live_layer_obj(obj, &layers);
-            return d.remove(self.cx(), &layers, name, dir, &live);
+            if let Some(gone) = d.remove(self.cx(), &layers, name, dir, &live)? {
+                self.left((parent, name), &gone, Went::Removed);
+            }
+            return Ok(());
         }
         let (obj, name) = self.main_entry(parent, name)?;
         let pfd = obj.main_dir()?;
@@ -2442,18 +2446,74 @@ impl FsCore {
         if let Obj::Layer(d) = &dir {
             if let Ok(layers) = self.layers_of(d) {
                 if let Ok(obj) = d.lookup(self.cx(), &layers, newname) {
-                    self.renamed(&self.live_layer_obj(obj, &layers), (parent, name));
+                    let obj = self.live_layer_obj(obj, &layers);
+                    // What it replaced there, if anything.
+                    self.gone_before_takeover((newparent, newname), Some(obj.id));
+                    self.left((parent, name), &obj, Went::Moved);
                 }
             }
         }
     }
 
-    /// Journals the new place of a layered object that was renamed from
-    /// `was` (directory node, name): a successor finds it by its new name.
-    fn renamed(&self, obj: &LayerObj, was: (NodeId, &OsStr)) {
-        let mut t = self.nodes.lock().unwrap();
-        let Some(origin) = layer_origin(&t, obj) else {
+    /// A removal the previous worker carried out but did not answer:
+    /// journals what it removed as [`FsCore::left`] would have.
+    pub fn removed_before_takeover(&self, parent: NodeId, name: &OsStr) {
+        self.gone_before_takeover((parent, name), None);
+    }
+
+    /// Journals as removed every node held from a predecessor at `was`
+    /// (directory node, name) but object `except`, which the name leads
+    /// to now: the name's old object is gone, and which it was is known
+    /// only from those records (so all of them are read: this follows a
+    /// takeover only).
+    fn gone_before_takeover(&self, was: (NodeId, &OsStr), except: Option<u64>) {
+        let _t = self.nodes.lock().unwrap();
+        let (dir, name) = (was.0.0, was.1.as_bytes());
+        let gone = self.held(|h| {
+            let at = h.nodes.iter_mut().filter(|(_, n)| match &n.origin {
+                Origin::Layer {
+                    parent,
+                    name: held,
+                    local,
+                } => *parent == dir && held == name && (except.is_none() || *local != except),
+                _ => false,
+            });
+            let gone: Vec<(u64, u64)> = at
+                .map(|(&id, n)| {
+                    n.origin = Origin::Removed;
+                    (id, n.generation)
+                })
+                .collect();
+            Some(gone)
+        });
+        for (id, generation) in gone.into_iter().flatten() {
+            self.journal(|| {
+                Some(Record::Node {
+                    id,
+                    generation,
+                    origin: Origin::Removed,
+                    at: None,
+                })
+            });
+        }
+    }
+
+    /// Journals that layered object `obj` left its place `was` (directory
+    /// node, name): renamed, a successor finds it by its new name;
+    /// removed from its view, a successor finds it nowhere, so that a new
+    /// object there with its id (an inode number, which the host may give
+    /// a new file once it frees the removed one's) is never taken for it.
+    fn left(&self, was: (NodeId, &OsStr), obj: &LayerObj, went: Went) {
+        if self.handoff.is_none() {
             return;
+        }
+        let mut t = self.nodes.lock().unwrap();
+        let origin = match went {
+            Went::Moved => match layer_origin(&t, obj) {
+                Some(origin) => origin,
+                None => return,
+            },
+            Went::Removed => Origin::Removed,
         };
         // Its nodes: id, generation, and lookups the journal does not have
         // yet (all of a node it learns of only now).
@@ -2467,24 +2527,27 @@ impl FsCore {
             }
             nodes.push((id, node.generation, unrecorded));
         }
-        // Held from a predecessor and not used since: its own id, and ids a
-        // predecessor gave it when it found it by another name than the
-        // journal's (a hard link), each known by its old place only. A
-        // record elsewhere is another object's (an inode number reused).
+        // Held from a predecessor and not used since (ids in the table are
+        // the table's): its own id, and ids a predecessor gave it when it
+        // found it by another name than the journal's (a hard link), each
+        // known by its old place only: a record elsewhere may be another
+        // name's. Once removed, every record of its own id goes: it is
+        // this object's, or one's that had its number before and is gone.
         let was = Origin::Layer {
             parent: was.0.0,
             name: was.1.as_bytes().to_vec(),
             local: Some(obj.id),
         };
         let natural = NodeId::in_view(obj.view.number as u64, obj.id);
-        let held = nodes.is_empty().then_some(natural);
-        for id in held.into_iter().chain(self.held_synthetic.iter().copied()) {
-            if nodes.iter().any(|n| n.0 == id.0) {
+        let synthetic = self.held_synthetic.iter().map(|&id| (id, false));
+        let removed = matches!(went, Went::Removed);
+        for (id, anywhere) in std::iter::once((natural, removed)).chain(synthetic) {
+            if t.by_id.contains_key(&id.0) {
                 continue;
             }
             let moved = |h: &mut Held| {
                 let node = h.nodes.get_mut(&id.0)?;
-                if !was.matches(&node.origin) {
+                if !anywhere && !was.matches(&node.origin) {
                     return None;
                 }
                 node.origin = origin.clone();
@@ -2525,13 +2588,17 @@ impl FsCore {
                 let layers = self.layers_of(o)?;
                 let live = |obj| self.live_layer_obj(obj, &layers);
                 let at_new = Some((n.id, newname.as_bytes().to_vec()));
-                for obj in o.rename(self.cx(), &layers, name, n, newname, flags, &live)? {
+                let done = o.rename(self.cx(), &layers, name, n, newname, flags, &live)?;
+                if let Some(replaced) = &done.replaced {
+                    self.left((newparent, newname), replaced, Went::Removed);
+                }
+                for obj in done.moved {
                     // Moved to the new name from the old, or back (an exchange).
                     let was = match obj.place() == at_new {
                         true => (parent, name),
                         false => (newparent, newname),
                     };
-                    self.renamed(&obj, was);
+                    self.left(was, &obj, Went::Moved);
                 }
                 return Ok(());
             }
@@ -3797,6 +3864,14 @@ fn write_all_at(f: &File, data: &[u8], offset: u64, exact: bool) -> io::Result<u
         }
     }
     Ok(done)
+}
+
+/// Where a layered object went from a place it left ([`FsCore::left`]).
+enum Went {
+    /// To another name (a rename).
+    Moved,
+    /// Out of its view (a removal, or a rename over it).
+    Removed,
 }
 
 /// How a successor finds layered object `o` again: by its directory's node

@@ -526,7 +526,10 @@ impl Filesystem for Adapter {
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.unlink(p, name);
-            unless_done(req, r, libc::ENOENT, || Ok(()))?;
+            unless_done(req, r, libc::ENOENT, || {
+                self.core.removed_before_takeover(p, name);
+                Ok(())
+            })?;
             self.changed_names(parent, p, &[name]);
             Ok(())
         });
@@ -539,7 +542,10 @@ impl Filesystem for Adapter {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.at(req, parent).and_then(|p| {
             let r = self.core.rmdir(p, name);
-            unless_done(req, r, libc::ENOENT, || Ok(()))?;
+            unless_done(req, r, libc::ENOENT, || {
+                self.core.removed_before_takeover(p, name);
+                Ok(())
+            })?;
             self.changed_names(parent, p, &[name]);
             Ok(())
         });

@@ -6,7 +6,8 @@
 //! can only answer for those if it can find their objects again. This
 //! journal, in shared memory the supervisor owns (a memfd), records how:
 //! a main node by its host file handle, a snapshot node by snapshot and
-//! handle, a branch node by its parent node and name, each with the
+//! handle, a branch node by its parent node, name and object id, or as
+//! removed (found nowhere), each with the
 //! lookups the kernel holds on it (its FORGETs carry them all, however
 //! many workers answered the lookups); an open file by its
 //! node and open flags; a directory stream by its node; the backing file
@@ -78,6 +79,12 @@ pub enum Origin {
         /// records of workers older than this check).
         local: Option<u64>,
     },
+    /// An object of a branch whose last name was removed: found nowhere.
+    /// Its record stays while the kernel holds the node, so that its id
+    /// is never given to another object (the host may give a new file of
+    /// the layer its inode number, which the id of a file made in a layer
+    /// is made of, and the name too).
+    Removed,
 }
 
 impl Origin {
@@ -695,6 +702,8 @@ const MAPPED: u8 = 12;
 const UNMAPPED: u8 = 13;
 /// A layer node with its object's id.
 const NODE_LAYER_LOCAL: u8 = 14;
+/// A layer node whose object was removed.
+const NODE_REMOVED: u8 = 15;
 
 fn put_handle(out: &mut Vec<u8>, h: &HostHandle) {
     out.extend_from_slice(&h.handle_type().to_le_bytes());
@@ -760,6 +769,11 @@ fn encode(r: &Record) -> Vec<u8> {
                     out.extend_from_slice(&local.to_le_bytes());
                 }
                 out.extend_from_slice(name);
+            }
+            Origin::Removed => {
+                out.push(NODE_REMOVED);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
             }
         },
         Record::Lookup { id, n } => {
@@ -883,6 +897,7 @@ fn decode(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
                 local: Some(local),
             })
         })?,
+        NODE_REMOVED => node(&mut f, &|_| Some(Origin::Removed))?,
         LOOKUP => Record::Lookup {
             id: f.u64()?,
             n: f.u64()?,
@@ -1024,9 +1039,22 @@ mod tests {
         j.append(&Record::Mapped(10));
         j.append(&Record::Mapped(12));
         j.append(&Record::Unmapped(12));
+        // Removed from its branch: held, found nowhere.
+        j.append(&node(
+            13,
+            Origin::Layer {
+                parent: 10,
+                name: b"gone".to_vec(),
+                local: Some(8),
+            },
+        ));
+        j.append(&Record::Lookup { id: 13, n: 1 });
+        j.append(&node(13, Origin::Removed));
         drop(j);
         let (j2, held) = Journal::open(dup(&fd), true).unwrap();
-        assert_eq!(held.nodes.len(), 2);
+        assert_eq!(held.nodes.len(), 3);
+        assert_eq!(held.nodes[&13].origin, Origin::Removed);
+        assert_eq!(held.nodes[&13].lookups, 2);
         assert_eq!(
             held.nodes[&10],
             HeldNode {
@@ -1045,7 +1073,7 @@ mod tests {
                 local: Some(7),
             }
         );
-        assert_eq!(held.max_generation(), 111);
+        assert_eq!(held.max_generation(), 113);
         assert_eq!(
             held.files.get(&5),
             Some(&(11, libc::O_RDWR | libc::O_APPEND))

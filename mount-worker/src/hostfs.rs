@@ -150,12 +150,19 @@ pub fn path_fd_of(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// `stat` of the inode behind a descriptor (never following a symlink).
 pub fn stat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    stat_at(fd, EMPTY)
+}
+
+/// `stat` of `name` in directory `dir`, of `dir` itself if `name` is
+/// empty (never following a symlink).
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
-    // SAFETY: st is a valid out-pointer; AT_EMPTY_PATH makes the call act on fd.
+    // SAFETY: name is NUL-terminated, st a valid out-pointer;
+    // AT_EMPTY_PATH makes the call act on dir when name is empty.
     cvt(unsafe {
         libc::fstatat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             st.as_mut_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
         )

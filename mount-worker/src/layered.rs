@@ -756,6 +756,17 @@ pub struct LayerObj {
     counted: AtomicU8,
 }
 
+/// What a rename did ([`LayerObj::rename`]).
+#[derive(Default)]
+pub struct Renamed {
+    /// The objects that moved: the renamed one, and the other of an
+    /// exchange.
+    pub moved: Vec<Arc<LayerObj>>,
+    /// The object whose name the renamed one took, if that was its last
+    /// name (it left the view).
+    pub replaced: Option<Arc<LayerObj>>,
+}
+
 /// The generation of a view root's state before its first use.
 const UNREAD: u64 = u64::MAX;
 
@@ -1246,7 +1257,9 @@ impl LayerObj {
     /// Accounts for one name of this object going away: a hard-linked file
     /// from below keeps its count of names in its copy in the top layer's
     /// index (made now if needed), and leaves the index with its last name.
-    fn lose_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<()> {
+    /// Whether that was its last name; `None` for a file of the top layer
+    /// alone, whose host link count tells.
+    fn lose_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Option<bool>> {
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
         // A copy-up of another name of the file may be making the index
         // copy too.
@@ -1257,13 +1270,14 @@ impl LayerObj {
             Ok(fd) => (fd, false),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => match s.lowers.first() {
                 Some(p) if self.has_names_below(cx, &s)? => (self.index_copy(cx, top, p)?, true),
-                _ => return Ok(()),
+                Some(_) => return Ok(Some(true)),
+                None => return Ok(None),
             },
             Err(e) => return Err(e),
         };
         match logical_nlink(fd.as_fd(), &hostfs::stat(fd.as_fd())?)? {
             Some(n) if n > 1 => set_nlink(fd.as_fd(), n - 1)?,
-            _ => return hostfs::unlink(top.index.as_fd(), &index, false),
+            _ => return hostfs::unlink(top.index.as_fd(), &index, false).map(|()| Some(true)),
         }
         if made {
             // Its other names show the new copy from now on, as a lookup
@@ -1275,7 +1289,26 @@ impl LayerObj {
                 s.lowers = Arc::new([Part::Layer(copy)]);
             }
         }
-        Ok(())
+        Ok(Some(false))
+    }
+
+    /// Accounts for its name `name` in `dir` (the top layer's directory of
+    /// that name) going away ([`LayerObj::lose_name`]): whether that was
+    /// its last, so that it leaves the view.
+    fn loses_name(
+        &self,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> io::Result<bool> {
+        if self.is_dir {
+            return Ok(true);
+        }
+        match self.lose_name(cx, layers)? {
+            Some(last) => Ok(last),
+            None => Ok(hostfs::stat_at(dir, name)?.st_nlink <= 1),
+        }
     }
 
     /// Takes `fd`, `name` in the top layer's directory `dir`, as this
@@ -1431,6 +1464,7 @@ impl LayerObj {
     /// Removes `name` (a directory if `dir`) from this directory, leaving
     /// a whiteout where a lower layer has the name. `live` as for
     /// [`LayerObj::rename`]: a file's other names live on in that object.
+    /// Returns the object if that was its last name (it left the view).
     pub fn remove(
         self: &Arc<Self>,
         cx: Ctx<'_>,
@@ -1438,7 +1472,7 @@ impl LayerObj {
         name: &OsStr,
         dir: bool,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Option<Arc<LayerObj>>> {
         let pu = self.upper_dir(cx, layers)?;
         let child = live(self.lookup(cx, layers, name)?);
         match (dir, child.is_dir) {
@@ -1452,11 +1486,9 @@ impl LayerObj {
         let cname = hostfs::component(name)?;
         let needs_whiteout = self.lower_has(cx, layers, name)?;
         let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
-        if !dir {
-            child.lose_name(cx, layers)?;
-        }
+        let last = child.loses_name(cx, layers, pu.as_fd(), &cname)?;
         let _names = self.changing_names();
-        match (child.current(layers).upper, needs_whiteout) {
+        let removed = match (child.current(layers).upper, needs_whiteout) {
             (None, true) => make_whiteout(pu.as_fd(), &cname),
             (None, false) => Err(errno(libc::ESTALE)),
             (Some(u), false) => {
@@ -1476,13 +1508,14 @@ impl LayerObj {
                     hostfs::rename(work, &tmp, pu.as_fd(), &cname, 0)
                 }
             }
-        }
+        };
+        removed.map(|()| last.then_some(child))
     }
 
     /// Renames `name` in this directory to `newname` in `newdir` with
     /// `renameat2` flags. `live` turns a looked-up object into the live
     /// one of the same id (if the kernel holds it), so that it learns its
-    /// new place. Returns the objects that moved.
+    /// new place. Returns what moved and what left the view.
     #[allow(clippy::too_many_arguments)]
     pub fn rename(
         self: &Arc<Self>,
@@ -1493,7 +1526,7 @@ impl LayerObj {
         newname: &OsStr,
         flags: u32,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
-    ) -> io::Result<Vec<Arc<LayerObj>>> {
+    ) -> io::Result<Renamed> {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let spu = self.upper_dir(cx, layers)?;
         let dpu = newdir.upper_dir(cx, layers)?;
@@ -1507,7 +1540,7 @@ impl LayerObj {
         match &dst {
             Some(_) if flags & libc::RENAME_NOREPLACE != 0 => return Err(errno(libc::EEXIST)),
             None if exchange => return Err(errno(libc::ENOENT)),
-            Some(d) if Arc::ptr_eq(d, &src) || d.id == src.id => return Ok(Vec::new()),
+            Some(d) if Arc::ptr_eq(d, &src) || d.id == src.id => return Ok(Renamed::default()),
             Some(d) if !exchange => match (src.is_dir, d.is_dir) {
                 (true, false) => return Err(errno(libc::ENOTDIR)),
                 (false, true) => return Err(errno(libc::EISDIR)),
@@ -1528,20 +1561,25 @@ impl LayerObj {
             )
         };
         src.detach_to_move(cx, layers, live)?;
+        let mut last = false;
         match &dst {
             Some(d) if exchange => d.detach_to_move(cx, layers, live)?,
-            Some(d) if !d.is_dir => d.lose_name(cx, layers)?,
-            _ => {}
+            Some(d) => last = d.loses_name(cx, layers, dpu.as_fd(), &dname)?,
+            None => {}
         }
         let _names = self.changing_names();
-        let mut moved = vec![src.clone()];
+        let mut done = Renamed {
+            moved: vec![src.clone()],
+            replaced: None,
+        };
         if exchange {
             let d = dst.expect("checked above");
             swap()?;
             d.moved(layers, self, &spu, sname.clone());
-            moved.push(d);
+            done.moved.push(d);
         } else {
             if let Some(du) = dst
+                .as_ref()
                 .filter(|d| d.is_dir)
                 .and_then(|d| d.current(layers).upper)
             {
@@ -1559,9 +1597,10 @@ impl LayerObj {
                 let wflag = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
                 hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
             }
+            done.replaced = dst.filter(|_| last);
         }
         src.moved(layers, newdir, &dpu, dname);
-        Ok(moved)
+        Ok(done)
     }
 
     /// It was renamed to `name` in `dir`, whose directory in the top layer

@@ -7,22 +7,59 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use agentfs_mount_worker::control::ErrorKind;
-use agentfs_mount_worker::core::{Caller, FsCore, NodeId, SetAttr, SetIdBits};
+use agentfs_mount_worker::core::{Caller, Entry, FileHandle, FsCore, NodeId, SetAttr, SetIdBits};
 use agentfs_mount_worker::handoff::{self, Journal, Origin, Record};
+
+mod common;
 
 struct Setup {
     _base: tempfile::TempDir,
     source: File,
     state: PathBuf,
+    /// The state directory is an ext4 of the test's own (unmounted on drop).
+    ext4: bool,
     journal: OwnedFd,
 }
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if self.ext4 {
+            common::unmount_ext4(&self.state);
+        }
+    }
+}
+
 impl Setup {
+    /// With the state directory on an ext4 of its own: the inode numbers
+    /// the test frees are not taken by tests running beside it.
+    fn on_ext4() -> Setup {
+        let mut s = Setup::new();
+        let image = s._base.path().join("state.img");
+        common::make_ext4(&image, 64);
+        common::mount_ext4(&image, &s.state);
+        s.ext4 = true;
+        s
+    }
+
+    /// The host path of `name` in a branch's top layer.
+    fn layer_path(&self, name: &str) -> Option<PathBuf> {
+        std::fs::read_dir(self.state.join("layers"))
+            .unwrap()
+            .map(|l| l.unwrap().path().join("tree").join(name))
+            .find(|p| p.symlink_metadata().is_ok())
+    }
+
+    /// The host inode number of `name` in a branch's top layer.
+    fn layer_ino(&self, name: &str) -> Option<u64> {
+        Some(std::fs::metadata(self.layer_path(name)?).ok()?.ino())
+    }
+
     fn new() -> Setup {
         let base = tempfile::Builder::new()
             .prefix("aft-handoff-")
@@ -37,6 +74,7 @@ impl Setup {
         Setup {
             source: File::open(&source).unwrap(),
             state,
+            ext4: false,
             journal: handoff::create_memfd("aft-handoff", b"test").unwrap(),
             _base: base,
         }
@@ -309,16 +347,7 @@ fn a_hard_link_held_across_two_crashes_keeps_its_file_when_renamed() {
     third
         .rename(b, OsStr::new("h"), b, OsStr::new("h.1"), 0)
         .unwrap();
-    let me = Caller {
-        uid: 0,
-        gid: 0,
-        umask: 0o022,
-    };
-    let (e, new) = third
-        .create(b, OsStr::new("h"), 0o644, libc::O_WRONLY, me)
-        .unwrap();
-    third.release(third.hand_out(new));
-    third.forget(e.node, 1);
+    make_file(&third, b, "h", b"");
     third
         .write(fh, 0, b"X", false, SetIdBits::Keep)
         .expect("the held descriptor still writes its file");
@@ -362,4 +391,163 @@ fn branch_nodes_of_an_older_worker_keep_their_ids() {
             held.nodes[&node.0]
         );
     }
+}
+
+/// How a test removes a branch file: through the worker, or on the host
+/// as a worker that dies before it answers (and journals) does, the
+/// kernel then sending the request again to the successor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Removal {
+    Unlink,
+    RenameOver,
+    UnlinkUnanswered,
+    RenameOverUnanswered,
+}
+
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    umask: 0o022,
+};
+
+/// Makes file `name` in `dir` holding `data`, as a process that closes
+/// it and whose kernel then forgets it.
+fn make_file(core: &FsCore, dir: NodeId, name: &str, data: &[u8]) {
+    let (e, new) = core
+        .create(dir, OsStr::new(name), 0o644, libc::O_WRONLY, ROOT)
+        .unwrap();
+    let fh = core.hand_out(new);
+    core.write(fh, 0, data, false, SetIdBits::Keep).unwrap();
+    core.release(fh);
+    core.forget(e.node, 1);
+}
+
+/// A successor that met a reused inode number: the branch file a
+/// predecessor removed (`removal`) while open, that handle, its node, and
+/// the new file of the branch that got its host inode number, named `t<i>`.
+struct Reused {
+    successor: FsCore,
+    b: NodeId,
+    fh: FileHandle,
+    removed: Entry,
+    name: String,
+}
+
+/// Makes branch file `b/n`, opens it, removes it and crashes; then makes
+/// files in the branch until one gets its host inode number: `None` if
+/// none of 50 did (a spare layer made meanwhile took it).
+fn removed_then_reused(s: &Setup, removal: Removal) -> Option<Reused> {
+    let first = s.worker(false);
+    branch_file(&first);
+    let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
+    let (removed, new) = first
+        .create(b, OsStr::new("n"), 0o644, libc::O_RDWR, ROOT)
+        .unwrap();
+    let fh = first.hand_out(new);
+    first.write(fh, 0, b"old", false, SetIdBits::Keep).unwrap();
+    let ino = s.layer_ino("n").expect("made in the top layer");
+    let (n, over) = (OsStr::new("n"), OsStr::new("over"));
+    match removal {
+        Removal::Unlink => first.unlink(b, n).unwrap(),
+        Removal::RenameOver => {
+            make_file(&first, b, "over", b"");
+            first.rename(b, over, b, n, 0).unwrap();
+        }
+        Removal::UnlinkUnanswered => std::fs::remove_file(s.layer_path("n").unwrap()).unwrap(),
+        Removal::RenameOverUnanswered => {
+            make_file(&first, b, "over", b"");
+            let (from, to) = (s.layer_path("over").unwrap(), s.layer_path("n").unwrap());
+            std::fs::rename(from, to).unwrap();
+        }
+    }
+    drop(first); // the crash: the removed file's last descriptor goes
+
+    let successor = s.worker(true);
+    // The requests sent again, done already, as `fuse_adapter` answers them.
+    let enoent =
+        |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    match removal {
+        Removal::UnlinkUnanswered => {
+            enoent(successor.unlink(b, n));
+            successor.removed_before_takeover(b, n);
+        }
+        Removal::RenameOverUnanswered => {
+            enoent(successor.rename(b, over, b, n, 0));
+            successor.renamed_before_takeover(b, over, b, n);
+        }
+        _ => {}
+    }
+    let name = (0..50)
+        .map(|i| {
+            let name = format!("t{i}");
+            make_file(&successor, b, &name, b"new");
+            name
+        })
+        .find(|name| s.layer_ino(name) == Some(ino))?;
+    Some(Reused {
+        successor,
+        b,
+        fh,
+        removed,
+        name,
+    })
+}
+
+/// A branch file removed while open, then a crash, which closes its last
+/// descriptor: the host may give its inode number, which the object's id
+/// is made of, to the next file made in the branch. A successor must not
+/// take that file for the removed one once it has the removed one's name
+/// (the journal found a branch node by name and id): the held descriptor
+/// answers ESTALE, the new file gets a node of its own. Before, the held
+/// descriptor read and wrote the new file.
+#[test]
+fn a_branch_file_removed_before_a_crash_is_not_the_next_file_of_its_number() {
+    for removal in [
+        Removal::Unlink,
+        Removal::RenameOver,
+        Removal::UnlinkUnanswered,
+        Removal::RenameOverUnanswered,
+    ] {
+        // The freed number goes to the spare layer's directories when the
+        // worker makes them in between (a race): then again.
+        let s = (0..10).map(|_| Setup::on_ext4());
+        // The successor goes before its state's file system (the last
+        // bound, the first dropped).
+        let (_s, r) = s
+            .filter_map(|s| removed_then_reused(&s, removal).map(|r| (s, r)))
+            .next()
+            .expect("the host reuses the inode number in one of 10 tries");
+        let c = &r.successor;
+        c.rename(r.b, OsStr::new(&r.name), r.b, OsStr::new("n"), 0)
+            .unwrap();
+        let found = c.lookup(r.b, OsStr::new("n")).unwrap();
+        assert!(
+            (found.node, found.generation) != (r.removed.node, r.removed.generation),
+            "{removal:?}: the new file took the removed one's node"
+        );
+        let read = c.read(r.fh, 0, 8).map_err(|e| e.raw_os_error());
+        assert_eq!(read, Err(Some(libc::ESTALE)), "{removal:?}");
+        let fh = c.hand_out(c.open(found.node, libc::O_RDONLY).unwrap());
+        assert_eq!(c.read(fh, 0, 8).unwrap(), b"new", "{removal:?}");
+        c.release(fh);
+    }
+}
+
+/// A branch file open under one of its two names loses the other one,
+/// then the worker crashes: the successor still reaches it through the
+/// open handle (it left no view: the removal of a name that is not its
+/// last does not journal it as removed).
+#[test]
+fn a_branch_file_that_lost_another_name_is_found_after_a_crash() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
+    first.link(f, b, OsStr::new("h")).unwrap();
+    let fh = first.hand_out(first.open(f, libc::O_RDWR).unwrap());
+    first.unlink(b, OsStr::new("h")).unwrap();
+    drop(first); // the crash
+
+    let second = s.worker(true);
+    assert_eq!(second.read(fh, 0, 8).unwrap(), b"f");
 }

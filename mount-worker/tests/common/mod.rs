@@ -204,11 +204,8 @@ impl Drop for Mount {
             if let StateFs::Ext4 { disk: Some(d), .. } = &fs {
                 d.fail(false);
             }
-            // Unmounted for good before its disk goes (a lazy unmount would
-            // keep the loop device, and so the disk, busy).
-            if nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::empty()).is_err() {
-                let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
-            }
+            // Before its disk goes.
+            unmount_ext4(&self.state_dir);
             drop(fs);
         }
     }
@@ -225,7 +222,27 @@ enum StateFs {
     },
 }
 
-fn mount_ext4(image: &Path, at: &Path) {
+/// Makes an ext4 image of `mib` MiB at `image`.
+pub fn make_ext4(image: &Path, mib: u64) {
+    fs::File::create(image).unwrap().set_len(mib << 20).unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(image)
+        .status()
+        .unwrap();
+    assert!(mkfs.success(), "mkfs.ext4");
+}
+
+/// Unmounts the ext4 at `at` for good: a lazy unmount only if that fails
+/// (one would keep the loop device, and so the image or disk, busy).
+pub fn unmount_ext4(at: &Path) {
+    if nix::mount::umount2(at, nix::mount::MntFlags::empty()).is_err() {
+        let _ = nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mounts ext4 image (or disk) `image` at `at`.
+pub fn mount_ext4(image: &Path, at: &Path) {
     let st = Command::new("mount")
         .args(["-o", "loop,errors=remount-ro"])
         .arg(image)
@@ -345,16 +362,7 @@ impl MountBuilder {
         let mut state_fs = self.state_tmpfs_size.as_ref().map(|_| StateFs::Tmpfs);
         if let Some(mib) = self.state_ext4_mib {
             let image = dir.path().join("state.img");
-            fs::File::create(&image)
-                .unwrap()
-                .set_len(mib << 20)
-                .unwrap();
-            let mkfs = Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(&image)
-                .status()
-                .unwrap();
-            assert!(mkfs.success(), "mkfs.ext4");
+            make_ext4(&image, mib);
             fs::create_dir(&state_dir).unwrap();
             let disk = self.state_failing_disk.then(|| {
                 let at = dir.path().join("disk");
