@@ -40,7 +40,9 @@ use crate::control::{ControlError, ErrorKind, Handler, Request, validate_name};
 use crate::frozen::FrozenStack;
 use crate::handoff::{FoundAt, Held, HeldNode, Journal, Origin, Record};
 use crate::hostfs::{self, HostHandle, Stat, XattrReply};
-use crate::layered::{self, Ctx, Inode, InodeFd, LayerObj, LayerView, Layers, Part, ReadFile, Top};
+use crate::layered::{
+    self, Ctx, Gone, Inode, InodeFd, LayerObj, LayerView, Layers, Part, ReadFile, Top,
+};
 use crate::names::Names;
 use crate::preserve::PreImageStore;
 use crate::proc_events::ProcEvents;
@@ -1739,11 +1741,20 @@ impl FsCore {
         let held = |id: u64| {
             self.held(|h| {
                 let was = h.nodes.get(&id)?;
-                let same = origin.as_ref().is_some_and(|(o, _)| o.matches(&was.origin));
+                let same = origin
+                    .as_ref()
+                    .map(|(o, _)| o)
+                    .filter(|o| o.matches(&was.origin));
                 // An older worker's record without the object's id is
-                // journaled again with it.
-                let exact = origin.as_ref().is_some_and(|(o, _)| *o == was.origin);
-                Some(same.then(|| (was.generation, was.lookups, was.at.clone(), exact)))
+                // journaled again with it (not exact).
+                Some(same.map(|o| {
+                    (
+                        was.generation,
+                        was.lookups,
+                        was.at.clone(),
+                        *o == was.origin,
+                    )
+                }))
             })
         };
         let (id, inherited) = match id {
@@ -2409,9 +2420,8 @@ impl FsCore {
         if let Obj::Layer(d) = &self.dir_entry(parent, name)? {
             let layers = self.layers_of(d)?;
             let live = |obj| self.live_layer_obj(obj, &layers);
-            if let Some(gone) = d.remove(self.cx(), &layers, name, dir, &live)? {
-                self.left((parent, name), &gone, Went::Removed);
-            }
+            let gone = d.remove(self.cx(), &layers, name, dir, &live)?;
+            self.lost((parent, name), &gone);
             return Ok(());
         }
         let (obj, name) = self.main_entry(parent, name)?;
@@ -2463,46 +2473,69 @@ impl FsCore {
 
     /// Journals as removed every node held from a predecessor at `was`
     /// (directory node, name) but object `except`, which the name leads
-    /// to now: the name's old object is gone, and which it was is known
-    /// only from those records (so all of them are read: this follows a
-    /// takeover only).
+    /// to now: the name's old object cannot be found by it any more, and
+    /// which it was is known only from those records (so all of them are
+    /// read: this follows a takeover only).
     fn gone_before_takeover(&self, was: (NodeId, &OsStr), except: Option<u64>) {
-        let _t = self.nodes.lock().unwrap();
+        let t = self.nodes.lock().unwrap();
         let (dir, name) = (was.0.0, was.1.as_bytes());
         let gone = self.held(|h| {
-            let at = h.nodes.iter_mut().filter(|(_, n)| match &n.origin {
+            let at = h.nodes.iter_mut().filter(|(id, n)| match &n.origin {
                 Origin::Layer {
                     parent,
                     name: held,
                     local,
-                } => *parent == dir && held == name && (except.is_none() || *local != except),
+                } => {
+                    *parent == dir
+                        && held == name
+                        && (except.is_none() || *local != except)
+                        && !t.by_id.contains_key(id)
+                }
                 _ => false,
             });
-            let gone: Vec<(u64, u64)> = at
-                .map(|(&id, n)| {
-                    n.origin = Origin::Removed;
-                    (id, n.generation)
-                })
-                .collect();
-            Some(gone)
+            let gone = at.map(|(&id, n)| {
+                n.origin = Origin::Removed;
+                (id, n.generation, 0)
+            });
+            Some(gone.collect())
         });
-        for (id, generation) in gone.into_iter().flatten() {
+        self.journal_origin(gone.unwrap_or_default(), &Origin::Removed);
+    }
+
+    /// Journals `origin` for nodes: id, generation, and lookups the
+    /// journal does not have yet.
+    fn journal_origin(&self, nodes: Vec<(u64, u64, u64)>, origin: &Origin) {
+        for (id, generation, unrecorded) in nodes {
             self.journal(|| {
                 Some(Record::Node {
                     id,
                     generation,
-                    origin: Origin::Removed,
+                    origin: origin.clone(),
                     at: None,
                 })
             });
+            if unrecorded > 0 {
+                self.journal(|| Some(Record::Lookup { id, n: unrecorded }));
+            }
         }
+    }
+
+    /// Journals that layered object `gone.obj` lost its name `was`
+    /// ([`FsCore::left`]).
+    fn lost(&self, was: (NodeId, &OsStr), gone: &Gone) {
+        let went = match gone.last {
+            true => Went::Removed,
+            false => Went::Unnamed,
+        };
+        self.left(was, &gone.obj, went);
     }
 
     /// Journals that layered object `obj` left its place `was` (directory
     /// node, name): renamed, a successor finds it by its new name;
     /// removed from its view, a successor finds it nowhere, so that a new
     /// object there with its id (an inode number, which the host may give
-    /// a new file once it frees the removed one's) is never taken for it.
+    /// a new file once it frees the removed one's) is never taken for it;
+    /// still named elsewhere, records of that place only are removed.
     fn left(&self, was: (NodeId, &OsStr), obj: &LayerObj, went: Went) {
         if self.handoff.is_none() {
             return;
@@ -2513,12 +2546,14 @@ impl FsCore {
                 Some(origin) => origin,
                 None => return,
             },
-            Went::Removed => Origin::Removed,
+            Went::Removed | Went::Unnamed => Origin::Removed,
         };
         // Its nodes: id, generation, and lookups the journal does not have
         // yet (all of a node it learns of only now).
         let mut nodes: Vec<(u64, u64, u64)> = Vec::new();
-        if let Some(&id) = t.by_key.get(&NodeKey::Layer(obj.view.number, obj.id)) {
+        let key = NodeKey::Layer(obj.view.number, obj.id);
+        let table = (!matches!(went, Went::Unnamed)).then(|| t.by_key.get(&key));
+        if let Some(&id) = table.flatten() {
             let node = t.by_id.get_mut(&id).expect("tables agree");
             let mut unrecorded = 0;
             if !node.journaled {
@@ -2538,36 +2573,28 @@ impl FsCore {
             name: was.1.as_bytes().to_vec(),
             local: Some(obj.id),
         };
-        let natural = NodeId::in_view(obj.view.number as u64, obj.id);
-        let synthetic = self.held_synthetic.iter().map(|&id| (id, false));
         let removed = matches!(went, Went::Removed);
-        for (id, anywhere) in std::iter::once((natural, removed)).chain(synthetic) {
+        let natural = (obj.id <= LOCAL_MAX)
+            .then(|| (NodeId::in_view(obj.view.number as u64, obj.id), removed));
+        let synthetic = self.held_synthetic.iter().map(|&id| (id, false));
+        for (id, anywhere) in natural.into_iter().chain(synthetic) {
             if t.by_id.contains_key(&id.0) {
                 continue;
             }
             let moved = |h: &mut Held| {
                 let node = h.nodes.get_mut(&id.0)?;
-                if !anywhere && !was.matches(&node.origin) {
-                    return None;
-                }
-                node.origin = origin.clone();
-                Some(node.generation)
+                let found = match anywhere {
+                    true => matches!(node.origin, Origin::Layer { .. }),
+                    false => was.matches(&node.origin),
+                };
+                found.then(|| {
+                    node.origin = origin.clone();
+                    node.generation
+                })
             };
             nodes.extend(self.held(moved).map(|generation| (id.0, generation, 0)));
         }
-        for (id, generation, unrecorded) in nodes {
-            self.journal(|| {
-                Some(Record::Node {
-                    id,
-                    generation,
-                    origin: origin.clone(),
-                    at: None,
-                })
-            });
-            if unrecorded > 0 {
-                self.journal(|| Some(Record::Lookup { id, n: unrecorded }));
-            }
-        }
+        self.journal_origin(nodes, &origin);
     }
 
     /// Renames with `renameat2` flags.
@@ -2590,7 +2617,7 @@ impl FsCore {
                 let at_new = Some((n.id, newname.as_bytes().to_vec()));
                 let done = o.rename(self.cx(), &layers, name, n, newname, flags, &live)?;
                 if let Some(replaced) = &done.replaced {
-                    self.left((newparent, newname), replaced, Went::Removed);
+                    self.lost((newparent, newname), replaced);
                 }
                 for obj in done.moved {
                     // Moved to the new name from the old, or back (an exchange).
@@ -3023,14 +3050,10 @@ impl FsCore {
         Ok(())
     }
 
-    /// A file or directory handle is gone for good.
+    /// A file or directory handle is gone for good (its entry of a
+    /// predecessor's handles removed already).
     fn released(&self, handle: u64) {
         self.journal(|| Some(Record::Release(handle)));
-        self.held(|h| {
-            h.files.remove(&handle);
-            h.dirs.remove(&handle);
-            None::<()>
-        });
     }
 
     /// Flushes a file to the host disk (nothing to do for read-only files).
@@ -3870,8 +3893,10 @@ fn write_all_at(f: &File, data: &[u8], offset: u64, exact: bool) -> io::Result<u
 enum Went {
     /// To another name (a rename).
     Moved,
-    /// Out of its view (a removal, or a rename over it).
+    /// Out of its view: its last name was removed (or renamed over).
     Removed,
+    /// One of its names was removed; it keeps others.
+    Unnamed,
 }
 
 /// How a successor finds layered object `o` again: by its directory's node

@@ -762,9 +762,15 @@ pub struct Renamed {
     /// The objects that moved: the renamed one, and the other of an
     /// exchange.
     pub moved: Vec<Arc<LayerObj>>,
-    /// The object whose name the renamed one took, if that was its last
-    /// name (it left the view).
-    pub replaced: Option<Arc<LayerObj>>,
+    /// The object whose name the renamed one took.
+    pub replaced: Option<Gone>,
+}
+
+/// An object that lost a name ([`LayerObj::remove`], [`Renamed`]).
+pub struct Gone {
+    pub obj: Arc<LayerObj>,
+    /// Whether that was its last (it left the view).
+    pub last: bool,
 }
 
 /// The generation of a view root's state before its first use.
@@ -1259,7 +1265,7 @@ impl LayerObj {
     /// index (made now if needed), and leaves the index with its last name.
     /// Whether that was its last name; `None` for a file of the top layer
     /// alone, whose host link count tells.
-    fn lose_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Option<bool>> {
+    fn lose_indexed_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Option<bool>> {
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
         // A copy-up of another name of the file may be making the index
         // copy too.
@@ -1293,9 +1299,9 @@ impl LayerObj {
     }
 
     /// Accounts for its name `name` in `dir` (the top layer's directory of
-    /// that name) going away ([`LayerObj::lose_name`]): whether that was
-    /// its last, so that it leaves the view.
-    fn loses_name(
+    /// that name) going away ([`LayerObj::lose_indexed_name`]): whether
+    /// that was its last, so that it leaves the view.
+    fn lose_name(
         &self,
         cx: Ctx<'_>,
         layers: &Layers,
@@ -1305,7 +1311,7 @@ impl LayerObj {
         if self.is_dir {
             return Ok(true);
         }
-        match self.lose_name(cx, layers)? {
+        match self.lose_indexed_name(cx, layers)? {
             Some(last) => Ok(last),
             None => Ok(hostfs::stat_at(dir, name)?.st_nlink <= 1),
         }
@@ -1464,7 +1470,7 @@ impl LayerObj {
     /// Removes `name` (a directory if `dir`) from this directory, leaving
     /// a whiteout where a lower layer has the name. `live` as for
     /// [`LayerObj::rename`]: a file's other names live on in that object.
-    /// Returns the object if that was its last name (it left the view).
+    /// Returns the object that lost the name.
     pub fn remove(
         self: &Arc<Self>,
         cx: Ctx<'_>,
@@ -1472,7 +1478,7 @@ impl LayerObj {
         name: &OsStr,
         dir: bool,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
-    ) -> io::Result<Option<Arc<LayerObj>>> {
+    ) -> io::Result<Gone> {
         let pu = self.upper_dir(cx, layers)?;
         let child = live(self.lookup(cx, layers, name)?);
         match (dir, child.is_dir) {
@@ -1486,7 +1492,7 @@ impl LayerObj {
         let cname = hostfs::component(name)?;
         let needs_whiteout = self.lower_has(cx, layers, name)?;
         let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
-        let last = child.loses_name(cx, layers, pu.as_fd(), &cname)?;
+        let last = child.lose_name(cx, layers, pu.as_fd(), &cname)?;
         let _names = self.changing_names();
         let removed = match (child.current(layers).upper, needs_whiteout) {
             (None, true) => make_whiteout(pu.as_fd(), &cname),
@@ -1509,7 +1515,7 @@ impl LayerObj {
                 }
             }
         };
-        removed.map(|()| last.then_some(child))
+        removed.map(|()| Gone { obj: child, last })
     }
 
     /// Renames `name` in this directory to `newname` in `newdir` with
@@ -1564,7 +1570,7 @@ impl LayerObj {
         let mut last = false;
         match &dst {
             Some(d) if exchange => d.detach_to_move(cx, layers, live)?,
-            Some(d) => last = d.loses_name(cx, layers, dpu.as_fd(), &dname)?,
+            Some(d) => last = d.lose_name(cx, layers, dpu.as_fd(), &dname)?,
             None => {}
         }
         let _names = self.changing_names();
@@ -1597,7 +1603,7 @@ impl LayerObj {
                 let wflag = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
                 hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
             }
-            done.replaced = dst.filter(|_| last);
+            done.replaced = dst.map(|obj| Gone { obj, last });
         }
         src.moved(layers, newdir, &dpu, dname);
         Ok(done)

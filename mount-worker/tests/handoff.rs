@@ -447,15 +447,23 @@ fn removed_then_reused(s: &Setup, removal: Removal) -> Option<Reused> {
     first.write(fh, 0, b"old", false, SetIdBits::Keep).unwrap();
     let ino = s.layer_ino("n").expect("made in the top layer");
     let (n, over) = (OsStr::new("n"), OsStr::new("over"));
+    // The file renamed over it, held open across the crash too.
+    let mut over_fh = None;
+    let mut make_over = || {
+        let (_, new) = first.create(b, over, 0o644, libc::O_RDWR, ROOT).unwrap();
+        let fh = first.hand_out(new);
+        first.write(fh, 0, b"over", false, SetIdBits::Keep).unwrap();
+        over_fh = Some(fh);
+    };
     match removal {
         Removal::Unlink => first.unlink(b, n).unwrap(),
         Removal::RenameOver => {
-            make_file(&first, b, "over", b"");
+            make_over();
             first.rename(b, over, b, n, 0).unwrap();
         }
         Removal::UnlinkUnanswered => std::fs::remove_file(s.layer_path("n").unwrap()).unwrap(),
         Removal::RenameOverUnanswered => {
-            make_file(&first, b, "over", b"");
+            make_over();
             let (from, to) = (s.layer_path("over").unwrap(), s.layer_path("n").unwrap());
             std::fs::rename(from, to).unwrap();
         }
@@ -477,13 +485,12 @@ fn removed_then_reused(s: &Setup, removal: Removal) -> Option<Reused> {
         }
         _ => {}
     }
-    let name = (0..50)
-        .map(|i| {
-            let name = format!("t{i}");
-            make_file(&successor, b, &name, b"new");
-            name
-        })
-        .find(|name| s.layer_ino(name) == Some(ino))?;
+    if let Some(fh) = over_fh {
+        let read = successor.read(fh, 0, 8).unwrap();
+        assert_eq!(read, b"over", "{removal:?}: the file renamed over it");
+        successor.release(fh);
+    }
+    let name = reuse_number(s, &successor, b, ino)?;
     Some(Reused {
         successor,
         b,
@@ -491,6 +498,18 @@ fn removed_then_reused(s: &Setup, removal: Removal) -> Option<Reused> {
         removed,
         name,
     })
+}
+
+/// Makes files `t<i>` in branch directory `dir` until one gets host inode
+/// number `ino`: its name, `None` if none of 50 did.
+fn reuse_number(s: &Setup, core: &FsCore, dir: NodeId, ino: u64) -> Option<String> {
+    (0..50)
+        .map(|i| {
+            let name = format!("t{i}");
+            make_file(core, dir, &name, b"new");
+            name
+        })
+        .find(|name| s.layer_ino(name) == Some(ino))
 }
 
 /// A branch file removed while open, then a crash, which closes its last
@@ -550,4 +569,71 @@ fn a_branch_file_that_lost_another_name_is_found_after_a_crash() {
 
     let second = s.worker(true);
     assert_eq!(second.read(fh, 0, 8).unwrap(), b"f");
+}
+
+/// A hard-linked branch file that a successor knows by its second name
+/// (a node id of its own, recorded at that name) loses that name, then
+/// its last, after a second crash: a new file of its inode number under
+/// the second name is not that node's either.
+#[test]
+fn a_hard_link_known_by_its_second_name_is_not_the_next_file_of_its_number() {
+    let (h, n) = (OsStr::new("h"), OsStr::new("n"));
+    let mut tries = (0..10).map(|_| {
+        let s = Setup::on_ext4();
+        let first = s.worker(false);
+        branch_file(&first);
+        let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
+        make_file(&first, b, "n", b"old");
+        let node = first.lookup(b, n).unwrap().node;
+        first.link(node, b, h).unwrap();
+        let ino = s.layer_ino("n").unwrap();
+        drop(first); // the first crash
+
+        let second = s.worker(true);
+        let by_h = second.lookup(b, h).unwrap().node;
+        assert_ne!(by_h, node, "found by another name than the journal's");
+        let fh = second.hand_out(second.open(by_h, libc::O_RDONLY).unwrap());
+        drop(second); // the second crash
+
+        let third = s.worker(true);
+        third.unlink(b, h).unwrap();
+        third.unlink(b, n).unwrap();
+        let name = reuse_number(&s, &third, b, ino)?;
+        Some((s, third, b, fh, by_h, name))
+    });
+    let (_s, third, b, fh, by_h, name) = tries
+        .find_map(|t| t)
+        .expect("the host reuses the inode number in one of 10 tries");
+    third.rename(b, OsStr::new(&name), b, h, 0).unwrap();
+    // The held handle used first: nothing else has found the new file.
+    let read = third.read(fh, 0, 8).map_err(|e| e.raw_os_error());
+    assert_eq!(read, Err(Some(libc::ESTALE)));
+    assert_ne!(third.lookup(b, h).unwrap().node, by_h);
+}
+
+/// A successor that knows a held branch file by its second name (a node
+/// id of its own) renames the first name, which the predecessor's node
+/// was recorded at, and crashes: the next successor finds that node at
+/// its new name. Before, only the table's node was journaled there, and
+/// the predecessor's answered ESTALE.
+#[test]
+fn a_held_name_renamed_by_a_successor_that_knew_another_is_found_again() {
+    let s = Setup::new();
+    let first = s.worker(false);
+    let f = branch_file(&first);
+    let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
+    first.link(f, b, OsStr::new("h")).unwrap();
+    let fh = first.hand_out(first.open(f, libc::O_RDONLY).unwrap());
+    drop(first); // the first crash
+
+    let second = s.worker(true);
+    let by_h = second.lookup(b, OsStr::new("h")).unwrap().node;
+    assert_ne!(by_h, f, "found by another name than the journal's");
+    second
+        .rename(b, OsStr::new("f"), b, OsStr::new("f.1"), 0)
+        .unwrap();
+    drop(second); // the second crash
+
+    let third = s.worker(true);
+    assert_eq!(third.read(fh, 0, 8).unwrap(), b"f");
 }
