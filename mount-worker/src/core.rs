@@ -2548,12 +2548,19 @@ impl FsCore {
             },
             Went::Removed | Went::Unnamed => Origin::Removed,
         };
+        let was = Origin::Layer {
+            parent: was.0.0,
+            name: was.1.as_bytes().to_vec(),
+            local: Some(obj.id),
+        };
         // Its nodes: id, generation, and lookups the journal does not have
-        // yet (all of a node it learns of only now).
+        // yet (all of a node it learns of only now). The table's, unless
+        // it keeps other names and was not recorded at this one.
         let mut nodes: Vec<(u64, u64, u64)> = Vec::new();
+        let recorded_here = || layer_origin(&t, obj).as_ref() == Some(&was);
         let key = NodeKey::Layer(obj.view.number, obj.id);
-        let table = (!matches!(went, Went::Unnamed)).then(|| t.by_key.get(&key));
-        if let Some(&id) = table.flatten() {
+        let table = t.by_key.get(&key).copied();
+        if let Some(id) = table.filter(|_| !matches!(went, Went::Unnamed) || recorded_here()) {
             let node = t.by_id.get_mut(&id).expect("tables agree");
             let mut unrecorded = 0;
             if !node.journaled {
@@ -2568,11 +2575,6 @@ impl FsCore {
         // known by its old place only: a record elsewhere may be another
         // name's. Once removed, every record of its own id goes: it is
         // this object's, or one's that had its number before and is gone.
-        let was = Origin::Layer {
-            parent: was.0.0,
-            name: was.1.as_bytes().to_vec(),
-            local: Some(obj.id),
-        };
         let removed = matches!(went, Went::Removed);
         let natural = (obj.id <= LOCAL_MAX)
             .then(|| (NodeId::in_view(obj.view.number as u64, obj.id), removed));
@@ -3305,6 +3307,8 @@ impl FsCore {
 
     /// Closes a directory stream.
     pub fn releasedir(&self, dh: DirHandle) {
+        // Inherited no more first: `dir` then adds no entry behind us.
+        self.held(|h| h.dirs.remove(&dh.0).map(drop));
         self.dirs.write().unwrap().remove(&dh.0);
         self.released(dh.0);
     }

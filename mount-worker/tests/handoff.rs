@@ -215,6 +215,10 @@ fn a_successor_reads_a_directory_its_predecessor_opened() {
     synced.expect("fsyncdir of the predecessor's handle");
     names.sort();
     assert_eq!(names, [".", "..", "f", "g"]);
+    // Released, it is gone: not opened again as the predecessor's.
+    second.releasedir(dh);
+    let e = second.readdir(dh, 0, |_| false).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBADF));
 }
 
 /// The node at `names` below the root.
@@ -572,43 +576,50 @@ fn a_branch_file_that_lost_another_name_is_found_after_a_crash() {
 }
 
 /// A hard-linked branch file that a successor knows by its second name
-/// (a node id of its own, recorded at that name) loses that name, then
-/// its last, after a second crash: a new file of its inode number under
-/// the second name is not that node's either.
+/// (a node id of its own, recorded at that name) loses that name, there
+/// or after a second crash, then its last: a new file of its inode number
+/// under the second name is not that node's either.
 #[test]
 fn a_hard_link_known_by_its_second_name_is_not_the_next_file_of_its_number() {
     let (h, n) = (OsStr::new("h"), OsStr::new("n"));
-    let mut tries = (0..10).map(|_| {
-        let s = Setup::on_ext4();
-        let first = s.worker(false);
-        branch_file(&first);
-        let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
-        make_file(&first, b, "n", b"old");
-        let node = first.lookup(b, n).unwrap().node;
-        first.link(node, b, h).unwrap();
-        let ino = s.layer_ino("n").unwrap();
-        drop(first); // the first crash
+    for unlinked_by_second in [false, true] {
+        let mut tries = (0..10).map(|_| {
+            let s = Setup::on_ext4();
+            let first = s.worker(false);
+            branch_file(&first);
+            let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
+            make_file(&first, b, "n", b"old");
+            let node = first.lookup(b, n).unwrap().node;
+            first.link(node, b, h).unwrap();
+            let ino = s.layer_ino("n").unwrap();
+            drop(first); // the first crash
 
-        let second = s.worker(true);
-        let by_h = second.lookup(b, h).unwrap().node;
-        assert_ne!(by_h, node, "found by another name than the journal's");
-        let fh = second.hand_out(second.open(by_h, libc::O_RDONLY).unwrap());
-        drop(second); // the second crash
+            let second = s.worker(true);
+            let by_h = second.lookup(b, h).unwrap().node;
+            assert_ne!(by_h, node, "found by another name than the journal's");
+            let fh = second.hand_out(second.open(by_h, libc::O_RDONLY).unwrap());
+            if unlinked_by_second {
+                second.unlink(b, h).unwrap();
+            }
+            drop(second); // the second crash
 
-        let third = s.worker(true);
-        third.unlink(b, h).unwrap();
-        third.unlink(b, n).unwrap();
-        let name = reuse_number(&s, &third, b, ino)?;
-        Some((s, third, b, fh, by_h, name))
-    });
-    let (_s, third, b, fh, by_h, name) = tries
-        .find_map(|t| t)
-        .expect("the host reuses the inode number in one of 10 tries");
-    third.rename(b, OsStr::new(&name), b, h, 0).unwrap();
-    // The held handle used first: nothing else has found the new file.
-    let read = third.read(fh, 0, 8).map_err(|e| e.raw_os_error());
-    assert_eq!(read, Err(Some(libc::ESTALE)));
-    assert_ne!(third.lookup(b, h).unwrap().node, by_h);
+            let third = s.worker(true);
+            if !unlinked_by_second {
+                third.unlink(b, h).unwrap();
+            }
+            third.unlink(b, n).unwrap();
+            let name = reuse_number(&s, &third, b, ino)?;
+            Some((s, third, b, fh, by_h, name))
+        });
+        let (_s, third, b, fh, by_h, name) = tries
+            .find_map(|t| t)
+            .expect("the host reuses the inode number in one of 10 tries");
+        third.rename(b, OsStr::new(&name), b, h, 0).unwrap();
+        // The held handle used first: nothing else has found the new file.
+        let read = third.read(fh, 0, 8).map_err(|e| e.raw_os_error());
+        assert_eq!(read, Err(Some(libc::ESTALE)), "{unlinked_by_second}");
+        assert_ne!(third.lookup(b, h).unwrap().node, by_h);
+    }
 }
 
 /// A successor that knows a held branch file by its second name (a node

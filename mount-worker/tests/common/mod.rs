@@ -236,7 +236,8 @@ pub fn make_ext4(image: &Path, mib: u64) {
 /// Unmounts the ext4 at `at` for good: a lazy unmount only if that fails
 /// (one would keep the loop device, and so the image or disk, busy).
 pub fn unmount_ext4(at: &Path) {
-    if nix::mount::umount2(at, nix::mount::MntFlags::empty()).is_err() {
+    if let Err(e) = nix::mount::umount2(at, nix::mount::MntFlags::empty()) {
+        eprintln!("unmounting {}: {e}; detaching it lazily", at.display());
         let _ = nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH);
     }
 }
