@@ -657,7 +657,7 @@ enum DirStream {
 /// view's `layers` (never locked for writing), `views`, `nodes`; and no
 /// thread reads a lock it holds already (a writer waiting in between
 /// would leave both waiting forever). A predecessor's `Held` comes after
-/// `nodes`, `files` after `Held`; `unseen` and `mapped` are held alone
+/// `nodes`, `files` and `dirs` after `Held`; `unseen` and `mapped` are held alone
 /// (the journal's append aside). A branch or a snapshot of a branch
 /// and its view come and go together under `catalog`: a request that
 /// finds one in the catalog finds its view open.
@@ -3225,16 +3225,18 @@ impl FsCore {
         // Opened by a predecessor. A host directory's offsets are the host
         // file system's cookies and hold for the new stream; a listed one
         // is listed again.
-        let node = self
-            .held(|h| h.dirs.get(&dh.0).copied())
-            .ok_or_else(|| errno(libc::EBADF))?;
-        Ok(self
-            .dirs
-            .write()
-            .unwrap()
-            .entry(dh.0)
-            .or_insert_with(|| Arc::new(OpenDir::new(NodeId(node))))
-            .clone())
+        // Added under that table's lock, as `file` does, so that a
+        // `releasedir` meanwhile is not undone.
+        self.held(|h| {
+            let node = *h.dirs.get(&dh.0)?;
+            let mut dirs = self.dirs.write().unwrap();
+            let open = dirs.entry(dh.0);
+            Some(
+                open.or_insert_with(|| Arc::new(OpenDir::new(NodeId(node))))
+                    .clone(),
+            )
+        })
+        .ok_or_else(|| errno(libc::EBADF))
     }
 
     /// The stream of an open directory, made now if not yet read.

@@ -516,6 +516,18 @@ fn reuse_number(s: &Setup, core: &FsCore, dir: NodeId, ino: u64) -> Option<Strin
         .find(|name| s.layer_ino(name) == Some(ino))
 }
 
+/// Runs `scenario` on state file systems of their own until it meets a
+/// reused inode number (`Some`): the freed number goes to the spare
+/// layer's directories when the worker makes them in between (a race).
+/// The setup comes first, so that a `let` binding drops it last, after
+/// the workers on it.
+fn until_reused<T>(scenario: impl Fn(&Setup) -> Option<T>) -> (Setup, T) {
+    (0..10)
+        .map(|_| Setup::on_ext4())
+        .find_map(|s| scenario(&s).map(|t| (s, t)))
+        .expect("the host reuses the inode number in one of 10 tries")
+}
+
 /// A branch file removed while open, then a crash, which closes its last
 /// descriptor: the host may give its inode number, which the object's id
 /// is made of, to the next file made in the branch. A successor must not
@@ -531,15 +543,7 @@ fn a_branch_file_removed_before_a_crash_is_not_the_next_file_of_its_number() {
         Removal::UnlinkUnanswered,
         Removal::RenameOverUnanswered,
     ] {
-        // The freed number goes to the spare layer's directories when the
-        // worker makes them in between (a race): then again.
-        let s = (0..10).map(|_| Setup::on_ext4());
-        // The successor goes before its state's file system (the last
-        // bound, the first dropped).
-        let (_s, r) = s
-            .filter_map(|s| removed_then_reused(&s, removal).map(|r| (s, r)))
-            .next()
-            .expect("the host reuses the inode number in one of 10 tries");
+        let (_s, r) = until_reused(|s| removed_then_reused(s, removal));
         let c = &r.successor;
         c.rename(r.b, OsStr::new(&r.name), r.b, OsStr::new("n"), 0)
             .unwrap();
@@ -583,8 +587,7 @@ fn a_branch_file_that_lost_another_name_is_found_after_a_crash() {
 fn a_hard_link_known_by_its_second_name_is_not_the_next_file_of_its_number() {
     let (h, n) = (OsStr::new("h"), OsStr::new("n"));
     for unlinked_by_second in [false, true] {
-        let mut tries = (0..10).map(|_| {
-            let s = Setup::on_ext4();
+        let (_s, (third, b, fh, by_h, name)) = until_reused(|s| {
             let first = s.worker(false);
             branch_file(&first);
             let b = lookup_path(&first, &[".agentfs", "branches", "b"]);
@@ -608,12 +611,9 @@ fn a_hard_link_known_by_its_second_name_is_not_the_next_file_of_its_number() {
                 third.unlink(b, h).unwrap();
             }
             third.unlink(b, n).unwrap();
-            let name = reuse_number(&s, &third, b, ino)?;
-            Some((s, third, b, fh, by_h, name))
+            let name = reuse_number(s, &third, b, ino)?;
+            Some((third, b, fh, by_h, name))
         });
-        let (_s, third, b, fh, by_h, name) = tries
-            .find_map(|t| t)
-            .expect("the host reuses the inode number in one of 10 tries");
         third.rename(b, OsStr::new(&name), b, h, 0).unwrap();
         // The held handle used first: nothing else has found the new file.
         let read = third.read(fh, 0, 8).map_err(|e| e.raw_os_error());
