@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use crate::frozen::{Frozen, FrozenStack};
@@ -546,6 +546,20 @@ impl Part {
         }
     }
 
+    /// Whether this file is one a layer keeps in its index: it has
+    /// several names, or it is a copy kept there already (which stays
+    /// kept there, in later layers too, after its names but one went).
+    fn linked(&self, cx: Ctx<'_>) -> io::Result<bool> {
+        match self {
+            Part::Layer(i) => {
+                let fd = i.fd(cx)?;
+                let st = hostfs::stat(fd.as_fd())?;
+                Ok(st.st_nlink > 1 || logical_nlink(fd.as_fd(), &st)?.is_some())
+            }
+            Part::Base(s) => Ok(s.stat(cx.store, cx.mount_fd)?.st_nlink > 1),
+        }
+    }
+
     fn child(&self, cx: Ctx<'_>, name: &OsStr) -> io::Result<Child> {
         match self {
             Part::Layer(dir) => {
@@ -667,7 +681,7 @@ impl Part {
             id.to_string().as_bytes(),
             0,
         )?;
-        if kind != libc::S_IFDIR && st.st_nlink > 1 {
+        if kind != libc::S_IFDIR && self.linked(cx)? {
             set_nlink(fd.as_fd(), st.st_nlink)?;
         }
         self.copy_meta_to(cx, &st, fd.as_fd())
@@ -754,6 +768,9 @@ pub struct LayerObj {
     /// How its node counts in [`LayerView::holding`]: [`UNCOUNTED`],
     /// [`LIGHT`] or [`HEAVY`].
     counted: AtomicU8,
+    /// Its last name was removed: it is never copied up again (its name
+    /// may be free in a later layer, its copy in the index is gone).
+    unlinked: AtomicBool,
 }
 
 /// What a rename did ([`LayerObj::rename`]).
@@ -771,6 +788,16 @@ pub struct Gone {
     pub obj: Arc<LayerObj>,
     /// Whether that was its last (it left the view).
     pub last: bool,
+}
+
+impl Gone {
+    /// `obj` lost a name, its last if `last`.
+    fn new(obj: Arc<LayerObj>, last: bool) -> Gone {
+        if last {
+            obj.unlinked.store(true, Ordering::Release);
+        }
+        Gone { obj, last }
+    }
 }
 
 /// The generation of a view root's state before its first use.
@@ -802,6 +829,7 @@ impl LayerObj {
             }),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
+            unlinked: AtomicBool::new(false),
         }
     }
 
@@ -1094,6 +1122,7 @@ impl LayerObj {
             }),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
+            unlinked: AtomicBool::new(false),
         })
     }
 
@@ -1143,11 +1172,27 @@ impl LayerObj {
     }
 
     /// The object in the top layer, copied up (with its directories) first
-    /// if it is not there yet. EROFS in a snapshot.
+    /// if it is not there yet. EROFS in a snapshot; ESTALE once removed.
+    /// A file with several names is copied into the top layer's index
+    /// only: which of its names are left is not known here (the kernel
+    /// may use any it cached), and each finds it there.
     pub fn upper(self: &Arc<Self>, cx: Ctx<'_>, layers: &Layers) -> io::Result<Inode> {
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
-        if let Some(u) = self.current(layers).upper {
+        let s = self.current(layers);
+        if let Some(u) = s.upper {
             return Ok(u);
+        }
+        if self.unlinked.load(Ordering::Acquire) {
+            return Err(errno(libc::ESTALE));
+        }
+        let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
+        if !self.is_dir && src.linked(cx)? {
+            let _one = self.view.copy_up.lock().unwrap();
+            if let Some(u) = self.current(layers).upper {
+                return Ok(u);
+            }
+            let ix = self.index_copy(cx, top, src)?;
+            return Ok(self.adopt(ix, &top.index, &index_name(self.id)));
         }
         let (parent, name) = self
             .place
@@ -1176,52 +1221,67 @@ impl LayerObj {
             Err(e) => return Err(e),
         }
         let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
-        let indexed = match hostfs::open_node(top.index.as_fd(), &index_name(self.id)) {
-            Ok(fd) => Some(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
-            Err(e) => return Err(e),
-        };
-        // Adds the copy to the directory, whose times stay the view's.
-        let put = |add: &dyn Fn() -> io::Result<()>| {
+        let tmp = self.view.tmp_name();
+        let work = top.work.as_fd();
+        let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
+            self.add_quietly(&pu, || {
+                hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE)
+            })
+        });
+        if let Err(e) = built {
+            let _ = remove_tree(work, &tmp);
+            return Err(e);
+        }
+        let fd = hostfs::open_node(pu.as_fd(), &name)?;
+        Ok(self.adopt(fd, &pu, &name))
+    }
+
+    /// Adds a name to `dir`, a directory of the top layer, with `add`,
+    /// keeping its times, and flushes it: a copy-up changes no name of
+    /// the view.
+    fn add_quietly(&self, dir: &OwnedFd, add: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        {
             let _alone = self.view.names.write().unwrap();
-            let times = hostfs::stat(pu.as_fd())?;
+            let times = hostfs::stat(dir.as_fd())?;
             add()?;
-            // The copy is in place: failing the change now would only
+            // The name is in place: failing the change now would only
             // have the next one find it there.
-            if let Err(e) = set_times(pu.as_fd(), &times) {
+            if let Err(e) = set_times(dir.as_fd(), &times) {
                 tracing::warn!(
                     view = self.view.number,
                     "the times of a directory changed by the copy-up of object {}: {e}",
                     self.id
                 );
             }
-            Ok(())
-        };
-        let from_index = indexed.is_some() || self.has_names_below(cx, &s)?;
-        if from_index {
-            // Linked from the index, so that its other names find it too.
-            let ix = match indexed {
-                Some(fd) => fd,
-                None => self.index_copy(cx, top, src)?,
-            };
-            put(&|| hostfs::link(ix.as_fd(), pu.as_fd(), &name))?;
-        } else {
-            let tmp = self.view.tmp_name();
-            let work = top.work.as_fd();
-            let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
-                put(&|| hostfs::rename(work, &tmp, pu.as_fd(), &name, libc::RENAME_NOREPLACE))
-            });
-            if let Err(e) = built {
-                let _ = remove_tree(work, &tmp);
-                return Err(e);
-            }
         }
-        hostfs::sync_dir(pu.as_fd())?;
-        let fd = hostfs::open_node(pu.as_fd(), &name)?;
-        let u = self.adopt(fd, &pu, &name);
-        if from_index {
-            u.also(&top.index, &index_name(self.id));
+        hostfs::sync_dir(dir.as_fd())
+    }
+
+    /// [`LayerObj::upper`], there as `name` in `dir` (the top layer's
+    /// directory of one of its names), to be renamed or made opaque
+    /// around: a file kept in the index may be in the top layer's tree
+    /// at another name, or at none.
+    fn upper_as(
+        self: &Arc<Self>,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        dir: &Arc<OwnedFd>,
+        name: &CStr,
+    ) -> io::Result<Inode> {
+        let u = self.upper(cx, layers)?;
+        if self.is_dir {
+            return Ok(u);
         }
+        match hostfs::open_node(dir.as_fd(), name) {
+            // The lookup that found this object there found it in the top
+            // layer, or saw nothing there.
+            Ok(_) => return Ok(u),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let fd = u.fd(cx)?;
+        self.add_quietly(dir, || hostfs::link(fd.as_fd(), dir.as_fd(), name))?;
+        u.also(dir, name);
         Ok(u)
     }
 
@@ -1345,41 +1405,50 @@ impl LayerObj {
         }
     }
 
-    /// Copies up this object and, for a directory, everything below it,
-    /// and makes it opaque: it then no longer depends on the layers below
-    /// and can be moved. Costs a copy of the subtree's files. `live` turns
-    /// a looked-up object into the live one of the same id, which must
-    /// learn that it stands on nothing below any more.
+    /// Copies up this object, its name `name` in the top layer's
+    /// directory `dir`, and, for a directory, everything below it, and
+    /// makes it opaque: it then no longer depends on the layers below and
+    /// can be moved. Costs a copy of the subtree's files. `live` turns a
+    /// looked-up object into the live one of the same id, which must learn
+    /// that it stands on nothing below any more.
     fn detach(
         self: &Arc<Self>,
         cx: Ctx<'_>,
         layers: &Layers,
+        dir: &Arc<OwnedFd>,
+        name: &CStr,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
     ) -> io::Result<Inode> {
-        let u = self.upper(cx, layers)?;
+        let u = self.upper_as(cx, layers, dir, name)?;
         if !self.is_dir || self.current(layers).lowers.is_empty() {
             return Ok(u);
         }
+        let here = u.dir()?;
         for e in self.list(cx, layers)? {
-            live(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?).detach(cx, layers, live)?;
+            let child = live(self.lookup(cx, layers, OsStr::from_bytes(&e.name))?);
+            let cname = hostfs::component(OsStr::from_bytes(&e.name))?;
+            child.detach(cx, layers, here, &cname, live)?;
         }
-        set_opaque(u.dir()?.as_fd())?;
+        set_opaque(here.as_fd())?;
         let mut s = self.state.write().unwrap();
         s.lowers = Arc::new([]);
         s.index = None;
         Ok(u)
     }
 
-    /// Makes this object movable to another name: detached from the layers
-    /// below, and, for a directory, opaque, so that whatever the new name
-    /// hides below stays hidden.
+    /// Makes this object, `name` in the top layer's directory `dir`,
+    /// movable to another name: detached from the layers below, and, for
+    /// a directory, opaque, so that whatever the new name hides below
+    /// stays hidden.
     fn detach_to_move(
         self: &Arc<Self>,
         cx: Ctx<'_>,
         layers: &Layers,
+        dir: &Arc<OwnedFd>,
+        name: &CStr,
         live: &dyn Fn(LayerObj) -> Arc<LayerObj>,
     ) -> io::Result<()> {
-        let u = self.detach(cx, layers, live)?;
+        let u = self.detach(cx, layers, dir, name, live)?;
         if self.is_dir {
             set_opaque(u.dir()?.as_fd())?;
         }
@@ -1456,6 +1525,7 @@ impl LayerObj {
             place: Mutex::new(Some((self.clone(), cname))),
             copies: AtomicU64::new(0),
             counted: AtomicU8::new(UNCOUNTED),
+            unlinked: AtomicBool::new(false),
         })
     }
 
@@ -1515,7 +1585,7 @@ impl LayerObj {
                 }
             }
         };
-        removed.map(|()| Gone { obj: child, last })
+        removed.map(|()| Gone::new(child, last))
     }
 
     /// Renames `name` in this directory to `newname` in `newdir` with
@@ -1566,10 +1636,10 @@ impl LayerObj {
                 libc::RENAME_EXCHANGE,
             )
         };
-        src.detach_to_move(cx, layers, live)?;
+        src.detach_to_move(cx, layers, &spu, &sname, live)?;
         let mut last = false;
         match &dst {
-            Some(d) if exchange => d.detach_to_move(cx, layers, live)?,
+            Some(d) if exchange => d.detach_to_move(cx, layers, &dpu, &dname, live)?,
             Some(d) => last = d.lose_name(cx, layers, dpu.as_fd(), &dname)?,
             None => {}
         }
@@ -1603,7 +1673,7 @@ impl LayerObj {
                 let wflag = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
                 hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
             }
-            done.replaced = dst.map(|obj| Gone { obj, last });
+            done.replaced = dst.map(|obj| Gone::new(obj, last));
         }
         src.moved(layers, newdir, &dpu, dname);
         Ok(done)
@@ -1632,13 +1702,29 @@ impl LayerObj {
         dir: &Arc<LayerObj>,
         name: &OsStr,
     ) -> io::Result<LayerObj> {
-        let u = self.upper(cx, layers)?.fd(cx)?;
-        let new = dir.create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))?;
-        // The view's count of a hard-linked file from below goes up too.
-        let st = hostfs::stat(u.as_fd())?;
-        if let Some(n) = logical_nlink(u.as_fd(), &st)? {
-            set_nlink(u.as_fd(), n + 1)?;
-        }
+        let u = self.upper(cx, layers)?;
+        let fd = u.fd(cx)?;
+        let st = hostfs::stat(fd.as_fd())?;
+        let names = match logical_nlink(fd.as_fd(), &st)? {
+            Some(n) => n,
+            None => {
+                // Kept in the index from now on, as a file linked below
+                // is (see `upper`): once one of its names is removed, or
+                // its layer frozen, its others find it there.
+                let top = layers.top.as_ref().expect("upper() checked");
+                let ix = index_name(self.id);
+                set_nlink(fd.as_fd(), st.st_nlink)?;
+                match hostfs::link(fd.as_fd(), top.index.as_fd(), &ix) {
+                    // Its id is its inode number, which its entry pins.
+                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+                    _ => hostfs::sync_dir(top.index.as_fd())?,
+                }
+                u.also(&top.index, &ix);
+                st.st_nlink
+            }
+        };
+        let new = dir.create(cx, layers, name, |d, n| hostfs::link(fd.as_fd(), d, n))?;
+        set_nlink(fd.as_fd(), names + 1)?;
         Ok(new)
     }
 }

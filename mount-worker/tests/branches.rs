@@ -2942,3 +2942,219 @@ fn a_start_removes_only_the_layers_a_deletion_freed() {
     m.restart(&[]);
     assert_eq!(tree(&snapshot_dir(&m, "b2")), b2);
 }
+
+/// The files of a tree: content and link count by relative path, and
+/// whether every file with several names shows one inode number per
+/// content (the names of one file).
+fn files(root: &Path) -> (Vec<(String, String, u64)>, bool) {
+    let mut out = Vec::new();
+    let mut inos = std::collections::HashMap::new();
+    let mut one_ino = true;
+    for (rel, p, md) in common::walk(root) {
+        if md.is_file() {
+            let content = String::from_utf8(fs::read(&p).unwrap()).unwrap();
+            if md.nlink() > 1 {
+                one_ino &= *inos.entry(content.clone()).or_insert(md.ino()) == md.ino();
+            }
+            out.push((rel.to_str().unwrap().to_owned(), content, md.nlink()));
+        }
+    }
+    out.sort();
+    (out, one_ino)
+}
+
+/// Appends `data` to the file at `p`.
+fn append(p: PathBuf, data: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new().append(true).open(p)?.write_all(data)
+}
+
+/// A file hard-linked in main (`a`, `d/b`), known to the kernel by both
+/// names as one node: in a branch, each name stays usable after another
+/// is changed, removed or renamed (or its directory moved), in this top
+/// layer and after it froze, and the branch shows after a crash what it
+/// showed before. Names were lost (`mv d d2` dropped `d2/b`) or came back
+/// (a removed name was copied up again after a snapshot), and a change
+/// through a name other than the first one looked up failed with ESTALE.
+#[test]
+fn every_name_of_a_file_hard_linked_below_stays_usable() {
+    type Step = fn(&Mount, &Path) -> std::io::Result<()>;
+    /// Files expected: path, content, link count.
+    type Files = &'static [(&'static str, &'static str, u64)];
+    let scenarios: Vec<(&str, Step, Files)> = vec![
+        (
+            "rm a; append d/b",
+            |_, x| {
+                fs::remove_file(x.join("a"))?;
+                append(x.join("d/b"), b"x")
+            },
+            &[("c", "cc", 1), ("d/b", "onex", 1)],
+        ),
+        (
+            "rm a; truncate d/b",
+            |_, x| {
+                fs::remove_file(x.join("a"))?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(x.join("d/b"))?
+                    .set_len(1)
+            },
+            &[("c", "cc", 1), ("d/b", "o", 1)],
+        ),
+        (
+            "append a; mv d/b e",
+            |_, x| {
+                append(x.join("a"), b"x")?;
+                fs::rename(x.join("d/b"), x.join("e"))
+            },
+            &[("a", "onex", 2), ("c", "cc", 1), ("e", "onex", 2)],
+        ),
+        (
+            "rm a; mv d/b e; append e",
+            |_, x| {
+                fs::remove_file(x.join("a"))?;
+                fs::rename(x.join("d/b"), x.join("e"))?;
+                append(x.join("e"), b"x")
+            },
+            &[("c", "cc", 1), ("e", "onex", 1)],
+        ),
+        (
+            "append a; exchange d/b and c",
+            |_, x| {
+                append(x.join("a"), b"x")?;
+                use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+                let exchange = RenameFlags::RENAME_EXCHANGE;
+                renameat2(AT_FDCWD, &x.join("d/b"), AT_FDCWD, &x.join("c"), exchange)?;
+                Ok(())
+            },
+            &[("a", "onex", 2), ("c", "onex", 2), ("d/b", "cc", 1)],
+        ),
+        (
+            "rm a; ln d/b f; append f",
+            |_, x| {
+                fs::remove_file(x.join("a"))?;
+                fs::hard_link(x.join("d/b"), x.join("f"))?;
+                append(x.join("f"), b"x")
+            },
+            &[("c", "cc", 1), ("d/b", "onex", 2), ("f", "onex", 2)],
+        ),
+        (
+            "mv d d2",
+            |_, x| fs::rename(x.join("d"), x.join("d2")),
+            &[("a", "one", 2), ("c", "cc", 1), ("d2/b", "one", 2)],
+        ),
+        (
+            "append a; mv d d2",
+            |_, x| {
+                append(x.join("a"), b"x")?;
+                fs::rename(x.join("d"), x.join("d2"))
+            },
+            &[("a", "onex", 2), ("c", "cc", 1), ("d2/b", "onex", 2)],
+        ),
+        (
+            "rm a; mv d d2; append d2/b",
+            |_, x| {
+                fs::remove_file(x.join("a"))?;
+                fs::rename(x.join("d"), x.join("d2"))?;
+                append(x.join("d2/b"), b"x")
+            },
+            &[("c", "cc", 1), ("d2/b", "onex", 1)],
+        ),
+        (
+            "rm a; snapshot; append d/b",
+            |m, x| {
+                fs::remove_file(x.join("a"))?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("d/b"), b"y")
+            },
+            &[("c", "cc", 1), ("d/b", "oney", 1)],
+        ),
+        (
+            "rm a; append d/b; snapshot; append d/b",
+            |m, x| {
+                fs::remove_file(x.join("a"))?;
+                append(x.join("d/b"), b"x")?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("d/b"), b"y")
+            },
+            &[("c", "cc", 1), ("d/b", "onexy", 1)],
+        ),
+        (
+            "f; ln f g; rm f; snapshot; append g",
+            |m, x| {
+                fs::write(x.join("f"), b"f")?;
+                fs::hard_link(x.join("f"), x.join("g"))?;
+                fs::remove_file(x.join("f"))?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("g"), b"y")
+            },
+            &[
+                ("a", "one", 2),
+                ("c", "cc", 1),
+                ("d/b", "one", 2),
+                ("g", "fy", 1),
+            ],
+        ),
+        (
+            "ln c g; rm c; snapshot; append g",
+            |m, x| {
+                fs::hard_link(x.join("c"), x.join("g"))?;
+                fs::remove_file(x.join("c"))?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("g"), b"y")
+            },
+            &[("a", "one", 2), ("d/b", "one", 2), ("g", "ccy", 1)],
+        ),
+    ];
+    for (what, step, want) in scenarios {
+        let mut m = Mount::builder()
+            .populate(|s| {
+                fs::create_dir(s.join("d")).unwrap();
+                fs::write(s.join("a"), b"one").unwrap();
+                fs::hard_link(s.join("a"), s.join("d/b")).unwrap();
+                fs::write(s.join("c"), b"cc").unwrap();
+            })
+            .start();
+        snapshot(&m, None, "base");
+        branch(&m, "base", "x");
+        let x = branch_dir(&m, "x");
+        // The kernel learns both names of the one node, `a` first.
+        fs::read(x.join("a")).unwrap();
+        fs::read(x.join("d/b")).unwrap();
+        step(&m, &x).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want: Vec<_> = want
+            .iter()
+            .map(|(p, c, n)| (p.to_string(), c.to_string(), *n))
+            .collect();
+        assert_eq!(files(&x), (want.clone(), true), "{what}");
+        m.kill();
+        m.restart(&[]);
+        assert_eq!(files(&x), (want, true), "{what}, after a restart");
+        assert_eq!(fs::read(m.source().join("d/b")).unwrap(), b"one", "{what}");
+        common::check_state(m.state_dir());
+    }
+}
+
+/// A branch file removed while open is not copied up again once the
+/// branch's top layer froze: a change through the open descriptor does
+/// not bring its name back.
+#[test]
+fn a_file_removed_while_open_stays_removed_after_a_snapshot() {
+    let mut m = Mount::builder()
+        .populate(|s| fs::write(s.join("c"), b"cc").unwrap())
+        .start();
+    snapshot(&m, None, "base");
+    branch(&m, "base", "x");
+    let x = branch_dir(&m, "x");
+    let f = File::open(x.join("c")).unwrap();
+    fs::remove_file(x.join("c")).unwrap();
+    snapshot(&m, Some("x"), "s");
+    // Refused (ESTALE): the file is in no layer to change any more.
+    let changed = f.set_permissions(fs::Permissions::from_mode(0o600));
+    assert_eq!(changed.unwrap_err().raw_os_error(), Some(libc::ESTALE));
+    drop(f);
+    assert!(!x.join("c").exists());
+    m.kill();
+    m.restart(&[]);
+    assert!(!x.join("c").exists());
+    assert_eq!(fs::read(m.source().join("c")).unwrap(), b"cc");
+}
