@@ -2817,7 +2817,20 @@ impl FsCore {
         if stale(&file.read().unwrap()) {
             let mut f = file.write().unwrap();
             if stale(&f) {
-                *f = self.open_layer_file(obj, flags, layers)?;
+                *f = match writable && obj.is_unlinked() {
+                    // Removed while open: there is no copy to open.
+                    true => LayerFile {
+                        generation: layers.generation,
+                        copies: obj.copies(),
+                        file: ReadFile::Plain(obj.nameless(
+                            self.cx(),
+                            layers,
+                            f.file.file(),
+                            host_open_flags(flags),
+                        )?),
+                    },
+                    false => self.open_layer_file(obj, flags, layers)?,
+                };
             }
         }
         Ok(file.read().unwrap())

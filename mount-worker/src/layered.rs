@@ -197,6 +197,14 @@ impl Inode {
         }
     }
 
+    /// `fd`, the entry `name` of the layer index `index`, as an object
+    /// keeps it: opened by that name while the file has any.
+    fn indexed(fd: OwnedFd, index: &Arc<OwnedFd>, name: &CStr) -> Inode {
+        let i = Inode::new(fd, false, index, name);
+        i.also(index, name);
+        i
+    }
+
     /// A descriptor of the inode (ESTALE once it is gone).
     pub fn fd(&self, cx: Ctx<'_>) -> io::Result<InodeFd> {
         match self {
@@ -322,7 +330,7 @@ impl Layers {
         let tops = self.top.iter().map(|t| &t.index);
         for ix in tops.chain(self.frozen_holding(id)) {
             match hostfs::open_node(ix.as_fd(), &name) {
-                Ok(fd) => return Ok(Some(Inode::new(fd, false, ix, &name))),
+                Ok(fd) => return Ok(Some(Inode::indexed(fd, ix, &name))),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
@@ -790,16 +798,6 @@ pub struct Gone {
     pub last: bool,
 }
 
-impl Gone {
-    /// `obj` lost a name, its last if `last`.
-    fn new(obj: Arc<LayerObj>, last: bool) -> Gone {
-        if last {
-            obj.unlinked.store(true, Ordering::Release);
-        }
-        Gone { obj, last }
-    }
-}
-
 /// The generation of a view root's state before its first use.
 const UNREAD: u64 = u64::MAX;
 
@@ -1041,6 +1039,48 @@ impl LayerObj {
         self.copies.load(Ordering::Acquire)
     }
 
+    /// Whether its last name was removed (it is copied up no more).
+    pub fn is_unlinked(&self) -> bool {
+        self.unlinked.load(Ordering::Acquire)
+    }
+
+    /// The file a descriptor open for writing on this object, whose last
+    /// name was removed, writes to once the top layer it wrote to froze:
+    /// its copy in the top layer if another descriptor made one; `open`,
+    /// the file it wrote to, while no layer names it; else a copy of it
+    /// that no layer names (its copy in a frozen layer, which a snapshot
+    /// shows, must not change), kept open as its copy in the top layer.
+    /// `flags` as it was opened with.
+    pub fn nameless(
+        &self,
+        cx: Ctx<'_>,
+        layers: &Layers,
+        open: &File,
+        flags: i32,
+    ) -> io::Result<File> {
+        let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        let _one = self.view.copy_up.lock().unwrap();
+        if let Some(u) = self.current(layers).upper {
+            return hostfs::reopen(u.fd(cx)?.as_fd(), flags);
+        }
+        if hostfs::stat(open.as_fd())?.st_nlink == 0 {
+            return open.try_clone();
+        }
+        let tmp = self.view.tmp_name();
+        let work = top.work.as_fd();
+        let made = self
+            .topmost(layers)?
+            .copy_into(cx, work, &tmp, self.id)
+            .and_then(|()| {
+                let kept = hostfs::open_at(work, &tmp, libc::O_RDWR, 0)?;
+                Ok((kept, hostfs::open_at(work, &tmp, flags, 0)?))
+            });
+        let _ = remove_tree(work, &tmp);
+        let (kept, file) = made?;
+        self.adopt_inode(Inode::Open(Arc::new(kept)));
+        Ok(file.into())
+    }
+
     /// Resolves `name` in this directory (the result is not registered).
     pub fn lookup(
         self: &Arc<Self>,
@@ -1099,8 +1139,13 @@ impl LayerObj {
             }
         }
         let (st, id) = first.ok_or_else(|| errno(libc::ENOENT))?;
-        if !is_dir(&st) && upper.is_some() {
+        if let Some(u) = upper.as_ref().filter(|_| !is_dir(&st)) {
             lowers.clear();
+            if let Some(top) = layers.top.as_ref().filter(|_| st.st_nlink > 1) {
+                // Kept in the index, if it is: opened by its entry there
+                // once the names it was found at are gone.
+                u.also(&top.index, &index_name(id));
+            }
         }
         if upper.is_none() && !is_dir(&st) && st.st_nlink > 1 {
             // Another name of this object may have been copied up: every
@@ -1182,30 +1227,36 @@ impl LayerObj {
         if let Some(u) = s.upper {
             return Ok(u);
         }
-        if self.unlinked.load(Ordering::Acquire) {
-            return Err(errno(libc::ESTALE));
-        }
         let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
-        if !self.is_dir && src.linked(cx)? {
-            let _one = self.view.copy_up.lock().unwrap();
-            if let Some(u) = self.current(layers).upper {
-                return Ok(u);
+        let in_index = !self.is_dir && src.linked(cx)?;
+        let place = match in_index {
+            true => None,
+            false => {
+                let (parent, name) = self
+                    .place
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .expect("a root has an upper");
+                Some((parent.upper_dir(cx, layers)?, name))
             }
-            let ix = self.index_copy(cx, top, src)?;
-            return Ok(self.adopt(ix, &top.index, &index_name(self.id)));
-        }
-        let (parent, name) = self
-            .place
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("a root's upper is its top tree");
-        let pu = parent.upper_dir(cx, layers)?;
+        };
         let _one = self.view.copy_up.lock().unwrap();
         let s = self.current(layers);
         if let Some(u) = s.upper {
             return Ok(u);
         }
+        // Checked under the lock a removal of its last name takes.
+        if self.unlinked.load(Ordering::Acquire) {
+            return Err(errno(libc::ESTALE));
+        }
+        let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
+        let Some((pu, name)) = place else {
+            let ix = self.index_copy(cx, top, src)?;
+            let u = self.adopt(ix, &top.index, &index_name(self.id));
+            u.also(&top.index, &index_name(self.id));
+            return Ok(u);
+        };
         match hostfs::open_node(pu.as_fd(), &name) {
             Ok(fd) => {
                 // Copied up already (by a restarted worker, or as part of a
@@ -1220,7 +1271,6 @@ impl LayerObj {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
         let tmp = self.view.tmp_name();
         let work = top.work.as_fd();
         let built = src.copy_into(cx, work, &tmp, self.id).and_then(|()| {
@@ -1281,7 +1331,7 @@ impl LayerObj {
         }
         let fd = u.fd(cx)?;
         self.add_quietly(dir, || hostfs::link(fd.as_fd(), dir.as_fd(), name))?;
-        u.also(dir, name);
+        u.moved(dir, name);
         Ok(u)
     }
 
@@ -1327,9 +1377,6 @@ impl LayerObj {
     /// alone, whose host link count tells.
     fn lose_indexed_name(&self, cx: Ctx<'_>, layers: &Layers) -> io::Result<Option<bool>> {
         let top = layers.top.as_ref().ok_or_else(|| errno(libc::EROFS))?;
-        // A copy-up of another name of the file may be making the index
-        // copy too.
-        let _one = self.view.copy_up.lock().unwrap();
         let s = self.current(layers);
         let index = index_name(self.id);
         let (fd, made) = match hostfs::open_node(top.index.as_fd(), &index) {
@@ -1343,12 +1390,16 @@ impl LayerObj {
         };
         match logical_nlink(fd.as_fd(), &hostfs::stat(fd.as_fd())?)? {
             Some(n) if n > 1 => set_nlink(fd.as_fd(), n - 1)?,
-            _ => return hostfs::unlink(top.index.as_fd(), &index, false).map(|()| Some(true)),
+            _ => {
+                // What its descriptors still open show (only that).
+                let _ = set_nlink(fd.as_fd(), 0);
+                return hostfs::unlink(top.index.as_fd(), &index, false).map(|()| Some(true));
+            }
         }
         if made {
             // Its other names show the new copy from now on, as a lookup
             // of them would find it (the part below it shows the old count).
-            let copy = Inode::new(fd, false, &top.index, &index);
+            let copy = Inode::indexed(fd, &top.index, &index);
             let mut s = self.state.write().unwrap();
             if s.upper.is_none() {
                 self.count_heavy_if(&copy);
@@ -1358,29 +1409,87 @@ impl LayerObj {
         Ok(Some(false))
     }
 
-    /// Accounts for its name `name` in `dir` (the top layer's directory of
-    /// that name) going away ([`LayerObj::lose_indexed_name`]): whether
-    /// that was its last, so that it leaves the view.
-    fn lose_name(
+    /// Before its name `name` in directory `dir` (`dir_upper` in the top
+    /// layer) goes: the host link count of its copy at that name, if it
+    /// is there, for [`LayerObj::lose_name`]. A file of the top layer
+    /// with other names there that loses the one it would be copied up
+    /// at once its layer froze (its place, see [`LayerObj::upper`]) is
+    /// kept in the index from now on, as a file with names below is:
+    /// which of its others are left is not known.
+    fn before_losing(
         &self,
-        cx: Ctx<'_>,
         layers: &Layers,
-        dir: BorrowedFd<'_>,
+        dir: &LayerObj,
+        dir_upper: &OwnedFd,
         name: &CStr,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<u64>> {
         if self.is_dir {
-            return Ok(true);
+            return Ok(None);
         }
-        match self.lose_indexed_name(cx, layers)? {
-            Some(last) => Ok(last),
-            None => Ok(hostfs::stat_at(dir, name)?.st_nlink <= 1),
+        let fd = match hostfs::open_node(dir_upper.as_fd(), name) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let st = hostfs::stat(fd.as_fd())?;
+        let placed_here = matches!(
+            &*self.place.lock().unwrap(),
+            Some((d, n)) if d.id == dir.id && n.as_c_str() == name
+        );
+        if st.st_nlink > 1 && placed_here && logical_nlink(fd.as_fd(), &st)?.is_none() {
+            let top = layers.top.as_ref().expect("the name is in the top layer");
+            let ix = index_name(self.id);
+            set_nlink(fd.as_fd(), st.st_nlink)?;
+            match hostfs::link(fd.as_fd(), top.index.as_fd(), &ix) {
+                // Its id is its inode number here, which its entry pins.
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+                _ => hostfs::sync_dir(top.index.as_fd())?,
+            }
+            if let Some(u) = self.current(layers).upper {
+                u.also(&top.index, &ix);
+            }
         }
+        Ok(Some(st.st_nlink))
+    }
+
+    /// Accounts for one of its names having gone ([`LayerObj::lose_indexed_name`];
+    /// `links` as [`LayerObj::before_losing`] gave it): whether that was
+    /// its last, so that it left the view. Called once the name is gone,
+    /// so that a failure leaves the count of names high (a copy kept in
+    /// the index after its names went) rather than low (a copy dropped
+    /// from the index while a name still shows it).
+    fn lose_name(&self, cx: Ctx<'_>, layers: &Layers, links: Option<u64>) -> bool {
+        // A copy-up of another name of the file may be making the index
+        // copy too; one that finds it removed must not make it again.
+        let _one = self.view.copy_up.lock().unwrap();
+        let last = match self.is_dir {
+            true => Ok(true),
+            false => self
+                .lose_indexed_name(cx, layers)
+                .map(|last| last.unwrap_or(links.is_none_or(|n| n <= 1))),
+        };
+        let last = last.unwrap_or_else(|e| {
+            tracing::warn!(
+                view = self.view.number,
+                "object {} lost a name, but its count of names was not lowered: {e}",
+                self.id
+            );
+            false
+        });
+        if last {
+            self.unlinked.store(true, Ordering::Release);
+        }
+        last
     }
 
     /// Takes `fd`, `name` in the top layer's directory `dir`, as this
     /// object's copy there.
     fn adopt(&self, fd: OwnedFd, dir: &Arc<OwnedFd>, name: &CStr) -> Inode {
-        let u = Inode::new(fd, self.is_dir, dir, name);
+        self.adopt_inode(Inode::new(fd, self.is_dir, dir, name))
+    }
+
+    /// Takes `u`, in the top layer, as this object's copy there.
+    fn adopt_inode(&self, u: Inode) -> Inode {
         let mut s = self.state.write().unwrap();
         s.upper = Some(u.clone());
         if !self.is_dir {
@@ -1562,8 +1671,8 @@ impl LayerObj {
         let cname = hostfs::component(name)?;
         let needs_whiteout = self.lower_has(cx, layers, name)?;
         let work = layers.top.as_ref().expect("upper() checked").work.as_fd();
-        let last = child.lose_name(cx, layers, pu.as_fd(), &cname)?;
-        let _names = self.changing_names();
+        let links = child.before_losing(layers, self, &pu, &cname)?;
+        let names = self.changing_names();
         let removed = match (child.current(layers).upper, needs_whiteout) {
             (None, true) => make_whiteout(pu.as_fd(), &cname),
             (None, false) => Err(errno(libc::ESTALE)),
@@ -1585,7 +1694,10 @@ impl LayerObj {
                 }
             }
         };
-        removed.map(|()| Gone::new(child, last))
+        drop(names);
+        removed?;
+        let last = child.lose_name(cx, layers, links);
+        Ok(Gone { obj: child, last })
     }
 
     /// Renames `name` in this directory to `newname` in `newdir` with
@@ -1637,13 +1749,13 @@ impl LayerObj {
             )
         };
         src.detach_to_move(cx, layers, &spu, &sname, live)?;
-        let mut last = false;
+        let mut links = None;
         match &dst {
             Some(d) if exchange => d.detach_to_move(cx, layers, &dpu, &dname, live)?,
-            Some(d) => last = d.lose_name(cx, layers, dpu.as_fd(), &dname)?,
+            Some(d) => links = d.before_losing(layers, newdir, &dpu, &dname)?,
             None => {}
         }
-        let _names = self.changing_names();
+        let names = self.changing_names();
         let mut done = Renamed {
             moved: vec![src.clone()],
             replaced: None,
@@ -1673,9 +1785,13 @@ impl LayerObj {
                 let wflag = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
                 hostfs::rename(spu.as_fd(), &sname, dpu.as_fd(), &dname, wflag)?;
             }
-            done.replaced = dst.map(|obj| Gone::new(obj, last));
+            done.replaced = dst.map(|obj| Gone { obj, last: false });
         }
         src.moved(layers, newdir, &dpu, dname);
+        drop(names);
+        if let Some(gone) = &mut done.replaced {
+            gone.last = gone.obj.lose_name(cx, layers, links);
+        }
         Ok(done)
     }
 
@@ -1702,29 +1818,20 @@ impl LayerObj {
         dir: &Arc<LayerObj>,
         name: &OsStr,
     ) -> io::Result<LayerObj> {
-        let u = self.upper(cx, layers)?;
-        let fd = u.fd(cx)?;
-        let st = hostfs::stat(fd.as_fd())?;
-        let names = match logical_nlink(fd.as_fd(), &st)? {
-            Some(n) => n,
-            None => {
-                // Kept in the index from now on, as a file linked below
-                // is (see `upper`): once one of its names is removed, or
-                // its layer frozen, its others find it there.
-                let top = layers.top.as_ref().expect("upper() checked");
-                let ix = index_name(self.id);
-                set_nlink(fd.as_fd(), st.st_nlink)?;
-                match hostfs::link(fd.as_fd(), top.index.as_fd(), &ix) {
-                    // Its id is its inode number, which its entry pins.
-                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
-                    _ => hostfs::sync_dir(top.index.as_fd())?,
+        let u = self.upper(cx, layers)?.fd(cx)?;
+        // The view's count of a file kept in the index goes up too: first,
+        // so that a failure leaves it high, never low (see `lose_name`).
+        let names = logical_nlink(u.as_fd(), &hostfs::stat(u.as_fd())?)?;
+        if let Some(n) = names {
+            set_nlink(u.as_fd(), n + 1)?;
+        }
+        let new = dir
+            .create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))
+            .inspect_err(|_| {
+                if let Some(n) = names {
+                    let _ = set_nlink(u.as_fd(), n);
                 }
-                u.also(&top.index, &ix);
-                st.st_nlink
-            }
-        };
-        let new = dir.create(cx, layers, name, |d, n| hostfs::link(fd.as_fd(), d, n))?;
-        set_nlink(fd.as_fd(), names + 1)?;
+            })?;
         Ok(new)
     }
 }

@@ -21,18 +21,28 @@ use crate::hostfs::{self, HostHandle};
 /// How many names a file keeps.
 const KEPT: usize = 4;
 
-/// Names of one file, newest first.
-pub struct Names<T>(Mutex<Vec<T>>);
+/// Names of one file: the few it was last found at, newest first, and
+/// one that lasts while it has any name.
+pub struct Names<T>(Mutex<Known<T>>);
+
+struct Known<T> {
+    recent: Vec<T>,
+    lasting: Option<T>,
+}
 
 impl<T: Clone + PartialEq> Names<T> {
     /// Starts with `first`, if known.
     pub fn new(first: Option<T>) -> Names<T> {
-        Names(Mutex::new(first.into_iter().collect()))
+        Names(Mutex::new(Known {
+            recent: first.into_iter().collect(),
+            lasting: None,
+        }))
     }
 
     /// The newest name.
     pub fn newest(&self) -> Option<T> {
-        self.0.lock().unwrap().first().cloned()
+        let names = self.0.lock().unwrap();
+        names.recent.first().or(names.lasting.as_ref()).cloned()
     }
 
     /// `name` leads to the file now (it was found, made or moved there):
@@ -40,24 +50,25 @@ impl<T: Clone + PartialEq> Names<T> {
     /// has several `links`. Whether it was not first already.
     pub fn learn(&self, name: T, links: u64) -> bool {
         let mut names = self.0.lock().unwrap();
-        let new = names.first() != Some(&name);
+        let recent = &mut names.recent;
+        let new = recent.first() != Some(&name);
         if links <= 1 {
-            names.clear();
+            recent.clear();
         } else {
-            names.retain(|n| *n != name);
+            recent.retain(|n| *n != name);
         }
-        names.insert(0, name);
-        names.truncate(KEPT);
+        recent.insert(0, name);
+        recent.truncate(KEPT);
         new
     }
 
-    /// `name` leads to the file too, to be tried last (an entry that
-    /// stays while the file has any name, such as a hard-link index's).
+    /// `name` leads to the file too, to be tried last and kept however
+    /// many names are learnt after it (an entry that stays while the file
+    /// has any name, such as a hard-link index's).
     pub fn also(&self, name: T) {
         let mut names = self.0.lock().unwrap();
-        if !names.contains(&name) && names.len() < KEPT {
-            names.push(name);
-        }
+        names.recent.retain(|n| *n != name);
+        names.lasting.get_or_insert(name);
     }
 
     /// Opens the file `handle` names as `O_PATH`: by the first name that
@@ -71,11 +82,18 @@ impl<T: Clone + PartialEq> Names<T> {
         handle: &HostHandle,
         named: impl for<'a> Fn(&'a T) -> Option<(BorrowedFd<'a>, &'a CStr)>,
     ) -> io::Result<OwnedFd> {
-        let names = self.0.lock().unwrap().clone();
-        let (fd, by) = hostfs::open_handle_by_names(any, handle, names.iter().map(named))?;
-        let stale = &names[..by.unwrap_or(names.len())];
+        let all: Vec<T> = {
+            let names = self.0.lock().unwrap();
+            names.recent.iter().chain(&names.lasting).cloned().collect()
+        };
+        let (fd, by) = hostfs::open_handle_by_names(any, handle, all.iter().map(named))?;
+        let stale = &all[..by.unwrap_or(all.len())];
         if !stale.is_empty() {
-            self.0.lock().unwrap().retain(|n| !stale.contains(n));
+            let mut names = self.0.lock().unwrap();
+            names.recent.retain(|n| !stale.contains(n));
+            if names.lasting.as_ref().is_some_and(|n| stale.contains(n)) {
+                names.lasting = None;
+            }
         }
         Ok(fd)
     }
@@ -96,11 +114,24 @@ mod tests {
             assert!(names.learn(n, 2));
         }
         assert!(names.learn(3, 2), "known, not first");
-        assert_eq!(*names.0.lock().unwrap(), [3, 5, 4, 2]);
+        assert_eq!(names.0.lock().unwrap().recent, [3, 5, 4, 2]);
         assert_eq!(names.newest(), Some(3));
         // With one link, the file is at one name only.
         assert!(names.learn(7, 1));
-        assert_eq!(*names.0.lock().unwrap(), [7]);
+        assert_eq!(names.0.lock().unwrap().recent, [7]);
+    }
+
+    /// A name given by `also` outlasts any number of names learnt after.
+    #[test]
+    fn a_lasting_name_is_kept_however_many_are_learnt() {
+        let names = Names::new(Some(0));
+        names.also(9);
+        for n in 1..=5 {
+            names.learn(n, 2);
+        }
+        names.learn(6, 1);
+        let known = names.0.lock().unwrap();
+        assert_eq!((&known.recent[..], known.lasting), (&[6][..], Some(9)));
     }
 
     /// A name as a test keeps it.
@@ -131,7 +162,7 @@ mod tests {
         fs::remove_file(tmp.path().join("g")).unwrap();
         let fd = names.open(dir.as_fd(), &handle, named).unwrap();
         assert_eq!(hostfs::handle_of(fd.as_fd()).unwrap(), handle);
-        assert_eq!(*names.0.lock().unwrap(), [At(dir.clone(), c"f")]);
+        assert_eq!(names.0.lock().unwrap().recent, [At(dir.clone(), c"f")]);
         // Gone altogether: by the handle (the inode is still open here).
         let _open = File::open(tmp.path().join("f")).unwrap();
         fs::remove_file(tmp.path().join("f")).unwrap();

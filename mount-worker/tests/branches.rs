@@ -2969,14 +2969,15 @@ fn append(p: PathBuf, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// A file hard-linked in main (`a`, `d/b`), known to the kernel by both
-/// names as one node: in a branch, each name stays usable after another
-/// is changed, removed or renamed (or its directory moved), in this top
-/// layer and after it froze, and the branch shows after a crash what it
-/// showed before. Names were lost (`mv d d2` dropped `d2/b`) or came back
-/// (a removed name was copied up again after a snapshot), and a change
-/// through a name other than the first one looked up failed with ESTALE.
+/// names as one node, or hard-linked in the branch: each name stays
+/// usable after another is changed, removed or renamed (or its directory
+/// moved), in this top layer and after it froze, and the branch shows
+/// after a crash what it showed before. Names were lost (`mv d d2`
+/// dropped `d2/b`) or came back (a removed name was copied up again after
+/// a snapshot), and a change through a name other than the first one
+/// looked up failed with ESTALE.
 #[test]
-fn every_name_of_a_file_hard_linked_below_stays_usable() {
+fn every_name_of_a_hard_linked_file_stays_usable() {
     type Step = fn(&Mount, &Path) -> std::io::Result<()>;
     /// Files expected: path, content, link count.
     type Files = &'static [(&'static str, &'static str, u64)];
@@ -3095,6 +3096,38 @@ fn every_name_of_a_file_hard_linked_below_stays_usable() {
             ],
         ),
         (
+            "f; ln f g; rm g; snapshot; append f",
+            |m, x| {
+                fs::write(x.join("f"), b"f")?;
+                fs::hard_link(x.join("f"), x.join("g"))?;
+                fs::remove_file(x.join("g"))?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("f"), b"y")
+            },
+            &[
+                ("a", "one", 2),
+                ("c", "cc", 1),
+                ("d/b", "one", 2),
+                ("f", "fy", 1),
+            ],
+        ),
+        (
+            "git's object: t; ln t o; rm t; snapshot; append o",
+            |m, x| {
+                fs::write(x.join("t"), b"t")?;
+                fs::hard_link(x.join("t"), x.join("o"))?;
+                fs::remove_file(x.join("t"))?;
+                snapshot(m, Some("x"), "s");
+                append(x.join("o"), b"y")
+            },
+            &[
+                ("a", "one", 2),
+                ("c", "cc", 1),
+                ("d/b", "one", 2),
+                ("o", "ty", 1),
+            ],
+        ),
+        (
             "ln c g; rm c; snapshot; append g",
             |m, x| {
                 fs::hard_link(x.join("c"), x.join("g"))?;
@@ -3135,26 +3168,59 @@ fn every_name_of_a_file_hard_linked_below_stays_usable() {
 }
 
 /// A branch file removed while open is not copied up again once the
-/// branch's top layer froze: a change through the open descriptor does
-/// not bring its name back.
+/// branch's top layer froze: a change through a descriptor open for
+/// reading does not bring its name back (ESTALE: there is no copy to
+/// change), and one open for writing goes on writing the removed file,
+/// which no snapshot shows, whichever came first, the removal or the
+/// snapshot.
 #[test]
 fn a_file_removed_while_open_stays_removed_after_a_snapshot() {
+    use std::os::unix::fs::FileExt;
     let mut m = Mount::builder()
-        .populate(|s| fs::write(s.join("c"), b"cc").unwrap())
+        .populate(|s| {
+            for n in ["c", "v", "w"] {
+                fs::write(s.join(n), n.repeat(2)).unwrap();
+            }
+        })
         .start();
     snapshot(&m, None, "base");
     branch(&m, "base", "x");
     let x = branch_dir(&m, "x");
-    let f = File::open(x.join("c")).unwrap();
+    let open = |n: &str| OpenOptions::new().read(true).write(true).open(x.join(n));
+    let c = File::open(x.join("c")).unwrap();
     fs::remove_file(x.join("c")).unwrap();
-    snapshot(&m, Some("x"), "s");
-    // Refused (ESTALE): the file is in no layer to change any more.
-    let changed = f.set_permissions(fs::Permissions::from_mode(0o600));
+    // Removed, then a snapshot.
+    let w = open("w").unwrap();
+    w.write_all_at(b"1", 0).unwrap();
+    fs::remove_file(x.join("w")).unwrap();
+    snapshot(&m, Some("x"), "s1");
+    let changed = c.set_permissions(fs::Permissions::from_mode(0o600));
     assert_eq!(changed.unwrap_err().raw_os_error(), Some(libc::ESTALE));
-    drop(f);
-    assert!(!x.join("c").exists());
+    w.write_all_at(b"2", 1).unwrap();
+    // A snapshot, then removed.
+    let v = open("v").unwrap();
+    v.write_all_at(b"1", 0).unwrap();
+    snapshot(&m, Some("x"), "s2");
+    fs::remove_file(x.join("v")).unwrap();
+    v.write_all_at(b"2", 1).unwrap();
+    snapshot(&m, Some("x"), "s3");
+    v.write_all_at(b"3", 2).unwrap();
+    assert_eq!(v.metadata().unwrap().len(), 3);
+    for (f, want) in [(&w, "12"), (&v, "123")] {
+        let mut got = vec![0; 8];
+        let n = f.read_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..n], want.as_bytes());
+    }
+    drop((c, v, w));
+    let shown = |dir: &Path| common::names(dir);
+    assert_eq!(shown(&x), Vec::<String>::new());
+    assert_eq!(shown(&snapshot_dir(&m, "s1")), ["v"]);
+    assert_eq!(fs::read(snapshot_dir(&m, "s2").join("v")).unwrap(), b"1v");
+    assert_eq!(shown(&snapshot_dir(&m, "s3")), Vec::<String>::new());
     m.kill();
     m.restart(&[]);
-    assert!(!x.join("c").exists());
-    assert_eq!(fs::read(m.source().join("c")).unwrap(), b"cc");
+    assert_eq!(shown(&x), Vec::<String>::new());
+    assert_eq!(fs::read(snapshot_dir(&m, "s2").join("v")).unwrap(), b"1v");
+    assert_eq!(fs::read(m.source().join("v")).unwrap(), b"vv");
+    common::check_state(m.state_dir());
 }
