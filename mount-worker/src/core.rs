@@ -2187,7 +2187,11 @@ impl FsCore {
     /// the change is done: main's own inode after preserving it for the
     /// snapshots, or a branch's copy in its top layer (copied up first).
     /// EROFS for snapshots and virtual directories.
-    fn writable<'a>(&'a self, obj: &'a Obj) -> io::Result<(ChangeGuard<'a>, HostFd<'a>)> {
+    fn writable<'a>(
+        &'a self,
+        obj: &'a Obj,
+        open: Option<&OpenFile>,
+    ) -> io::Result<(ChangeGuard<'a>, HostFd<'a>)> {
         match obj {
             Obj::Main(_) => {
                 let fd = self.main_inode(obj)?;
@@ -2196,6 +2200,11 @@ impl FsCore {
             }
             Obj::Layer(o) => {
                 let layers = self.layers_of(o)?;
+                if let Some(OpenFile::Layer { obj, flags, file }) = open.filter(|f| f.writable()) {
+                    // A file removed while open has a copy once its open
+                    // file is brought up to date (`LayerObj::nameless`).
+                    drop(self.layer_file(obj, *flags, file, &layers)?);
+                }
                 let u = o.upper(self.cx(), &layers)?;
                 Ok((
                     ChangeGuard::Layer { _held: layers },
@@ -2217,7 +2226,7 @@ impl FsCore {
             (Some(_), Some(fh)) => Some(self.file(fh)?),
             _ => None,
         };
-        let (_change, fd) = self.writable(&obj)?;
+        let (_change, fd) = self.writable(&obj, file.as_deref())?;
         let fd = fd.as_fd();
         if attr.uid.is_some() || attr.gid.is_some() {
             hostfs::chown(fd, attr.uid, attr.gid)?;
@@ -3390,7 +3399,7 @@ impl FsCore {
     pub fn setxattr(&self, node: NodeId, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
         let obj = self.obj(node)?;
         refuse_reserved(&obj, name)?;
-        let (_change, fd) = self.writable(&obj)?;
+        let (_change, fd) = self.writable(&obj, None)?;
         hostfs::setxattr(fd.as_fd(), name, value, flags)
     }
 
@@ -3398,7 +3407,7 @@ impl FsCore {
     pub fn removexattr(&self, node: NodeId, name: &OsStr) -> io::Result<()> {
         let obj = self.obj(node)?;
         refuse_reserved(&obj, name)?;
-        let (_change, fd) = self.writable(&obj)?;
+        let (_change, fd) = self.writable(&obj, None)?;
         hostfs::removexattr(fd.as_fd(), name)
     }
 

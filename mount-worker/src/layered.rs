@@ -1004,6 +1004,11 @@ impl LayerObj {
     /// this object is opened by the name `found` was found at from now on
     /// if `links` (its link count) is given.
     pub fn is_found_again(&self, found: &LayerObj, links: Option<u64>, layers: &Layers) -> bool {
+        // Nothing names it: `found` has its number, and its copy may be one
+        // no name leads to, kept open (`nameless`).
+        if self.is_unlinked() {
+            return false;
+        }
         let (Ok(Part::Layer(Inode::Handle(mine))), Ok(Part::Layer(Inode::Handle(theirs)))) =
             (self.topmost(layers), found.topmost(layers))
         else {
@@ -1046,11 +1051,11 @@ impl LayerObj {
 
     /// The file a descriptor open for writing on this object, whose last
     /// name was removed, writes to once the top layer it wrote to froze:
-    /// its copy in the top layer if another descriptor made one; `open`,
-    /// the file it wrote to, while no layer names it; else a copy of it
-    /// that no layer names (its copy in a frozen layer, which a snapshot
-    /// shows, must not change), kept open as its copy in the top layer.
-    /// `flags` as it was opened with.
+    /// its copy in the top layer if another descriptor made one; else
+    /// `open`, the file it wrote to, while no layer names it, or a copy of
+    /// it that no layer names (its copy in a frozen layer, which a
+    /// snapshot shows, must not change); kept open as its copy in the top
+    /// layer. `flags` as it was opened with.
     pub fn nameless(
         &self,
         cx: Ctx<'_>,
@@ -1063,22 +1068,24 @@ impl LayerObj {
         if let Some(u) = self.current(layers).upper {
             return hostfs::reopen(u.fd(cx)?.as_fd(), flags);
         }
-        if hostfs::stat(open.as_fd())?.st_nlink == 0 {
-            return open.try_clone();
-        }
-        let tmp = self.view.tmp_name();
-        let work = top.work.as_fd();
-        let made = self
-            .topmost(layers)?
-            .copy_into(cx, work, &tmp, self.id)
-            .and_then(|()| {
-                let kept = hostfs::open_at(work, &tmp, libc::O_RDWR, 0)?;
-                Ok((kept, hostfs::open_at(work, &tmp, flags, 0)?))
-            });
-        let _ = remove_tree(work, &tmp);
-        let (kept, file) = made?;
+        let (kept, file) = if hostfs::stat(open.as_fd())?.st_nlink == 0 {
+            (OwnedFd::from(open.try_clone()?), open.try_clone()?)
+        } else {
+            let tmp = self.view.tmp_name();
+            let work = top.work.as_fd();
+            let made = self
+                .topmost(layers)?
+                .copy_into(cx, work, &tmp, self.id)
+                .and_then(|()| {
+                    let kept = hostfs::open_at(work, &tmp, libc::O_RDWR, 0)?;
+                    Ok((kept, hostfs::open_at(work, &tmp, flags, 0)?.into()))
+                });
+            let _ = remove_tree(work, &tmp);
+            made?
+        };
+        // Every descriptor and stat of it follows this one from now on.
         self.adopt_inode(Inode::Open(Arc::new(kept)));
-        Ok(file.into())
+        Ok(file)
     }
 
     /// Resolves `name` in this directory (the result is not registered).
@@ -1828,7 +1835,14 @@ impl LayerObj {
         let new = dir
             .create(cx, layers, name, |d, n| hostfs::link(u.as_fd(), d, n))
             .inspect_err(|_| {
-                if let Some(n) = names {
+                // Unless the link was made and a later step failed.
+                let linked = || {
+                    let dir = dir.upper_now(layers)?;
+                    let there =
+                        hostfs::stat_at(dir.dir().ok()?.as_fd(), &hostfs::component(name).ok()?);
+                    Some(there.ok()?.st_ino == hostfs::stat(u.as_fd()).ok()?.st_ino)
+                };
+                if let Some(n) = names.filter(|_| linked() != Some(true)) {
                     let _ = set_nlink(u.as_fd(), n);
                 }
             })?;

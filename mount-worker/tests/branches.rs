@@ -3198,20 +3198,23 @@ fn a_file_removed_while_open_stays_removed_after_a_snapshot() {
     assert_eq!(changed.unwrap_err().raw_os_error(), Some(libc::ESTALE));
     w.write_all_at(b"2", 1).unwrap();
     // A snapshot, then removed.
-    let v = open("v").unwrap();
+    let (v, v2) = (open("v").unwrap(), open("v").unwrap());
     v.write_all_at(b"1", 0).unwrap();
     snapshot(&m, Some("x"), "s2");
     fs::remove_file(x.join("v")).unwrap();
     v.write_all_at(b"2", 1).unwrap();
     snapshot(&m, Some("x"), "s3");
-    v.write_all_at(b"3", 2).unwrap();
+    // A truncation first (through the descriptor), then the other
+    // descriptor, which still had the copy s2 shows: one file for both.
+    v.set_len(2).unwrap();
+    v2.write_all_at(b"3", 2).unwrap();
     assert_eq!(v.metadata().unwrap().len(), 3);
-    for (f, want) in [(&w, "12"), (&v, "123")] {
+    for (f, want) in [(&w, "12"), (&v, "123"), (&v2, "123")] {
         let mut got = vec![0; 8];
         let n = f.read_at(&mut got, 0).unwrap();
         assert_eq!(&got[..n], want.as_bytes());
     }
-    drop((c, v, w));
+    drop((c, v, v2, w));
     let shown = |dir: &Path| common::names(dir);
     assert_eq!(shown(&x), Vec::<String>::new());
     assert_eq!(shown(&snapshot_dir(&m, "s1")), ["v"]);
