@@ -324,13 +324,17 @@ impl Layers {
         ids.get(&id).into_iter().collect()
     }
 
-    /// The newest copy of object `id` in an index, if it has one.
-    fn indexed(&self, id: u64) -> io::Result<Option<Inode>> {
+    /// The newest copy of object `id` in an index, if it has one, and
+    /// whether that is the top layer's.
+    fn indexed(&self, id: u64) -> io::Result<Option<(Inode, bool)>> {
         let name = index_name(id);
         let tops = self.top.iter().map(|t| &t.index);
-        for ix in tops.chain(self.frozen_holding(id)) {
+        for (i, ix) in tops.chain(self.frozen_holding(id)).enumerate() {
             match hostfs::open_node(ix.as_fd(), &name) {
-                Ok(fd) => return Ok(Some(Inode::indexed(fd, ix, &name))),
+                Ok(fd) => {
+                    let top = i == 0 && self.top.is_some();
+                    return Ok(Some((Inode::indexed(fd, ix, &name), top)));
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
@@ -1078,6 +1082,9 @@ impl LayerObj {
                 .copy_into(cx, work, &tmp, self.id)
                 .and_then(|()| {
                     let kept = hostfs::open_at(work, &tmp, libc::O_RDWR, 0)?;
+                    if logical_nlink(kept.as_fd(), &hostfs::stat(kept.as_fd())?)?.is_some() {
+                        set_nlink(kept.as_fd(), 0)?;
+                    }
                     Ok((kept, hostfs::open_at(work, &tmp, flags, 0)?.into()))
                 });
             let _ = remove_tree(work, &tmp);
@@ -1157,8 +1164,15 @@ impl LayerObj {
         if upper.is_none() && !is_dir(&st) && st.st_nlink > 1 {
             // Another name of this object may have been copied up: every
             // name shows that copy.
-            if let Some(ix) = layers.indexed(id)? {
-                lowers = vec![Part::Layer(ix)];
+            match layers.indexed(id)? {
+                // Its copy in the top layer: a name of the tree (one a
+                // rename linked there) is removed, not whited out.
+                Some((ix, true)) => {
+                    upper = Some(ix);
+                    lowers.clear();
+                }
+                Some((ix, false)) => lowers = vec![Part::Layer(ix)],
+                None => {}
             }
         }
         Ok(LayerObj {
@@ -1406,12 +1420,7 @@ impl LayerObj {
         if made {
             // Its other names show the new copy from now on, as a lookup
             // of them would find it (the part below it shows the old count).
-            let copy = Inode::indexed(fd, &top.index, &index);
-            let mut s = self.state.write().unwrap();
-            if s.upper.is_none() {
-                self.count_heavy_if(&copy);
-                s.lowers = Arc::new([Part::Layer(copy)]);
-            }
+            self.adopt_inode(Inode::indexed(fd, &top.index, &index));
         }
         Ok(Some(false))
     }

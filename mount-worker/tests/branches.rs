@@ -2978,7 +2978,7 @@ fn append(p: PathBuf, data: &[u8]) -> std::io::Result<()> {
 /// looked up failed with ESTALE.
 #[test]
 fn every_name_of_a_hard_linked_file_stays_usable() {
-    type Step = fn(&Mount, &Path) -> std::io::Result<()>;
+    type Step = fn(&mut Mount, &Path) -> std::io::Result<()>;
     /// Files expected: path, content, link count.
     type Files = &'static [(&'static str, &'static str, u64)];
     let scenarios: Vec<(&str, Step, Files)> = vec![
@@ -3112,6 +3112,28 @@ fn every_name_of_a_hard_linked_file_stays_usable() {
             ],
         ),
         (
+            "mv a a2; crash; stat d/b; rm a2",
+            |m, x| {
+                fs::rename(x.join("a"), x.join("a2"))?;
+                m.kill();
+                m.restart(&[]);
+                fs::metadata(x.join("d/b"))?;
+                fs::remove_file(x.join("a2"))
+            },
+            &[("c", "cc", 1), ("d/b", "one", 1)],
+        ),
+        (
+            "ln d/b f; crash; stat d/b; rm f",
+            |m, x| {
+                fs::hard_link(x.join("d/b"), x.join("f"))?;
+                m.kill();
+                m.restart(&[]);
+                fs::metadata(x.join("d/b"))?;
+                fs::remove_file(x.join("f"))
+            },
+            &[("a", "one", 2), ("c", "cc", 1), ("d/b", "one", 2)],
+        ),
+        (
             "git's object: t; ln t o; rm t; snapshot; append o",
             |m, x| {
                 fs::write(x.join("t"), b"t")?;
@@ -3153,7 +3175,7 @@ fn every_name_of_a_hard_linked_file_stays_usable() {
         // The kernel learns both names of the one node, `a` first.
         fs::read(x.join("a")).unwrap();
         fs::read(x.join("d/b")).unwrap();
-        step(&m, &x).unwrap_or_else(|e| panic!("{what}: {e}"));
+        step(&mut m, &x).unwrap_or_else(|e| panic!("{what}: {e}"));
         let want: Vec<_> = want
             .iter()
             .map(|(p, c, n)| (p.to_string(), c.to_string(), *n))
