@@ -1274,9 +1274,7 @@ impl LayerObj {
         let src = s.lowers.first().ok_or_else(|| errno(libc::ESTALE))?;
         let Some((pu, name)) = place else {
             let ix = self.index_copy(cx, top, src)?;
-            let u = self.adopt(ix, &top.index, &index_name(self.id));
-            u.also(&top.index, &index_name(self.id));
-            return Ok(u);
+            return Ok(self.adopt_inode(Inode::indexed(ix, &top.index, &index_name(self.id))));
         };
         match hostfs::open_node(pu.as_fd(), &name) {
             Ok(fd) => {
